@@ -1,0 +1,128 @@
+"""Series data for training and evaluation: ACSF1 from sktime, or a user's long-format CSV.
+
+A ``SeriesSet`` is a list of (T_i, F) float32 arrays with ids; splits are by series (appliance),
+so validation and test series are never seen in training.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SeriesSet:
+    name: str
+    feature_names: tuple[str, ...]
+    series: list[np.ndarray]  # each (T_i, F), float32
+    ids: list[str]
+    groups: list[str]  # a class label per series, used to stratify splits ("" when unknown)
+
+    def __post_init__(self) -> None:
+        if not self.series:
+            raise ValueError(f"{self.name}: no series")
+        n_features = len(self.feature_names)
+        for sid, s in zip(self.ids, self.series, strict=True):
+            if s.ndim != 2 or s.shape[1] != n_features or s.shape[0] < 2:
+                raise ValueError(f"{self.name}: series {sid!r} has shape {s.shape}; expected "
+                                 f"(T >= 2, {n_features})")
+            if not np.isfinite(s).all():
+                raise ValueError(f"{self.name}: series {sid!r} has NaN or infinite values")
+
+    def subset(self, indices: list[int], name: str) -> SeriesSet:
+        return SeriesSet(name, self.feature_names, [self.series[i] for i in indices],
+                         [self.ids[i] for i in indices], [self.groups[i] for i in indices])
+
+    def fingerprint(self) -> str:
+        """SHA-256 over ids, feature names and values: names exactly the data a model saw."""
+        h = hashlib.sha256()
+        h.update("\0".join(self.feature_names).encode())
+        for sid, s in zip(self.ids, self.series, strict=True):
+            h.update(sid.encode() + b"\0")
+            h.update(np.ascontiguousarray(s, dtype="<f4").tobytes())
+        return h.hexdigest()
+
+
+def load_acsf1() -> SeriesSet:
+    """The UCR ACSF1 appliance power data sktime ships: 200 appliances x 1460 readings."""
+    from sktime.datasets import load_acsf1 as sktime_load_acsf1
+
+    X, y = sktime_load_acsf1(return_X_y=True, return_type="numpy3D")  # (200, 1, 1460)
+    series = [np.ascontiguousarray(x.T, dtype=np.float32) for x in X]  # (1460, 1) each
+    return SeriesSet("ACSF1", ("power",), series, [f"acsf1-{i:03d}" for i in range(len(series))],
+                     [str(label) for label in y])
+
+
+def load_csv(
+    path: str | Path, *, id_col: str = "series_id", time_col: str = "time",
+    value_cols: list[str] | None = None,
+) -> SeriesSet:
+    """Long format: one row per (series, time), one or more value columns.
+
+    Rows are ordered by ``time`` within each series (numerically when every time parses as a
+    number, else as text, which suits ISO 8601 timestamps).
+    """
+    path = Path(path)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        for col in (id_col, time_col):
+            if col not in header:
+                raise ValueError(f"{path}: no column {col!r} (columns: {header})")
+        values = value_cols or [c for c in header if c not in (id_col, time_col)]
+        missing = [c for c in values if c not in header]
+        if missing or not values:
+            raise ValueError(f"{path}: value columns {missing or values} not found in {header}")
+        rows: dict[str, list[tuple[str, list[float]]]] = defaultdict(list)
+        for line, row in enumerate(reader, start=2):
+            try:
+                rows[row[id_col]].append((row[time_col], [float(row[c]) for c in values]))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{line}: {e}") from e
+
+    def time_key(item: tuple[str, list[float]]) -> tuple[float, str]:
+        try:
+            return (float(item[0]), "")
+        except ValueError:
+            return (0.0, item[0])
+
+    ids = sorted(rows)
+    series = [np.array([v for _, v in sorted(rows[i], key=time_key)], dtype=np.float32)
+              for i in ids]
+    return SeriesSet(path.stem, tuple(values), series, ids, [""] * len(ids))
+
+
+def split_by_series(
+    data: SeriesSet, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+) -> tuple[SeriesSet, SeriesSet, SeriesSet]:
+    """Train / validation / test sets of whole series, stratified by group, deterministic."""
+    rng = np.random.default_rng(seed)
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(data.groups):
+        by_group[g].append(i)
+    train, val, test = [], [], []
+    for g in sorted(by_group):
+        members = [by_group[g][j] for j in rng.permutation(len(by_group[g]))]
+        n_val = max(1, round(val_fraction * len(members))) if len(members) >= 3 else 0
+        n_test = max(1, round(test_fraction * len(members))) if len(members) >= 3 else 0
+        val += members[:n_val]
+        test += members[n_val:n_val + n_test]
+        train += members[n_val + n_test:]
+    if not (train and val and test):
+        raise ValueError(f"{data.name}: {len(data.series)} series are too few to split into "
+                         "train, validation and test")
+    return (data.subset(sorted(train), "train"), data.subset(sorted(val), "validation"),
+            data.subset(sorted(test), "test"))
+
+
+def indices_by_length(series: list[np.ndarray]) -> list[list[int]]:
+    """Indices of equal-length series, grouped, so evaluation can stream each group at once."""
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(series):
+        by_len[len(s)].append(i)
+    return [by_len[t] for t in sorted(by_len)]

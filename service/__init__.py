@@ -1,0 +1,1 @@
+"""The BentoML service: wire types, the session store, the micro-batcher, errors, metrics."""

@@ -1,0 +1,239 @@
+"""The forecaster, its checkpoints, training, and the shipped default model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import (
+    CheckpointError,
+    ForecasterConfig,
+    LSTMForecaster,
+    Normalisation,
+    load_checkpoint,
+    save_checkpoint,
+)
+from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
+from model.data import SeriesSet, load_csv, split_by_series
+from model.train import TrainSettings, evaluate, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "acsf1-forecaster"
+
+
+def small_model(variant: str = "standard", features: int = 2) -> LSTMForecaster:
+    torch.manual_seed(0)
+    names = tuple(f"f{i}" for i in range(features))
+    norm = Normalisation(tuple(float(10 * i) for i in range(features)),
+                         tuple(float(i + 2) for i in range(features)))
+    return LSTMForecaster(ForecasterConfig(names, hidden_size=8, num_layers=2,
+                                           variant=variant), norm).eval()  # type: ignore[arg-type]
+
+
+def test_forecaster_outputs_raw_units_and_positive_std() -> None:
+    model = small_model()
+    x = torch.randn(3, 7, 2) * 3 + torch.tensor([0.0, 10.0])
+    mean, std, state, gates = model(x)
+    assert mean.shape == std.shape == (3, 7, 2)
+    assert state.h.shape == (2, 3, 8) and gates is None
+    assert bool((std > 0).all())
+    z_mean, z_std, _, _ = model.forward_normalised(x)
+    torch.testing.assert_close(mean, z_mean * torch.tensor([2.0, 3.0]) + torch.tensor([0., 10.]))
+    torch.testing.assert_close(std, z_std * torch.tensor([2.0, 3.0]))
+
+
+@pytest.mark.parametrize("variant", ["standard", "peephole", "coupled"])
+def test_forecaster_streams_exactly(variant: str) -> None:
+    model = small_model(variant)
+    x = torch.randn(2, 40, 2)
+    with torch.no_grad():
+        whole = model(x)
+        state, means = None, []
+        for lo, hi in [(0, 1), (1, 14), (14, 15), (15, 40)]:
+            mean, _, state, _ = model(x[:, lo:hi], state)
+            means.append(mean)
+    torch.testing.assert_close(torch.cat(means, 1), whole.mean, atol=1e-6, rtol=0)
+
+
+def test_rollout_feeds_its_own_means_back() -> None:
+    model = small_model()
+    x = torch.randn(1, 5, 2)
+    with torch.no_grad():
+        mean, std, state, _ = model(x)
+        means, stds = model.rollout(mean[:, -1], std[:, -1], state, horizon=3)
+        # Step by step by hand: the forecast for t+2 is the model's output on the mean for t+1.
+        m2, _, s2, _ = model(mean[:, -1:], state)
+        m3, _, _, _ = model(m2, s2)
+    assert means.shape == stds.shape == (1, 3, 2)
+    torch.testing.assert_close(means[:, 0], mean[:, -1])
+    torch.testing.assert_close(means[:, 1], m2[:, 0])
+    torch.testing.assert_close(means[:, 2], m3[:, 0])
+
+
+@pytest.mark.parametrize("variant", ["standard", "peephole", "coupled"])
+def test_checkpoint_round_trip_is_bit_identical(tmp_path: Path, variant: str) -> None:
+    model = small_model(variant)
+    ckpt = save_checkpoint(model, tmp_path, name="tiny", extra={"metrics": {"x": 1}})
+    loaded = load_checkpoint(tmp_path)
+    assert (loaded.name, loaded.version) == ("tiny", ckpt.version)
+    assert loaded.card["metrics"] == {"x": 1}
+    assert loaded.model.config == model.config
+    x = torch.randn(2, 9, 2)
+    with torch.no_grad():
+        a, b = model(x), loaded.model(x)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.std, b.std)
+    assert torch.equal(a.state.c, b.state.c)
+    assert not any(p.suffix in {".pt", ".pkl", ".bin"} for p in tmp_path.iterdir())
+
+
+def test_corrupted_weights_are_refused(tmp_path: Path) -> None:
+    save_checkpoint(small_model(), tmp_path, name="tiny")
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit in the last weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(tmp_path)
+
+
+def test_mismatched_card_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(small_model(), tmp_path, name="tiny")
+    card_path = tmp_path / "card.json"
+    card = json.loads(card_path.read_text())
+    card["config"]["hidden_size"] = 9
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"do not match.*expected \(36, 9\)"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c.update(format="other/9"), "format 'other/9'"),
+    (lambda c: c["config"].update(colour="blue"), "unknown config keys"),
+    (lambda c: c.pop("normalisation"), "describes no valid model"),
+])
+def test_bad_cards_are_refused(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    save_checkpoint(small_model(), tmp_path, name="tiny")
+    card_path = tmp_path / "card.json"
+    card = json.loads(card_path.read_text())
+    edit(card)
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no card.json"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(small_model(), tmp_path, name="tiny")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+def sine_set(n: int = 12, length: int = 120, seed: int = 0) -> SeriesSet:
+    rng = np.random.default_rng(seed)
+    t = np.arange(length)
+    series = [(np.sin(2 * np.pi * t / 8 + rng.uniform(0, 6))[:, None] * 5 + 20
+               + rng.normal(0, 0.1, (length, 1))).astype(np.float32) for _ in range(n)]
+    return SeriesSet("sines", ("v",), series, [f"s{i}" for i in range(n)], [""] * n)
+
+
+def test_short_training_lowers_the_loss() -> None:
+    data = sine_set()
+    train, val, _ = split_by_series(data, seed=0)
+    settings = TrainSettings(max_epochs=4, steps_per_epoch=8, window=32, batch_size=8,
+                             warmup=16, max_lag=16, patience=10, progress=False)
+    config = ForecasterConfig(("v",), hidden_size=16, num_layers=1)
+    untrained = LSTMForecaster(config, Normalisation((20.0,), (5.0,)))
+    before = evaluate(untrained, val.series, warmup=16)["nll"]
+    model, history = fit(train, val, config, settings)
+    after = evaluate(model, val.series, warmup=16)["nll"]
+    assert len(history) == 4
+    assert history[-1]["train_nll"] < history[0]["train_nll"]
+    assert after < before - 0.5
+
+
+def test_split_is_by_series_and_deterministic() -> None:
+    data = sine_set(n=20)
+    a = split_by_series(data, seed=3)
+    b = split_by_series(data, seed=3)
+    assert [s.ids for s in a] == [s.ids for s in b]
+    ids = [set(s.ids) for s in a]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert set().union(*ids) == set(data.ids)
+
+
+def test_baselines_on_a_known_series() -> None:
+    period = np.tile(np.array([0.0, 1.0, 4.0, 1.0], dtype=np.float32), 30)[:, None]
+    assert seasonal_lag_mse([period], warmup=12, max_lag=12) == (0.0, [4])
+    expected = np.mean((period[12:, 0] - period[11:-1, 0]) ** 2)
+    assert persistence_mse([period], warmup=12) == pytest.approx(expected)
+    assert training_mean_mse([period], 12, np.array([1.5])) == pytest.approx(
+        np.mean((period[12:, 0] - 1.5) ** 2))
+
+
+def test_csv_long_format(tmp_path: Path) -> None:
+    path = tmp_path / "meters.csv"
+    path.write_text("series_id,time,kw,volts\n"
+                    "b,2,3.0,230\nb,1,2.0,229\na,10,1.0,231\na,9,0.5,232\na,11,1.5,230\n")
+    data = load_csv(path)
+    assert data.ids == ["a", "b"] and data.feature_names == ("kw", "volts")
+    np.testing.assert_array_equal(data.series[0][:, 0], [0.5, 1.0, 1.5])  # ordered by time
+    assert data.series[1].shape == (2, 2)
+    with pytest.raises(ValueError, match="no column 'series'"):
+        load_csv(path, id_col="series")
+
+
+def test_example_csv_trains_end_to_end(tmp_path: Path) -> None:
+    from model.train import main
+
+    out = tmp_path / "meters"
+    code = main(["--csv", str(ROOT / "examples" / "meters.csv"), "--out", str(out), "--name",
+                 "meters", "--hidden-size", "8", "--num-layers", "1", "--max-epochs", "2",
+                 "--steps-per-epoch", "3", "--window", "24", "--warmup", "24", "--max-lag", "24",
+                 "--no-progress"])
+    assert code in (0, 1)  # two epochs need not beat the baselines; the run must complete
+    card = load_checkpoint(out).card
+    assert card["config"]["feature_names"] == ["kwh"]
+    assert set(card["metrics"]["one_step_mse"]) == {"model", "persistence",
+                                                    "seasonal_lag_oracle", "training_mean"}
+
+
+def test_shipped_model_beats_the_baselines_and_the_readme_says_so() -> None:
+    ckpt = load_checkpoint(SHIPPED)
+    mse = ckpt.card["metrics"]["one_step_mse"]
+    assert ckpt.card["metrics"]["beats_all_baselines"]
+    assert all(mse["model"] < v for k, v in mse.items() if k != "model")
+    readme = (ROOT / "README.md").read_text()
+    for value in mse.values():
+        assert f"{value:.4f}" in readme, "README's baseline table is not the shipped card's"
+    assert ckpt.version in readme
+
+
+def test_shipped_model_reproduces_its_test_score() -> None:
+    """The card's test MSE is what the shipped weights give on the test appliances it names."""
+    pytest.importorskip("sktime")
+    from model.data import load_acsf1
+
+    ckpt = load_checkpoint(SHIPPED)
+    data = load_acsf1()
+    assert data.fingerprint() == ckpt.card["data"]["fingerprint_sha256"]
+    test_ids = set(ckpt.card["data"]["test_ids"])
+    test = [s for sid, s in zip(data.ids, data.series, strict=True) if sid in test_ids]
+    warmup = ckpt.card["training"]["settings"]["warmup"]
+    scores = evaluate(ckpt.model, test, warmup)
+    assert scores["mse"] == pytest.approx(ckpt.card["metrics"]["one_step_mse"]["model"], rel=1e-4)
+
+
+def test_shipped_card_has_no_pickle_and_a_version_from_its_weights(tmp_path: Path) -> None:
+    shutil.copytree(SHIPPED, tmp_path / "m")
+    card = json.loads((tmp_path / "m" / "card.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{12}", card["version"])
+    assert card["weights_sha256"].startswith(card["version"])
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["card.json", "model.safetensors"]
