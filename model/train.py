@@ -114,6 +114,10 @@ def fit(
     device = pick_device(settings.device)
     model = LSTMForecaster(config, normalisation_of(train)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    # Cosine decay to lr/30: late epochs refine instead of bouncing around the spiky NLL.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimiser, T_max=settings.max_epochs * settings.steps_per_epoch,
+        eta_min=settings.lr / 30)
     rng = np.random.default_rng(settings.seed)
     best_nll, best_state, stale = math.inf, copy.deepcopy(model.state_dict()), 0
     history: list[dict[str, float]] = []
@@ -132,6 +136,7 @@ def fit(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimiser.step()
+            schedule.step()
             losses.append(loss.item())
         scores = evaluate(model, val.series, settings.warmup)
         history.append({"epoch": epoch, "train_nll": float(np.mean(losses)),

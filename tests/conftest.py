@@ -1,10 +1,31 @@
-"""Shared fixtures; every test run gets its own BentoML home, never the user's."""
+"""Shared set-up. Every test run gets its own BentoML home and Prometheus directory, never the
+user's: both are read once, when bentoml and prometheus_client are first imported."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-# Set before anything imports bentoml: the model store's location is read once.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prom-")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "acsf1-forecaster"
+
+
+@pytest.fixture(scope="session")
+def held_out_series() -> list[np.ndarray]:
+    """The shipped model's held-out ACSF1 test appliances, (1460, 1) each."""
+    pytest.importorskip("sktime")
+    from model import load_checkpoint
+    from model.data import load_acsf1
+
+    card = load_checkpoint(SHIPPED).card
+    data = load_acsf1()
+    wanted = set(card["data"]["test_ids"])
+    return [s for sid, s in zip(data.ids, data.series, strict=True) if sid in wanted]

@@ -1,0 +1,266 @@
+"""The micro-batcher: the only caller of the model while the service runs.
+
+Handlers submit jobs and await them. One worker task takes whatever is pending (up to
+``max_batch``), groups the steps of different sessions by chunk length, gathers their states from
+the pool, runs one batched forward per group in a worker thread (so the event loop keeps parsing
+requests, which fills the next batch), scatters the states back and does each session's
+bookkeeping (``t``, the last applied step) before answering. So a handler that goes away mid-step
+can never leave a state advanced without its ``t``.
+
+Never two steps of one session in one batch: a session's lock admits one job at a time, and the
+worker defers any duplicate to the next round all the same. One failing item fails alone: when a
+batched forward raises, its items are retried one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from model import LSTMForecaster
+from service.errors import ModelFailure
+from service.sessions import AppliedStep, Session, StatePool
+
+T = TypeVar("T")
+
+
+@dataclass
+class Outputs:
+    """Per-timestep results as plain lists, ready for the wire."""
+
+    mean: list[list[float]]  # (T, F)
+    std: list[list[float]]
+    anomaly_z: list[list[float] | None]  # (T, F), None where no forecast preceded the value
+    gates: dict[str, list[list[float]]] | None  # name -> (layers, T)
+
+
+@dataclass
+class StepDone:
+    t: int
+    outputs: Outputs
+    replayed: bool = False
+
+
+@dataclass
+class BatchObserver:
+    """Callbacks for metrics; the batcher itself knows nothing of Prometheus."""
+
+    batch: Callable[[int], None] = lambda sessions: None
+    queue_wait: Callable[[float], None] = lambda seconds: None
+    model_time: Callable[[float], None] = lambda seconds: None
+    timesteps: Callable[[int], None] = lambda n: None
+
+
+@dataclass(eq=False)
+class _Job:
+    enqueued: float = field(default_factory=time.perf_counter, init=False)
+    future: asyncio.Future[Any] = field(init=False)
+
+
+@dataclass(eq=False)
+class _StepJob(_Job):
+    session: Session
+    x: Tensor  # (T, F) on the model's device
+    digest: bytes
+    return_gates: bool
+
+
+@dataclass(eq=False)
+class _ForecastJob(_Job):
+    session: Session
+    horizon: int
+
+
+@dataclass(eq=False)
+class _PredictJob(_Job):
+    x: Tensor
+    return_gates: bool
+
+
+def inputs_digest(x: Tensor) -> bytes:
+    return hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+
+
+class MicroBatcher:
+    def __init__(
+        self, model: LSTMForecaster, pool: StatePool, *, max_batch: int = 256,
+        wait_s: float = 0.0, observer: BatchObserver | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.pool = pool
+        self.device = pool.h.device
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.observer = observer or BatchObserver()
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._deferred: list[_Job] = []
+
+    # --- what handlers call -------------------------------------------------------------------
+
+    async def step(self, session: Session, x: Tensor, *, return_gates: bool = False) -> StepDone:
+        """Apply one chunk to a session; call with the session's lock held."""
+        return await self._submit(_StepJob(session, x, inputs_digest(x), return_gates))
+
+    async def forecast(self, session: Session, horizon: int) -> tuple[list[list[float]], list[list[float]]]:
+        return await self._submit(_ForecastJob(session, horizon))
+
+    async def predict(self, x: Tensor, *, return_gates: bool = False) -> Outputs:
+        return await self._submit(_PredictJob(x, return_gates))
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+
+    async def _submit(self, job: _Job) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._run(), name="micro-batcher")
+        assert self._queue is not None
+        job.future = loop.create_future()
+        self._queue.put_nowait(job)
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            # The caller went away: still wait for the job, so the session's lock (held by the
+            # caller) is not released while its step is in flight.
+            with contextlib.suppress(Exception):
+                await job.future
+            raise
+
+    # --- the worker --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            jobs = self._deferred or [await self._queue.get()]
+            self._deferred = []
+            if self.wait_s:
+                await asyncio.sleep(self.wait_s)
+            while len(jobs) < self.max_batch and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            batch, seen = [], set()
+            for job in jobs:  # at most one job per session per round
+                key = id(job.session) if isinstance(job, _StepJob | _ForecastJob) else id(job)
+                (self._deferred if key in seen else batch).append(job)
+                seen.add(key)
+            now = time.perf_counter()
+            for job in batch:
+                self.observer.queue_wait(now - job.enqueued)
+            results = await asyncio.to_thread(self._compute, batch)
+            for job, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                    continue
+                if isinstance(job, _StepJob):
+                    result = self._apply(job, result)
+                if not job.future.done():
+                    job.future.set_result(result)
+
+    def _apply(self, job: _StepJob, outputs: Outputs) -> StepDone:
+        """Bookkeeping of an applied step, on the event loop, before anyone is answered."""
+        session = job.session
+        seq = session.t
+        session.t += len(outputs.mean)
+        done = StepDone(session.t, outputs)
+        session.last_step = AppliedStep(seq, job.digest, done)
+        return done
+
+    def _compute(self, batch: list[_Job]) -> list[Any]:
+        results: dict[int, Any] = {}
+        groups: dict[tuple[int, bool], list[_StepJob]] = defaultdict(list)
+        for i, job in enumerate(batch):
+            if isinstance(job, _StepJob):
+                groups[(job.x.shape[0], job.return_gates)].append(job)
+        index = {id(job): i for i, job in enumerate(batch)}
+        with torch.no_grad():
+            for group in groups.values():
+                for job, out in zip(group, self._isolate(self._steps, group), strict=True):
+                    results[index[id(job)]] = out
+            for i, job in enumerate(batch):
+                if isinstance(job, _ForecastJob):
+                    results[i] = self._guard(lambda j=job: self._forecast(j))
+                elif isinstance(job, _PredictJob):
+                    results[i] = self._guard(lambda j=job: self._predict(j))
+        return [results[i] for i in range(len(batch))]
+
+    def _isolate(self, run: Callable[[list[T]], list[Any]], jobs: list[T]) -> list[Any]:
+        try:
+            return run(jobs)
+        except Exception:
+            if len(jobs) == 1:
+                return [ModelFailure("the model failed on this input")]
+            return [self._guard(lambda j=job: run([j])[0]) for job in jobs]
+
+    @staticmethod
+    def _guard(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception:
+            return ModelFailure("the model failed on this input")
+
+    def _steps(self, jobs: list[_StepJob]) -> list[Outputs]:
+        started = time.perf_counter()
+        slots = torch.tensor([j.session.slot for j in jobs], device=self.device)
+        x = torch.stack([j.x for j in jobs])  # (B, T, F)
+        state = self.pool.gather(slots)
+        prev_mean = self.pool.next_mean.index_select(0, slots)  # (B, F)
+        prev_std = self.pool.next_std.index_select(0, slots)
+        mean, std, new_state, gates = self.model(x, state, return_gates=jobs[0].return_gates)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise FloatingPointError("non-finite model output")
+        self.pool.scatter(slots, new_state, mean[:, -1], std[:, -1])
+        # The forecast each value is scored against: the pool's for the first, then the chunk's.
+        before_mean = torch.cat([prev_mean.unsqueeze(1), mean[:, :-1]], dim=1)  # (B, T, F)
+        before_std = torch.cat([prev_std.unsqueeze(1), std[:, :-1]], dim=1)
+        z = (x - before_mean) / before_std
+        self.observer.model_time(time.perf_counter() - started)
+        self.observer.batch(len(jobs))
+        self.observer.timesteps(x.shape[0] * x.shape[1])
+        return [
+            self._outputs(mean[b], std[b], z[b], first_scored=jobs[b].session.t > 0,
+                          gates=gates, row=b)
+            for b in range(len(jobs))
+        ]
+
+    def _forecast(self, job: _ForecastJob) -> tuple[list[list[float]], list[list[float]]]:
+        slot = torch.tensor([job.session.slot], device=self.device)
+        state = self.pool.gather(slot)
+        means, stds = self.model.rollout(self.pool.next_mean[slot], self.pool.next_std[slot],
+                                         state, job.horizon)
+        return means[0].tolist(), stds[0].tolist()
+
+    def _predict(self, job: _PredictJob) -> Outputs:
+        started = time.perf_counter()
+        x = job.x.unsqueeze(0)  # (1, T, F)
+        mean, std, _, gates = self.model(x, None, return_gates=job.return_gates)
+        z = torch.cat([torch.full_like(x[:, :1], float("nan")),
+                       (x[:, 1:] - mean[:, :-1]) / std[:, :-1]], dim=1)
+        self.observer.model_time(time.perf_counter() - started)
+        return self._outputs(mean[0], std[0], z[0], first_scored=False, gates=gates, row=0)
+
+    @staticmethod
+    def _outputs(
+        mean: Tensor, std: Tensor, z: Tensor, *, first_scored: bool, gates: Any, row: int,
+    ) -> Outputs:
+        anomaly: list[list[float] | None] = list(z.tolist())
+        if not first_scored:
+            anomaly[0] = None
+        gate_lists = None
+        if gates is not None:
+            gate_lists = {name: getattr(gates, name)[:, row].tolist()
+                          for name in ("forget", "input", "output")}
+        return Outputs(mean.tolist(), std.tolist(), anomaly, gate_lists)

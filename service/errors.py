@@ -1,0 +1,122 @@
+"""Every error the API can answer: an HTTP status and a stable machine-readable code.
+
+The body is always ``{"error": {"code": ..., "message": ..., ...details}}``. Handlers raise these;
+``service.service`` turns them into responses, and ``service.http`` rewrites BentoML's own
+schema-validation answers into the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ServiceError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+class InvalidRequest(ServiceError):
+    status, code = 422, "invalid_request"
+
+
+class MalformedJSON(ServiceError):
+    status, code = 400, "malformed_json"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class WrongFeatureCount(ServiceError):
+    status, code = 422, "wrong_feature_count"
+
+
+class EmptyChunk(ServiceError):
+    status, code = 422, "empty_chunk"
+
+
+class ChunkTooLong(ServiceError):
+    status, code = 422, "chunk_too_long"
+
+
+class HorizonTooLong(ServiceError):
+    status, code = 422, "horizon_too_long"
+
+
+class TTLTooLong(ServiceError):
+    status, code = 422, "ttl_too_long"
+
+
+class BodyTooLarge(ServiceError):
+    status, code = 413, "body_too_large"
+
+
+class SessionNotFound(ServiceError):
+    status, code = 404, "session_not_found"
+
+
+class SessionExpired(ServiceError):
+    status, code = 404, "session_expired"
+
+
+class SessionEvicted(ServiceError):
+    status, code = 404, "session_evicted"
+
+
+class SessionExists(ServiceError):
+    status, code = 409, "session_exists"
+
+
+class SeqConflict(ServiceError):
+    status, code = 409, "seq_conflict"
+
+
+class NoObservations(ServiceError):
+    status, code = 409, "no_observations"
+
+
+class TooManySessions(ServiceError):
+    status, code = 429, "too_many_sessions"
+
+
+class ModelFailure(ServiceError):
+    status, code = 500, "model_failure"
+
+
+# pydantic error types -> our codes, for validation BentoML does before our handlers run.
+VALIDATION_CODES: dict[str, str] = {
+    "missing": "missing_field",
+    "extra_forbidden": "unknown_field",
+    "finite_number": "non_finite_number",
+    "float_type": "not_a_number",
+    "float_parsing": "not_a_number",
+    "int_type": "not_an_integer",
+    "string_pattern_mismatch": "bad_session_id",
+    "json_invalid": "malformed_json",
+    "json_type": "malformed_json",
+}
+
+
+def validation_error_body(errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """Our status and body for BentoML's list of pydantic errors; the first error names the code."""
+    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    kind, loc = first.get("type", ""), tuple(first.get("loc", ()))
+    code = VALIDATION_CODES.get(kind, "invalid_request")
+    if kind in ("too_short", "too_long") and loc and loc[-1] == "inputs":
+        code = "empty_chunk" if kind == "too_short" else "chunk_too_long"
+    elif kind in ("less_than_equal", "greater_than_equal", "greater_than") and "horizon" in loc:
+        code = "horizon_too_long" if kind == "less_than_equal" else "invalid_request"
+    where = ".".join(str(p) for p in loc) or "body"
+    fields = [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")}
+              for e in errors]
+    status = 400 if code == "malformed_json" else 422
+    return status, {"error": {"code": code, "message": f"{where}: {first.get('msg')}",
+                              "fields": fields}}

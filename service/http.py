@@ -1,0 +1,141 @@
+"""The HTTP edge: the request body limit, and one error shape for every answer under ``/v1/``.
+
+BentoML answers schema failures itself (400, ``{"error": str, "detail": [...]}``), 4xx exceptions
+as a JSON array, and 5xx with generic text. This ASGI middleware rewrites any such answer into
+``{"error": {"code", "message", ...}}`` and leaves the service's own error bodies as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from service.errors import BodyTooLarge, UnsupportedMediaType, validation_error_body
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+GENERIC_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+                 413: "body_too_large", 415: "unsupported_media_type", 500: "internal_error"}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _json(status: int, body: dict[str, Any]) -> tuple[Message, Message]:
+    data = json.dumps(body).encode()
+    start = {"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(data)).encode())]}
+    return start, {"type": "http.response.body", "body": data, "more_body": False}
+
+
+def rewrite_error(status: int, raw: bytes) -> tuple[int, dict[str, Any]] | None:
+    """Our (status, body) for an error answer not in our shape; None if it already is."""
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict) and "code" in body["error"]:
+        return None
+    if status == 400 and isinstance(body, dict) and isinstance(body.get("detail"), list):
+        return validation_error_body(body["detail"])
+    message = raw.decode(errors="replace")[:500] if raw else ""
+    if isinstance(body, list) and body and isinstance(body[0], dict):
+        message = str(body[0].get("error", message))
+    elif isinstance(body, dict):
+        message = str(body.get("error", message))
+    code = GENERIC_CODES.get(status, "internal_error" if status >= 500 else "bad_request")
+    return status, {"error": {"code": code, "message": message}}
+
+
+def _is_json(scope: Scope) -> bool:
+    """A missing Content-Type is taken as JSON; any other type is refused before a body is read
+    (BentoML would try to parse it and answer 500)."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json"
+    return True
+
+
+class ErrorContract:
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "POST" and not _is_json(scope):
+            refused = UnsupportedMediaType("send the body as application/json")
+            for message in _json(refused.status, refused.body()):
+                await send(message)
+            return
+        limit = self.max_body_bytes
+        too_large = BodyTooLarge(f"the request body is over the limit of {limit} bytes",
+                                 limit=limit)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                for message in _json(too_large.status, too_large.body()):
+                    await send(message)
+                return
+
+        received = 0
+        overflow = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, overflow
+            message: Message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    overflow = True
+                    raise _TooLarge
+            return message
+
+        held: Message | None = None
+        chunks: list[bytes] = []
+        answered = False
+
+        async def contract_send(message: Message) -> None:
+            nonlocal held, answered
+            if answered:
+                return
+            if message["type"] == "http.response.start":
+                if overflow:
+                    for m in _json(too_large.status, too_large.body()):
+                        await send(m)
+                    answered = True
+                    return
+                if message["status"] >= 400:
+                    held = message
+                    return
+                await send(message)
+                return
+            if held is None:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            raw = b"".join(chunks)
+            rewritten = rewrite_error(held["status"], raw)
+            if rewritten is None:
+                headers = [(k, v) for k, v in held["headers"] if k != b"content-length"]
+                headers.append((b"content-length", str(len(raw)).encode()))
+                await send({**held, "headers": headers})
+                await send({"type": "http.response.body", "body": raw, "more_body": False})
+            else:
+                for m in _json(*rewritten):
+                    await send(m)
+            answered = True
+
+        try:
+            await self.app(scope, limited_receive, contract_send)
+        except _TooLarge:
+            if not answered:
+                for m in _json(too_large.status, too_large.body()):
+                    await send(m)

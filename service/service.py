@@ -1,0 +1,330 @@
+"""The BentoML service: wiring only. The rules live in sessions, batcher, errors and schemas.
+
+    bentoml serve service.service:LSTMSessions      (make serve)
+
+Request path: schema (pydantic, at BentoML's edge) -> handler here (limits, seq) -> session store
+(the session and its lock) -> micro-batcher (one batched forward) -> response schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+
+import bentoml
+import torch
+from starlette.responses import JSONResponse
+
+from model import pick_device
+from service import metrics
+from service.batcher import BatchObserver, MicroBatcher, StepDone, inputs_digest
+from service.errors import (
+    ChunkTooLong,
+    HorizonTooLong,
+    NoObservations,
+    SeqConflict,
+    ServiceError,
+    SessionNotFound,
+    WrongFeatureCount,
+)
+from service.http import ErrorContract
+from service.model_registry import import_checkpoint, load_from_store
+from service.schemas import (
+    CreateSession,
+    Deleted,
+    Forecast,
+    ForecastResult,
+    ForecastStep,
+    Gates,
+    ModelCard,
+    Predict,
+    PredictResult,
+    SessionInfo,
+    SessionRef,
+    Step,
+    StepOutput,
+    StepResult,
+)
+from service.sessions import Session, SessionStore, StatePool, StoreEvents, StoreLimits
+from service.settings import load_settings
+
+settings = load_settings()  # at import: a bad LSTM_* variable stops the start, named
+log = logging.getLogger("lstm_sessions")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def answers_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn a ServiceError into its JSON answer; BentoML would wrap it in an array or hide it."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except ServiceError as e:
+            return JSONResponse(e.body(), status_code=e.status)  # type: ignore[return-value]
+
+    return wrapper
+
+
+def _iso(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def enforce_single_worker() -> None:
+    """The session store lives in this process: a second worker would see none of its sessions.
+
+    BentoML starts workers from one arbiter process and restarts a worker that fails, so raising
+    alone would leave worker 1 serving beside a crash loop. A worker that finds the invariant
+    broken stops the arbiter, so the whole server refuses to run.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    try:
+        workers = BentoMLContainer.config.services[LSTMSessions.name].workers.get()
+    except (KeyError, AttributeError):
+        workers = LSTMSessions.config.get("workers", 1)
+    index = bentoml.server_context.worker_index
+    if workers == 1 and (index is None or index == 1):
+        return
+    message = (f"LSTMSessions keeps sessions in process memory and must run with exactly one "
+               f"worker (configured: {workers}, this is worker {index}); scale with replicas")
+    log.critical(message)
+    if index is not None:  # under bentoml serve: stop the arbiter that started us
+        os.kill(os.getppid(), signal.SIGTERM)
+    raise RuntimeError(message)
+
+
+@bentoml.service(name="lstm_sessions", workers=1, traffic={"timeout": 60})
+class LSTMSessions:
+    def __init__(self) -> None:
+        enforce_single_worker()
+        self.device = pick_device(settings.device)
+        tag = settings.model_tag or import_checkpoint(settings.model_dir)
+        self.checkpoint = load_from_store(tag, device=self.device)
+        model = self.checkpoint.model
+        config = model.config
+        self.n_features = config.n_features
+        pool = StatePool(config.num_layers, config.hidden_size, config.n_features,
+                         settings.max_sessions, self.device)
+        self.store = SessionStore(
+            pool,
+            StoreLimits(settings.max_sessions, settings.session_ttl_s, settings.max_session_ttl_s,
+                        settings.evict_when_full, settings.tombstones),
+            events=StoreEvents(
+                created=metrics.SESSIONS_CREATED.inc,
+                expired=lambda n: metrics.SESSIONS_EXPIRED.inc(n),
+                evicted=metrics.SESSIONS_EVICTED.inc,
+                deleted=metrics.SESSIONS_DELETED.inc,
+            ),
+        )
+        self.batcher = MicroBatcher(
+            model, pool, max_batch=settings.max_batch, wait_s=settings.batch_wait_ms / 1000,
+            observer=BatchObserver(
+                batch=metrics.BATCH_SESSIONS.observe, queue_wait=metrics.QUEUE_WAIT.observe,
+                model_time=metrics.MODEL_STEP.observe, timesteps=metrics.TIMESTEPS.inc,
+            ),
+        )
+        self._sweeper: asyncio.Task[None] | None = None
+        metrics.STATE_MEMORY.set(pool.nbytes)
+        metrics.SESSIONS_ACTIVE.set(0)
+        metrics.MODEL_INFO.labels(self.checkpoint.name, self.checkpoint.version,
+                                  str(self.device)).set(1)
+        log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version,
+                 self.device)
+
+    async def __is_ready__(self) -> bool:
+        self._start_sweeper()
+        return True
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    @bentoml.api(route="/v1/sessions/create")
+    @answers_errors
+    async def create(self, body: CreateSession, /) -> SessionInfo:
+        """Open a session at t = 0, with a client-chosen or random id."""
+        self._start_sweeper()
+        session = self.store.create(body.session_id, body.ttl_s)
+        self._count_sessions()
+        return self._info(session)
+
+    @bentoml.api(route="/v1/sessions/step")
+    @answers_errors
+    async def step(self, body: Step, /) -> StepResult:
+        """Feed a chunk of T timesteps; get the forecast and anomaly score after each."""
+        try:
+            x = self._tensor(body.inputs, settings.max_chunk, "LSTM_MAX_CHUNK")
+            session = await self._lock(body.session_id)
+            try:
+                result = await self._step_locked(session, body, x)
+            finally:
+                session.lock.release()
+        except ServiceError as e:
+            metrics.STEP_REQUESTS.labels(e.code).inc()
+            raise
+        return result
+
+    async def _step_locked(self, session: Session, body: Step, x: torch.Tensor) -> StepResult:
+        self.store.touch(session)
+        last = session.last_step
+        if body.seq is not None and body.seq != session.t:
+            if last is not None and body.seq == last.seq and inputs_digest(x) == last.digest:
+                metrics.REPLAYS.inc()
+                metrics.STEP_REQUESTS.labels("replayed").inc()
+                return self._step_result(session.id, last.response)
+            metrics.SEQ_CONFLICTS.inc()
+            raise SeqConflict(
+                f"seq {body.seq} does not match the session's t = {session.t}",
+                t=session.t, seq=body.seq)
+        done = await self.batcher.step(session, x.to(self.device),
+                                       return_gates=body.return_gates)
+        self.store.touch(session)
+        metrics.STEP_REQUESTS.labels("applied").inc()
+        return self._step_result(session.id, done)
+
+    @bentoml.api(route="/v1/sessions/forecast")
+    @answers_errors
+    async def forecast(self, body: Forecast, /) -> ForecastResult:
+        """Forecast ``horizon`` future steps from the current state, without changing it."""
+        if body.horizon > settings.max_horizon:
+            raise HorizonTooLong(f"horizon {body.horizon} is over the limit of "
+                                 f"{settings.max_horizon} (LSTM_MAX_HORIZON)",
+                                 limit=settings.max_horizon)
+        session = await self._lock(body.session_id)
+        try:
+            if session.t == 0:
+                raise NoObservations("the session has seen no value yet: step it first", t=0)
+            self.store.touch(session)
+            means, stds = await self.batcher.forecast(session, body.horizon)
+        finally:
+            session.lock.release()
+        steps = [ForecastStep(mean=m, std=s) for m, s in zip(means, stds, strict=True)]
+        return ForecastResult(session_id=session.id, t=session.t, forecast=steps)
+
+    @bentoml.api(route="/v1/sessions/get")
+    @answers_errors
+    async def get(self, body: SessionRef, /) -> SessionInfo:
+        """A session's t and times."""
+        return self._info(self.store.get(body.session_id))
+
+    @bentoml.api(route="/v1/sessions/reset")
+    @answers_errors
+    async def reset(self, body: SessionRef, /) -> SessionInfo:
+        """Back to a zero state at t = 0."""
+        session = await self._lock(body.session_id)
+        try:
+            self.store.reset(session)
+        finally:
+            session.lock.release()
+        return self._info(session)
+
+    @bentoml.api(route="/v1/sessions/delete")
+    @answers_errors
+    async def delete(self, body: SessionRef, /) -> Deleted:
+        """Free a session and its state."""
+        session = await self._lock(body.session_id)
+        try:
+            self.store.delete(session)
+        finally:
+            session.lock.release()
+        self._count_sessions()
+        return Deleted(session_id=session.id, deleted=True)
+
+    # --- stateless ----------------------------------------------------------------------------
+
+    @bentoml.api(route="/v1/predict")
+    @answers_errors
+    async def predict(self, body: Predict, /) -> PredictResult:
+        """A whole sequence in, the outputs after every timestep out; no session involved."""
+        x = self._tensor(body.inputs, settings.max_predict_len, "LSTM_MAX_PREDICT_LEN")
+        out = await self.batcher.predict(x.to(self.device), return_gates=body.return_gates)
+        return PredictResult(outputs=self._outputs(out.mean, out.std, out.anomaly_z),
+                             gates=Gates(**out.gates) if out.gates else None)
+
+    @bentoml.api(route="/v1/model")
+    def model(self) -> ModelCard:
+        """The model card: what is served, how it was trained, how it compares with baselines."""
+        card = self.checkpoint.card
+        return ModelCard(
+            name=self.checkpoint.name, version=self.checkpoint.version, device=str(self.device),
+            features=list(card["config"]["feature_names"]), config=card["config"],
+            normalisation=card["normalisation"], metrics=card.get("metrics", {}),
+            limits={"max_chunk": settings.max_chunk, "max_horizon": settings.max_horizon,
+                    "max_predict_len": settings.max_predict_len,
+                    "max_sessions": settings.max_sessions,
+                    "max_body_bytes": settings.max_body_bytes,
+                    "session_ttl_s": settings.session_ttl_s,
+                    "max_session_ttl_s": settings.max_session_ttl_s},
+        )
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    async def _lock(self, session_id: str) -> Session:
+        """The live session with its lock acquired, in arrival order; 404 if it went meanwhile."""
+        session = self.store.get(session_id)
+        await session.lock.acquire()
+        try:
+            if self.store.get(session_id) is not session:
+                raise SessionNotFound(f"no session {session_id!r}", session_id=session_id)
+        except ServiceError:
+            session.lock.release()
+            raise
+        return session
+
+    def _tensor(self, rows: list[list[float]], limit: int, setting: str) -> torch.Tensor:
+        if len(rows) > limit:
+            raise ChunkTooLong(f"{len(rows)} timesteps is over the limit of {limit} ({setting})",
+                               limit=limit)
+        for k, row in enumerate(rows):
+            if len(row) != self.n_features:
+                raise WrongFeatureCount(
+                    f"inputs[{k}] has {len(row)} values; the model takes {self.n_features} "
+                    f"features per timestep", expected=self.n_features, got=len(row))
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def _info(self, session: Session) -> SessionInfo:
+        return SessionInfo(
+            session_id=session.id, model=self.checkpoint.name,
+            model_version=self.checkpoint.version, t=session.t,
+            created_at=_iso(session.created_at), last_active_at=_iso(session.last_active),
+            expires_at=_iso(session.expires_at), ttl_s=session.ttl_s,
+        )
+
+    @staticmethod
+    def _outputs(mean: list[list[float]], std: list[list[float]],
+                 anomaly: list[list[float] | None]) -> list[StepOutput]:
+        return [StepOutput(mean=m, std=s, anomaly_z=z)
+                for m, s, z in zip(mean, std, anomaly, strict=True)]
+
+    def _step_result(self, session_id: str, done: StepDone) -> StepResult:
+        out = done.outputs
+        return StepResult(session_id=session_id, t=done.t,
+                          outputs=self._outputs(out.mean, out.std, out.anomaly_z),
+                          gates=Gates(**out.gates) if out.gates else None)
+
+    def _count_sessions(self) -> None:
+        metrics.SESSIONS_ACTIVE.set(len(self.store))
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(settings.sweep_interval_s)
+            if self.store.sweep():
+                self._count_sessions()
+
+
+LSTMSessions.add_asgi_middleware(ErrorContract, max_body_bytes=settings.max_body_bytes)
+
+
+def model_card_dict(service: Any) -> dict[str, Any]:
+    return service.model().model_dump()

@@ -1,0 +1,60 @@
+"""Every setting of the service, read once at start-up from ``LSTM_*`` environment variables.
+
+A bad value stops the start with a message naming the variable (pydantic-settings does the
+naming: ``LSTM_MAX_SESSIONS``, say). Only ``service.service`` reads this; the store and the
+batcher get plain values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LSTM_", extra="forbid", frozen=True)
+
+    model_tag: str | None = Field(
+        None, description="BentoML model tag to serve; default: the shipped model, imported "
+                          "into the store on first start")
+    model_dir: Path = Field(ROOT / "models" / "acsf1-forecaster",
+                            description="checkpoint imported when model_tag is unset")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto: CUDA when available, else CPU")
+    max_sessions: int = Field(10_000, ge=1, le=10_000_000)
+    session_ttl_s: float = Field(3600.0, gt=0, description="idle time before a session expires")
+    max_session_ttl_s: float = Field(86_400.0, gt=0, description="largest ttl_s a client may ask")
+    evict_when_full: bool = Field(False, description="evict the least recently used idle "
+                                                     "session instead of answering 429")
+    max_chunk: int = Field(512, ge=1, le=4096, description="timesteps per step request")
+    max_predict_len: int = Field(4096, ge=1, le=100_000, description="timesteps per /v1/predict")
+    max_horizon: int = Field(256, ge=1, le=4096)
+    max_body_bytes: int = Field(2_000_000, ge=1024)
+    max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")
+    batch_wait_ms: float = Field(0.0, ge=0, le=100, description="extra wait for a fuller batch")
+    sweep_interval_s: float = Field(5.0, gt=0, description="how often expired sessions are freed")
+    tombstones: int = Field(100_000, ge=0, description="expired/evicted ids remembered for 404s")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _ttl_within_max(self) -> Settings:
+        if self.session_ttl_s > self.max_session_ttl_s:
+            raise ValueError("LSTM_SESSION_TTL_S must not exceed LSTM_MAX_SESSION_TTL_S")
+        return self
+
+
+def load_settings() -> Settings:
+    """The settings, or SystemExit with one line per bad variable."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            name = "LSTM_" + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else ""
+            lines.append(f"  {name or 'settings'}: {err['msg']}")
+        raise SystemExit("invalid service settings:\n" + "\n".join(lines)) from None

@@ -1,0 +1,143 @@
+"""Tier 3: a real ``bentoml serve`` subprocess on a free port, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import ROOT, bentoml_server, run_server_to_exit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    with bentoml_server({"LSTM_MAX_SESSIONS": "400"}, log=log) as url:
+        yield url
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{url}/metrics").text
+    pattern = rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.e+-]+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def post(url: str, route: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{url}{route}", json=body, timeout=30)
+
+
+def test_health_and_docs(server: str) -> None:
+    assert httpx.get(f"{server}/livez").status_code == 200
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    assert "swagger" in httpx.get(f"{server}/").text.lower()
+    assert "/v1/sessions/step" in httpx.get(f"{server}/docs.json").json()["paths"]
+
+
+def test_metrics_move_as_they_should(server: str) -> None:
+    before = {
+        "created": metric(server, "lstm_sessions_created_total"),
+        "deleted": metric(server, "lstm_sessions_deleted_total"),
+        "timesteps": metric(server, "lstm_timesteps_processed_total"),
+        "applied": metric(server, "lstm_step_requests_total", '{outcome="applied"}'),
+        "conflicts": metric(server, "lstm_seq_conflicts_total"),
+        "replays": metric(server, "lstm_idempotent_replays_total"),
+        "batches": metric(server, "lstm_batch_sessions_count"),
+        "bad": metric(server, "lstm_step_requests_total", '{outcome="wrong_feature_count"}'),
+    }
+    active = metric(server, "lstm_sessions_active")
+    assert post(server, "/v1/sessions/create", {"session_id": "m1"}).status_code == 200
+    assert metric(server, "lstm_sessions_active") == active + 1
+    post(server, "/v1/sessions/step", {"session_id": "m1", "inputs": [[0.1]] * 3, "seq": 0})
+    post(server, "/v1/sessions/step", {"session_id": "m1", "inputs": [[0.1]] * 3, "seq": 0})
+    post(server, "/v1/sessions/step", {"session_id": "m1", "inputs": [[0.1]], "seq": 9})
+    post(server, "/v1/sessions/step", {"session_id": "m1", "inputs": [[0.1, 0.2]]})
+    post(server, "/v1/sessions/delete", {"session_id": "m1"})
+    assert metric(server, "lstm_sessions_created_total") == before["created"] + 1
+    assert metric(server, "lstm_sessions_deleted_total") == before["deleted"] + 1
+    assert metric(server, "lstm_timesteps_processed_total") == before["timesteps"] + 3
+    assert metric(server, "lstm_step_requests_total", '{outcome="applied"}') == \
+        before["applied"] + 1
+    assert metric(server, "lstm_idempotent_replays_total") == before["replays"] + 1
+    assert metric(server, "lstm_seq_conflicts_total") == before["conflicts"] + 1
+    assert metric(server, "lstm_step_requests_total", '{outcome="wrong_feature_count"}') == \
+        before["bad"] + 1
+    assert metric(server, "lstm_batch_sessions_count") == before["batches"] + 1
+    assert metric(server, "lstm_sessions_active") == active
+    assert metric(server, "lstm_state_memory_bytes") > 0
+    text = httpx.get(f"{server}/metrics").text
+    assert re.search(r'lstm_model_info\{device="cpu",name="acsf1-forecaster",version="\w+"\} 1',
+                     text)
+    assert "session_id" not in text
+
+
+def readme_curl_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- curl-examples -->\s*```sh\n(.*?)```", readme, re.DOTALL)
+    assert block, "README lost its curl examples block"
+    return [c for c in block.group(1).replace("\\\n", " ").splitlines() if c.startswith("curl")]
+
+
+def test_readme_curl_examples_work_as_written(server: str) -> None:
+    if shutil.which("curl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("curl is missing in CI; .ci/run must install it")
+        pytest.skip("curl is not installed")
+    commands = readme_curl_commands()
+    routes = [m.group(0) for c in commands if (m := re.search(r"/v1/[a-z/]+", c))]
+    assert routes == ["/v1/sessions/create", "/v1/sessions/step", "/v1/sessions/step",
+                      "/v1/sessions/forecast", "/v1/sessions/delete"]
+    for command in commands:
+        command = command.replace("http://127.0.0.1:3000", server)
+        done = subprocess.run(command + " --fail-with-body --silent --show-error", shell=True,
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        assert '"error"' not in done.stdout
+
+
+def test_bad_setting_stops_the_start_naming_the_variable() -> None:
+    done = run_server_to_exit({"LSTM_MAX_SESSIONS": "lots"})
+    assert done.returncode != 0
+    assert "LSTM_MAX_SESSIONS" in done.stdout + done.stderr
+
+
+def test_a_second_worker_is_refused() -> None:
+    # The whole server stops (run_server_to_exit would time out if it kept serving).
+    done = run_server_to_exit({"BENTOML_CONFIG_OPTIONS": "services.lstm_sessions.workers=2"})
+    assert "exactly one worker" in done.stdout + done.stderr
+
+
+def test_full_service_answers_429_or_evicts() -> None:
+    with bentoml_server({"LSTM_MAX_SESSIONS": "2"}) as url:
+        for sid in ("a", "b"):
+            assert post(url, "/v1/sessions/create", {"session_id": sid}).status_code == 200
+        r = post(url, "/v1/sessions/create", {"session_id": "c"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_sessions"
+        assert r.json()["error"]["limit"] == 2
+        assert post(url, "/v1/sessions/get", {"session_id": "a"}).json()["t"] == 0
+    with bentoml_server({"LSTM_MAX_SESSIONS": "2", "LSTM_EVICT_WHEN_FULL": "true"}) as url:
+        for sid in ("a", "b", "c"):
+            assert post(url, "/v1/sessions/create", {"session_id": sid}).status_code == 200
+        r = post(url, "/v1/sessions/step", {"session_id": "a", "inputs": [[1.0]]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "session_evicted"
+        assert metric(url, "lstm_sessions_evicted_total") == 1
+
+
+def test_openapi_fuzzing_finds_no_server_error(server: str, tmp_path: Path) -> None:
+    st = Path(sys.executable).with_name("schemathesis")
+    done = subprocess.run(
+        [str(st), "run", f"{server}/docs.json", "--checks", "not_a_server_error",
+         "--max-examples", "25", "--seed", "1", "--phases", "examples,coverage,fuzzing",
+         "--include-path-regex", "^/v1/", "--workers", "1", "--no-color"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

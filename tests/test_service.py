@@ -1,0 +1,214 @@
+"""The service in process: the class called directly, and through BentoML's ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from service.schemas import CreateSession, Forecast, Predict, SessionRef, Step
+from service.service import LSTMSessions
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(LSTMSessions.to_asgi()) as c:
+        yield c
+
+
+def post(client: TestClient, route: str, body: Any) -> tuple[int, Any]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post(route, content=raw, headers={"content-type": "application/json"})
+    return r.status_code, r.json()
+
+
+def create(client: TestClient, sid: str, **extra: Any) -> dict[str, Any]:
+    status, body = post(client, "/v1/sessions/create", {"session_id": sid, **extra})
+    assert status == 200, body
+    return body
+
+
+# --- tier 1: the class called directly --------------------------------------------------------
+
+def test_class_called_directly() -> None:
+    svc = LSTMSessions()
+
+    async def scenario() -> None:
+        info = await svc.create(CreateSession(session_id="direct"))
+        assert info.t == 0 and info.model == "acsf1-forecaster"
+        stepped = await svc.step(Step(session_id="direct", inputs=[[0.5], [-0.2]], seq=0))
+        assert stepped.t == 2 and stepped.outputs[0].anomaly_z is None
+        whole = await svc.predict(Predict(inputs=[[0.5], [-0.2]]))
+        assert [o.mean for o in stepped.outputs] == [o.mean for o in whole.outputs]
+        fc = await svc.forecast(Forecast(session_id="direct", horizon=2))
+        assert fc.t == 2 and fc.forecast[0].mean == stepped.outputs[-1].mean
+        assert (await svc.get(SessionRef(session_id="direct"))).t == 2
+        assert (await svc.reset(SessionRef(session_id="direct"))).t == 0
+        assert (await svc.delete(SessionRef(session_id="direct"))).deleted
+        await svc.batcher.close()
+
+    asyncio.run(scenario())
+
+
+# --- tier 2: through to_asgi() -----------------------------------------------------------------
+
+def test_chunked_steps_equal_predict(client: TestClient) -> None:
+    values = [[v] for v in (0.3, -0.5, 1.7, -0.6, -0.6, 1.7, 0.2, 0.0, -1.1, 2.4, 0.9)]
+    _, whole = post(client, "/v1/predict", {"inputs": values})
+    create(client, "exact")
+    outputs, t = [], 0
+    for size in (1, 4, 2, 1, 3):
+        status, body = post(client, "/v1/sessions/step",
+                            {"session_id": "exact", "inputs": values[t:t + size], "seq": t})
+        assert status == 200, body
+        t += size
+        assert body["t"] == t
+        outputs += body["outputs"]
+    for ours, ref in zip(outputs, whole["outputs"], strict=True):
+        assert ours["mean"] == pytest.approx(ref["mean"], abs=1e-5)
+        assert ours["std"] == pytest.approx(ref["std"], abs=1e-5)
+        if ref["anomaly_z"] is None:
+            assert ours["anomaly_z"] is None
+        else:
+            assert ours["anomaly_z"] == pytest.approx(ref["anomaly_z"], abs=1e-4)
+
+
+def test_seq_retry_is_answered_again_not_applied_twice(client: TestClient) -> None:
+    create(client, "retry")
+    first = post(client, "/v1/sessions/step", {"session_id": "retry", "inputs": [[1.0]], "seq": 0})
+    again = post(client, "/v1/sessions/step", {"session_id": "retry", "inputs": [[1.0]], "seq": 0})
+    assert first == again and first[1]["t"] == 1
+    status, body = post(client, "/v1/sessions/step",
+                        {"session_id": "retry", "inputs": [[2.0]], "seq": 0})
+    assert status == 409 and body["error"]["code"] == "seq_conflict" and body["error"]["t"] == 1
+    status, body = post(client, "/v1/sessions/step",
+                        {"session_id": "retry", "inputs": [[1.0]], "seq": 5})
+    assert status == 409 and body["error"]["t"] == 1
+    assert post(client, "/v1/sessions/get", {"session_id": "retry"})[1]["t"] == 1
+
+
+def test_forecast_does_not_change_the_session(client: TestClient) -> None:
+    create(client, "fc")
+    status, body = post(client, "/v1/sessions/forecast", {"session_id": "fc", "horizon": 2})
+    assert status == 409 and body["error"]["code"] == "no_observations"
+    post(client, "/v1/sessions/step", {"session_id": "fc", "inputs": [[0.1], [0.2]]})
+    _, a = post(client, "/v1/sessions/forecast", {"session_id": "fc", "horizon": 5})
+    _, b = post(client, "/v1/sessions/forecast", {"session_id": "fc", "horizon": 5})
+    assert a == b and len(a["forecast"]) == 5 and a["t"] == 2
+    _, stepped = post(client, "/v1/sessions/step", {"session_id": "fc", "inputs": [[0.3]]})
+    _, ref = post(client, "/v1/predict", {"inputs": [[0.1], [0.2], [0.3]]})
+    assert stepped["outputs"][0]["mean"] == pytest.approx(ref["outputs"][2]["mean"], abs=1e-5)
+
+
+def test_reset_delete_and_gates(client: TestClient) -> None:
+    create(client, "life")
+    _, one = post(client, "/v1/sessions/step",
+                  {"session_id": "life", "inputs": [[0.4]], "return_gates": True})
+    assert set(one["gates"]) == {"forget", "input", "output"}
+    assert len(one["gates"]["forget"]) == 2 and len(one["gates"]["forget"][0]) == 1
+    _, info = post(client, "/v1/sessions/reset", {"session_id": "life"})
+    assert info["t"] == 0
+    _, again = post(client, "/v1/sessions/step", {"session_id": "life", "inputs": [[0.4]]})
+    assert again["outputs"] == one["outputs"] and again["gates"] is None
+    assert post(client, "/v1/sessions/delete", {"session_id": "life"})[0] == 200
+    status, body = post(client, "/v1/sessions/get", {"session_id": "life"})
+    assert status == 404 and body["error"]["code"] == "session_not_found"
+
+
+def test_expired_session_says_so(client: TestClient) -> None:
+    create(client, "brief", ttl_s=0.2)
+    time.sleep(0.3)
+    status, body = post(client, "/v1/sessions/step", {"session_id": "brief", "inputs": [[1.0]]})
+    assert status == 404 and body["error"]["code"] == "session_expired"
+
+
+BAD_STEPS: list[tuple[str, bytes | dict[str, Any], int, str]] = [
+    ("wrong feature count", {"inputs": [[1.0, 2.0]]}, 422, "wrong_feature_count"),
+    ("T = 0", {"inputs": []}, 422, "empty_chunk"),
+    ("T over the limit", {"inputs": [[0.0]] * 513}, 422, "chunk_too_long"),
+    ("T over the ceiling", {"inputs": [[0.0]] * 4097}, 422, "chunk_too_long"),
+    ("NaN", b'{"session_id": "victim", "inputs": [[NaN]]}', 422, "non_finite_number"),
+    ("Infinity", b'{"session_id": "victim", "inputs": [[Infinity]]}', 422, "non_finite_number"),
+    ("1e400", b'{"session_id": "victim", "inputs": [[1e400]]}', 422, "non_finite_number"),
+    ("string", {"inputs": [["1.5"]]}, 422, "not_a_number"),
+    ("boolean", {"inputs": [[True]]}, 422, "not_a_number"),
+    ("null", {"inputs": [[None]]}, 422, "not_a_number"),
+    ("missing inputs", {"inputs": None}, 422, "missing_field"),
+    ("unknown field", {"inputs": [[1.0]], "colour": "red"}, 422, "unknown_field"),
+    ("bad seq", {"inputs": [[1.0]], "seq": "zero"}, 422, "not_an_integer"),
+    ("seq conflict", {"inputs": [[1.0]], "seq": 7}, 409, "seq_conflict"),
+    ("bad id pattern", {"session_id": "no spaces!", "inputs": [[1.0]]}, 422, "bad_session_id"),
+    ("unknown session", {"session_id": "ghost", "inputs": [[1.0]]}, 404, "session_not_found"),
+    ("malformed JSON", b'{"session_id": "victim", "inputs": [[1.0]', 400, "malformed_json"),
+    ("body over the limit", b'{"session_id": "victim", "inputs": [' + b"[1.0]," * 400_000
+     + b"[1.0]]}", 413, "body_too_large"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "code"), BAD_STEPS,
+                         ids=[c[0] for c in BAD_STEPS])
+def test_bad_steps_are_refused_and_change_nothing(
+    client: TestClient, case: str, body: bytes | dict[str, Any], status: int, code: str,
+) -> None:
+    if not post(client, "/v1/sessions/get", {"session_id": "victim"})[0] == 200:
+        create(client, "victim")
+        post(client, "/v1/sessions/step", {"session_id": "victim", "inputs": [[0.5]]})
+    _, before = post(client, "/v1/sessions/forecast", {"session_id": "victim", "horizon": 3})
+    if isinstance(body, dict):
+        body = {"session_id": "victim", **body}
+        if body.get("inputs", 0) is None:
+            del body["inputs"]
+    got_status, got = post(client, "/v1/sessions/step", body)
+    assert got_status == status, got
+    assert got["error"]["code"] == code and got["error"]["message"]
+    _, after = post(client, "/v1/sessions/forecast", {"session_id": "victim", "horizon": 3})
+    assert after == before  # same t, same state, same next forecast
+
+
+@pytest.mark.parametrize(("route", "body", "status", "code"), [
+    ("/v1/sessions/forecast", {"session_id": "victim", "horizon": 257}, 422, "horizon_too_long"),
+    ("/v1/sessions/forecast", {"session_id": "victim", "horizon": 5000}, 422,
+     "horizon_too_long"),
+    ("/v1/sessions/forecast", {"session_id": "victim", "horizon": 0}, 422, "invalid_request"),
+    ("/v1/sessions/create", {"session_id": "victim"}, 409, "session_exists"),
+    ("/v1/sessions/create", {"ttl_s": 10**7}, 422, "ttl_too_long"),
+    ("/v1/sessions/create", {"ttl_s": -1}, 422, "invalid_request"),
+    ("/v1/predict", {"inputs": [[0.0]] * 4097}, 422, "chunk_too_long"),
+    ("/v1/sessions/delete", {"session_id": "ghost"}, 404, "session_not_found"),
+])
+def test_other_refusals(client: TestClient, route: str, body: dict[str, Any], status: int,
+                        code: str) -> None:
+    if post(client, "/v1/sessions/get", {"session_id": "victim"})[0] != 200:
+        create(client, "victim")
+    got_status, got = post(client, route, body)
+    assert (got_status, got["error"]["code"]) == (status, code), got
+
+
+def test_model_card(client: TestClient) -> None:
+    status, card = post(client, "/v1/model", {})
+    assert status == 200
+    assert card["features"] == ["power"] and card["device"] == "cpu"
+    assert card["metrics"]["beats_all_baselines"] is True
+    assert card["limits"]["max_chunk"] == 512
+
+
+def test_openapi_describes_every_route_and_field(client: TestClient) -> None:
+    spec = client.get("/docs.json").json()
+    for route in ("/v1/sessions/create", "/v1/sessions/step", "/v1/sessions/forecast",
+                  "/v1/sessions/get", "/v1/sessions/reset", "/v1/sessions/delete",
+                  "/v1/predict", "/v1/model"):
+        assert route in spec["paths"], route
+    schemas = spec["components"]["schemas"]
+    step = next(v for k, v in schemas.items() if k.startswith("Step") and "inputs" in
+                v.get("properties", {}))
+    for field in ("session_id", "inputs", "seq", "return_gates"):
+        assert field in step["properties"]
+    assert step["properties"]["session_id"]["pattern"]
+    assert client.get("/").status_code == 200  # the Swagger page

@@ -1,0 +1,182 @@
+"""The session store and the micro-batcher, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from model import ForecasterConfig, LSTMForecaster
+from service.batcher import MicroBatcher
+from service.errors import (
+    ModelFailure,
+    SessionEvicted,
+    SessionExists,
+    SessionExpired,
+    SessionNotFound,
+    TooManySessions,
+    TTLTooLong,
+)
+from service.sessions import SessionStore, StatePool, StoreEvents, StoreLimits
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_store(max_sessions: int = 3, evict: bool = False, clock: Clock | None = None,
+               events: StoreEvents | None = None) -> SessionStore:
+    pool = StatePool(2, 4, 1, max_sessions, "cpu")
+    limits = StoreLimits(max_sessions, default_ttl_s=10, max_ttl_s=100, evict_when_full=evict,
+                         tombstones=10)
+    return SessionStore(pool, limits, events=events, clock=clock or Clock())
+
+
+def test_create_get_delete_and_slot_reuse() -> None:
+    store = make_store()
+    a = store.create("a")
+    assert store.get("a") is a and a.t == 0
+    with pytest.raises(SessionExists):
+        store.create("a")
+    store.pool.h[:, a.slot] = 5.0
+    store.delete(a)
+    with pytest.raises(SessionNotFound):
+        store.get("a")
+    b = store.create("b")
+    assert b.slot == a.slot and float(store.pool.h[:, b.slot].abs().sum()) == 0.0
+
+
+def test_full_store_answers_429_and_sweeps_expired_first() -> None:
+    clock = Clock()
+    store = make_store(clock=clock)
+    for name in "abc":
+        store.create(name)
+    with pytest.raises(TooManySessions, match="maximum of 3"):
+        store.create("d")
+    clock.now += 11
+    store.create("d")  # the expired ones were swept to make room
+    with pytest.raises(SessionExpired):
+        store.get("a")
+
+
+def test_ttl_expiry_and_tombstones() -> None:
+    clock = Clock()
+    expired: list[int] = []
+    store = make_store(clock=clock, events=StoreEvents(expired=expired.append))
+    store.create("short", ttl_s=1)
+    store.create("long", ttl_s=50)
+    with pytest.raises(TTLTooLong):
+        store.create("huge", ttl_s=101)
+    clock.now += 2
+    assert store.sweep() == 1 and expired == [1]
+    with pytest.raises(SessionExpired, match="expired"):
+        store.get("short")
+    assert store.get("long").t == 0
+    with pytest.raises(SessionNotFound):
+        store.get("never")
+
+
+def test_lru_eviction_spares_busy_sessions() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store = make_store(evict=True, clock=clock)
+        a, b, _ = store.create("a"), store.create("b"), store.create("c")
+        clock.now += 1
+        store.touch(b)  # b is now most recent; a is the least recently used...
+        await a.lock.acquire()  # ...but a is busy
+        store.create("d")
+        with pytest.raises(SessionEvicted):
+            store.get("c")
+        assert store.get("a") is a
+        a.lock.release()
+
+    asyncio.run(scenario())
+
+
+def tiny_model() -> LSTMForecaster:
+    torch.manual_seed(0)
+    return LSTMForecaster(ForecasterConfig(("v",), hidden_size=8, num_layers=2)).eval()
+
+
+def test_interleaved_sessions_equal_their_offline_runs() -> None:
+    """Many sessions, random chunkings, stepped concurrently: each equals its own whole run."""
+    model = tiny_model()
+    rng = random.Random(0)
+    series = [torch.randn(40, 1) for _ in range(12)]
+
+    async def scenario() -> list[list[list[float]]]:
+        store = SessionStore(StatePool(2, 8, 1, 16, "cpu"),
+                             StoreLimits(16, 60, 60, False, 10))
+        batcher = MicroBatcher(model, store.pool, max_batch=8)
+
+        async def stream(i: int) -> list[list[float]]:
+            session = store.create(f"s{i}")
+            t, means = 0, []
+            while t < 40:
+                size = rng.randint(1, 7)
+                async with session.lock:
+                    done = await batcher.step(session, series[i][t:t + size])
+                means += done.outputs.mean
+                t += size
+                assert done.t == min(t, 40)
+                await asyncio.sleep(0)
+            return means
+
+        out = await asyncio.gather(*(stream(i) for i in range(12)))
+        await batcher.close()
+        return out
+
+    streamed = asyncio.run(scenario())
+    with torch.no_grad():
+        for i, means in enumerate(streamed):
+            whole = model(series[i].unsqueeze(0)).mean[0]
+            torch.testing.assert_close(torch.tensor(means), whole, atol=1e-5, rtol=0)
+
+
+def test_never_two_steps_of_one_session_in_one_batch_and_bad_items_fail_alone() -> None:
+    model = tiny_model()
+    batch_sizes: list[int] = []
+
+    async def scenario() -> None:
+        store = SessionStore(StatePool(2, 8, 1, 4, "cpu"), StoreLimits(4, 60, 60, False, 10))
+        from service.batcher import BatchObserver
+
+        batcher = MicroBatcher(model, store.pool, observer=BatchObserver(batch=batch_sizes.append))
+        a, b = store.create("a"), store.create("b")
+        x = torch.ones(1, 1)
+        # Submitted without the locks on purpose: the batcher must still serialise them.
+        results = await asyncio.gather(
+            batcher.step(a, x), batcher.step(a, x), batcher.step(b, x),
+            batcher.step(b, torch.ones(1, 3)),  # wrong feature count: fails alone
+            return_exceptions=True)
+        assert [r.t for r in results[:3]] == [1, 2, 1]  # type: ignore[union-attr]
+        assert isinstance(results[3], ModelFailure)
+        assert a.t == 2 and b.t == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert max(batch_sizes) <= 2  # a and b together; never a twice
+
+
+def test_forecast_leaves_the_state_alone() -> None:
+    model = tiny_model()
+
+    async def scenario() -> None:
+        store = SessionStore(StatePool(2, 8, 1, 2, "cpu"), StoreLimits(2, 60, 60, False, 10))
+        batcher = MicroBatcher(model, store.pool)
+        s = store.create("s")
+        await batcher.step(s, torch.randn(5, 1))
+        before = store.pool.h.clone(), store.pool.c.clone(), store.pool.next_mean.clone()
+        means, stds = await batcher.forecast(s, 4)
+        assert len(means) == len(stds) == 4
+        assert torch.equal(store.pool.h, before[0]) and torch.equal(store.pool.c, before[1])
+        assert torch.equal(store.pool.next_mean, before[2]) and s.t == 5
+        await batcher.close()
+
+    asyncio.run(scenario())
