@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import LSTMState, StackedLSTM  # noqa: E402
+from model import LSTMState, StackedLSTM
 
 HIDDEN, LAYERS, INPUT = 256, 2, 64
 BATCHES = (1, 64, 1024)
@@ -38,7 +38,9 @@ def sync(device: str) -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: str, budget_s: float,
+    fns: dict[str, Callable[[], object]],
+    device: str,
+    budget_s: float,
 ) -> dict[str, float]:
     """Median seconds per call of each fn, repeats interleaved, about ``budget_s`` in all."""
     for fn in fns.values():  # warm up: allocator, oneDNN primitive cache, CUDA context
@@ -61,6 +63,27 @@ def time_interleaved(
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def contenders(
+    ours: StackedLSTM,
+    ref: nn.LSTM,
+    x: torch.Tensor,
+    state: LSTMState,
+    device: str,
+) -> dict[str, Callable[[], object]]:
+    fns: dict[str, Callable[[], object]] = {
+        "ours": lambda: ours(x, state),
+        "nn.LSTM": lambda: ref(x, tuple(state)),
+    }
+    if device == "cpu":
+
+        def ref_aten() -> object:
+            with torch.backends.mkldnn.flags(enabled=False):
+                return ref(x, tuple(state))
+
+        fns["nn.LSTM (ATen)"] = ref_aten
+    return fns
+
+
 def bench_device(device: str, quick: bool) -> list[dict[str, object]]:
     torch.manual_seed(0)
     ref = nn.LSTM(INPUT, HIDDEN, LAYERS, batch_first=True).to(device).eval()
@@ -74,24 +97,15 @@ def bench_device(device: str, quick: bool) -> list[dict[str, object]]:
             h0 = torch.zeros(LAYERS, batch, HIDDEN, device=device)
             c0 = torch.zeros_like(h0)
 
-            def run_ours() -> object:
-                return ours(x, LSTMState(h0, c0))
-
-            def run_ref() -> object:
-                return ref(x, (h0, c0))
-
-            def run_ref_aten() -> object:
-                with torch.backends.mkldnn.flags(enabled=False):
-                    return ref(x, (h0, c0))
-
-            fns: dict[str, Callable[[], object]] = {"ours": run_ours, "nn.LSTM": run_ref}
-            if device == "cpu":
-                fns["nn.LSTM (ATen)"] = run_ref_aten
+            fns = contenders(ours, ref, x, LSTMState(h0, c0), device)
             with torch.no_grad():
                 worst = (ours(x, LSTMState(h0, c0))[0] - ref(x, (h0, c0))[0]).abs().max().item()
                 medians = time_interleaved(fns, device, budget_s=0.5 if quick else 3.0)
             row: dict[str, object] = {
-                "device": device, "batch": batch, "timesteps": steps, "max_abs_diff": worst,
+                "device": device,
+                "batch": batch,
+                "timesteps": steps,
+                "max_abs_diff": worst,
                 **{f"{k} ms": v * 1e3 for k, v in medians.items()},
                 "ours / nn.LSTM": medians["ours"] / medians["nn.LSTM"],
             }
@@ -115,8 +129,10 @@ def print_row(row: dict[str, object], header: bool) -> None:
 
 def machine() -> dict[str, object]:
     info: dict[str, object] = {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
     }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -131,8 +147,9 @@ def machine() -> dict[str, object]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     p.add_argument("--quick", action="store_true", help="small shapes only, short budget")
     args = p.parse_args()
@@ -147,8 +164,9 @@ def main() -> int:
         print(f"\n{device}: hidden {HIDDEN}, {LAYERS} layers, input {INPUT}, median ms per call")
         rows = bench_device(device, args.quick)
         out = RESULTS / f"model_bench-{device}.json"
-        out.write_text(json.dumps({"machine": machine(), "quick": args.quick, "rows": rows},
-                                  indent=2) + "\n")
+        out.write_text(
+            json.dumps({"machine": machine(), "quick": args.quick, "rows": rows}, indent=2) + "\n"
+        )
         print(f"wrote {out}")
     return 0
 

@@ -21,7 +21,21 @@ def pick_device(preference: str = "auto") -> str:
 
 
 __all__ = [
-    "VARIANTS", "Checkpoint", "CheckpointError", "Forecast", "ForecasterConfig", "GateTrace",
-    "LSTMCell", "LSTMForecaster", "LSTMLayer", "LSTMState", "Normalisation", "StackedLSTM",
-    "Variant", "gaussian_nll", "load_checkpoint", "pick_device", "save_checkpoint",
+    "VARIANTS",
+    "Checkpoint",
+    "CheckpointError",
+    "Forecast",
+    "ForecasterConfig",
+    "GateTrace",
+    "LSTMCell",
+    "LSTMForecaster",
+    "LSTMLayer",
+    "LSTMState",
+    "Normalisation",
+    "StackedLSTM",
+    "Variant",
+    "gaussian_nll",
+    "load_checkpoint",
+    "pick_device",
+    "save_checkpoint",
 ]

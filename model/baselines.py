@@ -11,11 +11,13 @@ import numpy as np
 
 def persistence_mse(series: list[np.ndarray], warmup: int) -> float:
     """Predict the last value seen."""
-    errors = [(s[warmup:] - s[warmup - 1:-1]) ** 2 for s in series]
+    errors = [(s[warmup:] - s[warmup - 1 : -1]) ** 2 for s in series]
     return float(np.concatenate(errors).mean())
 
 
-def seasonal_lag_mse(series: list[np.ndarray], warmup: int, max_lag: int) -> tuple[float, list[int]]:
+def seasonal_lag_mse(
+    series: list[np.ndarray], warmup: int, max_lag: int
+) -> tuple[float, list[int]]:
     """Predict the value ``lag`` steps back, with the best lag in 1..max_lag for each series.
 
     The lag is chosen on the scored timesteps themselves (an oracle), which makes this baseline
@@ -26,7 +28,9 @@ def seasonal_lag_mse(series: list[np.ndarray], warmup: int, max_lag: int) -> tup
     errors, lags = [], []
     for s in series:
         target = s[warmup:]
-        per_lag = [((target - s[warmup - lag:len(s) - lag]) ** 2) for lag in range(1, max_lag + 1)]
+        per_lag = [
+            ((target - s[warmup - lag : len(s) - lag]) ** 2) for lag in range(1, max_lag + 1)
+        ]
         best = int(np.argmin([e.mean() for e in per_lag]))
         errors.append(per_lag[best])
         lags.append(best + 1)

@@ -42,7 +42,10 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(
-    model: LSTMForecaster, directory: str | Path, *, name: str,
+    model: LSTMForecaster,
+    directory: str | Path,
+    *,
+    name: str,
     extra: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """Write weights and card into ``directory``; ``extra`` (metrics, data...) joins the card."""
@@ -79,7 +82,9 @@ def read_card(directory: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    directory: str | Path, *, device: torch.device | str = "cpu",
+    directory: str | Path,
+    *,
+    device: torch.device | str = "cpu",
 ) -> Checkpoint:
     """Load and verify a checkpoint; raise CheckpointError naming what is wrong."""
     directory = Path(directory)
@@ -91,7 +96,8 @@ def load_checkpoint(
     if digest != card.get("weights_sha256"):
         raise CheckpointError(
             f"{weights_path} is corrupted or does not belong to this card: its SHA-256 is "
-            f"{digest[:12]}..., the card expects {str(card.get('weights_sha256'))[:12]}...")
+            f"{digest[:12]}..., the card expects {str(card.get('weights_sha256'))[:12]}..."
+        )
     try:
         config = ForecasterConfig.from_dict(card["config"])
         model = LSTMForecaster(config, Normalisation.from_dict(card["normalisation"]))
@@ -106,7 +112,8 @@ def load_checkpoint(
     if expected != found:
         diff = sorted(
             f"{k}: expected {expected.get(k)}, found {found.get(k)}"
-            for k in set(expected) | set(found) if expected.get(k) != found.get(k)
+            for k in set(expected) | set(found)
+            if expected.get(k) != found.get(k)
         )
         raise CheckpointError(f"weights do not match the card's config: {'; '.join(diff)}")
     model.load_state_dict(weights)

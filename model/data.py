@@ -29,14 +29,21 @@ class SeriesSet:
         n_features = len(self.feature_names)
         for sid, s in zip(self.ids, self.series, strict=True):
             if s.ndim != 2 or s.shape[1] != n_features or s.shape[0] < 2:
-                raise ValueError(f"{self.name}: series {sid!r} has shape {s.shape}; expected "
-                                 f"(T >= 2, {n_features})")
+                raise ValueError(
+                    f"{self.name}: series {sid!r} has shape {s.shape}; expected "
+                    f"(T >= 2, {n_features})"
+                )
             if not np.isfinite(s).all():
                 raise ValueError(f"{self.name}: series {sid!r} has NaN or infinite values")
 
     def subset(self, indices: list[int], name: str) -> SeriesSet:
-        return SeriesSet(name, self.feature_names, [self.series[i] for i in indices],
-                         [self.ids[i] for i in indices], [self.groups[i] for i in indices])
+        return SeriesSet(
+            name,
+            self.feature_names,
+            [self.series[i] for i in indices],
+            [self.ids[i] for i in indices],
+            [self.groups[i] for i in indices],
+        )
 
     def fingerprint(self) -> str:
         """SHA-256 over ids, feature names and values: names exactly the data a model saw."""
@@ -54,12 +61,20 @@ def load_acsf1() -> SeriesSet:
 
     X, y = sktime_load_acsf1(return_X_y=True, return_type="numpy3D")  # (200, 1, 1460)
     series = [np.ascontiguousarray(x.T, dtype=np.float32) for x in X]  # (1460, 1) each
-    return SeriesSet("ACSF1", ("power",), series, [f"acsf1-{i:03d}" for i in range(len(series))],
-                     [str(label) for label in y])
+    return SeriesSet(
+        "ACSF1",
+        ("power",),
+        series,
+        [f"acsf1-{i:03d}" for i in range(len(series))],
+        [str(label) for label in y],
+    )
 
 
 def load_csv(
-    path: str | Path, *, id_col: str = "series_id", time_col: str = "time",
+    path: str | Path,
+    *,
+    id_col: str = "series_id",
+    time_col: str = "time",
     value_cols: list[str] | None = None,
 ) -> SeriesSet:
     """Long format: one row per (series, time), one or more value columns.
@@ -92,13 +107,18 @@ def load_csv(
             return (0.0, item[0])
 
     ids = sorted(rows)
-    series = [np.array([v for _, v in sorted(rows[i], key=time_key)], dtype=np.float32)
-              for i in ids]
+    series = [
+        np.array([v for _, v in sorted(rows[i], key=time_key)], dtype=np.float32) for i in ids
+    ]
     return SeriesSet(path.stem, tuple(values), series, ids, [""] * len(ids))
 
 
 def split_by_series(
-    data: SeriesSet, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+    data: SeriesSet,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
 ) -> tuple[SeriesSet, SeriesSet, SeriesSet]:
     """Train / validation / test sets of whole series, stratified by group, deterministic."""
     rng = np.random.default_rng(seed)
@@ -111,13 +131,18 @@ def split_by_series(
         n_val = max(1, round(val_fraction * len(members))) if len(members) >= 3 else 0
         n_test = max(1, round(test_fraction * len(members))) if len(members) >= 3 else 0
         val += members[:n_val]
-        test += members[n_val:n_val + n_test]
-        train += members[n_val + n_test:]
+        test += members[n_val : n_val + n_test]
+        train += members[n_val + n_test :]
     if not (train and val and test):
-        raise ValueError(f"{data.name}: {len(data.series)} series are too few to split into "
-                         "train, validation and test")
-    return (data.subset(sorted(train), "train"), data.subset(sorted(val), "validation"),
-            data.subset(sorted(test), "test"))
+        raise ValueError(
+            f"{data.name}: {len(data.series)} series are too few to split into "
+            "train, validation and test"
+        )
+    return (
+        data.subset(sorted(train), "train"),
+        data.subset(sorted(val), "validation"),
+        data.subset(sorted(test), "test"),
+    )
 
 
 def indices_by_length(series: list[np.ndarray]) -> list[list[int]]:

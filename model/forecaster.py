@@ -84,6 +84,9 @@ class Forecast(NamedTuple):
 
 
 class LSTMForecaster(nn.Module):
+    input_mean: Tensor
+    input_std: Tensor
+
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
         self.config = config
@@ -97,8 +100,12 @@ class LSTMForecaster(nn.Module):
         self.register_buffer("input_mean", torch.tensor(norm.mean), persistent=False)
         self.register_buffer("input_std", torch.tensor(norm.std), persistent=False)
         self.lstm = StackedLSTM(
-            config.n_features, config.hidden_size, config.num_layers, variant=config.variant,
-            forget_bias=config.forget_bias, dropout=config.dropout,
+            config.n_features,
+            config.hidden_size,
+            config.num_layers,
+            variant=config.variant,
+            forget_bias=config.forget_bias,
+            dropout=config.dropout,
         )
         self.head = nn.Linear(config.hidden_size, 2 * config.n_features)  # (mean, raw std)
 
@@ -106,7 +113,11 @@ class LSTMForecaster(nn.Module):
         return self.lstm.zero_state(batch)
 
     def forward_normalised(
-        self, x: Tensor, state: LSTMState | None = None, *, return_gates: bool = False,
+        self,
+        x: Tensor,
+        state: LSTMState | None = None,
+        *,
+        return_gates: bool = False,
     ) -> Forecast:
         """Everything in normalised units: what training's loss is computed on."""
         z = (x - self.input_mean) / self.input_std
@@ -116,16 +127,23 @@ class LSTMForecaster(nn.Module):
         return Forecast(mean, std, state, gates)
 
     def forward(
-        self, x: Tensor, state: LSTMState | None = None, *, return_gates: bool = False,
+        self,
+        x: Tensor,
+        state: LSTMState | None = None,
+        *,
+        return_gates: bool = False,
     ) -> Forecast:
         """(B, T, F) raw values -> the next value's mean and std after each step, in raw units."""
         mean, std, state, gates = self.forward_normalised(x, state, return_gates=return_gates)
-        return Forecast(mean * self.input_std + self.input_mean, std * self.input_std, state,
-                        gates)
+        return Forecast(mean * self.input_std + self.input_mean, std * self.input_std, state, gates)
 
     @torch.no_grad()
     def rollout(
-        self, next_mean: Tensor, next_std: Tensor, state: LSTMState, horizon: int,
+        self,
+        next_mean: Tensor,
+        next_std: Tensor,
+        state: LSTMState,
+        horizon: int,
     ) -> tuple[Tensor, Tensor]:
         """Forecast ``horizon`` future steps by feeding each predicted mean back in.
 
@@ -142,6 +160,14 @@ class LSTMForecaster(nn.Module):
         return torch.stack(means, dim=1), torch.stack(stds, dim=1)
 
 
-def gaussian_nll(mean: Tensor, std: Tensor, target: Tensor) -> Tensor:
-    """Mean negative log-likelihood of ``target`` under N(mean, std^2), constant term included."""
-    return F.gaussian_nll_loss(mean, target, std.square(), full=True, eps=0.0)
+def gaussian_nll(mean: Tensor, std: Tensor, target: Tensor, beta: float = 0.0) -> Tensor:
+    """Mean negative log-likelihood of ``target`` under N(mean, std^2), constant term included.
+
+    ``beta`` > 0 gives the beta-NLL of Seitzer et al. (2022): each point's NLL is weighted by
+    ``std^(2 beta)`` (no gradient through the weight), so confident points no longer dominate the
+    mean's gradient; beta = 1 makes the mean's gradient that of the squared error.
+    """
+    nll = F.gaussian_nll_loss(mean, target, std.square(), full=True, eps=0.0, reduction="none")
+    if beta:
+        nll = nll * std.detach().pow(2 * beta)
+    return nll.mean()

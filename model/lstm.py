@@ -15,7 +15,7 @@ Variants that ``nn.LSTM`` cannot express:
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,18 @@ class LSTMState(NamedTuple):
 
     @staticmethod
     def zeros(
-        layers: int, batch: int, hidden: int, *, device: torch.device | str = "cpu",
+        layers: int,
+        batch: int,
+        hidden: int,
+        *,
+        device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> LSTMState:
         shape = (layers, batch, hidden)
-        return LSTMState(torch.zeros(shape, device=device, dtype=dtype),
-                         torch.zeros(shape, device=device, dtype=dtype))
+        return LSTMState(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
 
 
 class GateTrace(NamedTuple):
@@ -58,7 +64,10 @@ class LSTMCell(nn.Module):
     """
 
     def __init__(
-        self, input_size: int, hidden_size: int, variant: Variant = "standard",
+        self,
+        input_size: int,
+        hidden_size: int,
+        variant: Variant = "standard",
         forget_bias: float = 1.0,
     ) -> None:
         super().__init__()
@@ -87,7 +96,7 @@ class LSTMCell(nn.Module):
 
     def forget_bias_slice(self) -> Tensor:
         block = 0 if self.variant == "coupled" else 1  # (f, g, o) vs (i, f, g, o)
-        return self.bias[block * self.hidden_size:(block + 1) * self.hidden_size]
+        return self.bias[block * self.hidden_size : (block + 1) * self.hidden_size]
 
     def project_input(self, x: Tensor) -> Tensor:
         """The input's share of every pre-activation: (..., input) -> (..., blocks * hidden)."""
@@ -97,7 +106,11 @@ class LSTMCell(nn.Module):
         return self.step(self.project_input(x), h, c)
 
     def step(
-        self, x_proj: Tensor, h: Tensor, c: Tensor, trace: list[Tensor] | None = None,
+        self,
+        x_proj: Tensor,
+        h: Tensor,
+        c: Tensor,
+        trace: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Advance one timestep from the projected input; append (f, i, o) means to ``trace``."""
         gates = torch.addmm(x_proj, h, self.weight_hh.t())  # (B, blocks * H)
@@ -119,20 +132,29 @@ class LSTMCell(nn.Module):
         output_gate = torch.sigmoid(o_pre)
         h = output_gate * torch.tanh(c)
         if trace is not None:
-            trace.append(torch.stack(
-                [forget_gate.mean(-1), input_gate.mean(-1), output_gate.mean(-1)], dim=-1))
+            trace.append(
+                torch.stack(
+                    [forget_gate.mean(-1), input_gate.mean(-1), output_gate.mean(-1)], dim=-1
+                )
+            )
         return h, c
 
 
 class LSTMLayer(nn.Module):
     """A cell run over time: (B, T, input) -> (B, T, hidden)."""
 
+    cell: LSTMCell
+
     def __init__(self, cell: LSTMCell) -> None:
         super().__init__()
         self.cell = cell
 
     def forward(
-        self, x: Tensor, h: Tensor, c: Tensor, trace: list[Tensor] | None = None,
+        self,
+        x: Tensor,
+        h: Tensor,
+        c: Tensor,
+        trace: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         x_proj = self.cell.project_input(x)  # (B, T, blocks * H): one product for the chunk
         outputs = []
@@ -146,8 +168,14 @@ class StackedLSTM(nn.Module):
     """Layers stacked on each other, with dropout between them while training."""
 
     def __init__(
-        self, input_size: int, hidden_size: int, num_layers: int = 1, *,
-        variant: Variant = "standard", forget_bias: float = 1.0, dropout: float = 0.0,
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        variant: Variant = "standard",
+        forget_bias: float = 1.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -157,26 +185,40 @@ class StackedLSTM(nn.Module):
         self.num_layers = num_layers
         self.variant: Variant = variant
         self.layers = nn.ModuleList(
-            LSTMLayer(LSTMCell(input_size if k == 0 else hidden_size, hidden_size, variant,
-                               forget_bias))
+            LSTMLayer(
+                LSTMCell(input_size if k == 0 else hidden_size, hidden_size, variant, forget_bias)
+            )
             for k in range(num_layers)
         )
         self.dropout = nn.Dropout(dropout)
 
+    @property
+    def cell_layers(self) -> list[LSTMLayer]:
+        return [cast(LSTMLayer, layer) for layer in self.layers]
+
+    @property
+    def cells(self) -> list[LSTMCell]:
+        return [layer.cell for layer in self.cell_layers]
+
     def zero_state(self, batch: int) -> LSTMState:
-        p = self.layers[0].cell.weight_hh
-        return LSTMState.zeros(self.num_layers, batch, self.hidden_size, device=p.device,
-                               dtype=p.dtype)
+        p = self.cells[0].weight_hh
+        return LSTMState.zeros(
+            self.num_layers, batch, self.hidden_size, device=p.device, dtype=p.dtype
+        )
 
     def forward(
-        self, x: Tensor, state: LSTMState | None = None, *, return_gates: bool = False,
+        self,
+        x: Tensor,
+        state: LSTMState | None = None,
+        *,
+        return_gates: bool = False,
     ) -> tuple[Tensor, LSTMState, GateTrace | None]:
         """(B, T, input) -> outputs (B, T, hidden), final state, and gate means if asked."""
         if state is None:
             state = self.zero_state(x.shape[0])
         hs, cs, traces = [], [], []
         out = x
-        for k, layer in enumerate(self.layers):
+        for k, layer in enumerate(self.cell_layers):
             if k > 0:
                 out = self.dropout(out)
             trace: list[Tensor] | None = [] if return_gates else None
@@ -195,13 +237,14 @@ class StackedLSTM(nn.Module):
     def from_torch(cls, lstm: nn.LSTM) -> StackedLSTM:
         """A standard StackedLSTM holding a copy of ``lstm``'s weights."""
         if lstm.bidirectional or lstm.proj_size or not lstm.bias:
-            raise ValueError("from_torch copies unidirectional nn.LSTMs with biases and no "
-                             "projection only")
+            raise ValueError(
+                "from_torch copies unidirectional nn.LSTMs with biases and no projection only"
+            )
         ours = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, dropout=lstm.dropout)
-        ours = ours.to(device=lstm.weight_hh_l0.device, dtype=lstm.weight_hh_l0.dtype)
+        reference = next(lstm.parameters())
+        ours = ours.to(device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
-            for k, layer in enumerate(ours.layers):
-                cell = layer.cell
+            for k, cell in enumerate(ours.cells):
                 cell.weight_ih.copy_(getattr(lstm, f"weight_ih_l{k}"))
                 cell.weight_hh.copy_(getattr(lstm, f"weight_hh_l{k}"))
                 cell.bias.copy_(getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}"))
@@ -211,13 +254,20 @@ class StackedLSTM(nn.Module):
         """A batch-first ``nn.LSTM`` holding a copy of these weights (standard variant only)."""
         if self.variant != "standard":
             raise ValueError(f"nn.LSTM cannot express the {self.variant!r} variant")
-        p = self.layers[0].cell.weight_hh
-        lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, batch_first=True,
-                       dropout=self.dropout.p, device=p.device, dtype=p.dtype)
+        p = self.cells[0].weight_hh
+        lstm = nn.LSTM(
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            batch_first=True,
+            dropout=self.dropout.p,
+            device=p.device,
+            dtype=p.dtype,
+        )
         with torch.no_grad():
-            for k, layer in enumerate(self.layers):
-                getattr(lstm, f"weight_ih_l{k}").copy_(layer.cell.weight_ih)
-                getattr(lstm, f"weight_hh_l{k}").copy_(layer.cell.weight_hh)
-                getattr(lstm, f"bias_ih_l{k}").copy_(layer.cell.bias)
+            for k, cell in enumerate(self.cells):
+                getattr(lstm, f"weight_ih_l{k}").copy_(cell.weight_ih)
+                getattr(lstm, f"weight_hh_l{k}").copy_(cell.weight_hh)
+                getattr(lstm, f"bias_ih_l{k}").copy_(cell.bias)
                 getattr(lstm, f"bias_hh_l{k}").zero_()
         return lstm

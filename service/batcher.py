@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import time
 from collections import defaultdict
@@ -92,8 +93,13 @@ def inputs_digest(x: Tensor) -> bytes:
 
 class MicroBatcher:
     def __init__(
-        self, model: LSTMForecaster, pool: StatePool, *, max_batch: int = 256,
-        wait_s: float = 0.0, observer: BatchObserver | None = None,
+        self,
+        model: LSTMForecaster,
+        pool: StatePool,
+        *,
+        max_batch: int = 256,
+        wait_s: float = 0.0,
+        observer: BatchObserver | None = None,
     ) -> None:
         self.model = model.eval()
         self.pool = pool
@@ -111,7 +117,9 @@ class MicroBatcher:
         """Apply one chunk to a session; call with the session's lock held."""
         return await self._submit(_StepJob(session, x, inputs_digest(x), return_gates))
 
-    async def forecast(self, session: Session, horizon: int) -> tuple[list[list[float]], list[list[float]]]:
+    async def forecast(
+        self, session: Session, horizon: int
+    ) -> tuple[list[list[float]], list[list[float]]]:
         return await self._submit(_ForecastJob(session, horizon))
 
     async def predict(self, x: Tensor, *, return_gates: bool = False) -> Outputs:
@@ -152,7 +160,8 @@ class MicroBatcher:
                 await asyncio.sleep(self.wait_s)
             while len(jobs) < self.max_batch and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
-            batch, seen = [], set()
+            batch: list[_Job] = []
+            seen: set[int] = set()
             for job in jobs:  # at most one job per session per round
                 key = id(job.session) if isinstance(job, _StepJob | _ForecastJob) else id(job)
                 (self._deferred if key in seen else batch).append(job)
@@ -182,7 +191,7 @@ class MicroBatcher:
     def _compute(self, batch: list[_Job]) -> list[Any]:
         results: dict[int, Any] = {}
         groups: dict[tuple[int, bool], list[_StepJob]] = defaultdict(list)
-        for i, job in enumerate(batch):
+        for job in batch:
             if isinstance(job, _StepJob):
                 groups[(job.x.shape[0], job.return_gates)].append(job)
         index = {id(job): i for i, job in enumerate(batch)}
@@ -192,9 +201,9 @@ class MicroBatcher:
                     results[index[id(job)]] = out
             for i, job in enumerate(batch):
                 if isinstance(job, _ForecastJob):
-                    results[i] = self._guard(lambda j=job: self._forecast(j))
+                    results[i] = self._guard(functools.partial(self._forecast, job))
                 elif isinstance(job, _PredictJob):
-                    results[i] = self._guard(lambda j=job: self._predict(j))
+                    results[i] = self._guard(functools.partial(self._predict, job))
         return [results[i] for i in range(len(batch))]
 
     def _isolate(self, run: Callable[[list[T]], list[Any]], jobs: list[T]) -> list[Any]:
@@ -203,7 +212,7 @@ class MicroBatcher:
         except Exception:
             if len(jobs) == 1:
                 return [ModelFailure("the model failed on this input")]
-            return [self._guard(lambda j=job: run([j])[0]) for job in jobs]
+            return [self._guard(functools.partial(lambda j: run([j])[0], job)) for job in jobs]
 
     @staticmethod
     def _guard(fn: Callable[[], Any]) -> Any:
@@ -231,36 +240,48 @@ class MicroBatcher:
         self.observer.batch(len(jobs))
         self.observer.timesteps(x.shape[0] * x.shape[1])
         return [
-            self._outputs(mean[b], std[b], z[b], first_scored=jobs[b].session.t > 0,
-                          gates=gates, row=b)
+            self._outputs(
+                mean[b], std[b], z[b], first_scored=jobs[b].session.t > 0, gates=gates, row=b
+            )
             for b in range(len(jobs))
         ]
 
     def _forecast(self, job: _ForecastJob) -> tuple[list[list[float]], list[list[float]]]:
         slot = torch.tensor([job.session.slot], device=self.device)
         state = self.pool.gather(slot)
-        means, stds = self.model.rollout(self.pool.next_mean[slot], self.pool.next_std[slot],
-                                         state, job.horizon)
+        means, stds = self.model.rollout(
+            self.pool.next_mean[slot], self.pool.next_std[slot], state, job.horizon
+        )
         return means[0].tolist(), stds[0].tolist()
 
     def _predict(self, job: _PredictJob) -> Outputs:
         started = time.perf_counter()
         x = job.x.unsqueeze(0)  # (1, T, F)
         mean, std, _, gates = self.model(x, None, return_gates=job.return_gates)
-        z = torch.cat([torch.full_like(x[:, :1], float("nan")),
-                       (x[:, 1:] - mean[:, :-1]) / std[:, :-1]], dim=1)
+        z = torch.cat(
+            [torch.full_like(x[:, :1], float("nan")), (x[:, 1:] - mean[:, :-1]) / std[:, :-1]],
+            dim=1,
+        )
         self.observer.model_time(time.perf_counter() - started)
         return self._outputs(mean[0], std[0], z[0], first_scored=False, gates=gates, row=0)
 
     @staticmethod
     def _outputs(
-        mean: Tensor, std: Tensor, z: Tensor, *, first_scored: bool, gates: Any, row: int,
+        mean: Tensor,
+        std: Tensor,
+        z: Tensor,
+        *,
+        first_scored: bool,
+        gates: Any,
+        row: int,
     ) -> Outputs:
         anomaly: list[list[float] | None] = list(z.tolist())
         if not first_scored:
             anomaly[0] = None
         gate_lists = None
         if gates is not None:
-            gate_lists = {name: getattr(gates, name)[:, row].tolist()
-                          for name in ("forget", "input", "output")}
+            gate_lists = {
+                name: getattr(gates, name)[:, row].tolist()
+                for name in ("forget", "input", "output")
+            }
         return Outputs(mean.tolist(), std.tolist(), anomaly, gate_lists)

@@ -108,15 +108,17 @@ VALIDATION_CODES: dict[str, str] = {
 def validation_error_body(errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
     """Our status and body for BentoML's list of pydantic errors; the first error names the code."""
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
-    kind, loc = first.get("type", ""), tuple(first.get("loc", ()))
+    kind, loc = str(first.get("type", "")), tuple(first.get("loc", ()))
     code = VALIDATION_CODES.get(kind, "invalid_request")
     if kind in ("too_short", "too_long") and loc and loc[-1] == "inputs":
         code = "empty_chunk" if kind == "too_short" else "chunk_too_long"
     elif kind in ("less_than_equal", "greater_than_equal", "greater_than") and "horizon" in loc:
         code = "horizon_too_long" if kind == "less_than_equal" else "invalid_request"
     where = ".".join(str(p) for p in loc) or "body"
-    fields = [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")}
-              for e in errors]
+    fields = [
+        {"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in errors
+    ]
     status = 400 if code == "malformed_json" else 422
-    return status, {"error": {"code": code, "message": f"{where}: {first.get('msg')}",
-                              "fields": fields}}
+    return status, {
+        "error": {"code": code, "message": f"{where}: {first.get('msg')}", "fields": fields}
+    }

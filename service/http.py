@@ -15,8 +15,14 @@ from service.errors import BodyTooLarge, UnsupportedMediaType, validation_error_
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
-GENERIC_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-                 413: "body_too_large", 415: "unsupported_media_type", 500: "internal_error"}
+GENERIC_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    500: "internal_error",
+}
 
 
 class _TooLarge(Exception):
@@ -25,9 +31,14 @@ class _TooLarge(Exception):
 
 def _json(status: int, body: dict[str, Any]) -> tuple[Message, Message]:
     data = json.dumps(body).encode()
-    start = {"type": "http.response.start", "status": status,
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(data)).encode())]}
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+        ],
+    }
     return start, {"type": "http.response.body", "body": data, "more_body": False}
 
 
@@ -75,8 +86,9 @@ class ErrorContract:
                 await send(message)
             return
         limit = self.max_body_bytes
-        too_large = BodyTooLarge(f"the request body is over the limit of {limit} bytes",
-                                 limit=limit)
+        too_large = BodyTooLarge(
+            f"the request body is over the limit of {limit} bytes", limit=limit
+        )
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 for message in _json(too_large.status, too_large.body()):

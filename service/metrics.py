@@ -9,29 +9,45 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-SESSIONS_ACTIVE = Gauge("lstm_sessions_active", "Sessions held now",
-                        multiprocess_mode="livesum")
+SESSIONS_ACTIVE = Gauge("lstm_sessions_active", "Sessions held now", multiprocess_mode="livesum")
 SESSIONS_CREATED = Counter("lstm_sessions_created_total", "Sessions created")
 SESSIONS_EXPIRED = Counter("lstm_sessions_expired_total", "Sessions freed after their TTL")
-SESSIONS_EVICTED = Counter("lstm_sessions_evicted_total",
-                           "Idle sessions evicted (least recently used) to make room")
+SESSIONS_EVICTED = Counter(
+    "lstm_sessions_evicted_total", "Idle sessions evicted (least recently used) to make room"
+)
 SESSIONS_DELETED = Counter("lstm_sessions_deleted_total", "Sessions deleted by clients")
 TIMESTEPS = Counter("lstm_timesteps_processed_total", "Timesteps run through the model")
-STEP_REQUESTS = Counter("lstm_step_requests_total", "Step requests by outcome",
-                        ["outcome"])  # applied, replayed, or the error code
+STEP_REQUESTS = Counter(
+    "lstm_step_requests_total", "Step requests by outcome", ["outcome"]
+)  # applied, replayed, or the error code
 SEQ_CONFLICTS = Counter("lstm_seq_conflicts_total", "Steps refused for a seq that is not t")
-REPLAYS = Counter("lstm_idempotent_replays_total",
-                  "Retries of the last applied step, answered again without applying it")
-BATCH_SESSIONS = Histogram("lstm_batch_sessions", "Sessions stepped in one batched forward",
-                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-QUEUE_WAIT = Histogram("lstm_batch_queue_wait_seconds",
-                       "Time a job waited for the micro-batcher",
-                       buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
-                                0.05, 0.1, 0.25, 1.0))
-MODEL_STEP = Histogram("lstm_model_step_seconds", "Time of one batched model forward",
-                       buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05,
-                                0.1, 0.25, 1.0))
-STATE_MEMORY = Gauge("lstm_state_memory_bytes", "Bytes of the preallocated session state pool",
-                     multiprocess_mode="livesum")
-MODEL_INFO = Gauge("lstm_model_info", "The model served (value 1)",
-                   ["name", "version", "device"], multiprocess_mode="max")
+REPLAYS = Counter(
+    "lstm_idempotent_replays_total",
+    "Retries of the last applied step, answered again without applying it",
+)
+BATCH_SESSIONS = Histogram(
+    "lstm_batch_sessions",
+    "Sessions stepped in one batched forward",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+QUEUE_WAIT = Histogram(
+    "lstm_batch_queue_wait_seconds",
+    "Time a job waited for the micro-batcher",
+    buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+MODEL_STEP = Histogram(
+    "lstm_model_step_seconds",
+    "Time of one batched model forward",
+    buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+STATE_MEMORY = Gauge(
+    "lstm_state_memory_bytes",
+    "Bytes of the preallocated session state pool",
+    multiprocess_mode="livesum",
+)
+MODEL_INFO = Gauge(
+    "lstm_model_info",
+    "The model served (value 1)",
+    ["name", "version", "device"],
+    multiprocess_mode="max",
+)

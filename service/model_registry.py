@@ -31,10 +31,14 @@ def import_checkpoint(directory: str | Path) -> str:
         return tag
     except NotFound:
         pass
-    metadata = {"format": card["format"], "weights_sha256": card["weights_sha256"],
-                "features": card["config"]["feature_names"]}
-    with bentoml.models.create(tag, labels={"kind": "lstm-forecaster"},
-                               metadata=metadata) as stored:
+    metadata = {
+        "format": card["format"],
+        "weights_sha256": card["weights_sha256"],
+        "features": card["config"]["feature_names"],
+    }
+    with bentoml.models.create(
+        tag, labels={"kind": "lstm-forecaster"}, metadata=metadata
+    ) as stored:
         for name in (WEIGHTS_FILE, CARD_FILE):
             shutil.copyfile(directory / name, Path(stored.path) / name)
     return tag

@@ -19,10 +19,22 @@ HORIZON_CEILING = 4096
 FEATURE_CEILING = 1024
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Row = Annotated[list[Number], Field(min_length=1, max_length=FEATURE_CEILING,
-                                    description="one value per feature, in the model's order")]
-SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, examples=["meter-42"],
-                                 description="1-128 characters: letters, digits, '.', '_', '-'")]
+Row = Annotated[
+    list[Number],
+    Field(
+        min_length=1,
+        max_length=FEATURE_CEILING,
+        description="one value per feature, in the model's order",
+    ),
+]
+SessionId = Annotated[
+    str,
+    Field(
+        pattern=SESSION_ID_PATTERN,
+        examples=["meter-42"],
+        description="1-128 characters: letters, digits, '.', '_', '-'",
+    ),
+]
 
 
 class Request(BaseModel):
@@ -31,9 +43,13 @@ class Request(BaseModel):
 
 class CreateSession(Request):
     session_id: SessionId | None = Field(None, description="client-chosen id; default: random")
-    ttl_s: float | None = Field(None, ge=0.001, strict=True, allow_inf_nan=False,
-                                description="idle seconds before expiry; default and maximum "
-                                            "are set by the service")
+    ttl_s: float | None = Field(
+        None,
+        ge=0.001,
+        strict=True,
+        allow_inf_nan=False,
+        description="idle seconds before expiry; default and maximum are set by the service",
+    )
 
 
 class SessionRef(Request):
@@ -42,25 +58,35 @@ class SessionRef(Request):
 
 class Step(Request):
     session_id: SessionId
-    inputs: list[Row] = Field(min_length=1, max_length=CHUNK_CEILING,
-                              description="T x F raw values, oldest first")
-    seq: int | None = Field(None, ge=0, strict=True,
-                            description="the t the client believes the session is at; a retry "
-                                        "of the last applied step with the same seq and inputs "
-                                        "returns the same response without applying it again")
-    return_gates: bool = Field(False, strict=True,
-                               description="add per-layer mean gate activations")
+    inputs: list[Row] = Field(
+        min_length=1, max_length=CHUNK_CEILING, description="T x F raw values, oldest first"
+    )
+    seq: int | None = Field(
+        None,
+        ge=0,
+        strict=True,
+        description="the t the client believes the session is at; a retry "
+        "of the last applied step with the same seq and inputs "
+        "returns the same response without applying it again",
+    )
+    return_gates: bool = Field(
+        False, strict=True, description="add per-layer mean gate activations"
+    )
 
 
 class Forecast(Request):
     session_id: SessionId
-    horizon: int = Field(1, ge=1, le=HORIZON_CEILING, strict=True,
-                         description="future steps to forecast")
+    horizon: int = Field(
+        1, ge=1, le=HORIZON_CEILING, strict=True, description="future steps to forecast"
+    )
 
 
 class Predict(Request):
-    inputs: list[Row] = Field(min_length=1, max_length=PREDICT_CEILING,
-                              description="a whole sequence, T x F raw values, oldest first")
+    inputs: list[Row] = Field(
+        min_length=1,
+        max_length=PREDICT_CEILING,
+        description="a whole sequence, T x F raw values, oldest first",
+    )
     return_gates: bool = Field(False, strict=True)
 
 
@@ -69,7 +95,8 @@ class StepOutput(BaseModel):
     std: list[float] = Field(description="standard deviation of that forecast, per feature")
     anomaly_z: list[float] | None = Field(
         description="z-score of the value just received against the forecast made one step "
-                    "before, per feature; null at t = 0")
+        "before, per feature; null at t = 0"
+    )
 
 
 class Gates(BaseModel):

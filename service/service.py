@@ -15,7 +15,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import bentoml
 import torch
@@ -88,21 +88,26 @@ def enforce_single_worker() -> None:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     try:
-        workers = BentoMLContainer.config.services[LSTMSessions.name].workers.get()
+        workers = BentoMLContainer.config.services[SERVICE_NAME].workers.get()
     except (KeyError, AttributeError):
-        workers = LSTMSessions.config.get("workers", 1)
+        workers = 1
     index = bentoml.server_context.worker_index
     if workers == 1 and (index is None or index == 1):
         return
-    message = (f"LSTMSessions keeps sessions in process memory and must run with exactly one "
-               f"worker (configured: {workers}, this is worker {index}); scale with replicas")
+    message = (
+        f"LSTMSessions keeps sessions in process memory and must run with exactly one "
+        f"worker (configured: {workers}, this is worker {index}); scale with replicas"
+    )
     log.critical(message)
     if index is not None:  # under bentoml serve: stop the arbiter that started us
         os.kill(os.getppid(), signal.SIGTERM)
     raise RuntimeError(message)
 
 
-@bentoml.service(name="lstm_sessions", workers=1, traffic={"timeout": 60})
+SERVICE_NAME = "lstm_sessions"
+
+
+@bentoml.service(name=SERVICE_NAME, workers=1, traffic={"timeout": 60})
 class LSTMSessions:
     def __init__(self) -> None:
         enforce_single_worker()
@@ -112,12 +117,22 @@ class LSTMSessions:
         model = self.checkpoint.model
         config = model.config
         self.n_features = config.n_features
-        pool = StatePool(config.num_layers, config.hidden_size, config.n_features,
-                         settings.max_sessions, self.device)
+        pool = StatePool(
+            config.num_layers,
+            config.hidden_size,
+            config.n_features,
+            settings.max_sessions,
+            self.device,
+        )
         self.store = SessionStore(
             pool,
-            StoreLimits(settings.max_sessions, settings.session_ttl_s, settings.max_session_ttl_s,
-                        settings.evict_when_full, settings.tombstones),
+            StoreLimits(
+                settings.max_sessions,
+                settings.session_ttl_s,
+                settings.max_session_ttl_s,
+                settings.evict_when_full,
+                settings.tombstones,
+            ),
             events=StoreEvents(
                 created=metrics.SESSIONS_CREATED.inc,
                 expired=lambda n: metrics.SESSIONS_EXPIRED.inc(n),
@@ -126,19 +141,24 @@ class LSTMSessions:
             ),
         )
         self.batcher = MicroBatcher(
-            model, pool, max_batch=settings.max_batch, wait_s=settings.batch_wait_ms / 1000,
+            model,
+            pool,
+            max_batch=settings.max_batch,
+            wait_s=settings.batch_wait_ms / 1000,
             observer=BatchObserver(
-                batch=metrics.BATCH_SESSIONS.observe, queue_wait=metrics.QUEUE_WAIT.observe,
-                model_time=metrics.MODEL_STEP.observe, timesteps=metrics.TIMESTEPS.inc,
+                batch=metrics.BATCH_SESSIONS.observe,
+                queue_wait=metrics.QUEUE_WAIT.observe,
+                model_time=metrics.MODEL_STEP.observe,
+                timesteps=metrics.TIMESTEPS.inc,
             ),
         )
         self._sweeper: asyncio.Task[None] | None = None
         metrics.STATE_MEMORY.set(pool.nbytes)
         metrics.SESSIONS_ACTIVE.set(0)
-        metrics.MODEL_INFO.labels(self.checkpoint.name, self.checkpoint.version,
-                                  str(self.device)).set(1)
-        log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version,
-                 self.device)
+        metrics.MODEL_INFO.labels(
+            self.checkpoint.name, self.checkpoint.version, str(self.device)
+        ).set(1)
+        log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
 
     async def __is_ready__(self) -> bool:
         self._start_sweeper()
@@ -182,9 +202,10 @@ class LSTMSessions:
             metrics.SEQ_CONFLICTS.inc()
             raise SeqConflict(
                 f"seq {body.seq} does not match the session's t = {session.t}",
-                t=session.t, seq=body.seq)
-        done = await self.batcher.step(session, x.to(self.device),
-                                       return_gates=body.return_gates)
+                t=session.t,
+                seq=body.seq,
+            )
+        done = await self.batcher.step(session, x.to(self.device), return_gates=body.return_gates)
         self.store.touch(session)
         metrics.STEP_REQUESTS.labels("applied").inc()
         return self._step_result(session.id, done)
@@ -194,9 +215,11 @@ class LSTMSessions:
     async def forecast(self, body: Forecast, /) -> ForecastResult:
         """Forecast ``horizon`` future steps from the current state, without changing it."""
         if body.horizon > settings.max_horizon:
-            raise HorizonTooLong(f"horizon {body.horizon} is over the limit of "
-                                 f"{settings.max_horizon} (LSTM_MAX_HORIZON)",
-                                 limit=settings.max_horizon)
+            raise HorizonTooLong(
+                f"horizon {body.horizon} is over the limit of "
+                f"{settings.max_horizon} (LSTM_MAX_HORIZON)",
+                limit=settings.max_horizon,
+            )
         session = await self._lock(body.session_id)
         try:
             if session.t == 0:
@@ -245,23 +268,32 @@ class LSTMSessions:
         """A whole sequence in, the outputs after every timestep out; no session involved."""
         x = self._tensor(body.inputs, settings.max_predict_len, "LSTM_MAX_PREDICT_LEN")
         out = await self.batcher.predict(x.to(self.device), return_gates=body.return_gates)
-        return PredictResult(outputs=self._outputs(out.mean, out.std, out.anomaly_z),
-                             gates=Gates(**out.gates) if out.gates else None)
+        return PredictResult(
+            outputs=self._outputs(out.mean, out.std, out.anomaly_z),
+            gates=Gates(**out.gates) if out.gates else None,
+        )
 
     @bentoml.api(route="/v1/model")
     def model(self) -> ModelCard:
         """The model card: what is served, how it was trained, how it compares with baselines."""
         card = self.checkpoint.card
         return ModelCard(
-            name=self.checkpoint.name, version=self.checkpoint.version, device=str(self.device),
-            features=list(card["config"]["feature_names"]), config=card["config"],
-            normalisation=card["normalisation"], metrics=card.get("metrics", {}),
-            limits={"max_chunk": settings.max_chunk, "max_horizon": settings.max_horizon,
-                    "max_predict_len": settings.max_predict_len,
-                    "max_sessions": settings.max_sessions,
-                    "max_body_bytes": settings.max_body_bytes,
-                    "session_ttl_s": settings.session_ttl_s,
-                    "max_session_ttl_s": settings.max_session_ttl_s},
+            name=self.checkpoint.name,
+            version=self.checkpoint.version,
+            device=str(self.device),
+            features=list(card["config"]["feature_names"]),
+            config=card["config"],
+            normalisation=card["normalisation"],
+            metrics=card.get("metrics", {}),
+            limits={
+                "max_chunk": settings.max_chunk,
+                "max_horizon": settings.max_horizon,
+                "max_predict_len": settings.max_predict_len,
+                "max_sessions": settings.max_sessions,
+                "max_body_bytes": settings.max_body_bytes,
+                "session_ttl_s": settings.session_ttl_s,
+                "max_session_ttl_s": settings.max_session_ttl_s,
+            },
         )
 
     # --- helpers ------------------------------------------------------------------------------
@@ -280,34 +312,48 @@ class LSTMSessions:
 
     def _tensor(self, rows: list[list[float]], limit: int, setting: str) -> torch.Tensor:
         if len(rows) > limit:
-            raise ChunkTooLong(f"{len(rows)} timesteps is over the limit of {limit} ({setting})",
-                               limit=limit)
+            raise ChunkTooLong(
+                f"{len(rows)} timesteps is over the limit of {limit} ({setting})", limit=limit
+            )
         for k, row in enumerate(rows):
             if len(row) != self.n_features:
                 raise WrongFeatureCount(
                     f"inputs[{k}] has {len(row)} values; the model takes {self.n_features} "
-                    f"features per timestep", expected=self.n_features, got=len(row))
+                    f"features per timestep",
+                    expected=self.n_features,
+                    got=len(row),
+                )
         return torch.tensor(rows, dtype=torch.float32)
 
     def _info(self, session: Session) -> SessionInfo:
         return SessionInfo(
-            session_id=session.id, model=self.checkpoint.name,
-            model_version=self.checkpoint.version, t=session.t,
-            created_at=_iso(session.created_at), last_active_at=_iso(session.last_active),
-            expires_at=_iso(session.expires_at), ttl_s=session.ttl_s,
+            session_id=session.id,
+            model=self.checkpoint.name,
+            model_version=self.checkpoint.version,
+            t=session.t,
+            created_at=_iso(session.created_at),
+            last_active_at=_iso(session.last_active),
+            expires_at=_iso(session.expires_at),
+            ttl_s=session.ttl_s,
         )
 
     @staticmethod
-    def _outputs(mean: list[list[float]], std: list[list[float]],
-                 anomaly: list[list[float] | None]) -> list[StepOutput]:
-        return [StepOutput(mean=m, std=s, anomaly_z=z)
-                for m, s, z in zip(mean, std, anomaly, strict=True)]
+    def _outputs(
+        mean: list[list[float]], std: list[list[float]], anomaly: list[list[float] | None]
+    ) -> list[StepOutput]:
+        return [
+            StepOutput(mean=m, std=s, anomaly_z=z)
+            for m, s, z in zip(mean, std, anomaly, strict=True)
+        ]
 
     def _step_result(self, session_id: str, done: StepDone) -> StepResult:
         out = done.outputs
-        return StepResult(session_id=session_id, t=done.t,
-                          outputs=self._outputs(out.mean, out.std, out.anomaly_z),
-                          gates=Gates(**out.gates) if out.gates else None)
+        return StepResult(
+            session_id=session_id,
+            t=done.t,
+            outputs=self._outputs(out.mean, out.std, out.anomaly_z),
+            gates=Gates(**out.gates) if out.gates else None,
+        )
 
     def _count_sessions(self) -> None:
         metrics.SESSIONS_ACTIVE.set(len(self.store))
@@ -323,8 +369,4 @@ class LSTMSessions:
                 self._count_sessions()
 
 
-LSTMSessions.add_asgi_middleware(ErrorContract, max_body_bytes=settings.max_body_bytes)
-
-
-def model_card_dict(service: Any) -> dict[str, Any]:
-    return service.model().model_dump()
+cast(Any, LSTMSessions).add_asgi_middleware(ErrorContract, max_body_bytes=settings.max_body_bytes)

@@ -36,7 +36,12 @@ class StatePool:
     """Preallocated tensors, one row (slot) per session: (layers, capacity, hidden) and more."""
 
     def __init__(
-        self, layers: int, hidden: int, features: int, capacity: int, device: torch.device | str,
+        self,
+        layers: int,
+        hidden: int,
+        features: int,
+        capacity: int,
+        device: torch.device | str,
     ) -> None:
         self.capacity = capacity
         self.h = torch.zeros(layers, capacity, hidden, device=device)
@@ -47,8 +52,9 @@ class StatePool:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement()
-                   for t in (self.h, self.c, self.next_mean, self.next_std))
+        return sum(
+            t.element_size() * t.nelement() for t in (self.h, self.c, self.next_mean, self.next_std)
+        )
 
     @property
     def free_slots(self) -> int:
@@ -128,7 +134,11 @@ class StoreEvents:
 
 class SessionStore:
     def __init__(
-        self, pool: StatePool, limits: StoreLimits, *, events: StoreEvents | None = None,
+        self,
+        pool: StatePool,
+        limits: StoreLimits,
+        *,
+        events: StoreEvents | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if pool.capacity < limits.max_sessions:
@@ -146,8 +156,10 @@ class SessionStore:
     def create(self, session_id: str | None = None, ttl_s: float | None = None) -> Session:
         ttl = self.limits.default_ttl_s if ttl_s is None else ttl_s
         if ttl > self.limits.max_ttl_s:
-            raise TTLTooLong(f"ttl_s {ttl} is over the limit of {self.limits.max_ttl_s} s",
-                             limit=self.limits.max_ttl_s)
+            raise TTLTooLong(
+                f"ttl_s {ttl} is over the limit of {self.limits.max_ttl_s} s",
+                limit=self.limits.max_ttl_s,
+            )
         now = self.clock()
         if session_id is None:
             session_id = secrets.token_urlsafe(16)
@@ -156,15 +168,15 @@ class SessionStore:
             if existing is not None and existing.expires_at <= now:
                 self._expire(existing)
             elif existing is not None:
-                raise SessionExists(f"session {session_id!r} already exists",
-                                    session_id=session_id)
+                raise SessionExists(f"session {session_id!r} already exists", session_id=session_id)
         if len(self._sessions) >= self.limits.max_sessions:
             self.sweep()
-        if len(self._sessions) >= self.limits.max_sessions:
-            if not (self.limits.evict_when_full and self._evict_one()):
-                raise TooManySessions(
-                    f"the service holds its maximum of {self.limits.max_sessions} sessions",
-                    limit=self.limits.max_sessions)
+        full = len(self._sessions) >= self.limits.max_sessions
+        if full and not (self.limits.evict_when_full and self._evict_one()):
+            raise TooManySessions(
+                f"the service holds its maximum of {self.limits.max_sessions} sessions",
+                limit=self.limits.max_sessions,
+            )
         session = Session(session_id, self.pool.allocate(), ttl, created_at=now, last_active=now)
         self._sessions[session_id] = session
         self._gone.pop(session_id, None)
@@ -172,7 +184,7 @@ class SessionStore:
         return session
 
     def get(self, session_id: str) -> Session:
-        """The live session, or the 404 that says whether it never existed, expired or was evicted."""
+        """The live session, or a 404 saying whether it never existed, expired or was evicted."""
         session = self._sessions.get(session_id)
         if session is not None and session.expires_at <= self.clock() and not session.busy:
             self._expire(session)
@@ -180,11 +192,13 @@ class SessionStore:
         if session is None:
             reason = self._gone.get(session_id)
             if reason == "expired":
-                raise SessionExpired(f"session {session_id!r} expired after its TTL",
-                                     session_id=session_id)
+                raise SessionExpired(
+                    f"session {session_id!r} expired after its TTL", session_id=session_id
+                )
             if reason == "evicted":
-                raise SessionEvicted(f"session {session_id!r} was evicted to make room",
-                                     session_id=session_id)
+                raise SessionEvicted(
+                    f"session {session_id!r} was evicted to make room", session_id=session_id
+                )
             raise SessionNotFound(f"no session {session_id!r}", session_id=session_id)
         return session
 

@@ -20,17 +20,25 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LSTM_", extra="forbid", frozen=True)
 
     model_tag: str | None = Field(
-        None, description="BentoML model tag to serve; default: the shipped model, imported "
-                          "into the store on first start")
-    model_dir: Path = Field(ROOT / "models" / "acsf1-forecaster",
-                            description="checkpoint imported when model_tag is unset")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-                        description="auto: CUDA when available, else CPU")
+        None,
+        description="BentoML model tag to serve; default: the shipped model, imported "
+        "into the store on first start",
+    )
+    model_dir: Path = Field(
+        ROOT / "models" / "acsf1-forecaster",
+        description="checkpoint imported when model_tag is unset",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto: CUDA when available, else CPU",
+    )
     max_sessions: int = Field(10_000, ge=1, le=10_000_000)
     session_ttl_s: float = Field(3600.0, gt=0, description="idle time before a session expires")
     max_session_ttl_s: float = Field(86_400.0, gt=0, description="largest ttl_s a client may ask")
-    evict_when_full: bool = Field(False, description="evict the least recently used idle "
-                                                     "session instead of answering 429")
+    evict_when_full: bool = Field(
+        False, description="evict the least recently used idle session instead of answering 429"
+    )
     max_chunk: int = Field(512, ge=1, le=4096, description="timesteps per step request")
     max_predict_len: int = Field(4096, ge=1, le=100_000, description="timesteps per /v1/predict")
     max_horizon: int = Field(256, ge=1, le=4096)

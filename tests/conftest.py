@@ -11,8 +11,8 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prom-")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "acsf1-forecaster"

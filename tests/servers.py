@@ -25,7 +25,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def bentoml_server(
-    env: dict[str, str] | None = None, *, timeout_s: float = 60.0, log: Path | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    timeout_s: float = 60.0,
+    log: Path | None = None,
 ) -> Iterator[str]:
     """A real server on a free loopback port; yields its base URL once /readyz answers 200."""
     port = free_port()
@@ -34,9 +37,21 @@ def bentoml_server(
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets its own
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [str(bentoml), "serve", "service.service:LSTMSessions", "--host", "127.0.0.1",
-         "--port", str(port)],
-        cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(bentoml),
+            "serve",
+            "service.service:LSTMSessions",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=full_env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -64,12 +79,26 @@ def bentoml_server(
             out.close()  # type: ignore[union-attr]
 
 
-def run_server_to_exit(env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+def run_server_to_exit(
+    env: dict[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Start a server expected to refuse to start; return how it ended."""
     bentoml = Path(sys.executable).with_name("bentoml")
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env}
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return subprocess.run(
-        [str(bentoml), "serve", "service.service:LSTMSessions", "--host", "127.0.0.1",
-         "--port", str(free_port())],
-        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout_s)
+        [
+            str(bentoml),
+            "serve",
+            "service.service:LSTMSessions",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )

@@ -36,18 +36,19 @@ def plan(held_out: list[np.ndarray], seed: int = 0) -> list[tuple[np.ndarray, li
         sizes = [rng.randint(1, 6) for _ in range(STEPS)]
         series = held_out[i % len(held_out)]
         start = (i // len(held_out)) * 97
-        plans.append((series[start:start + sum(sizes)], sizes))
+        plans.append((series[start : start + sum(sizes)], sizes))
     return plans
 
 
-async def stream(http: aiohttp.ClientSession, url: str, sid: str, values: np.ndarray,
-                 sizes: list[int]) -> list[dict[str, Any]]:
+async def stream(
+    http: aiohttp.ClientSession, url: str, sid: str, values: np.ndarray, sizes: list[int]
+) -> list[dict[str, Any]]:
     async with http.post(f"{url}/v1/sessions/create", json={"session_id": sid}) as r:
         assert r.status == 200, await r.text()
     outputs: list[dict[str, Any]] = []
     t = 0
     for size in sizes:
-        body = {"session_id": sid, "inputs": values[t:t + size].tolist(), "seq": t}
+        body = {"session_id": sid, "inputs": values[t : t + size].tolist(), "seq": t}
         async with http.post(f"{url}/v1/sessions/step", json=body) as r:
             reply = await r.json()
             assert r.status == 200, reply
@@ -60,16 +61,20 @@ async def stream(http: aiohttp.ClientSession, url: str, sid: str, values: np.nda
 
 
 def test_200_concurrent_sessions_each_equal_their_offline_run(
-    server: str, held_out_series: list[np.ndarray],
+    server: str,
+    held_out_series: list[np.ndarray],
 ) -> None:
     plans = plan(held_out_series)
 
     async def main() -> list[list[dict[str, Any]]]:
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as http:
-            return await asyncio.gather(*(
-                stream(http, server, f"conc-{i}", values, sizes)
-                for i, (values, sizes) in enumerate(plans)))
+            return await asyncio.gather(
+                *(
+                    stream(http, server, f"conc-{i}", values, sizes)
+                    for i, (values, sizes) in enumerate(plans)
+                )
+            )
 
     results = asyncio.run(main())
     model = load_checkpoint(SHIPPED).model
@@ -79,6 +84,9 @@ def test_200_concurrent_sessions_each_equal_their_offline_run(
             mean, std, _, _ = model(torch.from_numpy(values).unsqueeze(0))
             got_mean = np.array([o["mean"] for o in outputs])
             got_std = np.array([o["std"] for o in outputs])
-            worst = max(worst, float(np.abs(got_mean - mean[0].numpy()).max()),
-                        float(np.abs(got_std - std[0].numpy()).max()))
+            worst = max(
+                worst,
+                float(np.abs(got_mean - mean[0].numpy()).max()),
+                float(np.abs(got_std - std[0].numpy()).max()),
+            )
     assert worst <= 1e-5, f"largest difference from the offline run: {worst}"

@@ -18,7 +18,10 @@ SIZES = [  # (input, hidden, layers, batch)
 
 @pytest.mark.parametrize(("input_size", "hidden", "layers", "batch"), SIZES)
 def test_matches_torch_lstm_outputs_state_and_gradients(
-    input_size: int, hidden: int, layers: int, batch: int,
+    input_size: int,
+    hidden: int,
+    layers: int,
+    batch: int,
 ) -> None:
     torch.manual_seed(hidden * 10 + layers)
     ref = nn.LSTM(input_size, hidden, layers, batch_first=True)
@@ -42,13 +45,16 @@ def test_matches_torch_lstm_outputs_state_and_gradients(
     torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=0)
     for k, layer in enumerate(ours.layers):
         cell = layer.cell
-        torch.testing.assert_close(cell.weight_ih.grad, getattr(ref, f"weight_ih_l{k}").grad,
-                                   atol=1e-5, rtol=0)
-        torch.testing.assert_close(cell.weight_hh.grad, getattr(ref, f"weight_hh_l{k}").grad,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            cell.weight_ih.grad, getattr(ref, f"weight_ih_l{k}").grad, atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            cell.weight_hh.grad, getattr(ref, f"weight_hh_l{k}").grad, atol=1e-5, rtol=0
+        )
         # Our single bias stands for bias_ih + bias_hh: each receives the same gradient.
-        torch.testing.assert_close(cell.bias.grad, getattr(ref, f"bias_ih_l{k}").grad,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            cell.bias.grad, getattr(ref, f"bias_ih_l{k}").grad, atol=1e-5, rtol=0
+        )
 
 
 def test_to_torch_round_trip_gives_the_same_function() -> None:
@@ -56,7 +62,7 @@ def test_to_torch_round_trip_gives_the_same_function() -> None:
     ours = StackedLSTM(6, 12, 2)
     ref = ours.to_torch()
     x = torch.randn(3, 11, 6)
-    out_ref, (h_ref, c_ref) = ref(x)
+    out_ref, (_, c_ref) = ref(x)
     out_ours, state, _ = ours(x)
     torch.testing.assert_close(out_ours, out_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(state.c, c_ref, atol=1e-6, rtol=0)
@@ -76,7 +82,11 @@ def test_forget_bias_is_initialised() -> None:
 
 
 def reference_step_float64(
-    variant: str, cell: nn.Module, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+    variant: str,
+    cell: nn.Module,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One timestep written straight from the equations, gate by gate, in float64."""
     H = h.shape[-1]
@@ -148,7 +158,7 @@ def test_streaming_in_random_chunks_equals_one_pass(variant: str, seed: int) -> 
         state, pieces, t = None, [], 0
         while t < x.shape[1]:
             size = int(torch.randint(1, 20, (1,), generator=gen))
-            out, state, _ = model(x[:, t:t + size], state)
+            out, state, _ = model(x[:, t : t + size], state)
             pieces.append(out)
             t += size
     assert state is not None
@@ -176,7 +186,7 @@ def test_gate_trace_is_inspectable_and_changes_nothing(variant: str) -> None:
     cell = model.layers[0].cell
     pre = cell.project_input(x[:, 0])
     block = 0 if variant == "coupled" else 1
-    f = torch.sigmoid(pre[:, block * 8:(block + 1) * 8])  # h0 = c0 = 0: no recurrent term
+    f = torch.sigmoid(pre[:, block * 8 : (block + 1) * 8])  # h0 = c0 = 0: no recurrent term
     torch.testing.assert_close(gates.forget[0, :, 0], f.mean(-1))
 
 

@@ -66,18 +66,22 @@ def test_metrics_move_as_they_should(server: str) -> None:
     assert metric(server, "lstm_sessions_created_total") == before["created"] + 1
     assert metric(server, "lstm_sessions_deleted_total") == before["deleted"] + 1
     assert metric(server, "lstm_timesteps_processed_total") == before["timesteps"] + 3
-    assert metric(server, "lstm_step_requests_total", '{outcome="applied"}') == \
-        before["applied"] + 1
+    assert (
+        metric(server, "lstm_step_requests_total", '{outcome="applied"}') == before["applied"] + 1
+    )
     assert metric(server, "lstm_idempotent_replays_total") == before["replays"] + 1
     assert metric(server, "lstm_seq_conflicts_total") == before["conflicts"] + 1
-    assert metric(server, "lstm_step_requests_total", '{outcome="wrong_feature_count"}') == \
-        before["bad"] + 1
+    assert (
+        metric(server, "lstm_step_requests_total", '{outcome="wrong_feature_count"}')
+        == before["bad"] + 1
+    )
     assert metric(server, "lstm_batch_sessions_count") == before["batches"] + 1
     assert metric(server, "lstm_sessions_active") == active
     assert metric(server, "lstm_state_memory_bytes") > 0
     text = httpx.get(f"{server}/metrics").text
-    assert re.search(r'lstm_model_info\{device="cpu",name="acsf1-forecaster",version="\w+"\} 1',
-                     text)
+    assert re.search(
+        r'lstm_model_info\{device="cpu",name="acsf1-forecaster",version="\w+"\} 1', text
+    )
     assert "session_id" not in text
 
 
@@ -95,12 +99,22 @@ def test_readme_curl_examples_work_as_written(server: str) -> None:
         pytest.skip("curl is not installed")
     commands = readme_curl_commands()
     routes = [m.group(0) for c in commands if (m := re.search(r"/v1/[a-z/]+", c))]
-    assert routes == ["/v1/sessions/create", "/v1/sessions/step", "/v1/sessions/step",
-                      "/v1/sessions/forecast", "/v1/sessions/delete"]
+    assert routes == [
+        "/v1/sessions/create",
+        "/v1/sessions/step",
+        "/v1/sessions/step",
+        "/v1/sessions/forecast",
+        "/v1/sessions/delete",
+    ]
     for command in commands:
         command = command.replace("http://127.0.0.1:3000", server)
-        done = subprocess.run(command + " --fail-with-body --silent --show-error", shell=True,
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            command + " --fail-with-body --silent --show-error",
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert done.returncode == 0, (command, done.stdout, done.stderr)
         assert '"error"' not in done.stdout
 
@@ -136,8 +150,27 @@ def test_full_service_answers_429_or_evicts() -> None:
 def test_openapi_fuzzing_finds_no_server_error(server: str, tmp_path: Path) -> None:
     st = Path(sys.executable).with_name("schemathesis")
     done = subprocess.run(
-        [str(st), "run", f"{server}/docs.json", "--checks", "not_a_server_error",
-         "--max-examples", "25", "--seed", "1", "--phases", "examples,coverage,fuzzing",
-         "--include-path-regex", "^/v1/", "--workers", "1", "--no-color"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        [
+            str(st),
+            "run",
+            f"{server}/docs.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--include-path-regex",
+            "^/v1/",
+            "--workers",
+            "1",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

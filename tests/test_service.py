@@ -37,6 +37,7 @@ def create(client: TestClient, sid: str, **extra: Any) -> dict[str, Any]:
 
 # --- tier 1: the class called directly --------------------------------------------------------
 
+
 def test_class_called_directly() -> None:
     svc = LSTMSessions()
 
@@ -59,14 +60,18 @@ def test_class_called_directly() -> None:
 
 # --- tier 2: through to_asgi() -----------------------------------------------------------------
 
+
 def test_chunked_steps_equal_predict(client: TestClient) -> None:
     values = [[v] for v in (0.3, -0.5, 1.7, -0.6, -0.6, 1.7, 0.2, 0.0, -1.1, 2.4, 0.9)]
     _, whole = post(client, "/v1/predict", {"inputs": values})
     create(client, "exact")
     outputs, t = [], 0
     for size in (1, 4, 2, 1, 3):
-        status, body = post(client, "/v1/sessions/step",
-                            {"session_id": "exact", "inputs": values[t:t + size], "seq": t})
+        status, body = post(
+            client,
+            "/v1/sessions/step",
+            {"session_id": "exact", "inputs": values[t : t + size], "seq": t},
+        )
         assert status == 200, body
         t += size
         assert body["t"] == t
@@ -85,11 +90,13 @@ def test_seq_retry_is_answered_again_not_applied_twice(client: TestClient) -> No
     first = post(client, "/v1/sessions/step", {"session_id": "retry", "inputs": [[1.0]], "seq": 0})
     again = post(client, "/v1/sessions/step", {"session_id": "retry", "inputs": [[1.0]], "seq": 0})
     assert first == again and first[1]["t"] == 1
-    status, body = post(client, "/v1/sessions/step",
-                        {"session_id": "retry", "inputs": [[2.0]], "seq": 0})
+    status, body = post(
+        client, "/v1/sessions/step", {"session_id": "retry", "inputs": [[2.0]], "seq": 0}
+    )
     assert status == 409 and body["error"]["code"] == "seq_conflict" and body["error"]["t"] == 1
-    status, body = post(client, "/v1/sessions/step",
-                        {"session_id": "retry", "inputs": [[1.0]], "seq": 5})
+    status, body = post(
+        client, "/v1/sessions/step", {"session_id": "retry", "inputs": [[1.0]], "seq": 5}
+    )
     assert status == 409 and body["error"]["t"] == 1
     assert post(client, "/v1/sessions/get", {"session_id": "retry"})[1]["t"] == 1
 
@@ -109,8 +116,9 @@ def test_forecast_does_not_change_the_session(client: TestClient) -> None:
 
 def test_reset_delete_and_gates(client: TestClient) -> None:
     create(client, "life")
-    _, one = post(client, "/v1/sessions/step",
-                  {"session_id": "life", "inputs": [[0.4]], "return_gates": True})
+    _, one = post(
+        client, "/v1/sessions/step", {"session_id": "life", "inputs": [[0.4]], "return_gates": True}
+    )
     assert set(one["gates"]) == {"forget", "input", "output"}
     assert len(one["gates"]["forget"]) == 2 and len(one["gates"]["forget"][0]) == 1
     _, info = post(client, "/v1/sessions/reset", {"session_id": "life"})
@@ -147,17 +155,26 @@ BAD_STEPS: list[tuple[str, bytes | dict[str, Any], int, str]] = [
     ("bad id pattern", {"session_id": "no spaces!", "inputs": [[1.0]]}, 422, "bad_session_id"),
     ("unknown session", {"session_id": "ghost", "inputs": [[1.0]]}, 404, "session_not_found"),
     ("malformed JSON", b'{"session_id": "victim", "inputs": [[1.0]', 400, "malformed_json"),
-    ("body over the limit", b'{"session_id": "victim", "inputs": [' + b"[1.0]," * 400_000
-     + b"[1.0]]}", 413, "body_too_large"),
+    (
+        "body over the limit",
+        b'{"session_id": "victim", "inputs": [' + b"[1.0]," * 400_000 + b"[1.0]]}",
+        413,
+        "body_too_large",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "body", "status", "code"), BAD_STEPS,
-                         ids=[c[0] for c in BAD_STEPS])
+@pytest.mark.parametrize(
+    ("case", "body", "status", "code"), BAD_STEPS, ids=[c[0] for c in BAD_STEPS]
+)
 def test_bad_steps_are_refused_and_change_nothing(
-    client: TestClient, case: str, body: bytes | dict[str, Any], status: int, code: str,
+    client: TestClient,
+    case: str,
+    body: bytes | dict[str, Any],
+    status: int,
+    code: str,
 ) -> None:
-    if not post(client, "/v1/sessions/get", {"session_id": "victim"})[0] == 200:
+    if post(client, "/v1/sessions/get", {"session_id": "victim"})[0] != 200:
         create(client, "victim")
         post(client, "/v1/sessions/step", {"session_id": "victim", "inputs": [[0.5]]})
     _, before = post(client, "/v1/sessions/forecast", {"session_id": "victim", "horizon": 3})
@@ -172,19 +189,32 @@ def test_bad_steps_are_refused_and_change_nothing(
     assert after == before  # same t, same state, same next forecast
 
 
-@pytest.mark.parametrize(("route", "body", "status", "code"), [
-    ("/v1/sessions/forecast", {"session_id": "victim", "horizon": 257}, 422, "horizon_too_long"),
-    ("/v1/sessions/forecast", {"session_id": "victim", "horizon": 5000}, 422,
-     "horizon_too_long"),
-    ("/v1/sessions/forecast", {"session_id": "victim", "horizon": 0}, 422, "invalid_request"),
-    ("/v1/sessions/create", {"session_id": "victim"}, 409, "session_exists"),
-    ("/v1/sessions/create", {"ttl_s": 10**7}, 422, "ttl_too_long"),
-    ("/v1/sessions/create", {"ttl_s": -1}, 422, "invalid_request"),
-    ("/v1/predict", {"inputs": [[0.0]] * 4097}, 422, "chunk_too_long"),
-    ("/v1/sessions/delete", {"session_id": "ghost"}, 404, "session_not_found"),
-])
-def test_other_refusals(client: TestClient, route: str, body: dict[str, Any], status: int,
-                        code: str) -> None:
+@pytest.mark.parametrize(
+    ("route", "body", "status", "code"),
+    [
+        (
+            "/v1/sessions/forecast",
+            {"session_id": "victim", "horizon": 257},
+            422,
+            "horizon_too_long",
+        ),
+        (
+            "/v1/sessions/forecast",
+            {"session_id": "victim", "horizon": 5000},
+            422,
+            "horizon_too_long",
+        ),
+        ("/v1/sessions/forecast", {"session_id": "victim", "horizon": 0}, 422, "invalid_request"),
+        ("/v1/sessions/create", {"session_id": "victim"}, 409, "session_exists"),
+        ("/v1/sessions/create", {"ttl_s": 10**7}, 422, "ttl_too_long"),
+        ("/v1/sessions/create", {"ttl_s": -1}, 422, "invalid_request"),
+        ("/v1/predict", {"inputs": [[0.0]] * 4097}, 422, "chunk_too_long"),
+        ("/v1/sessions/delete", {"session_id": "ghost"}, 404, "session_not_found"),
+    ],
+)
+def test_other_refusals(
+    client: TestClient, route: str, body: dict[str, Any], status: int, code: str
+) -> None:
     if post(client, "/v1/sessions/get", {"session_id": "victim"})[0] != 200:
         create(client, "victim")
     got_status, got = post(client, route, body)
@@ -201,13 +231,23 @@ def test_model_card(client: TestClient) -> None:
 
 def test_openapi_describes_every_route_and_field(client: TestClient) -> None:
     spec = client.get("/docs.json").json()
-    for route in ("/v1/sessions/create", "/v1/sessions/step", "/v1/sessions/forecast",
-                  "/v1/sessions/get", "/v1/sessions/reset", "/v1/sessions/delete",
-                  "/v1/predict", "/v1/model"):
+    for route in (
+        "/v1/sessions/create",
+        "/v1/sessions/step",
+        "/v1/sessions/forecast",
+        "/v1/sessions/get",
+        "/v1/sessions/reset",
+        "/v1/sessions/delete",
+        "/v1/predict",
+        "/v1/model",
+    ):
         assert route in spec["paths"], route
     schemas = spec["components"]["schemas"]
-    step = next(v for k, v in schemas.items() if k.startswith("Step") and "inputs" in
-                v.get("properties", {}))
+    step = next(
+        v
+        for k, v in schemas.items()
+        if k.startswith("Step") and "inputs" in v.get("properties", {})
+    )
     for field in ("session_id", "inputs", "seq", "return_gates"):
         assert field in step["properties"]
     assert step["properties"]["session_id"]["pattern"]

@@ -30,11 +30,16 @@ class Clock:
         return self.now
 
 
-def make_store(max_sessions: int = 3, evict: bool = False, clock: Clock | None = None,
-               events: StoreEvents | None = None) -> SessionStore:
+def make_store(
+    max_sessions: int = 3,
+    evict: bool = False,
+    clock: Clock | None = None,
+    events: StoreEvents | None = None,
+) -> SessionStore:
     pool = StatePool(2, 4, 1, max_sessions, "cpu")
-    limits = StoreLimits(max_sessions, default_ttl_s=10, max_ttl_s=100, evict_when_full=evict,
-                         tombstones=10)
+    limits = StoreLimits(
+        max_sessions, default_ttl_s=10, max_ttl_s=100, evict_when_full=evict, tombstones=10
+    )
     return SessionStore(pool, limits, events=events, clock=clock or Clock())
 
 
@@ -111,8 +116,7 @@ def test_interleaved_sessions_equal_their_offline_runs() -> None:
     series = [torch.randn(40, 1) for _ in range(12)]
 
     async def scenario() -> list[list[list[float]]]:
-        store = SessionStore(StatePool(2, 8, 1, 16, "cpu"),
-                             StoreLimits(16, 60, 60, False, 10))
+        store = SessionStore(StatePool(2, 8, 1, 16, "cpu"), StoreLimits(16, 60, 60, False, 10))
         batcher = MicroBatcher(model, store.pool, max_batch=8)
 
         async def stream(i: int) -> list[list[float]]:
@@ -121,7 +125,7 @@ def test_interleaved_sessions_equal_their_offline_runs() -> None:
             while t < 40:
                 size = rng.randint(1, 7)
                 async with session.lock:
-                    done = await batcher.step(session, series[i][t:t + size])
+                    done = await batcher.step(session, series[i][t : t + size])
                 means += done.outputs.mean
                 t += size
                 assert done.t == min(t, 40)
@@ -152,9 +156,12 @@ def test_never_two_steps_of_one_session_in_one_batch_and_bad_items_fail_alone() 
         x = torch.ones(1, 1)
         # Submitted without the locks on purpose: the batcher must still serialise them.
         results = await asyncio.gather(
-            batcher.step(a, x), batcher.step(a, x), batcher.step(b, x),
+            batcher.step(a, x),
+            batcher.step(a, x),
+            batcher.step(b, x),
             batcher.step(b, torch.ones(1, 3)),  # wrong feature count: fails alone
-            return_exceptions=True)
+            return_exceptions=True,
+        )
         assert [r.t for r in results[:3]] == [1, 2, 1]  # type: ignore[union-attr]
         assert isinstance(results[3], ModelFailure)
         assert a.t == 2 and b.t == 1
