@@ -43,7 +43,7 @@ class TrainSettings:
     grad_clip: float = 1.0  # LSTMs on spiky power data occasionally blow a gradient up
     max_epochs: int = 40
     steps_per_epoch: int = 50
-    patience: int = 5  # epochs without a better validation NLL before stopping
+    patience: int = 10  # epochs without a better validation NLL before stopping (NLL is noisy)
     warmup: int = 96  # timesteps each series is streamed before it is scored
     max_lag: int = 96  # seasonal-lag baseline searches lags 1..max_lag
     device: str = "auto"

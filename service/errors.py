@@ -83,6 +83,14 @@ class NoObservations(ServiceError):
     status, code = 409, "no_observations"
 
 
+class BlobCorrupted(ServiceError):
+    status, code = 422, "blob_corrupted"
+
+
+class ModelMismatch(ServiceError):
+    status, code = 409, "model_mismatch"
+
+
 class TooManySessions(ServiceError):
     status, code = 429, "too_many_sessions"
 

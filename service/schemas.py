@@ -17,6 +17,7 @@ CHUNK_CEILING = 4096  # no setting may raise the chunk limit above this
 PREDICT_CEILING = 100_000
 HORIZON_CEILING = 4096
 FEATURE_CEILING = 1024
+BLOB_CEILING = 16_000_000  # base64 characters of an exported session state
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Row = Annotated[
@@ -81,6 +82,17 @@ class Forecast(Request):
     )
 
 
+class ImportSession(Request):
+    blob: str = Field(
+        min_length=1,
+        max_length=BLOB_CEILING,
+        description="base64 state blob from /v1/sessions/export of a deployment serving the "
+        "same model version",
+    )
+    session_id: SessionId | None = Field(None, description="default: the exported session's id")
+    ttl_s: float | None = Field(None, ge=0.001, strict=True, allow_inf_nan=False)
+
+
 class Predict(Request):
     inputs: list[Row] = Field(
         min_length=1,
@@ -142,6 +154,17 @@ class PredictResult(BaseModel):
 class Deleted(BaseModel):
     session_id: str
     deleted: bool
+
+
+class Exported(BaseModel):
+    session_id: str
+    t: int
+    model: str
+    model_version: str
+    blob: str = Field(
+        description="base64 state blob: versioned, checksummed, bound to the model "
+        "version; give it to /v1/sessions/import"
+    )
 
 
 class ModelCard(BaseModel):

@@ -9,12 +9,16 @@ Request path: schema (pydantic, at BentoML's edge) -> handler here (limits, seq)
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
 import bentoml
@@ -25,8 +29,10 @@ from model import pick_device
 from service import metrics
 from service.batcher import BatchObserver, MicroBatcher, StepDone, inputs_digest
 from service.errors import (
+    BlobCorrupted,
     ChunkTooLong,
     HorizonTooLong,
+    ModelMismatch,
     NoObservations,
     SeqConflict,
     ServiceError,
@@ -38,10 +44,12 @@ from service.model_registry import import_checkpoint, load_from_store
 from service.schemas import (
     CreateSession,
     Deleted,
+    Exported,
     Forecast,
     ForecastResult,
     ForecastStep,
     Gates,
+    ImportSession,
     ModelCard,
     Predict,
     PredictResult,
@@ -53,6 +61,8 @@ from service.schemas import (
 )
 from service.sessions import Session, SessionStore, StatePool, StoreEvents, StoreLimits
 from service.settings import load_settings
+from service.snapshot import read_snapshot, write_snapshot
+from service.state_blob import BlobError, SessionState, decode, encode
 
 settings = load_settings()  # at import: a bad LSTM_* variable stops the start, named
 log = logging.getLogger("lstm_sessions")
@@ -158,6 +168,8 @@ class LSTMSessions:
         metrics.MODEL_INFO.labels(
             self.checkpoint.name, self.checkpoint.version, str(self.device)
         ).set(1)
+        if settings.snapshot_path is not None:
+            self._restore_snapshot(settings.snapshot_path)
         log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
 
     async def __is_ready__(self) -> bool:
@@ -260,6 +272,49 @@ class LSTMSessions:
         self._count_sessions()
         return Deleted(session_id=session.id, deleted=True)
 
+    @bentoml.api(route="/v1/sessions/export")
+    @answers_errors
+    async def export(self, body: SessionRef, /) -> Exported:
+        """The session's state as a blob another deployment of the same model can import."""
+        session = await self._lock(body.session_id)
+        try:
+            blob = encode(self.store.pool.read(session.slot), self._blob_header(session))
+        finally:
+            session.lock.release()
+        return Exported(
+            session_id=session.id,
+            t=session.t,
+            model=self.checkpoint.name,
+            model_version=self.checkpoint.version,
+            blob=base64.b64encode(blob).decode(),
+        )
+
+    @bentoml.api(route="/v1/sessions/import", name="import")
+    @answers_errors
+    async def import_(self, body: ImportSession, /) -> SessionInfo:
+        """A session restored from an exported blob, continuing where it was."""
+        try:
+            header, state = decode(base64.b64decode(body.blob, validate=True))
+        except (BlobError, binascii.Error, ValueError) as e:
+            raise BlobCorrupted(f"the blob was refused: {e}") from None
+        self._check_blob(header, state)
+        session = self.store.restore(
+            body.session_id or header["session_id"], state, t=int(header["t"]), ttl_s=body.ttl_s
+        )
+        self._count_sessions()
+        return self._info(session)
+
+    @bentoml.on_shutdown
+    def _write_snapshot(self) -> None:
+        """At a clean stop, the embedded store's sessions go to disk, to be restored at start."""
+        if settings.snapshot_path is None:
+            return
+        sessions = [
+            (self._blob_header(s), self.store.pool.read(s.slot)) for s in self.store.sessions()
+        ]
+        write_snapshot(settings.snapshot_path, sessions)
+        log.info("snapshot of %d sessions written to %s", len(sessions), settings.snapshot_path)
+
     # --- stateless ----------------------------------------------------------------------------
 
     @bentoml.api(route="/v1/predict")
@@ -296,7 +351,62 @@ class LSTMSessions:
             },
         )
 
-    # --- helpers ------------------------------------------------------------------------------
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _blob_header(self, session: Session) -> dict[str, Any]:
+        return {
+            "model": self.checkpoint.name,
+            "model_version": self.checkpoint.version,
+            "session_id": session.id,
+            "t": session.t,
+            "created_at": session.created_at,
+            "last_active": session.last_active,
+            "ttl_s": session.ttl_s,
+        }
+
+    def _check_blob(self, header: dict[str, Any], state: SessionState) -> None:
+        ours = (self.checkpoint.name, self.checkpoint.version)
+        theirs = (header.get("model"), header.get("model_version"))
+        if theirs != ours:
+            raise ModelMismatch(
+                f"the blob belongs to {theirs[0]}:{theirs[1]}; this service "
+                f"runs {ours[0]}:{ours[1]}",
+                model=ours[0],
+                model_version=ours[1],
+            )
+        pool = self.store.pool
+        expected = (tuple(pool.h.shape[::2]), pool.next_mean.shape[1])
+        if (tuple(state.h.shape), state.next_mean.shape[0]) != expected:
+            raise BlobCorrupted("the blob's shapes do not match the model's")
+
+    def _restore_snapshot(self, path: Path) -> None:
+        if not path.exists():
+            return
+        try:
+            entries = read_snapshot(path)
+            now = time.time()
+            restored = 0
+            for header, state in entries:
+                self._check_blob(header, state)
+                if header["last_active"] + header["ttl_s"] <= now:
+                    continue  # expired while the service was down
+                session = self.store.restore(
+                    header["session_id"],
+                    state,
+                    t=int(header["t"]),
+                    ttl_s=header["ttl_s"],
+                    created_at=header["created_at"],
+                )
+                session.last_active = header["last_active"]
+                restored += 1
+            log.info("restored %d of %d sessions from %s", restored, len(entries), path)
+        except (BlobError, ServiceError, KeyError, TypeError) as e:
+            rejected = path.with_name(path.name + ".rejected")
+            path.replace(rejected)
+            log.error("snapshot %s not restored (%s); kept as %s", path, e, rejected)
+            return
+        path.unlink()  # restored: a later crash must not roll sessions back to it
+        self._count_sessions()
 
     async def _lock(self, session_id: str) -> Session:
         """The live session with its lock acquired, in arrival order; 404 if it went meanwhile."""

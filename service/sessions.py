@@ -30,6 +30,7 @@ from service.errors import (
     TooManySessions,
     TTLTooLong,
 )
+from service.state_blob import SessionState
 
 
 class StatePool:
@@ -73,6 +74,21 @@ class StatePool:
         self.c[:, slot].zero_()
         self.next_mean[slot].zero_()
         self.next_std[slot].fill_(1.0)
+
+    def read(self, slot: int) -> SessionState:
+        """A copy of one slot's state, on the CPU."""
+        return SessionState(
+            self.h[:, slot].cpu().clone(),
+            self.c[:, slot].cpu().clone(),
+            self.next_mean[slot].cpu().clone(),
+            self.next_std[slot].cpu().clone(),
+        )
+
+    def write(self, slot: int, state: SessionState) -> None:
+        self.h[:, slot] = state.h.to(self.h.device)
+        self.c[:, slot] = state.c.to(self.c.device)
+        self.next_mean[slot] = state.next_mean.to(self.next_mean.device)
+        self.next_std[slot] = state.next_std.to(self.next_std.device)
 
     def gather(self, slots: Tensor) -> LSTMState:
         return LSTMState(self.h.index_select(1, slots), self.c.index_select(1, slots))
@@ -201,6 +217,26 @@ class SessionStore:
                 )
             raise SessionNotFound(f"no session {session_id!r}", session_id=session_id)
         return session
+
+    def restore(
+        self,
+        session_id: str,
+        state: SessionState,
+        *,
+        t: int,
+        ttl_s: float | None = None,
+        created_at: float | None = None,
+    ) -> Session:
+        """A session holding ``state`` at step ``t``: for imports and snapshots."""
+        session = self.create(session_id, ttl_s)
+        self.pool.write(session.slot, state)
+        session.t = t
+        if created_at is not None:
+            session.created_at = created_at
+        return session
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
 
     def touch(self, session: Session) -> None:
         session.last_active = self.clock()

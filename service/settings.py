@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,17 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=100, description="extra wait for a fuller batch")
     sweep_interval_s: float = Field(5.0, gt=0, description="how often expired sessions are freed")
     tombstones: int = Field(100_000, ge=0, description="expired/evicted ids remembered for 404s")
+    snapshot_path: Path | None = Field(
+        Path("state/sessions.snapshot"),
+        description="where the embedded store writes its sessions at shutdown and reads them at "
+        "start; empty: no snapshot",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("snapshot_path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _ttl_within_max(self) -> Settings:

@@ -10,6 +10,8 @@ from pathlib import Path
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prom-")
+# In-process services must not snapshot into the checkout.
+os.environ["LSTM_SNAPSHOT_PATH"] = os.path.join(tempfile.mkdtemp(prefix="snap-"), "s.snapshot")
 
 import numpy as np
 import pytest

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,13 @@ def bentoml_server(
     """A real server on a free loopback port; yields its base URL once /readyz answers 200."""
     port = free_port()
     bentoml = Path(sys.executable).with_name("bentoml")
-    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
+    snapshot = tempfile.mktemp(prefix="lstm-snapshot-")
+    full_env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "true",
+        "LSTM_SNAPSHOT_PATH": snapshot,
+        **(env or {}),
+    }
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets its own
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(

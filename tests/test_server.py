@@ -174,3 +174,23 @@ def test_openapi_fuzzing_finds_no_server_error(server: str, tmp_path: Path) -> N
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_embedded_store_survives_a_clean_restart(tmp_path: Path) -> None:
+    values = [[v] for v in (0.5, -0.58, 1.73, -0.58, -0.6, 1.7, -0.5, 0.1)]
+    env = {"LSTM_SNAPSHOT_PATH": str(tmp_path / "s.snapshot")}
+    with bentoml_server(env) as url:
+        whole = post(url, "/v1/predict", {"inputs": values}).json()
+        post(url, "/v1/sessions/create", {"session_id": "durable"})
+        first = post(
+            url, "/v1/sessions/step", {"session_id": "durable", "inputs": values[:5], "seq": 0}
+        ).json()
+    assert (tmp_path / "s.snapshot").exists()  # written at SIGTERM
+    with bentoml_server(env) as url:
+        info = post(url, "/v1/sessions/get", {"session_id": "durable"}).json()
+        assert info["t"] == 5
+        rest = post(
+            url, "/v1/sessions/step", {"session_id": "durable", "inputs": values[5:], "seq": 5}
+        ).json()
+    got = [o["mean"][0] for o in first["outputs"] + rest["outputs"]]
+    assert got == pytest.approx([o["mean"][0] for o in whole["outputs"]], abs=1e-5)

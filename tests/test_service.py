@@ -252,3 +252,49 @@ def test_openapi_describes_every_route_and_field(client: TestClient) -> None:
         assert field in step["properties"]
     assert step["properties"]["session_id"]["pattern"]
     assert client.get("/").status_code == 200  # the Swagger page
+
+
+def test_export_import_moves_a_session_exactly(client: TestClient) -> None:
+    values = [[0.2], [-0.4], [1.1], [0.0], [-0.7]]
+    create(client, "mover")
+    post(client, "/v1/sessions/step", {"session_id": "mover", "inputs": values[:3]})
+    status, exported = post(client, "/v1/sessions/export", {"session_id": "mover"})
+    assert status == 200 and exported["t"] == 3
+    status, info = post(
+        client, "/v1/sessions/import", {"blob": exported["blob"], "session_id": "moved"}
+    )
+    assert status == 200 and info["t"] == 3
+    _, a = post(client, "/v1/sessions/step", {"session_id": "mover", "inputs": values[3:]})
+    _, b = post(
+        client, "/v1/sessions/step", {"session_id": "moved", "inputs": values[3:], "seq": 3}
+    )
+    assert a["outputs"] == b["outputs"] and b["t"] == 5
+    status, body = post(client, "/v1/sessions/import", {"blob": exported["blob"]})
+    assert status == 409 and body["error"]["code"] == "session_exists"  # "mover" still exists
+
+
+def test_tampered_or_foreign_blobs_are_refused(client: TestClient) -> None:
+    import base64
+
+    from service.state_blob import decode, encode
+
+    create(client, "origin")
+    post(client, "/v1/sessions/step", {"session_id": "origin", "inputs": [[0.3]]})
+    _, exported = post(client, "/v1/sessions/export", {"session_id": "origin"})
+    raw = bytearray(base64.b64decode(exported["blob"]))
+    raw[-50] ^= 0x10
+    tampered = base64.b64encode(bytes(raw)).decode()
+    status, body = post(client, "/v1/sessions/import", {"blob": tampered, "session_id": "t1"})
+    assert status == 422 and body["error"]["code"] == "blob_corrupted"
+    status, body = post(client, "/v1/sessions/import", {"blob": "not base64!", "session_id": "t2"})
+    assert status == 422 and body["error"]["code"] == "blob_corrupted"
+    header, state = decode(base64.b64decode(exported["blob"]))
+    foreign = encode(state, {**header, "model_version": "000000000000"})
+    status, body = post(
+        client,
+        "/v1/sessions/import",
+        {"blob": base64.b64encode(foreign).decode(), "session_id": "t3"},
+    )
+    assert status == 409 and body["error"]["code"] == "model_mismatch"
+    for sid in ("t1", "t2", "t3"):
+        assert post(client, "/v1/sessions/get", {"session_id": sid})[0] == 404
