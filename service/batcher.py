@@ -20,16 +20,17 @@ import functools
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from model import LSTMForecaster
+from model import LSTMForecaster, LSTMState
 from service.errors import ModelFailure
 from service.sessions import AppliedStep, Session, StatePool
+from service.state_blob import SessionState
 
 T = TypeVar("T")
 
@@ -49,6 +50,35 @@ class StepDone:
     t: int
     outputs: Outputs
     replayed: bool = False
+
+
+@dataclass
+class _Computed:
+    """A step's outputs and new state, computed but not yet in the pool."""
+
+    outputs: Outputs
+    h: Tensor  # (layers, hidden)
+    c: Tensor
+    next_mean: Tensor  # (F,)
+    next_std: Tensor
+
+    def state(self) -> SessionState:
+        return SessionState(self.h.cpu(), self.c.cpu(), self.next_mean.cpu(), self.next_std.cpu())
+
+
+@dataclass
+class Commit:
+    """What a persister is asked to store: the step ``seq -> t`` of a session, atomically."""
+
+    session: Session
+    seq: int  # t before the step: the persister applies it only if the stored t is still this
+    t: int
+    state: SessionState
+    digest: bytes
+    outputs: Outputs
+
+
+Persister = Callable[[list[Commit]], Awaitable[list[BaseException | None]]]
 
 
 @dataclass
@@ -100,6 +130,7 @@ class MicroBatcher:
         max_batch: int = 256,
         wait_s: float = 0.0,
         observer: BatchObserver | None = None,
+        persist: Persister | None = None,
     ) -> None:
         self.model = model.eval()
         self.pool = pool
@@ -107,6 +138,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.observer = observer or BatchObserver()
+        self.persist = persist  # None: the pool is the only copy (the embedded store)
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._deferred: list[_Job] = []
@@ -170,16 +202,69 @@ class MicroBatcher:
             for job in batch:
                 self.observer.queue_wait(now - job.enqueued)
             results = await asyncio.to_thread(self._compute, batch)
+            steps = [
+                (job, r)
+                for job, r in zip(batch, results, strict=True)
+                if isinstance(job, _StepJob) and isinstance(r, _Computed)
+            ]
+            if steps:
+                results = await self._commit(steps, batch, results)
             for job, result in zip(batch, results, strict=True):
+                if job.future.done():
+                    continue
                 if isinstance(result, BaseException):
                     job.future.set_exception(result)
-                    continue
-                if isinstance(job, _StepJob):
-                    result = self._apply(job, result)
-                if not job.future.done():
+                else:
                     job.future.set_result(result)
 
-    def _apply(self, job: _StepJob, outputs: Outputs) -> StepDone:
+    async def _commit(
+        self,
+        steps: list[tuple[_StepJob, _Computed]],
+        batch: list[_Job],
+        results: list[Any],
+    ) -> list[Any]:
+        """Persist new states (one round trip for the batch), then write the pool and answer.
+
+        A state reaches the pool, and ``t`` moves, only once the persister accepted it; a step it
+        refused answers with the persister's error and leaves the session as it was.
+        """
+        verdicts: list[BaseException | None] = [None] * len(steps)
+        if self.persist is not None:
+            commits = [
+                Commit(
+                    job.session,
+                    job.session.t,
+                    job.session.t + len(c.outputs.mean),
+                    c.state(),
+                    job.digest,
+                    c.outputs,
+                )
+                for job, c in steps
+            ]
+            verdicts = await self.persist(commits)
+        accepted = [(job, c) for (job, c), v in zip(steps, verdicts, strict=True) if v is None]
+        if accepted:
+            slots = torch.tensor([job.session.slot for job, _ in accepted], device=self.device)
+            self.pool.scatter(
+                slots,
+                LSTMState(
+                    torch.stack([c.h for _, c in accepted], dim=1),
+                    torch.stack([c.c for _, c in accepted], dim=1),
+                ),
+                torch.stack([c.next_mean for _, c in accepted]),
+                torch.stack([c.next_std for _, c in accepted]),
+            )
+        by_job = {id(job): (c, v) for (job, c), v in zip(steps, verdicts, strict=True)}
+        out = []
+        for job, result in zip(batch, results, strict=True):
+            if isinstance(job, _StepJob) and id(job) in by_job:
+                computed, verdict = by_job[id(job)]
+                result = verdict if verdict is not None else self._apply(job, computed.outputs)
+            out.append(result)
+        return out
+
+    @staticmethod
+    def _apply(job: _StepJob, outputs: Outputs) -> StepDone:
         """Bookkeeping of an applied step, on the event loop, before anyone is answered."""
         session = job.session
         seq = session.t
@@ -221,7 +306,7 @@ class MicroBatcher:
         except Exception:
             return ModelFailure("the model failed on this input")
 
-    def _steps(self, jobs: list[_StepJob]) -> list[Outputs]:
+    def _steps(self, jobs: list[_StepJob]) -> list[_Computed]:
         started = time.perf_counter()
         slots = torch.tensor([j.session.slot for j in jobs], device=self.device)
         x = torch.stack([j.x for j in jobs])  # (B, T, F)
@@ -231,7 +316,6 @@ class MicroBatcher:
         mean, std, new_state, gates = self.model(x, state, return_gates=jobs[0].return_gates)
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
             raise FloatingPointError("non-finite model output")
-        self.pool.scatter(slots, new_state, mean[:, -1], std[:, -1])
         # The forecast each value is scored against: the pool's for the first, then the chunk's.
         before_mean = torch.cat([prev_mean.unsqueeze(1), mean[:, :-1]], dim=1)  # (B, T, F)
         before_std = torch.cat([prev_std.unsqueeze(1), std[:, :-1]], dim=1)
@@ -240,8 +324,14 @@ class MicroBatcher:
         self.observer.batch(len(jobs))
         self.observer.timesteps(x.shape[0] * x.shape[1])
         return [
-            self._outputs(
-                mean[b], std[b], z[b], first_scored=jobs[b].session.t > 0, gates=gates, row=b
+            _Computed(
+                self._outputs(
+                    mean[b], std[b], z[b], first_scored=jobs[b].session.t > 0, gates=gates, row=b
+                ),
+                new_state.h[:, b],
+                new_state.c[:, b],
+                mean[b, -1],
+                std[b, -1],
             )
             for b in range(len(jobs))
         ]

@@ -95,6 +95,16 @@ class TooManySessions(ServiceError):
     status, code = 429, "too_many_sessions"
 
 
+class StaleSession(ServiceError):
+    """Another replica moved the session on: reload it and try again (never reaches a client)."""
+
+    status, code = 409, "stale_session"
+
+
+class StoreUnavailable(ServiceError):
+    status, code = 503, "store_unavailable"
+
+
 class ModelFailure(ServiceError):
     status, code = 500, "model_failure"
 

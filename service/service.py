@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from model import pick_device
 from service import metrics
 from service.batcher import BatchObserver, MicroBatcher, StepDone, inputs_digest
+from service.directory import LocalSessions, RedisSessions, Sessions
 from service.errors import (
     BlobCorrupted,
     ChunkTooLong,
@@ -36,11 +37,12 @@ from service.errors import (
     NoObservations,
     SeqConflict,
     ServiceError,
-    SessionNotFound,
+    StaleSession,
     WrongFeatureCount,
 )
 from service.http import ErrorContract
 from service.model_registry import import_checkpoint, load_from_store
+from service.redis_state import RedisState
 from service.schemas import (
     CreateSession,
     Deleted,
@@ -115,6 +117,7 @@ def enforce_single_worker() -> None:
 
 
 SERVICE_NAME = "lstm_sessions"
+STALE_RETRIES = 3  # reload-and-recompute rounds before a step gives up on a contended session
 
 
 @bentoml.service(name=SERVICE_NAME, workers=1, traffic={"timeout": 60})
@@ -134,27 +137,37 @@ class LSTMSessions:
             settings.max_sessions,
             self.device,
         )
+        durable = settings.redis_url is not None
+        # With Redis the pool is a cache: dropping a cold copy is no eviction and no expiry.
         self.store = SessionStore(
             pool,
             StoreLimits(
                 settings.max_sessions,
                 settings.session_ttl_s,
                 settings.max_session_ttl_s,
-                settings.evict_when_full,
-                settings.tombstones,
+                evict_when_full=settings.evict_when_full or durable,
+                tombstones=0 if durable else settings.tombstones,
             ),
             events=StoreEvents(
                 created=metrics.SESSIONS_CREATED.inc,
-                expired=lambda n: metrics.SESSIONS_EXPIRED.inc(n),
-                evicted=metrics.SESSIONS_EVICTED.inc,
+                expired=(lambda n: None) if durable else metrics.SESSIONS_EXPIRED.inc,
+                evicted=(lambda: None) if durable else metrics.SESSIONS_EVICTED.inc,
                 deleted=metrics.SESSIONS_DELETED.inc,
             ),
         )
+        self.sessions: Sessions
+        if settings.redis_url is not None:
+            redis = RedisState(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            header = {"model": self.checkpoint.name, "model_version": self.checkpoint.version}
+            self.sessions = RedisSessions(self.store, redis, header)
+        else:
+            self.sessions = LocalSessions(self.store)
         self.batcher = MicroBatcher(
             model,
             pool,
             max_batch=settings.max_batch,
             wait_s=settings.batch_wait_ms / 1000,
+            persist=self.sessions.persist,
             observer=BatchObserver(
                 batch=metrics.BATCH_SESSIONS.observe,
                 queue_wait=metrics.QUEUE_WAIT.observe,
@@ -168,13 +181,13 @@ class LSTMSessions:
         metrics.MODEL_INFO.labels(
             self.checkpoint.name, self.checkpoint.version, str(self.device)
         ).set(1)
-        if settings.snapshot_path is not None:
+        if settings.snapshot_path is not None and not durable:
             self._restore_snapshot(settings.snapshot_path)
         log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
 
     async def __is_ready__(self) -> bool:
         self._start_sweeper()
-        return True
+        return await self.sessions.ready()
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -183,7 +196,7 @@ class LSTMSessions:
     async def create(self, body: CreateSession, /) -> SessionInfo:
         """Open a session at t = 0, with a client-chosen or random id."""
         self._start_sweeper()
-        session = self.store.create(body.session_id, body.ttl_s)
+        session = await self.sessions.create(body.session_id, body.ttl_s)
         self._count_sessions()
         return self._info(session)
 
@@ -193,17 +206,26 @@ class LSTMSessions:
         """Feed a chunk of T timesteps; get the forecast and anomaly score after each."""
         try:
             x = self._tensor(body.inputs, settings.max_chunk, "LSTM_MAX_CHUNK")
-            session = await self._lock(body.session_id)
-            try:
-                result = await self._step_locked(session, body, x)
-            finally:
-                session.lock.release()
+            for attempt in range(STALE_RETRIES):
+                session = await self._lock(body.session_id)
+                try:
+                    # With Redis, a cached copy may lag: doubt it once before refusing a seq.
+                    fresh = attempt > 0 or settings.redis_url is None
+                    return await self._step_locked(session, body, x, fresh)
+                except StaleSession:
+                    # Another replica moved this session on: drop the stale copy; the next
+                    # round reloads it and checks seq against the fresh t.
+                    self.store.drop(session)
+                finally:
+                    session.lock.release()
+            raise StaleSession("the session kept changing under this replica; retry")
         except ServiceError as e:
             metrics.STEP_REQUESTS.labels(e.code).inc()
             raise
-        return result
 
-    async def _step_locked(self, session: Session, body: Step, x: torch.Tensor) -> StepResult:
+    async def _step_locked(
+        self, session: Session, body: Step, x: torch.Tensor, fresh: bool
+    ) -> StepResult:
         self.store.touch(session)
         last = session.last_step
         if body.seq is not None and body.seq != session.t:
@@ -211,6 +233,8 @@ class LSTMSessions:
                 metrics.REPLAYS.inc()
                 metrics.STEP_REQUESTS.labels("replayed").inc()
                 return self._step_result(session.id, last.response)
+            if not fresh:
+                raise StaleSession("seq differs from a cached t: reload and check again")
             metrics.SEQ_CONFLICTS.inc()
             raise SeqConflict(
                 f"seq {body.seq} does not match the session's t = {session.t}",
@@ -236,7 +260,7 @@ class LSTMSessions:
         try:
             if session.t == 0:
                 raise NoObservations("the session has seen no value yet: step it first", t=0)
-            self.store.touch(session)
+            await self.sessions.touch(session)
             means, stds = await self.batcher.forecast(session, body.horizon)
         finally:
             session.lock.release()
@@ -247,7 +271,7 @@ class LSTMSessions:
     @answers_errors
     async def get(self, body: SessionRef, /) -> SessionInfo:
         """A session's t and times."""
-        return self._info(self.store.get(body.session_id))
+        return self._info(await self.sessions.get(body.session_id))
 
     @bentoml.api(route="/v1/sessions/reset")
     @answers_errors
@@ -255,7 +279,7 @@ class LSTMSessions:
         """Back to a zero state at t = 0."""
         session = await self._lock(body.session_id)
         try:
-            self.store.reset(session)
+            await self.sessions.reset(session)
         finally:
             session.lock.release()
         return self._info(session)
@@ -266,7 +290,7 @@ class LSTMSessions:
         """Free a session and its state."""
         session = await self._lock(body.session_id)
         try:
-            self.store.delete(session)
+            await self.sessions.delete(session)
         finally:
             session.lock.release()
         self._count_sessions()
@@ -298,8 +322,8 @@ class LSTMSessions:
         except (BlobError, binascii.Error, ValueError) as e:
             raise BlobCorrupted(f"the blob was refused: {e}") from None
         self._check_blob(header, state)
-        session = self.store.restore(
-            body.session_id or header["session_id"], state, t=int(header["t"]), ttl_s=body.ttl_s
+        session = await self.sessions.restore(
+            body.session_id or header["session_id"], state, int(header["t"]), body.ttl_s
         )
         self._count_sessions()
         return self._info(session)
@@ -307,7 +331,7 @@ class LSTMSessions:
     @bentoml.on_shutdown
     def _write_snapshot(self) -> None:
         """At a clean stop, the embedded store's sessions go to disk, to be restored at start."""
-        if settings.snapshot_path is None:
+        if settings.snapshot_path is None or settings.redis_url is not None:
             return
         sessions = [
             (self._blob_header(s), self.store.pool.read(s.slot)) for s in self.store.sessions()
@@ -409,16 +433,17 @@ class LSTMSessions:
         self._count_sessions()
 
     async def _lock(self, session_id: str) -> Session:
-        """The live session with its lock acquired, in arrival order; 404 if it went meanwhile."""
-        session = self.store.get(session_id)
-        await session.lock.acquire()
-        try:
-            if self.store.get(session_id) is not session:
-                raise SessionNotFound(f"no session {session_id!r}", session_id=session_id)
-        except ServiceError:
+        """The session with its lock acquired, in arrival order.
+
+        If the copy waited on went away meanwhile (deleted, expired, or dropped as stale in favour
+        of Redis's), look the id up again: that answers 404 or yields the current copy.
+        """
+        while True:
+            session = await self.sessions.get(session_id)
+            await session.lock.acquire()
+            if self.store.peek(session_id) is session:
+                return session
             session.lock.release()
-            raise
-        return session
 
     def _tensor(self, rows: list[list[float]], limit: int, setting: str) -> torch.Tensor:
         if len(rows) > limit:

@@ -235,6 +235,15 @@ class SessionStore:
             session.created_at = created_at
         return session
 
+    def peek(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def drop(self, session: Session) -> None:
+        """Forget a cached session without counting it anywhere (durable mode: Redis has it)."""
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+            self.pool.release(session.slot)
+
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=100, description="extra wait for a fuller batch")
     sweep_interval_s: float = Field(5.0, gt=0, description="how often expired sessions are freed")
     tombstones: int = Field(100_000, ge=0, description="expired/evicted ids remembered for 404s")
+    redis_url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="durable sessions in Redis, shared by replicas; unset: the embedded store",
+    )
+    redis_timeout_s: float = Field(1.0, gt=0, le=30, description="per Redis command")
     snapshot_path: Path | None = Field(
         Path("state/sessions.snapshot"),
         description="where the embedded store writes its sessions at shutdown and reads them at "

@@ -18,6 +18,15 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PROCESS_GROUPS: dict[str, int] = {}  # server URL -> process group, for kill -9 tests
+
+
+def kill_hard(url: str) -> None:
+    """kill -9 a server started by bentoml_server: its arbiter and its workers at once."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(PROCESS_GROUPS[url], signal.SIGKILL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,6 +69,7 @@ def bentoml_server(
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    PROCESS_GROUPS[url] = proc.pid
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -109,3 +119,71 @@ def run_server_to_exit(
         text=True,
         timeout=timeout_s,
     )
+
+
+def need_binary(name: str) -> str:
+    """The path of a Debian-packaged binary a test needs: skip locally, fail under CI."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing under CI: .ci/run must install it")
+        pytest.skip(f"{name} is not installed (apt-get install it, or run .ci/run)")
+    return path
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, append-only persistence in ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = need_binary("redis-server")
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.directory),
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2) as s,
+            ):
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+            self.proc = None

@@ -1,0 +1,251 @@
+"""Where sessions live: in this process only, or in Redis with this process as a cache.
+
+The service talks to one ``Sessions`` object either way. ``LocalSessions`` is the embedded store
+itself. ``RedisSessions`` keeps Redis as the truth and the device pool as a cache of hot
+sessions: a miss loads the session from Redis; every step is persisted with a compare-and-set on
+``t`` (``service.redis_state``) before its state enters the pool, and a replica whose cached copy
+went stale is told so (``StaleSession``), reloads and recomputes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Protocol
+
+import torch
+
+from service.batcher import Commit, Outputs, Persister, StepDone
+from service.errors import (
+    ServiceError,
+    SessionExists,
+    SessionExpired,
+    SessionNotFound,
+    StaleSession,
+)
+from service.redis_state import RedisState, Write
+from service.sessions import AppliedStep, Session, SessionStore
+from service.state_blob import SessionState, decode, encode
+
+
+class Sessions(Protocol):
+    store: SessionStore
+    persist: Persister | None
+
+    async def get(self, session_id: str) -> Session: ...
+    async def create(self, session_id: str | None, ttl_s: float | None) -> Session: ...
+    async def delete(self, session: Session) -> None: ...
+    async def reset(self, session: Session) -> None: ...
+    async def reload(self, session_id: str) -> Session: ...
+    async def touch(self, session: Session) -> None: ...
+    async def ready(self) -> bool: ...
+    async def restore(
+        self, session_id: str, state: SessionState, t: int, ttl_s: float | None
+    ) -> Session: ...
+
+
+class LocalSessions:
+    """The embedded store: the pool is the only copy."""
+
+    persist: Persister | None = None
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+
+    async def get(self, session_id: str) -> Session:
+        return self.store.get(session_id)
+
+    async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
+        return self.store.create(session_id, ttl_s)
+
+    async def delete(self, session: Session) -> None:
+        self.store.delete(session)
+
+    async def reset(self, session: Session) -> None:
+        self.store.reset(session)
+
+    async def reload(self, session_id: str) -> Session:
+        return self.store.get(session_id)
+
+    async def touch(self, session: Session) -> None:
+        self.store.touch(session)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def restore(
+        self, session_id: str, state: SessionState, t: int, ttl_s: float | None
+    ) -> Session:
+        return self.store.restore(session_id, state, t=t, ttl_s=ttl_s)
+
+
+def encode_last_step(step: AppliedStep) -> bytes:
+    done: StepDone = step.response
+    return json.dumps(
+        {
+            "seq": step.seq,
+            "digest": step.digest.hex(),
+            "t": done.t,
+            "outputs": dataclasses.asdict(done.outputs),
+        }
+    ).encode()
+
+
+def decode_last_step(raw: bytes | None) -> AppliedStep | None:
+    if not raw:
+        return None
+    d = json.loads(raw)
+    return AppliedStep(
+        d["seq"], bytes.fromhex(d["digest"]), StepDone(d["t"], Outputs(**d["outputs"]))
+    )
+
+
+class RedisSessions:
+    """Redis holds every session; this process caches the hot ones in its pool."""
+
+    def __init__(self, store: SessionStore, redis: RedisState, header: dict[str, Any]) -> None:
+        self.store = store  # a cache: its "evictions" only drop local copies
+        self.redis = redis
+        self.header = header  # model name and version, bound into every stored blob
+        self.persist: Persister | None = self._persist
+
+    def _blob(self, session_id: str, t: int, state: SessionState) -> bytes:
+        return encode(state, {**self.header, "session_id": session_id, "t": t})
+
+    def _zero_state(self) -> SessionState:
+        pool = self.store.pool
+        layers, _, hidden = pool.h.shape
+        features = pool.next_mean.shape[1]
+        return SessionState(
+            torch.zeros(layers, hidden),
+            torch.zeros(layers, hidden),
+            torch.zeros(features),
+            torch.ones(features),
+        )
+
+    async def get(self, session_id: str) -> Session:
+        try:
+            return self.store.get(session_id)
+        except ServiceError:
+            return await self._load(session_id)
+
+    async def _load(self, session_id: str) -> Session:
+        stored = await self.redis.load(session_id)
+        if stored is None:
+            if await self.redis.known(session_id):
+                raise SessionExpired(
+                    f"session {session_id!r} expired after its TTL", session_id=session_id
+                )
+            raise SessionNotFound(f"no session {session_id!r}", session_id=session_id)
+        header, state = decode(stored.state)
+        if (header.get("model"), header.get("model_version")) != (
+            self.header["model"],
+            self.header["model_version"],
+        ):
+            raise SessionNotFound(
+                f"session {session_id!r} belongs to another model version", session_id=session_id
+            )
+        session = self.store.restore(
+            session_id, state, t=stored.t, ttl_s=stored.ttl_s, created_at=stored.created_at
+        )
+        session.last_step = decode_last_step(stored.last_step)
+        return session
+
+    async def reload(self, session_id: str) -> Session:
+        cached = self.store.peek(session_id)
+        if cached is not None:
+            self.store.drop(cached)
+        return await self._load(session_id)
+
+    async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
+        session = self.store.create(session_id, ttl_s)
+        try:
+            created = await self.redis.create(
+                session.id,
+                self._blob(session.id, 0, self._zero_state()),
+                session.created_at,
+                session.ttl_s,
+            )
+        except ServiceError:
+            self.store.drop(session)
+            raise
+        if not created:
+            self.store.drop(session)
+            raise SessionExists(f"session {session.id!r} already exists", session_id=session.id)
+        return session
+
+    async def delete(self, session: Session) -> None:
+        await self.redis.delete(session.id)
+        self.store.delete(session)
+
+    async def reset(self, session: Session) -> None:
+        if not await self.redis.reset(
+            session.id, self._blob(session.id, 0, self._zero_state()), session.ttl_s
+        ):
+            self.store.drop(session)
+            raise SessionExpired(
+                f"session {session.id!r} expired after its TTL", session_id=session.id
+            )
+        self.store.reset(session)
+
+    async def touch(self, session: Session) -> None:
+        self.store.touch(session)
+        await self.redis.touch(session.id, session.ttl_s)
+
+    async def ready(self) -> bool:
+        return await self.redis.ping()
+
+    async def restore(
+        self, session_id: str, state: SessionState, t: int, ttl_s: float | None
+    ) -> Session:
+        """A new session holding ``state`` at ``t``: created at 0, then moved to t atomically."""
+        session = await self.create(session_id, ttl_s)
+        if t == 0 and state == self._zero_state():
+            return session
+        write = Write(session.id, 0, t, self._blob(session.id, t, state), b"", session.ttl_s)
+        try:
+            [(ok, _)] = await self.redis.commit([write])
+        except ServiceError:
+            await self.delete(session)
+            raise
+        if ok != 1:
+            self.store.drop(session)
+            raise StaleSession(f"session {session.id!r} changed while it was imported")
+        self.store.pool.write(session.slot, state)
+        session.t = t
+        return session
+
+    async def _persist(self, commits: list[Commit]) -> list[BaseException | None]:
+        writes = []
+        for c in commits:
+            last = encode_last_step(AppliedStep(c.seq, c.digest, StepDone(c.t, c.outputs)))
+            writes.append(
+                Write(
+                    c.session.id,
+                    c.seq,
+                    c.t,
+                    self._blob(c.session.id, c.t, c.state),
+                    last,
+                    c.session.ttl_s,
+                )
+            )
+        try:
+            replies = await self.redis.commit(writes)
+        except ServiceError as e:
+            return [e] * len(commits)
+        verdicts: list[BaseException | None] = []
+        for c, (ok, stored_t) in zip(commits, replies, strict=True):
+            if ok == 1:
+                verdicts.append(None)
+            elif ok == 0:
+                verdicts.append(
+                    StaleSession(f"session {c.session.id!r} is at t = {stored_t}", t=stored_t)
+                )
+            else:
+                self.store.drop(c.session)
+                verdicts.append(
+                    SessionExpired(
+                        f"session {c.session.id!r} expired after its TTL", session_id=c.session.id
+                    )
+                )
+        return verdicts
