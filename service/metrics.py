@@ -45,6 +45,11 @@ STATE_MEMORY = Gauge(
     "Bytes of the preallocated session state pool",
     multiprocess_mode="livesum",
 )
+STORE_UP = Gauge(
+    "lstm_store_up",
+    "1 while the session store answers (always 1 for the embedded store; Redis pinged)",
+    multiprocess_mode="min",
+)
 MODEL_INFO = Gauge(
     "lstm_model_info",
     "The model served (value 1)",

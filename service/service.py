@@ -178,6 +178,7 @@ class LSTMSessions:
         self._sweeper: asyncio.Task[None] | None = None
         metrics.STATE_MEMORY.set(pool.nbytes)
         metrics.SESSIONS_ACTIVE.set(0)
+        metrics.STORE_UP.set(1)
         metrics.MODEL_INFO.labels(
             self.checkpoint.name, self.checkpoint.version, str(self.device)
         ).set(1)
@@ -187,7 +188,9 @@ class LSTMSessions:
 
     async def __is_ready__(self) -> bool:
         self._start_sweeper()
-        return await self.sessions.ready()
+        ready = await self.sessions.ready()
+        metrics.STORE_UP.set(1 if ready else 0)
+        return ready
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -502,6 +505,7 @@ class LSTMSessions:
             await asyncio.sleep(settings.sweep_interval_s)
             if self.store.sweep():
                 self._count_sessions()
+            metrics.STORE_UP.set(1 if await self.sessions.ready() else 0)
 
 
 cast(Any, LSTMSessions).add_asgi_middleware(ErrorContract, max_body_bytes=settings.max_body_bytes)

@@ -22,9 +22,18 @@ PROCESS_GROUPS: dict[str, int] = {}  # server URL -> process group, for kill -9 
 
 
 def kill_hard(url: str) -> None:
-    """kill -9 a server started by bentoml_server: its arbiter and its workers at once."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(PROCESS_GROUPS[url], signal.SIGKILL)
+    """kill -9 a server started by bentoml_server: its arbiter and its workers at once.
+
+    BentoML's workers run in sessions of their own, so killing the arbiter's process group would
+    leave them serving: kill every descendant by pid.
+    """
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        arbiter = psutil.Process(PROCESS_GROUPS[url])
+        for proc in [*arbiter.children(recursive=True), arbiter]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
 
 
 def free_port() -> int:
@@ -85,13 +94,23 @@ def bentoml_server(
             time.sleep(0.2)
         yield url
     finally:
+        import psutil
+
+        try:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            workers = []
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # a clean stop: the arbiter stops its workers
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        for worker in alive:  # workers live in sessions of their own: never leave one behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
         if log:
             out.close()  # type: ignore[union-attr]
 

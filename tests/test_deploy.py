@@ -1,0 +1,147 @@
+"""The deployment files, validated as far as a machine without Docker can: schema, mounts,
+names and ports that must agree across files, and the real tools' own checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from service import metrics as service_metrics
+from tests.servers import free_port, need_binary
+from tests.topology import (
+    DEPLOY,
+    ROOT,
+    compose,
+    metric_names,
+    nginx_listen_port,
+    nginx_upstreams,
+    prometheus_config,
+    prometheus_targets,
+    render_nginx,
+    render_prometheus,
+)
+
+SCHEMA = ROOT.parent / "shared" / "reference" / "compose-spec.schema.json"
+REPLICAS = ["lstm-1", "lstm-2"]
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.gpu.yml"])
+def test_compose_files_match_the_compose_schema(name: str) -> None:
+    if not SCHEMA.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SCHEMA} is missing: CI runs with shared/ beside the checkout")
+        pytest.skip(f"{SCHEMA} is not beside this checkout")
+    # The schema declares draft 7 by an identifier jsonschema does not know; name it here.
+    jsonschema.Draft7Validator(json.loads(SCHEMA.read_text())).validate(compose(name))
+
+
+def test_every_mounted_file_and_build_input_exists() -> None:
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        for service, spec in compose(name)["services"].items():
+            for volume in spec.get("volumes", []):
+                host = volume.split(":", 1)[0]
+                if host.startswith("./"):
+                    assert (ROOT / host).exists(), f"{name}: {service} mounts missing {host}"
+            build = spec.get("build")
+            if build:
+                assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for copied in re.findall(r"^COPY (\S+)", dockerfile, re.MULTILINE):
+        assert (ROOT / copied).exists(), f"Dockerfile copies missing {copied}"
+
+
+def test_hosts_and_ports_agree_across_files() -> None:
+    services = compose()["services"]
+    assert set(REPLICAS) <= set(services)
+    for replica in REPLICAS:
+        assert services[replica]["expose"] == ["3000"]
+        assert services[replica]["environment"]["LSTM_REDIS_URL"] == "redis://redis:6379/0"
+        assert "redis" in services[replica]["depends_on"]
+    expected = [f"{r}:3000" for r in REPLICAS]
+    assert nginx_upstreams() == expected
+    assert prometheus_targets() == expected
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "EXPOSE 3000" in dockerfile and '"--port", "3000"' in dockerfile
+    assert services["nginx"]["ports"][0].endswith(f":{nginx_listen_port()}")
+    # Prometheus loads the rules from where Compose mounts them.
+    mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"])
+    assert mounts["./deploy/prometheus/alerts.yml"] in prometheus_config()["rule_files"]
+    # Grafana reads the dashboards and the datasource where they are mounted and served.
+    mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"])
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/lstm.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == mounts["./deploy/grafana/dashboards"]
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    assert services["prometheus"]["ports"][0].endswith(":9090")
+
+
+def test_alerts_and_dashboard_use_metrics_that_exist() -> None:
+    ours = set()
+    for value in vars(service_metrics).values():
+        name = getattr(value, "_name", None)
+        if isinstance(name, str):
+            kind = getattr(value, "_type", "")
+            ours |= {name} | ({f"{name}_total"} if kind == "counter" else set())
+            ours |= (
+                {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else set()
+            )
+    bentoml_names = {
+        "bentoml_service_request_duration_seconds_bucket",
+        "bentoml_service_request_total",
+        "bentoml_service_request_in_progress",
+    }
+    alerts = (DEPLOY / "prometheus" / "alerts.yml").read_text()
+    dashboard = (DEPLOY / "grafana" / "dashboards" / "lstm-sessions.json").read_text()
+    json.loads(dashboard)
+    for source, text in (("alerts.yml", alerts), ("dashboard", dashboard)):
+        used = metric_names(text)
+        assert used, source
+        unknown = used - ours - bentoml_names
+        assert not unknown, f"{source} uses metrics nobody exports: {sorted(unknown)}"
+    names = {r["alert"] for g in yaml.safe_load(alerts)["groups"] for r in g["rules"]}
+    assert names == {"LSTMReplicaDown", "LSTMStepErrorRate", "LSTMStepLatencyP99", "LSTMRedisDown"}
+
+
+def test_promtool_accepts_the_config_and_rules(tmp_path: Path) -> None:
+    promtool = need_binary("promtool")
+    rules = DEPLOY / "prometheus" / "alerts.yml"
+    done = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = tmp_path / "prometheus.yml"
+    config.write_text(render_prometheus(prometheus_targets(), rules, interval="15s"))
+    done = subprocess.run(
+        [promtool, "check", "config", str(config)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_nginx_accepts_its_config(tmp_path: Path) -> None:
+    nginx = need_binary("nginx")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx(["127.0.0.1:3001", "127.0.0.1:3002"], free_port()))
+    done = subprocess.run(
+        [
+            nginx,
+            "-t",
+            "-p",
+            str(tmp_path),
+            "-c",
+            str(conf),
+            "-e",
+            str(tmp_path / "error.log"),
+            "-g",
+            f"pid {tmp_path / 'nginx.pid'};",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
