@@ -50,6 +50,7 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/model_bench.py
+	$(PY) bench/model_bench.py --device cpu --block 20 --steps 1
 
 clean:
 	rm -rf $(VENV) bentoml_home .pytest_cache .mypy_cache .ruff_cache

@@ -41,8 +41,14 @@ def time_interleaved(
     fns: dict[str, Callable[[], object]],
     device: str,
     budget_s: float,
+    block: int = 1,
 ) -> dict[str, float]:
-    """Median seconds per call of each fn, repeats interleaved, about ``budget_s`` in all."""
+    """Median seconds per call of each fn, about ``budget_s`` in all.
+
+    Contenders alternate every ``block`` calls: block 1 interleaves call by call (each call finds
+    caches as the other contender left them); a larger block measures warm, back-to-back calls,
+    as a server stepping the same model again and again sees them.
+    """
     for fn in fns.values():  # warm up: allocator, oneDNN primitive cache, CUDA context
         fn()
         fn()
@@ -54,12 +60,13 @@ def time_interleaved(
     one_round = time.perf_counter() - start
     repeats = max(3, min(200, int(budget_s / max(one_round, 1e-9))))
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
+    for _ in range(max(1, repeats // block)):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            samples[name].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                samples[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -84,13 +91,18 @@ def contenders(
     return fns
 
 
-def bench_device(device: str, quick: bool) -> list[dict[str, object]]:
+def bench_device(
+    device: str,
+    quick: bool,
+    block: int = 1,
+    steps_list: tuple[int, ...] = STEPS,
+) -> list[dict[str, object]]:
     torch.manual_seed(0)
     ref = nn.LSTM(INPUT, HIDDEN, LAYERS, batch_first=True).to(device).eval()
     ours = StackedLSTM.from_torch(ref).eval()
     rows = []
     for batch in BATCHES:
-        for steps in STEPS:
+        for steps in steps_list:
             if quick and batch * steps > 64 * 32:
                 continue
             x = torch.randn(batch, steps, INPUT, device=device)
@@ -100,7 +112,7 @@ def bench_device(device: str, quick: bool) -> list[dict[str, object]]:
             fns = contenders(ours, ref, x, LSTMState(h0, c0), device)
             with torch.no_grad():
                 worst = (ours(x, LSTMState(h0, c0))[0] - ref(x, (h0, c0))[0]).abs().max().item()
-                medians = time_interleaved(fns, device, budget_s=0.5 if quick else 3.0)
+                medians = time_interleaved(fns, device, budget_s=0.5 if quick else 3.0, block=block)
             row: dict[str, object] = {
                 "device": device,
                 "batch": batch,
@@ -152,6 +164,19 @@ def main() -> int:
     )
     p.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     p.add_argument("--quick", action="store_true", help="small shapes only, short budget")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="calls per contender before switching (1: interleaved; 20: warm)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        nargs="*",
+        default=list(STEPS),
+        help="timesteps to run (default: 1 32 256)",
+    )
     args = p.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -162,10 +187,15 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for device in devices:
         print(f"\n{device}: hidden {HIDDEN}, {LAYERS} layers, input {INPUT}, median ms per call")
-        rows = bench_device(device, args.quick)
-        out = RESULTS / f"model_bench-{device}.json"
+        rows = bench_device(device, args.quick, args.block, tuple(args.steps))
+        suffix = "" if args.block == 1 else f"-block{args.block}"
+        out = RESULTS / f"model_bench-{device}{suffix}.json"
         out.write_text(
-            json.dumps({"machine": machine(), "quick": args.quick, "rows": rows}, indent=2) + "\n"
+            json.dumps(
+                {"machine": machine(), "quick": args.quick, "block": args.block, "rows": rows},
+                indent=2,
+            )
+            + "\n"
         )
         print(f"wrote {out}")
     return 0
