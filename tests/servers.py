@@ -42,6 +42,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_command(port: int) -> list[str]:
+    bentoml = Path(sys.executable).with_name("bentoml")
+    return [
+        str(bentoml),
+        "serve",
+        "service.service:LSTMSessions",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def server_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The test's environment for a server: its own snapshot file, bentoml's own metrics dir."""
+    snapshot = tempfile.mktemp(prefix="lstm-snapshot-")  # a path the server creates
+    full_env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "true",
+        "LSTM_SNAPSHOT_PATH": snapshot,
+        **(env or {}),
+    }
+    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets its own
+    return full_env
+
+
 @contextlib.contextmanager
 def bentoml_server(
     env: dict[str, str] | None = None,
@@ -51,28 +77,11 @@ def bentoml_server(
 ) -> Iterator[str]:
     """A real server on a free loopback port; yields its base URL once /readyz answers 200."""
     port = free_port()
-    bentoml = Path(sys.executable).with_name("bentoml")
-    snapshot = tempfile.mktemp(prefix="lstm-snapshot-")
-    full_env = {
-        **os.environ,
-        "BENTOML_DO_NOT_TRACK": "true",
-        "LSTM_SNAPSHOT_PATH": snapshot,
-        **(env or {}),
-    }
-    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve sets its own
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [
-            str(bentoml),
-            "serve",
-            "service.service:LSTMSessions",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        serve_command(port),
         cwd=ROOT,
-        env=full_env,
+        env=server_env(env),
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -119,21 +128,10 @@ def run_server_to_exit(
     env: dict[str, str], timeout_s: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """Start a server expected to refuse to start; return how it ended."""
-    bentoml = Path(sys.executable).with_name("bentoml")
-    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env}
-    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return subprocess.run(
-        [
-            str(bentoml),
-            "serve",
-            "service.service:LSTMSessions",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-        ],
+        serve_command(free_port()),
         cwd=ROOT,
-        env=full_env,
+        env=server_env(env),
         capture_output=True,
         text=True,
         timeout=timeout_s,
