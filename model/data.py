@@ -70,17 +70,18 @@ def load_acsf1() -> SeriesSet:
     )
 
 
-def load_csv(
+def read_long_csv(
     path: str | Path,
     *,
     id_col: str = "series_id",
     time_col: str = "time",
     value_cols: list[str] | None = None,
-) -> SeriesSet:
+) -> tuple[list[str], dict[str, list[tuple[str, list[float]]]]]:
     """Long format: one row per (series, time), one or more value columns.
 
-    Rows are ordered by ``time`` within each series (numerically when every time parses as a
-    number, else as text, which suits ISO 8601 timestamps).
+    Returns the value column names and, per series id (sorted), its rows as (time, values)
+    ordered by time: numerically when the time parses as a number, else as text (which suits
+    ISO 8601 timestamps).
     """
     path = Path(path)
     with path.open(newline="") as f:
@@ -106,11 +107,21 @@ def load_csv(
         except ValueError:
             return (0.0, item[0])
 
-    ids = sorted(rows)
-    series = [
-        np.array([v for _, v in sorted(rows[i], key=time_key)], dtype=np.float32) for i in ids
-    ]
-    return SeriesSet(path.stem, tuple(values), series, ids, [""] * len(ids))
+    return values, {i: sorted(rows[i], key=time_key) for i in sorted(rows)}
+
+
+def load_csv(
+    path: str | Path,
+    *,
+    id_col: str = "series_id",
+    time_col: str = "time",
+    value_cols: list[str] | None = None,
+) -> SeriesSet:
+    """A long-format CSV (see ``read_long_csv``) as a SeriesSet."""
+    values, rows = read_long_csv(path, id_col=id_col, time_col=time_col, value_cols=value_cols)
+    series = [np.array([v for _, v in r], dtype=np.float32) for r in rows.values()]
+    ids = list(rows)
+    return SeriesSet(Path(path).stem, tuple(values), series, ids, [""] * len(ids))
 
 
 def split_by_series(

@@ -194,3 +194,64 @@ def test_embedded_store_survives_a_clean_restart(tmp_path: Path) -> None:
         ).json()
     got = [o["mean"][0] for o in first["outputs"] + rest["outputs"]]
     assert got == pytest.approx([o["mean"][0] for o in whole["outputs"]], abs=1e-5)
+
+
+def test_async_client_streams_against_the_real_server(server: str) -> None:
+    import asyncio
+
+    from client import AsyncLSTMClient
+
+    values = [[0.3], [-0.58], [1.73], [-0.58], [0.1]]
+
+    async def main() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        async with AsyncLSTMClient(server) as api:
+            whole = await api.predict(values)
+            async with await api.session("async-1") as session:
+                outs = [o async for o in session.stream([values[:2], values[2:]])]
+                assert session.t == 5
+            return outs, whole
+
+    outs, whole = asyncio.run(main())
+    for a, b in zip(outs, whole["outputs"], strict=True):
+        assert a["mean"][0] == pytest.approx(b["mean"][0], abs=1e-5)
+
+
+def test_cli_streams_a_csv_and_writes_forecasts(server: str, tmp_path: Path) -> None:
+    import csv
+
+    cli = Path(sys.executable).with_name("lstm-serve")
+    source = tmp_path / "two.csv"
+    lines = ["series_id,time,kwh"] + [
+        f"m{i % 2},{i // 2},{(i * 37 % 11) / 5 - 1:.2f}" for i in range(40)
+    ]
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "forecasts.csv"
+    done = subprocess.run(
+        [
+            str(cli),
+            "stream",
+            str(source),
+            "--url",
+            server,
+            "--chunk",
+            "7",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 40
+    assert set(rows[0]) == {"series_id", "time", "kwh", "mean_kwh", "std_kwh", "anomaly_z_kwh"}
+    m0 = [[float(r["kwh"])] for r in rows if r["series_id"] == "m0"]
+    reference = post(server, "/v1/predict", {"inputs": m0}).json()["outputs"]
+    got = [float(r["mean_kwh"]) for r in rows if r["series_id"] == "m0"]
+    assert got == pytest.approx([o["mean"][0] for o in reference], abs=1e-5)
+    assert rows[0]["anomaly_z_kwh"] == ""  # no forecast preceded a series' first value
+    help_text = subprocess.run([str(cli), "stream", "--help"], capture_output=True, text=True)
+    for option in ("--url", "--chunk", "--out", "--value-cols", "--keep"):
+        assert option in help_text.stdout

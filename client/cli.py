@@ -1,0 +1,151 @@
+"""``lstm-serve``: serve, train, stream a CSV through a session, benchmark.
+
+lstm-serve serve --port 3000
+lstm-serve train --csv my.csv --out models/mine --name mine
+lstm-serve stream examples/meters.csv --out forecasts.csv
+lstm-serve bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TextIO
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Import the shipped model into BentoML's store if needed, then run the service."""
+    from service.model_registry import import_checkpoint
+
+    if not os.environ.get("LSTM_MODEL_TAG"):
+        import_checkpoint(args.model_dir)
+    bentoml = Path(sys.executable).with_name("bentoml")
+    command = [
+        str(bentoml),
+        "serve",
+        "service.service:LSTMSessions",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    return subprocess.call(command, cwd=ROOT)
+
+
+def stream(args: argparse.Namespace) -> int:
+    """Stream every series of a long-format CSV through its own session; write the outputs."""
+    from tqdm import tqdm
+
+    from client.client import LSTMClient
+    from model.data import read_long_csv
+
+    values, rows = read_long_csv(
+        args.file,
+        id_col=args.id_col,
+        time_col=args.time_col,
+        value_cols=args.value_cols.split(",") if args.value_cols else None,
+    )
+    out: TextIO = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
+    writer = csv.writer(out)
+    writer.writerow(
+        [
+            args.id_col,
+            args.time_col,
+            *values,
+            *(f"mean_{v}" for v in values),
+            *(f"std_{v}" for v in values),
+            *(f"anomaly_z_{v}" for v in values),
+        ]
+    )
+    total = sum(len(r) for r in rows.values())
+    with (
+        LSTMClient(args.url, timeout_s=args.timeout) as api,
+        tqdm(total=total, unit="step", file=sys.stderr, disable=args.quiet) as bar,
+    ):
+        for series_id, series in rows.items():
+            with api.session(keep=args.keep) as session:
+                for lo in range(0, len(series), args.chunk):
+                    chunk = series[lo : lo + args.chunk]
+                    outputs = session.step([v for _, v in chunk])["outputs"]
+                    for (time, value), o in zip(chunk, outputs, strict=True):
+                        z = o["anomaly_z"] or [""] * len(values)
+                        writer.writerow([series_id, time, *value, *o["mean"], *o["std"], *z])
+                    bar.update(len(chunk))
+    if args.out:
+        out.close()
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from model.train import main as train_main
+
+    return train_main(args.train_args)
+
+
+def bench(args: argparse.Namespace) -> int:
+    return subprocess.call(
+        [sys.executable, str(ROOT / "bench" / "model_bench.py"), *args.bench_args]
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lstm-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the service (bentoml serve, one worker)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=3000, help="port to listen on")
+    s.add_argument(
+        "--model-dir",
+        type=Path,
+        default=ROOT / "models" / "acsf1-forecaster",
+        help="checkpoint to import and serve when LSTM_MODEL_TAG is unset",
+    )
+    s.set_defaults(run=serve)
+
+    t = sub.add_parser(
+        "train", help="train a forecaster (python -m model.train; see its --help)", add_help=False
+    )
+    t.add_argument("train_args", nargs=argparse.REMAINDER)
+    t.set_defaults(run=train)
+
+    st = sub.add_parser(
+        "stream",
+        help="stream a long-format CSV through sessions, write the "
+        "forecasts and anomaly scores as CSV",
+    )
+    st.add_argument("file", type=Path, help="CSV: a series id column, a time column, values")
+    st.add_argument("--url", default="http://127.0.0.1:3000", help="the service's base URL")
+    st.add_argument("--id-col", default="series_id", help="series id column")
+    st.add_argument("--time-col", default="time", help="time column (numbers or ISO 8601)")
+    st.add_argument("--value-cols", help="comma-separated value columns (default: all others)")
+    st.add_argument("--chunk", type=int, default=32, help="timesteps per step request")
+    st.add_argument("--out", type=Path, help="output CSV (default: standard output)")
+    st.add_argument("--keep", action="store_true", help="keep the sessions after streaming")
+    st.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    st.add_argument("--quiet", action="store_true", help="no progress bar")
+    st.set_defaults(run=stream)
+
+    b = sub.add_parser(
+        "bench", help="bench/model_bench.py (pass its options after --)", add_help=False
+    )
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(run=bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""The Python client against the service in process: sessions, streaming, safe retries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from client import APIError, LSTMClient
+from service.service import LSTMSessions
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+VALUES = [[v] for v in (0.4, -0.6, 1.7, -0.6, -0.58, 1.73, 0.0, -0.2, 0.9)]
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[TestClient]:
+    with TestClient(LSTMSessions.to_asgi()) as c:
+        yield c
+
+
+class LosesOneStepAnswer:
+    """An HTTP client whose first step request reaches the server but whose answer is lost."""
+
+    def __init__(self, http: TestClient) -> None:
+        self.http = http
+        self.lost = 0
+
+    def post(self, route: str, **kwargs: Any) -> httpx.Response:
+        response = self.http.post(route, **kwargs)
+        if route.endswith("/step") and not self.lost:
+            self.lost += 1
+            raise httpx.ReadTimeout("the answer was lost on the way back")
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def test_session_stream_equals_predict_and_is_deleted_on_exit(http: TestClient) -> None:
+    api = LSTMClient(http=http)
+    whole = api.predict(VALUES)["outputs"]
+    with api.session("client-1") as session:
+        streamed = list(session.stream([VALUES[:2], VALUES[2:3], VALUES[3:]]))
+        assert session.t == len(VALUES) == session.info()["t"]
+        forecast = session.forecast(3)["forecast"]
+    for a, b in zip(streamed, whole, strict=True):
+        assert a["mean"][0] == pytest.approx(b["mean"][0], abs=1e-5)
+    assert forecast[0]["mean"] == streamed[-1]["mean"]
+    with pytest.raises(APIError) as gone:
+        api.attach("client-1")
+    assert gone.value.status == 404 and gone.value.code == "session_not_found"
+
+
+def test_a_lost_answer_is_retried_with_seq_and_applied_once(http: TestClient) -> None:
+    flaky = LosesOneStepAnswer(http)
+    api = LSTMClient(http=flaky, backoff_s=0)  # type: ignore[arg-type]
+    with api.session("client-retry") as session:
+        first = session.step(VALUES[:3])
+        assert flaky.lost == 1  # the first answer never arrived; the retry got the replay
+        assert first["t"] == 3 == session.info()["t"]  # applied once, not twice
+        second = session.step(VALUES[3:5])
+        assert second["t"] == 5
+    reference = LSTMClient(http=http).predict(VALUES[:5])["outputs"]
+    got = first["outputs"] + second["outputs"]
+    for a, b in zip(got, reference, strict=True):
+        assert a["mean"][0] == pytest.approx(b["mean"][0], abs=1e-5)
+
+
+def test_errors_raise_with_their_code(http: TestClient) -> None:
+    api = LSTMClient(http=http)
+    with api.session("client-bad") as session:
+        with pytest.raises(APIError) as bad:
+            session.step([[1.0, 2.0]])
+        assert bad.value.status == 422 and bad.value.code == "wrong_feature_count"
+        assert bad.value.details["expected"] == 1
+        assert session.t == 0
