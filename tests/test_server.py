@@ -255,3 +255,15 @@ def test_cli_streams_a_csv_and_writes_forecasts(server: str, tmp_path: Path) -> 
     help_text = subprocess.run([str(cli), "stream", "--help"], capture_output=True, text=True)
     for option in ("--url", "--chunk", "--out", "--value-cols", "--keep"):
         assert option in help_text.stdout
+
+
+def test_readme_client_example_runs_as_written(
+    server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Python client and CLI\s*```python\n(.*?)```", readme, re.DOTALL)
+    assert block, "README lost its client example"
+    exec(compile(block.group(1).replace("http://127.0.0.1:3000", server), "README", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4  # three timesteps, then the forecast
+    assert printed[0].startswith("[") and "None" in printed[0]  # anomaly_z is null at t = 0
