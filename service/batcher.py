@@ -100,7 +100,7 @@ class _Job:
 @dataclass(eq=False)
 class _StepJob(_Job):
     session: Session
-    x: Tensor  # (T, F) on the model's device
+    x: Tensor  # (T, F) on the CPU: the worker thread moves it to the device
     digest: bytes
     return_gates: bool
 
@@ -166,19 +166,20 @@ class MicroBatcher:
 
     async def _submit(self, job: _Job) -> Any:
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
+        if self._queue is None:
             self._queue = asyncio.Queue()
+        if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._run(), name="micro-batcher")
-        assert self._queue is not None
         job.future = loop.create_future()
         self._queue.put_nowait(job)
         try:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
-            # The caller went away: still wait for the job, so the session's lock (held by the
-            # caller) is not released while its step is in flight.
-            with contextlib.suppress(Exception):
-                await job.future
+            # The caller went away: still wait for the job, however often we are cancelled, so
+            # the session's lock (held by the caller) is not released while its step is in flight.
+            while not job.future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({job.future})
             raise
 
     # --- the worker --------------------------------------------------------------------------
@@ -188,34 +189,46 @@ class MicroBatcher:
         while True:
             jobs = self._deferred or [await self._queue.get()]
             self._deferred = []
-            if self.wait_s:
-                await asyncio.sleep(self.wait_s)
-            while len(jobs) < self.max_batch and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-            batch: list[_Job] = []
-            seen: set[int] = set()
-            for job in jobs:  # at most one job per session per round
-                key = id(job.session) if isinstance(job, _StepJob | _ForecastJob) else id(job)
-                (self._deferred if key in seen else batch).append(job)
-                seen.add(key)
-            now = time.perf_counter()
-            for job in batch:
-                self.observer.queue_wait(now - job.enqueued)
-            results = await asyncio.to_thread(self._compute, batch)
-            steps = [
-                (job, r)
-                for job, r in zip(batch, results, strict=True)
-                if isinstance(job, _StepJob) and isinstance(r, _Computed)
-            ]
-            if steps:
-                results = await self._commit(steps, batch, results)
-            for job, result in zip(batch, results, strict=True):
-                if job.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+            try:
+                await self._round(jobs)
+            except Exception as e:  # never leave a caller waiting: fail what is unanswered
+                failure = ModelFailure(f"the batcher failed: {type(e).__name__}")
+                for job in [*jobs, *self._deferred]:
+                    if not job.future.done():
+                        job.future.set_exception(failure)
+                self._deferred = []
+
+    async def _round(self, jobs: list[_Job]) -> None:
+        """Run one round: gather, compute, persist, scatter, answer."""
+        assert self._queue is not None
+        if self.wait_s:
+            await asyncio.sleep(self.wait_s)
+        while len(jobs) < self.max_batch and not self._queue.empty():
+            jobs.append(self._queue.get_nowait())
+        batch: list[_Job] = []
+        seen: set[int] = set()
+        for job in jobs:  # at most one job per session per round
+            key = id(job.session) if isinstance(job, _StepJob | _ForecastJob) else id(job)
+            (self._deferred if key in seen else batch).append(job)
+            seen.add(key)
+        now = time.perf_counter()
+        for job in batch:
+            self.observer.queue_wait(now - job.enqueued)
+        results = await asyncio.to_thread(self._compute, batch)
+        steps = [
+            (job, r)
+            for job, r in zip(batch, results, strict=True)
+            if isinstance(job, _StepJob) and isinstance(r, _Computed)
+        ]
+        if steps:
+            results = await self._commit(steps, batch, results)
+        for job, result in zip(batch, results, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
 
     async def _commit(
         self,
@@ -309,7 +322,7 @@ class MicroBatcher:
     def _steps(self, jobs: list[_StepJob]) -> list[_Computed]:
         started = time.perf_counter()
         slots = torch.tensor([j.session.slot for j in jobs], device=self.device)
-        x = torch.stack([j.x for j in jobs])  # (B, T, F)
+        x = torch.stack([j.x for j in jobs]).to(self.device)  # (B, T, F), off the event loop
         state = self.pool.gather(slots)
         prev_mean = self.pool.next_mean.index_select(0, slots)  # (B, F)
         prev_std = self.pool.next_std.index_select(0, slots)
@@ -346,7 +359,7 @@ class MicroBatcher:
 
     def _predict(self, job: _PredictJob) -> Outputs:
         started = time.perf_counter()
-        x = job.x.unsqueeze(0)  # (1, T, F)
+        x = job.x.unsqueeze(0).to(self.device)  # (1, T, F)
         mean, std, _, gates = self.model(x, None, return_gates=job.return_gates)
         z = torch.cat(
             [torch.full_like(x[:, :1], float("nan")), (x[:, 1:] - mean[:, :-1]) / std[:, :-1]],

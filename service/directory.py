@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 from typing import Any, Protocol
 
 import torch
@@ -22,10 +23,12 @@ from service.errors import (
     SessionExpired,
     SessionNotFound,
     StaleSession,
+    StoreCorrupted,
+    StoreUnavailable,
 )
 from service.redis_state import RedisState, Write
 from service.sessions import AppliedStep, Session, SessionStore
-from service.state_blob import SessionState, decode, encode
+from service.state_blob import BlobError, SessionState, decode, encode
 
 
 class Sessions(Protocol):
@@ -137,7 +140,14 @@ class RedisSessions:
                     f"session {session_id!r} expired after its TTL", session_id=session_id
                 )
             raise SessionNotFound(f"no session {session_id!r}", session_id=session_id)
-        header, state = decode(stored.state)
+        try:
+            header, state = decode(stored.state)
+            last_step = decode_last_step(stored.last_step)
+        except (BlobError, ValueError, KeyError, TypeError) as e:
+            raise StoreCorrupted(f"session {session_id!r} is unreadable in Redis: {e}") from None
+        cached = self.store.peek(session_id)
+        if cached is not None:  # another request loaded it while this one waited on Redis
+            return cached
         if (header.get("model"), header.get("model_version")) != (
             self.header["model"],
             self.header["model_version"],
@@ -148,7 +158,8 @@ class RedisSessions:
         session = self.store.restore(
             session_id, state, t=stored.t, ttl_s=stored.ttl_s, created_at=stored.created_at
         )
-        session.last_step = decode_last_step(stored.last_step)
+        session.last_step = last_step
+        session.epoch = stored.epoch
         return session
 
     async def reload(self, session_id: str) -> Session:
@@ -159,12 +170,14 @@ class RedisSessions:
 
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
         session = self.store.create(session_id, ttl_s)
+        session.epoch = secrets.token_hex(8)
         try:
             created = await self.redis.create(
                 session.id,
                 self._blob(session.id, 0, self._zero_state()),
                 session.created_at,
                 session.ttl_s,
+                session.epoch,
             )
         except ServiceError:
             self.store.drop(session)
@@ -179,14 +192,16 @@ class RedisSessions:
         self.store.delete(session)
 
     async def reset(self, session: Session) -> None:
+        epoch = secrets.token_hex(8)
         if not await self.redis.reset(
-            session.id, self._blob(session.id, 0, self._zero_state()), session.ttl_s
+            session.id, self._blob(session.id, 0, self._zero_state()), session.ttl_s, epoch
         ):
             self.store.drop(session)
             raise SessionExpired(
                 f"session {session.id!r} expired after its TTL", session_id=session.id
             )
         self.store.reset(session)
+        session.epoch = epoch
 
     async def touch(self, session: Session) -> None:
         self.store.touch(session)
@@ -200,9 +215,8 @@ class RedisSessions:
     ) -> Session:
         """A new session holding ``state`` at ``t``: created at 0, then moved to t atomically."""
         session = await self.create(session_id, ttl_s)
-        if t == 0 and state == self._zero_state():
-            return session
-        write = Write(session.id, 0, t, self._blob(session.id, t, state), b"", session.ttl_s)
+        blob = self._blob(session.id, t, state)
+        write = Write(session.id, session.epoch, 0, t, blob, b"", session.ttl_s)
         try:
             [(ok, _)] = await self.redis.commit([write])
         except ServiceError:
@@ -222,6 +236,7 @@ class RedisSessions:
             writes.append(
                 Write(
                     c.session.id,
+                    c.session.epoch,
                     c.seq,
                     c.t,
                     self._blob(c.session.id, c.t, c.state),
@@ -241,6 +256,8 @@ class RedisSessions:
                 verdicts.append(
                     StaleSession(f"session {c.session.id!r} is at t = {stored_t}", t=stored_t)
                 )
+            elif ok == -2:
+                verdicts.append(StoreUnavailable(f"Redis failed the write of {c.session.id!r}"))
             else:
                 self.store.drop(c.session)
                 verdicts.append(

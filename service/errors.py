@@ -105,6 +105,10 @@ class StoreUnavailable(ServiceError):
     status, code = 503, "store_unavailable"
 
 
+class StoreCorrupted(ServiceError):
+    status, code = 500, "store_corrupted"
+
+
 class ModelFailure(ServiceError):
     status, code = 500, "model_failure"
 

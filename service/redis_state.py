@@ -1,14 +1,17 @@
 """Durable session state in Redis, shared by every replica.
 
-Each session is one hash, ``lstm:s:<id>``, with fields ``t`` (decimal), ``state`` (a state blob:
-``service.state_blob``, no pickle), ``created_at``, ``ttl_ms`` and ``last_step`` (JSON: the last
-applied step's seq, input digest and response, so any replica can answer a retry). The key's
+Each session is one hash, ``lstm:s:<id>``, with fields ``t`` (decimal), ``epoch`` (a token new at
+every create and reset), ``state`` (a state blob: ``service.state_blob``, no pickle),
+``created_at``, ``ttl_ms`` and ``last_step`` (JSON: the last applied step's seq, input digest and
+response, so any replica can answer a retry). The key's
 expiry is the session's TTL, renewed at every write. A second key, ``lstm:k:<id>``, outlives it by
 a day so that a vanished session answers ``session_expired`` rather than ``session_not_found``.
 
-Every step is a compare-and-set on ``t`` in a Lua script: the new state is written only if the
-stored ``t`` is still the one the step was computed from, so two replicas can never both apply
-step ``t``. A batch's writes go in one pipelined round trip.
+Every step is a compare-and-set on ``(epoch, t)`` in a Lua script: the new state is written only
+if the stored session is still the one the step was computed from (same epoch: not reset or
+re-created since; same ``t``), so two replicas can never both apply step ``t``. A write that is
+already in place (a pipeline re-sent after a dropped connection) is recognised and accepted once.
+A batch's writes go in one pipelined round trip.
 """
 
 from __future__ import annotations
@@ -28,17 +31,23 @@ KNOWN_FOR_MS = 86_400_000  # how long a vanished session is still recognised as 
 
 CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 't', '0', 'state', ARGV[1], 'created_at', ARGV[2], 'ttl_ms', ARGV[3])
+redis.call('HSET', KEYS[1], 't', '0', 'state', ARGV[1], 'created_at', ARGV[2], 'ttl_ms', ARGV[3],
+           'epoch', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
 return 1
 """
 
-# Returns {1, t} when written, {0, t} when the stored t differs, {-1} when the session is gone.
+# Returns {1, t} when written (or already written by this very write), {0, t} when the stored
+# session moved on or was reset, {-1} when it is gone.
 COMMIT = """
 local t = redis.call('HGET', KEYS[1], 't')
 if not t then return {-1} end
-if t ~= ARGV[1] then return {0, tonumber(t)} end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch == ARGV[7] and t == ARGV[2] and redis.call('HGET', KEYS[1], 'last_step') == ARGV[4] then
+  return {1, tonumber(t)}
+end
+if epoch ~= ARGV[7] or t ~= ARGV[1] then return {0, tonumber(t)} end
 redis.call('HSET', KEYS[1], 't', ARGV[2], 'state', ARGV[3], 'last_step', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[6])
@@ -47,7 +56,7 @@ return {1, tonumber(ARGV[2])}
 
 RESET = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 't', '0', 'state', ARGV[1])
+redis.call('HSET', KEYS[1], 't', '0', 'state', ARGV[1], 'epoch', ARGV[3])
 redis.call('HDEL', KEYS[1], 'last_step')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
@@ -57,6 +66,7 @@ return 1
 @dataclass(frozen=True)
 class Stored:
     t: int
+    epoch: str
     state: bytes
     created_at: float
     ttl_s: float
@@ -66,6 +76,7 @@ class Stored:
 @dataclass(frozen=True)
 class Write:
     session_id: str
+    epoch: str
     seq: int
     t: int
     state: bytes
@@ -106,10 +117,12 @@ class RedisState:
         except (RedisError, OSError):
             return False
 
-    async def create(self, session_id: str, state: bytes, created_at: float, ttl_s: float) -> bool:
+    async def create(
+        self, session_id: str, state: bytes, created_at: float, ttl_s: float, epoch: str
+    ) -> bool:
         """Store a new session at t = 0; False if the id is taken."""
         ttl_ms = max(1, int(ttl_s * 1000))
-        args: list[Arg] = [state, repr(created_at), ttl_ms, ttl_ms + KNOWN_FOR_MS]
+        args: list[Arg] = [state, repr(created_at), ttl_ms, ttl_ms + KNOWN_FOR_MS, epoch]
         return bool(await self._call(self._create(keys=self._keys(session_id), args=args)))
 
     async def load(self, session_id: str) -> Stored | None:
@@ -118,6 +131,7 @@ class RedisState:
             return None
         return Stored(
             int(fields[b"t"]),
+            fields.get(b"epoch", b"").decode(),
             fields[b"state"],
             float(fields[b"created_at"]),
             int(fields[b"ttl_ms"]) / 1000,
@@ -129,23 +143,32 @@ class RedisState:
 
     async def commit(self, writes: list[Write]) -> list[tuple[int, int]]:
         """Compare-and-set every write in one round trip: (1, t) written, (0, t) stale, (-1, -1)
-        gone."""
+        gone, (-2, -2) this write failed in Redis (the others stand)."""
         pipe = self.client.pipeline(transaction=False)
         for w in writes:
             ttl_ms = max(1, int(w.ttl_s * 1000))
-            args: list[Arg] = [w.seq, w.t, w.state, w.last_step, ttl_ms, ttl_ms + KNOWN_FOR_MS]
+            args: list[Arg] = [
+                w.seq,
+                w.t,
+                w.state,
+                w.last_step,
+                ttl_ms,
+                ttl_ms + KNOWN_FOR_MS,
+                w.epoch,
+            ]
             await self._commit(keys=self._keys(w.session_id), args=args, client=pipe)
         replies = await self._call(pipe.execute(raise_on_error=False))
         out = []
         for reply in replies:
             if isinstance(reply, Exception):
-                raise StoreUnavailable(f"the session store (Redis) failed a write: {reply}")
-            out.append((int(reply[0]), int(reply[1])) if reply[0] != -1 else (-1, -1))
+                out.append((-2, -2))
+            else:
+                out.append((int(reply[0]), int(reply[1])) if reply[0] != -1 else (-1, -1))
         return out
 
-    async def reset(self, session_id: str, state: bytes, ttl_s: float) -> bool:
+    async def reset(self, session_id: str, state: bytes, ttl_s: float, epoch: str) -> bool:
         ttl_ms = max(1, int(ttl_s * 1000))
-        args: list[Arg] = [state, ttl_ms]
+        args: list[Arg] = [state, ttl_ms, epoch]
         return bool(await self._call(self._reset(keys=self._keys(session_id), args=args)))
 
     async def touch(self, session_id: str, ttl_s: float) -> None:

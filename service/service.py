@@ -14,6 +14,7 @@ import binascii
 import functools
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ from service.http import ErrorContract
 from service.model_registry import import_checkpoint, load_from_store
 from service.redis_state import RedisState
 from service.schemas import (
+    SESSION_ID_PATTERN,
     CreateSession,
     Deleted,
     Exported,
@@ -232,19 +234,19 @@ class LSTMSessions:
         self.store.touch(session)
         last = session.last_step
         if body.seq is not None and body.seq != session.t:
+            if not fresh:  # the cached copy may lag (or predate a reset): judge by Redis's
+                raise StaleSession("seq differs from a cached t: reload and check again")
             if last is not None and body.seq == last.seq and inputs_digest(x) == last.digest:
                 metrics.REPLAYS.inc()
                 metrics.STEP_REQUESTS.labels("replayed").inc()
                 return self._step_result(session.id, last.response)
-            if not fresh:
-                raise StaleSession("seq differs from a cached t: reload and check again")
             metrics.SEQ_CONFLICTS.inc()
             raise SeqConflict(
                 f"seq {body.seq} does not match the session's t = {session.t}",
                 t=session.t,
                 seq=body.seq,
             )
-        done = await self.batcher.step(session, x.to(self.device), return_gates=body.return_gates)
+        done = await self.batcher.step(session, x, return_gates=body.return_gates)
         self.store.touch(session)
         metrics.STEP_REQUESTS.labels("applied").inc()
         return self._step_result(session.id, done)
@@ -322,12 +324,21 @@ class LSTMSessions:
         """A session restored from an exported blob, continuing where it was."""
         try:
             header, state = decode(base64.b64decode(body.blob, validate=True))
-        except (BlobError, binascii.Error, ValueError) as e:
+            session_id = body.session_id or header["session_id"]
+            t = header["t"]
+            if not (isinstance(session_id, str) and re.fullmatch(SESSION_ID_PATTERN, session_id)):
+                raise ValueError(f"session id {session_id!r} does not match {SESSION_ID_PATTERN}")
+            if not (isinstance(t, int) and t >= 0):
+                raise ValueError(f"t must be a non-negative integer, not {t!r}")
+            if not all(
+                bool(torch.isfinite(a).all())
+                for a in (state.h, state.c, state.next_mean, state.next_std)
+            ):
+                raise ValueError("the state holds NaN or infinite values")
+        except (BlobError, binascii.Error, ValueError, KeyError) as e:
             raise BlobCorrupted(f"the blob was refused: {e}") from None
         self._check_blob(header, state)
-        session = await self.sessions.restore(
-            body.session_id or header["session_id"], state, int(header["t"]), body.ttl_s
-        )
+        session = await self.sessions.restore(session_id, state, t, body.ttl_s)
         self._count_sessions()
         return self._info(session)
 
@@ -349,7 +360,7 @@ class LSTMSessions:
     async def predict(self, body: Predict, /) -> PredictResult:
         """A whole sequence in, the outputs after every timestep out; no session involved."""
         x = self._tensor(body.inputs, settings.max_predict_len, "LSTM_MAX_PREDICT_LEN")
-        out = await self.batcher.predict(x.to(self.device), return_gates=body.return_gates)
+        out = await self.batcher.predict(x, return_gates=body.return_gates)
         return PredictResult(
             outputs=self._outputs(out.mean, out.std, out.anomaly_z),
             gates=Gates(**out.gates) if out.gates else None,
@@ -427,7 +438,7 @@ class LSTMSessions:
                 session.last_active = header["last_active"]
                 restored += 1
             log.info("restored %d of %d sessions from %s", restored, len(entries), path)
-        except (BlobError, ServiceError, KeyError, TypeError) as e:
+        except (BlobError, ServiceError, KeyError, TypeError, ValueError) as e:
             rejected = path.with_name(path.name + ".rejected")
             path.replace(rejected)
             log.error("snapshot %s not restored (%s); kept as %s", path, e, rejected)

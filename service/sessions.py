@@ -118,6 +118,7 @@ class Session:
     last_active: float
     t: int = 0
     last_step: AppliedStep | None = None
+    epoch: str = ""  # with Redis: the stored incarnation this copy belongs to (new at reset)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -181,7 +182,7 @@ class SessionStore:
             session_id = secrets.token_urlsafe(16)
         else:
             existing = self._sessions.get(session_id)
-            if existing is not None and existing.expires_at <= now:
+            if existing is not None and existing.expires_at <= now and not existing.busy:
                 self._expire(existing)
             elif existing is not None:
                 raise SessionExists(f"session {session_id!r} already exists", session_id=session_id)
@@ -249,7 +250,8 @@ class SessionStore:
 
     def touch(self, session: Session) -> None:
         session.last_active = self.clock()
-        self._sessions.move_to_end(session.id)
+        if self._sessions.get(session.id) is session:
+            self._sessions.move_to_end(session.id)
 
     def reset(self, session: Session) -> None:
         """Back to zeros and t = 0; call with the session's lock held."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-")
@@ -31,3 +33,14 @@ def held_out_series() -> list[np.ndarray]:
     data = load_acsf1()
     wanted = set(card["data"]["test_ids"])
     return [s for sid, s in zip(data.ids, data.series, strict=True) if sid in wanted]
+
+
+@pytest.fixture(scope="session")
+def asgi_client() -> Iterator[Any]:
+    """One in-process app for the whole run: BentoML registers its metrics once per process."""
+    from starlette.testclient import TestClient
+
+    from service.service import LSTMSessions
+
+    with TestClient(LSTMSessions.to_asgi()) as client:
+        yield client

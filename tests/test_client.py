@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -10,17 +9,15 @@ import pytest
 from starlette.testclient import TestClient
 
 from client import APIError, LSTMClient
-from service.service import LSTMSessions
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 VALUES = [[v] for v in (0.4, -0.6, 1.7, -0.6, -0.58, 1.73, 0.0, -0.2, 0.9)]
 
 
-@pytest.fixture(scope="module")
-def http() -> Iterator[TestClient]:
-    with TestClient(LSTMSessions.to_asgi()) as c:
-        yield c
+@pytest.fixture
+def http(asgi_client: TestClient) -> TestClient:
+    return asgi_client
 
 
 class LosesOneStepAnswer:

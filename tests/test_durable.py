@@ -191,3 +191,25 @@ def test_redis_outage_answers_503_and_recovers_from_its_append_only_file(
         assert rest.status_code == 200 and rest.json()["t"] == 12
     means = [o["mean"][0] for o in first.json()["outputs"] + rest.json()["outputs"]]
     np.testing.assert_allclose(means, offline(values)[:, 0], atol=1e-5)
+
+
+def test_a_reset_elsewhere_makes_a_cached_copy_stale_even_at_the_same_t(
+    redis: RedisServer,
+) -> None:
+    env = {"LSTM_REDIS_URL": redis.url}
+    before, after = [[0.9], [-0.4], [1.6]], [[0.1], [0.2], [0.3]]
+    with bentoml_server(env) as a, bentoml_server(env) as b:
+        httpx.post(f"{a}/v1/sessions/create", json={"session_id": "epoch"})
+        step = {"session_id": "epoch", "inputs": before, "seq": 0}
+        assert httpx.post(f"{b}/v1/sessions/step", json=step).json()["t"] == 3  # b caches t=3
+        httpx.post(f"{a}/v1/sessions/reset", json={"session_id": "epoch"})
+        step = {"session_id": "epoch", "inputs": after, "seq": 0}
+        assert httpx.post(f"{a}/v1/sessions/step", json=step).json()["t"] == 3  # t=3 again
+        # b's cached copy is also at t=3, but of the old incarnation: it must not be used.
+        nxt = {"session_id": "epoch", "inputs": [[0.5]], "seq": 3}
+        got = httpx.post(f"{b}/v1/sessions/step", json=nxt).json()
+        expected = httpx.post(f"{a}/v1/predict", json={"inputs": [*after, [0.5]]}).json()
+    assert got["t"] == 4
+    assert got["outputs"][0]["mean"][0] == pytest.approx(
+        expected["outputs"][3]["mean"][0], abs=1e-5
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,10 +16,9 @@ from service.service import LSTMSessions
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    with TestClient(LSTMSessions.to_asgi()) as c:
-        yield c
+@pytest.fixture
+def client(asgi_client: TestClient) -> TestClient:
+    return asgi_client
 
 
 def post(client: TestClient, route: str, body: Any) -> tuple[int, Any]:
@@ -298,3 +296,22 @@ def test_tampered_or_foreign_blobs_are_refused(client: TestClient) -> None:
     assert status == 409 and body["error"]["code"] == "model_mismatch"
     for sid in ("t1", "t2", "t3"):
         assert post(client, "/v1/sessions/get", {"session_id": sid})[0] == 404
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"t": -3}, {"t": "7"}, {"session_id": "no spaces allowed!"}, {"session_id": 42}],
+    ids=["negative t", "string t", "bad id", "non-string id"],
+)
+def test_blobs_with_bad_headers_are_refused(client: TestClient, edit: dict[str, Any]) -> None:
+    import base64
+
+    from service.state_blob import decode, encode
+
+    if post(client, "/v1/sessions/get", {"session_id": "header-src"})[0] != 200:
+        create(client, "header-src")
+    _, exported = post(client, "/v1/sessions/export", {"session_id": "header-src"})
+    header, state = decode(base64.b64decode(exported["blob"]))
+    blob = base64.b64encode(encode(state, {**header, **edit})).decode()
+    status, body = post(client, "/v1/sessions/import", {"blob": blob})
+    assert (status, body["error"]["code"]) == (422, "blob_corrupted"), body

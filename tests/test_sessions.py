@@ -187,3 +187,43 @@ def test_forecast_leaves_the_state_alone() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_busy_expired_session_is_not_replaced_under_its_step() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store = make_store(clock=clock)
+        old = store.create("same", ttl_s=1)
+        await old.lock.acquire()  # a step is in flight
+        clock.now += 5  # and the TTL ran out meanwhile
+        with pytest.raises(SessionExists):
+            store.create("same")
+        old.lock.release()
+        store.create("same")  # idle now: expired, so the id may be taken again
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_persister_answers_every_job_and_the_batcher_lives_on() -> None:
+    model = tiny_model()
+    calls = 0
+
+    async def broken_persist(commits: list) -> list:  # type: ignore[type-arg]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("not a ServiceError")
+        return [None] * len(commits)
+
+    async def scenario() -> None:
+        store = SessionStore(StatePool(2, 8, 1, 2, "cpu"), StoreLimits(2, 60, 60, False, 10))
+        batcher = MicroBatcher(model, store.pool, persist=broken_persist)
+        s = store.create("s")
+        with pytest.raises(ModelFailure):
+            await asyncio.wait_for(batcher.step(s, torch.ones(1, 1)), timeout=10)
+        assert s.t == 0 and float(store.pool.h.abs().sum()) == 0.0  # nothing applied
+        done = await asyncio.wait_for(batcher.step(s, torch.ones(1, 1)), timeout=10)
+        assert done.t == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
