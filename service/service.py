@@ -24,7 +24,10 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import bentoml
 import torch
+from starlette.applications import Starlette
 from starlette.responses import JSONResponse
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
 
 from model import pick_device
 from service import metrics
@@ -118,10 +121,15 @@ def enforce_single_worker() -> None:
     raise RuntimeError(message)
 
 
+UI_DIR = Path(__file__).resolve().parent / "ui"
+# The live page: static files only; it talks to the public API like any client.
+ui_app = Starlette(routes=[Mount("/", StaticFiles(directory=UI_DIR, html=True))])
+
 SERVICE_NAME = "lstm_sessions"
 STALE_RETRIES = 3  # reload-and-recompute rounds before a step gives up on a contended session
 
 
+@bentoml.asgi_app(ui_app, path="/ui")
 @bentoml.service(name=SERVICE_NAME, workers=1, traffic={"timeout": 60})
 class LSTMSessions:
     def __init__(self) -> None:

@@ -1,0 +1,261 @@
+// The live page: streams values into a session through the public API and draws what comes back.
+// Plain canvas, no library, no network beyond this service.
+"use strict";
+
+const WINDOW = 200;  // timesteps shown
+const COLORS = { value: "#222", mean: "#1f6fd1", band: "rgba(31,111,209,0.18)",
+                 anomaly: "#d11f1f", forget: "#8e44ad", input: "#27ae60", output: "#e67e22" };
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  samples: [], values: [], cursor: 0, sessionId: null, t: 0, timer: null, features: 1,
+  // per timestep t: the value, the forecast made for it at t-1, its z-score, gate means per layer
+  history: [],
+  pendingForecast: null,  // forecast for the next value (made after the last one sent)
+};
+
+async function api(route, body) {
+  const response = await fetch(route, {
+    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
+  });
+  const reply = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const e = reply.error || {};
+    throw new Error(`${response.status} ${e.code || "error"}: ${e.message || response.statusText}`);
+  }
+  return reply;
+}
+
+function showError(err) {
+  $("error").textContent = err ? String(err.message || err) : "";
+  $("error").hidden = !err;
+}
+
+function setStatus() {
+  const where = state.sessionId ? `session ${state.sessionId}, t = ${state.t}` : "no session";
+  $("status").textContent = `${where}; ${state.cursor} of ${state.values.length} values sent`;
+  $("status").dataset.t = String(state.t);
+}
+
+function parseRows(text) {
+  return text.split(/\r?\n/).map((l) => l.trim()).filter((l) => l.length > 0)
+    .map((l) => l.split(/[,;\s]+/).map(Number));
+}
+
+function parseCsv(text) {
+  const lines = text.split(/\r?\n/).filter((l) => l.trim().length > 0);
+  const header = lines[0].split(",");
+  const rows = lines.slice(1).map((l) => l.split(","));
+  const column = header.findIndex((_, i) => rows.length && rows.every((r) => r[i] !== undefined
+    && r[i].trim() !== "" && !Number.isNaN(Number(r[i]))));
+  if (column < 0) throw new Error("the CSV has no numeric column");
+  return rows.map((r) => [Number(r[column])]);
+}
+
+async function loadValues() {
+  const source = $("source").value;
+  if (source === "typed") return parseRows($("typed").value);
+  if (source === "upload") {
+    const file = $("upload").files[0];
+    if (!file) throw new Error("choose a CSV file first");
+    return parseCsv(await file.text());
+  }
+  return state.samples[Number(source)].values.map((v) => [v]);
+}
+
+async function newSession() {
+  stop();
+  if (state.sessionId) await api("/v1/sessions/delete", { session_id: state.sessionId }).catch(() => {});
+  const info = await api("/v1/sessions/create", {});
+  Object.assign(state, { sessionId: info.session_id, t: info.t, cursor: 0, history: [],
+                         pendingForecast: null });
+  state.values = await loadValues();
+  $("reset").disabled = false;
+  setStatus();
+  draw();
+}
+
+async function step() {
+  if (state.cursor >= state.values.length) { stop(); return; }
+  const row = state.values[state.cursor];
+  try {
+    const reply = await api("/v1/sessions/step", {
+      session_id: state.sessionId, inputs: [row], seq: state.t, return_gates: true });
+    const out = reply.outputs[0];
+    const gates = reply.gates;
+    state.history.push({
+      value: row[0],
+      forecast: state.pendingForecast,
+      z: out.anomaly_z ? out.anomaly_z[0] : null,
+      gates: gates.forget.map((_, layer) => ({ forget: gates.forget[layer][0],
+        input: gates.input[layer][0], output: gates.output[layer][0] })),
+    });
+    state.pendingForecast = { mean: out.mean[0], std: out.std[0] };
+    state.t = reply.t;
+    state.cursor += 1;
+    showError(null);
+  } catch (err) {
+    showError(err);
+    stop();
+  }
+  setStatus();
+  draw();
+}
+
+function start() {
+  if (state.timer) return;
+  const run = async () => {
+    if (!state.timer) return;
+    await step();
+    if (state.timer) state.timer = setTimeout(run, 1000 / Number($("speed").value));
+  };
+  state.timer = setTimeout(run, 0);
+  $("pause").disabled = false;
+  $("start").disabled = true;
+}
+
+function stop() {
+  clearTimeout(state.timer);
+  state.timer = null;
+  $("pause").disabled = true;
+  $("start").disabled = false;
+}
+
+// --- drawing -------------------------------------------------------------------------------
+
+function axes(ctx, canvas, lo, hi) {
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.strokeStyle = "#eee";
+  ctx.beginPath();
+  for (let k = 0; k <= 4; k++) {
+    const y = 10 + (canvas.height - 20) * k / 4;
+    ctx.moveTo(40, y); ctx.lineTo(canvas.width, y);
+  }
+  ctx.stroke();
+  ctx.fillStyle = "#888";
+  ctx.font = "11px sans-serif";
+  ctx.fillText(hi.toFixed(2), 2, 14);
+  ctx.fillText(lo.toFixed(2), 2, canvas.height - 8);
+  const x = (i) => 40 + (canvas.width - 45) * i / (WINDOW - 1);
+  const y = (v) => 10 + (canvas.height - 20) * (1 - (v - lo) / ((hi - lo) || 1));
+  return { x, y };
+}
+
+function line(ctx, points, color, width = 1.5) {
+  ctx.strokeStyle = color;
+  ctx.lineWidth = width;
+  ctx.beginPath();
+  let pen = false;
+  for (const p of points) {
+    if (p === null) { pen = false; continue; }
+    if (pen) ctx.lineTo(p[0], p[1]); else ctx.moveTo(p[0], p[1]);
+    pen = true;
+  }
+  ctx.stroke();
+}
+
+function drawForecast(view, threshold) {
+  const canvas = $("forecast-chart");
+  const ctx = canvas.getContext("2d");
+  const spans = view.flatMap((h) => h.forecast
+    ? [h.value, h.forecast.mean - 2 * h.forecast.std, h.forecast.mean + 2 * h.forecast.std]
+    : [h.value]);
+  const lo = spans.length ? Math.min(...spans) : -1;
+  const hi = spans.length ? Math.max(...spans) : 1;
+  const { x, y } = axes(ctx, canvas, lo, hi);
+  ctx.fillStyle = COLORS.band;
+  view.forEach((h, i) => {
+    if (!h.forecast) return;
+    const top = y(h.forecast.mean + 2 * h.forecast.std);
+    ctx.fillRect(x(i) - 2, top, 4, y(h.forecast.mean - 2 * h.forecast.std) - top);
+  });
+  line(ctx, view.map((h, i) => (h.forecast ? [x(i), y(h.forecast.mean)] : null)), COLORS.mean);
+  line(ctx, view.map((h, i) => [x(i), y(h.value)]), COLORS.value, 1);
+  ctx.fillStyle = COLORS.anomaly;
+  view.forEach((h, i) => {
+    if (h.z !== null && Math.abs(h.z) > threshold) {
+      ctx.beginPath(); ctx.arc(x(i), y(h.value), 4, 0, 2 * Math.PI); ctx.fill();
+    }
+  });
+}
+
+function drawAnomaly(view, threshold) {
+  const canvas = $("anomaly-chart");
+  const ctx = canvas.getContext("2d");
+  const zs = view.map((h) => (h.z === null ? 0 : h.z));
+  const bound = Math.max(threshold * 1.5, ...zs.map(Math.abs));
+  const { x, y } = axes(ctx, canvas, -bound, bound);
+  line(ctx, [[x(0), y(threshold)], [x(WINDOW - 1), y(threshold)]], "#f3b0b0", 1);
+  line(ctx, [[x(0), y(-threshold)], [x(WINDOW - 1), y(-threshold)]], "#f3b0b0", 1);
+  line(ctx, view.map((h, i) => (h.z === null ? null : [x(i), y(h.z)])), COLORS.anomaly, 1.2);
+}
+
+function drawGates(view) {
+  const layers = view.length ? view[view.length - 1].gates.length : 0;
+  const box = $("gates");
+  while (box.querySelectorAll("canvas").length < layers) {
+    const canvas = document.createElement("canvas");
+    canvas.width = 960; canvas.height = 120;
+    canvas.className = "gate-chart";
+    const caption = document.createElement("div");
+    caption.className = "legend";
+    caption.innerHTML = `layer ${box.querySelectorAll("canvas").length + 1}: <b style="background:${COLORS.forget}"></b> forget
+      <b style="background:${COLORS.input}"></b> input <b style="background:${COLORS.output}"></b> output`;
+    box.append(caption, canvas);
+  }
+  box.querySelectorAll("canvas").forEach((canvas, layer) => {
+    const ctx = canvas.getContext("2d");
+    const { x, y } = axes(ctx, canvas, 0, 1);
+    for (const gate of ["forget", "input", "output"]) {
+      line(ctx, view.map((h, i) => [x(i), y(h.gates[layer][gate])]), COLORS[gate]);
+    }
+  });
+}
+
+function draw() {
+  const view = state.history.slice(-WINDOW);
+  const threshold = Number($("threshold").value) || 3;
+  drawForecast(view, threshold);
+  drawAnomaly(view, threshold);
+  drawGates(view);
+}
+
+// --- wiring --------------------------------------------------------------------------------
+
+async function init() {
+  const [card, samples] = await Promise.all([
+    api("/v1/model", {}), fetch("samples.json").then((r) => r.json())]);
+  $("model").textContent = `${card.name}:${card.version} on ${card.device}`;
+  state.samples = samples.samples;
+  const select = $("source");
+  state.samples.forEach((s, i) => select.add(new Option(`${s.id} (class ${s.class})`, String(i))));
+  select.add(new Option("Upload a CSV…", "upload"));
+  select.add(new Option("Type values…", "typed"));
+  select.onchange = () => {
+    $("upload-label").hidden = select.value !== "upload";
+    $("typed-label").hidden = select.value !== "typed";
+  };
+  $("speed").oninput = () => { $("speed-value").textContent = $("speed").value; };
+  $("start").onclick = async () => {
+    try {
+      if (!state.sessionId) await newSession();
+      else if (state.cursor === 0) state.values = await loadValues();
+      start();
+    } catch (err) { showError(err); }
+  };
+  $("pause").onclick = stop;
+  $("reset").onclick = async () => {
+    stop();
+    try {
+      const info = await api("/v1/sessions/reset", { session_id: state.sessionId });
+      Object.assign(state, { t: info.t, cursor: 0, history: [], pendingForecast: null });
+      state.values = await loadValues();
+      setStatus(); draw(); showError(null);
+    } catch (err) { showError(err); }
+  };
+  $("new").onclick = () => newSession().catch(showError);
+  setStatus();
+  draw();
+}
+
+init().catch(showError);
