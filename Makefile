@@ -25,13 +25,10 @@ $(STAMP): pyproject.toml
 import-model: $(STAMP)
 	$(PY) -m service.model_registry import models/acsf1-forecaster
 
+HOST ?= 127.0.0.1
+PORT ?= 3000
 serve: $(STAMP)
-	@if [ -f service/service.py ]; then \
-	  $(PY) -m service.model_registry import models/acsf1-forecaster && \
-	  $(VENV)/bin/bentoml serve service.service:LSTMSessions --host 127.0.0.1 --port 3000; \
-	else \
-	  echo "the service does not exist yet (issue 3); the model is in models/acsf1-forecaster"; \
-	fi
+	$(VENV)/bin/lstm-serve serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,17 @@ def serve(args: argparse.Namespace) -> int:
     """Import the shipped model into BentoML's store if needed, then run the service."""
     from service.model_registry import import_checkpoint
 
+    with socket.socket() as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as e:
+            print(
+                f"lstm-serve: cannot listen on {args.host}:{args.port} ({e.strerror}): another "
+                f"server (an earlier `make serve`?) holds the port; stop it, or pick another "
+                f"port: `make serve PORT=3001` or `lstm-serve serve --port 3001`",
+                file=sys.stderr,
+            )
+            return 2
     if not os.environ.get("LSTM_MODEL_TAG"):
         import_checkpoint(args.model_dir)
     bentoml = Path(sys.executable).with_name("bentoml")

@@ -109,7 +109,10 @@ class RedisState:
         try:
             return await awaitable
         except (RedisError, OSError) as e:
-            raise StoreUnavailable(f"the session store (Redis) is unavailable: {e}") from None
+            raise StoreUnavailable(
+                f"the session store (Redis) is unavailable: {e}; nothing was applied, retry "
+                f"when it is back (check that Redis runs and LSTM_REDIS_URL)"
+            ) from None
 
     async def ping(self) -> bool:
         try:

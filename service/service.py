@@ -20,16 +20,17 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
 import bentoml
 import torch
+from bentoml.exceptions import NotFound
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from model import pick_device
+from model import Checkpoint, CheckpointError, pick_device
 from service import metrics
 from service.batcher import BatchObserver, MicroBatcher, StepDone, inputs_digest
 from service.directory import LocalSessions, RedisSessions, Sessions
@@ -111,14 +112,58 @@ def enforce_single_worker() -> None:
     index = bentoml.server_context.worker_index
     if workers == 1 and (index is None or index == 1):
         return
-    message = (
+    refuse_to_start(
         f"LSTMSessions keeps sessions in process memory and must run with exactly one "
         f"worker (configured: {workers}, this is worker {index}); scale with replicas"
     )
+
+
+def refuse_to_start(message: str) -> NoReturn:
+    """Stop the whole server with ``message``: under bentoml serve, a worker that only raised
+    would be restarted again and again by the arbiter, so the arbiter is stopped too."""
     log.critical(message)
-    if index is not None:  # under bentoml serve: stop the arbiter that started us
+    if bentoml.server_context.worker_index is not None:
         os.kill(os.getppid(), signal.SIGTERM)
     raise RuntimeError(message)
+
+
+def load_model(device: str) -> Checkpoint:
+    """The model to serve, or a start-up failure that says what to do."""
+    if settings.model_tag is None:
+        try:
+            tag = import_checkpoint(settings.model_dir)
+        except (CheckpointError, OSError) as e:
+            refuse_to_start(
+                f"cannot import the model in {settings.model_dir} ({e}); set "
+                f"LSTM_MODEL_DIR to a checkpoint directory, or run `make train`"
+            )
+    else:
+        tag = settings.model_tag
+    try:
+        return load_from_store(tag, device=device)
+    except NotFound:
+        home = os.environ.get("BENTOML_HOME", "~/bentoml")
+        refuse_to_start(
+            f"no model {tag!r} in BentoML's model store ({home}); import a checkpoint with "
+            f"`python -m service.model_registry import DIR` (it prints the tag), or unset "
+            f"LSTM_MODEL_TAG to serve the shipped model"
+        )
+    except CheckpointError as e:
+        refuse_to_start(f"the stored model {tag!r} is unusable: {e}")
+
+
+def warn_if_redis_is_down(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+    except (redis.RedisError, OSError) as e:
+        log.warning(
+            "Redis at %s does not answer (%s): steps answer 503 store_unavailable and "
+            "/readyz 503 until it does; check that Redis runs and LSTM_REDIS_URL",
+            url,
+            e,
+        )
 
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
@@ -135,8 +180,7 @@ class LSTMSessions:
     def __init__(self) -> None:
         enforce_single_worker()
         self.device = pick_device(settings.device)
-        tag = settings.model_tag or import_checkpoint(settings.model_dir)
-        self.checkpoint = load_from_store(tag, device=self.device)
+        self.checkpoint = load_model(self.device)
         model = self.checkpoint.model
         config = model.config
         self.n_features = config.n_features
@@ -167,6 +211,7 @@ class LSTMSessions:
         )
         self.sessions: Sessions
         if settings.redis_url is not None:
+            warn_if_redis_is_down(settings.redis_url)
             redis = RedisState(settings.redis_url, timeout_s=settings.redis_timeout_s)
             header = {"model": self.checkpoint.name, "model_version": self.checkpoint.version}
             self.sessions = RedisSessions(self.store, redis, header)

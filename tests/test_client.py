@@ -76,3 +76,21 @@ def test_errors_raise_with_their_code(http: TestClient) -> None:
         assert bad.value.status == 422 and bad.value.code == "wrong_feature_count"
         assert bad.value.details["expected"] == 1
         assert session.t == 0
+
+
+def test_cli_serve_says_what_to_do_when_the_port_is_taken() -> None:
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).with_name("lstm-serve")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [str(cli), "serve", "--port", str(port)], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr

@@ -267,3 +267,10 @@ def test_readme_client_example_runs_as_written(
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 4  # three timesteps, then the forecast
     assert printed[0].startswith("[") and "None" in printed[0]  # anomaly_z is null at t = 0
+
+
+def test_an_unknown_model_tag_stops_the_start_saying_what_to_do() -> None:
+    done = run_server_to_exit({"LSTM_MODEL_TAG": "no-such-model:v1"})
+    output = done.stdout + done.stderr
+    assert "no model 'no-such-model:v1' in BentoML's model store" in output
+    assert "python -m service.model_registry import" in output
