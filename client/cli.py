@@ -57,12 +57,32 @@ def stream(args: argparse.Namespace) -> int:
     from client.client import LSTMClient
     from model.data import read_long_csv
 
+    if args.chunk < 1:
+        print("lstm-serve: --chunk must be at least 1", file=sys.stderr)
+        return 2
+    with LSTMClient(args.url, timeout_s=args.timeout) as probe:
+        card = probe.model()
+    features = list(card["features"])
+    if args.chunk > card["limits"]["max_chunk"]:
+        print(
+            f"lstm-serve: --chunk {args.chunk} is over the service's limit of "
+            f"{card['limits']['max_chunk']:.0f} timesteps",
+            file=sys.stderr,
+        )
+        return 2
+    value_cols = args.value_cols.split(",") if args.value_cols else None
+    if value_cols is None and len(features) > 1:
+        value_cols = features  # the model's feature order, matched by column name
     values, rows = read_long_csv(
-        args.file,
-        id_col=args.id_col,
-        time_col=args.time_col,
-        value_cols=args.value_cols.split(",") if args.value_cols else None,
+        args.file, id_col=args.id_col, time_col=args.time_col, value_cols=value_cols
     )
+    if len(values) != len(features):
+        print(
+            f"lstm-serve: the CSV gives {len(values)} value columns {values}; the model takes "
+            f"{len(features)} ({features}): choose them with --value-cols",
+            file=sys.stderr,
+        )
+        return 2
     out: TextIO = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
     writer = csv.writer(out)
     writer.writerow(
@@ -81,7 +101,8 @@ def stream(args: argparse.Namespace) -> int:
         tqdm(total=total, unit="step", file=sys.stderr, disable=args.quiet) as bar,
     ):
         for series_id, series in rows.items():
-            with api.session(keep=args.keep) as session:
+            session_id = series_id if args.keep else None  # kept sessions keep the series' id
+            with api.session(session_id, keep=args.keep) as session:
                 for lo in range(0, len(series), args.chunk):
                     chunk = series[lo : lo + args.chunk]
                     outputs = session.step([v for _, v in chunk])["outputs"]
@@ -141,7 +162,11 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--value-cols", help="comma-separated value columns (default: all others)")
     st.add_argument("--chunk", type=int, default=32, help="timesteps per step request")
     st.add_argument("--out", type=Path, help="output CSV (default: standard output)")
-    st.add_argument("--keep", action="store_true", help="keep the sessions after streaming")
+    st.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the sessions after streaming, each under its series id",
+    )
     st.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     st.add_argument("--quiet", action="store_true", help="no progress bar")
     st.set_defaults(run=stream)
@@ -154,7 +179,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+PASSTHROUGH = {"train": train, "bench": bench}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:  # their options belong to the tool they run
+        rest = argv[1:]
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        key = "train_args" if argv[0] == "train" else "bench_args"
+        return int(PASSTHROUGH[argv[0]](argparse.Namespace(**{key: rest})))
     args = parser().parse_args(argv)
     return int(args.run(args))
 

@@ -9,6 +9,7 @@ went stale is told so (``StaleSession``), reloads and recomputes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import secrets
@@ -35,7 +36,7 @@ class Sessions(Protocol):
     store: SessionStore
     persist: Persister | None
 
-    async def get(self, session_id: str) -> Session: ...
+    async def get(self, session_id: str, *, verify: bool = False) -> Session: ...
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session: ...
     async def delete(self, session: Session) -> None: ...
     async def reset(self, session: Session) -> None: ...
@@ -55,7 +56,7 @@ class LocalSessions:
     def __init__(self, store: SessionStore) -> None:
         self.store = store
 
-    async def get(self, session_id: str) -> Session:
+    async def get(self, session_id: str, *, verify: bool = False) -> Session:
         return self.store.get(session_id)
 
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
@@ -126,11 +127,16 @@ class RedisSessions:
             torch.ones(features),
         )
 
-    async def get(self, session_id: str) -> Session:
+    async def get(self, session_id: str, *, verify: bool = False) -> Session:
+        """The cached copy, or Redis's. Steps need no ``verify``: their compare-and-set catches a
+        stale copy. Reads (forecast, get, export) verify it against Redis's (epoch, t) first."""
         try:
-            return self.store.get(session_id)
+            cached = self.store.get(session_id)
         except ServiceError:
             return await self._load(session_id)
+        if verify and await self.redis.version(session_id) != (cached.epoch, cached.t):
+            return await self.reload(session_id)
+        return cached
 
     async def _load(self, session_id: str) -> Session:
         stored = await self.redis.load(session_id)
@@ -220,7 +226,9 @@ class RedisSessions:
         try:
             [(ok, _)] = await self.redis.commit([write])
         except ServiceError:
-            await self.delete(session)
+            with contextlib.suppress(ServiceError):  # Redis may be down for this too
+                await self.delete(session)
+            self.store.drop(session)
             raise
         if ok != 1:
             self.store.drop(session)

@@ -96,7 +96,8 @@ class TooManySessions(ServiceError):
 
 
 class StaleSession(ServiceError):
-    """Another replica moved the session on: reload it and try again (never reaches a client)."""
+    """Another replica moved the session on: the step reloads it and tries again; a client sees
+    this only when a session keeps changing under a replica (retry it, as the client does)."""
 
     status, code = 409, "stale_session"
 

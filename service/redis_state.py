@@ -141,6 +141,11 @@ class RedisState:
             fields.get(b"last_step"),
         )
 
+    async def version(self, session_id: str) -> tuple[str, int] | None:
+        """The stored (epoch, t), None if the session is gone: one small read."""
+        epoch, t = await self._call(self.client.hmget(self._keys(session_id)[0], "epoch", "t"))
+        return None if t is None else ((epoch or b"").decode(), int(t))
+
     async def known(self, session_id: str) -> bool:
         return bool(await self._call(self.client.exists(self._keys(session_id)[1])))
 

@@ -314,7 +314,7 @@ class LSTMSessions:
                 f"{settings.max_horizon} (LSTM_MAX_HORIZON)",
                 limit=settings.max_horizon,
             )
-        session = await self._lock(body.session_id)
+        session = await self._lock(body.session_id, verify=True)
         try:
             if session.t == 0:
                 raise NoObservations("the session has seen no value yet: step it first", t=0)
@@ -329,7 +329,7 @@ class LSTMSessions:
     @answers_errors
     async def get(self, body: SessionRef, /) -> SessionInfo:
         """A session's t and times."""
-        return self._info(await self.sessions.get(body.session_id))
+        return self._info(await self.sessions.get(body.session_id, verify=True))
 
     @bentoml.api(route="/v1/sessions/reset")
     @answers_errors
@@ -358,7 +358,7 @@ class LSTMSessions:
     @answers_errors
     async def export(self, body: SessionRef, /) -> Exported:
         """The session's state as a blob another deployment of the same model can import."""
-        session = await self._lock(body.session_id)
+        session = await self._lock(body.session_id, verify=True)
         try:
             blob = encode(self.store.pool.read(session.slot), self._blob_header(session))
         finally:
@@ -499,14 +499,14 @@ class LSTMSessions:
         path.unlink()  # restored: a later crash must not roll sessions back to it
         self._count_sessions()
 
-    async def _lock(self, session_id: str) -> Session:
+    async def _lock(self, session_id: str, *, verify: bool = False) -> Session:
         """The session with its lock acquired, in arrival order.
 
         If the copy waited on went away meanwhile (deleted, expired, or dropped as stale in favour
         of Redis's), look the id up again: that answers 404 or yields the current copy.
         """
         while True:
-            session = await self.sessions.get(session_id)
+            session = await self.sessions.get(session_id, verify=verify)
             await session.lock.acquire()
             if self.store.peek(session_id) is session:
                 return session

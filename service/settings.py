@@ -8,7 +8,6 @@ batcher get plain values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,7 +57,6 @@ class Settings(BaseSettings):
         description="where the embedded store writes its sessions at shutdown and reads them at "
         "start; empty: no snapshot",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("snapshot_path", mode="before")
     @classmethod

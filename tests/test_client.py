@@ -21,15 +21,16 @@ def http(asgi_client: TestClient) -> TestClient:
 
 
 class LosesOneStepAnswer:
-    """An HTTP client whose first step request reaches the server but whose answer is lost."""
+    """An HTTP client whose first request to ``route`` reaches the server, its answer lost."""
 
-    def __init__(self, http: TestClient) -> None:
+    def __init__(self, http: TestClient, route: str = "/step") -> None:
         self.http = http
+        self.route = route
         self.lost = 0
 
     def post(self, route: str, **kwargs: Any) -> httpx.Response:
         response = self.http.post(route, **kwargs)
-        if route.endswith("/step") and not self.lost:
+        if route.endswith(self.route) and not self.lost:
             self.lost += 1
             raise httpx.ReadTimeout("the answer was lost on the way back")
         return response
@@ -66,6 +67,16 @@ def test_a_lost_answer_is_retried_with_seq_and_applied_once(http: TestClient) ->
     got = first["outputs"] + second["outputs"]
     for a, b in zip(got, reference, strict=True):
         assert a["mean"][0] == pytest.approx(b["mean"][0], abs=1e-5)
+
+
+def test_a_lost_create_answer_is_retried_into_the_session_it_made(http: TestClient) -> None:
+    flaky = LosesOneStepAnswer(http, route="/create")
+    api = LSTMClient(http=flaky, backoff_s=0)  # type: ignore[arg-type]
+    with api.session("client-create") as session:
+        assert flaky.lost == 1 and session.t == 0
+        assert session.step(VALUES[:2])["t"] == 2
+    with pytest.raises(APIError):
+        LSTMClient(http=http).attach("client-create")  # deleted on exit: one session, not two
 
 
 def test_errors_raise_with_their_code(http: TestClient) -> None:

@@ -205,7 +205,14 @@ def test_a_reset_elsewhere_makes_a_cached_copy_stale_even_at_the_same_t(
         httpx.post(f"{a}/v1/sessions/reset", json={"session_id": "epoch"})
         step = {"session_id": "epoch", "inputs": after, "seq": 0}
         assert httpx.post(f"{a}/v1/sessions/step", json=step).json()["t"] == 3  # t=3 again
-        # b's cached copy is also at t=3, but of the old incarnation: it must not be used.
+        # b's cached copy is also at t=3, but of the old incarnation: it must not be used,
+        # neither for reads...
+        ask = {"session_id": "epoch", "horizon": 2}
+        assert (
+            httpx.post(f"{b}/v1/sessions/forecast", json=ask).json()
+            == httpx.post(f"{a}/v1/sessions/forecast", json=ask).json()
+        )
+        # ...nor for steps.
         nxt = {"session_id": "epoch", "inputs": [[0.5]], "seq": 3}
         got = httpx.post(f"{b}/v1/sessions/step", json=nxt).json()
         expected = httpx.post(f"{a}/v1/predict", json={"inputs": [*after, [0.5]]}).json()

@@ -12,6 +12,7 @@ const state = {
   // per timestep t: the value, the forecast made for it at t-1, its z-score, gate means per layer
   history: [],
   pendingForecast: null,  // forecast for the next value (made after the last one sent)
+  generation: 0,  // bumped by start/stop/reset/new: a reply of an older run is ignored
 };
 
 async function api(route, body) {
@@ -75,12 +76,13 @@ async function newSession() {
   draw();
 }
 
-async function step() {
+async function step(generation) {
   if (state.cursor >= state.values.length) { stop(); return; }
   const row = state.values[state.cursor];
   try {
     const reply = await api("/v1/sessions/step", {
       session_id: state.sessionId, inputs: [row], seq: state.t, return_gates: true });
+    if (generation !== state.generation) return;  // paused, reset or restarted meanwhile
     const out = reply.outputs[0];
     const gates = reply.gates;
     state.history.push({
@@ -95,6 +97,7 @@ async function step() {
     state.cursor += 1;
     showError(null);
   } catch (err) {
+    if (generation !== state.generation) return;
     showError(err);
     stop();
   }
@@ -104,10 +107,13 @@ async function step() {
 
 function start() {
   if (state.timer) return;
+  const generation = ++state.generation;
   const run = async () => {
-    if (!state.timer) return;
-    await step();
-    if (state.timer) state.timer = setTimeout(run, 1000 / Number($("speed").value));
+    if (generation !== state.generation) return;
+    await step(generation);
+    if (generation === state.generation && state.timer) {
+      state.timer = setTimeout(run, 1000 / Number($("speed").value));
+    }
   };
   state.timer = setTimeout(run, 0);
   $("pause").disabled = false;
@@ -115,6 +121,7 @@ function start() {
 }
 
 function stop() {
+  state.generation += 1;
   clearTimeout(state.timer);
   state.timer = null;
   $("pause").disabled = true;
