@@ -47,6 +47,10 @@ class ChunkTooLong(ServiceError):
     status, code = 422, "chunk_too_long"
 
 
+class TooManyItems(ServiceError):
+    status, code = 422, "too_many_items"
+
+
 class HorizonTooLong(ServiceError):
     status, code = 422, "horizon_too_long"
 

@@ -17,6 +17,7 @@ CHUNK_CEILING = 4096  # no setting may raise the chunk limit above this
 PREDICT_CEILING = 100_000
 HORIZON_CEILING = 4096
 FEATURE_CEILING = 1024
+MANY_CEILING = 65_536  # items in one step_many request
 BLOB_CEILING = 16_000_000  # base64 characters of an exported session state
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -72,6 +73,15 @@ class Step(Request):
     )
     return_gates: bool = Field(
         False, strict=True, description="add per-layer mean gate activations"
+    )
+
+
+class StepMany(Request):
+    items: list[Step] = Field(
+        min_length=1,
+        max_length=MANY_CEILING,
+        description="steps of many sessions; a schema error in any item refuses the whole "
+        "request, any other error fails its item alone",
     )
 
 
@@ -133,6 +143,16 @@ class StepResult(BaseModel):
     t: int = Field(description="timesteps consumed after this chunk")
     outputs: list[StepOutput] = Field(description="one per timestep of the chunk")
     gates: Gates | None = None
+
+
+class StepManyItem(BaseModel):
+    ok: bool
+    result: StepResult | None = Field(None, description="when ok")
+    error: dict[str, object] | None = Field(None, description="when not ok: code, message, ...")
+
+
+class StepManyResult(BaseModel):
+    results: list[StepManyItem] = Field(description="one per item, in the items' order")
 
 
 class ForecastStep(BaseModel):

@@ -43,6 +43,7 @@ from service.errors import (
     SeqConflict,
     ServiceError,
     StaleSession,
+    TooManyItems,
     WrongFeatureCount,
 )
 from service.http import ErrorContract
@@ -64,6 +65,9 @@ from service.schemas import (
     SessionInfo,
     SessionRef,
     Step,
+    StepMany,
+    StepManyItem,
+    StepManyResult,
     StepOutput,
     StepResult,
 )
@@ -262,6 +266,37 @@ class LSTMSessions:
     @answers_errors
     async def step(self, body: Step, /) -> StepResult:
         """Feed a chunk of T timesteps; get the forecast and anomaly score after each."""
+        return await self._step(body)
+
+    @bentoml.api(route="/v1/sessions/step_many")
+    @answers_errors
+    async def step_many(self, body: StepMany, /) -> StepManyResult:
+        """Steps for many sessions in one request, each succeeding or failing on its own.
+
+        Items of one session apply in the order given; different sessions go to the batcher
+        together. Results come back in the order of the items.
+        """
+        if len(body.items) > settings.max_many:
+            raise TooManyItems(
+                f"{len(body.items)} items is over the limit of {settings.max_many} (LSTM_MAX_MANY)",
+                limit=settings.max_many,
+            )
+        results: list[StepManyItem | None] = [None] * len(body.items)
+        by_session: dict[str, list[int]] = {}
+        for i, item in enumerate(body.items):
+            by_session.setdefault(item.session_id, []).append(i)
+
+        async def one_session(indices: list[int]) -> None:
+            for i in indices:
+                try:
+                    results[i] = StepManyItem(ok=True, result=await self._step(body.items[i]))
+                except ServiceError as e:
+                    results[i] = StepManyItem(ok=False, error=e.body()["error"])
+
+        await asyncio.gather(*(one_session(ix) for ix in by_session.values()))
+        return StepManyResult(results=[r for r in results if r is not None])
+
+    async def _step(self, body: Step) -> StepResult:
         try:
             x = self._tensor(body.inputs, settings.max_chunk, "LSTM_MAX_CHUNK")
             for attempt in range(STALE_RETRIES):

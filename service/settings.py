@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     )
     max_chunk: int = Field(512, ge=1, le=4096, description="timesteps per step request")
     max_predict_len: int = Field(4096, ge=1, le=100_000, description="timesteps per /v1/predict")
+    max_many: int = Field(1024, ge=1, le=65_536, description="items per step_many request")
     max_horizon: int = Field(256, ge=1, le=4096)
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")

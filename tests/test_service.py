@@ -315,3 +315,42 @@ def test_blobs_with_bad_headers_are_refused(client: TestClient, edit: dict[str, 
     blob = base64.b64encode(encode(state, {**header, **edit})).decode()
     status, body = post(client, "/v1/sessions/import", {"blob": blob})
     assert (status, body["error"]["code"]) == (422, "blob_corrupted"), body
+
+
+def test_step_many_applies_each_item_on_its_own_and_in_order(client: TestClient) -> None:
+    values = [[0.4], [-0.6], [1.7], [-0.6], [-0.58]]
+    for sid in ("many-a", "many-b"):
+        create(client, sid)
+    items = [
+        {"session_id": "many-a", "inputs": values[:2], "seq": 0},
+        {"session_id": "many-b", "inputs": values[:1]},
+        {"session_id": "many-a", "inputs": values[2:], "seq": 2},  # after item 0, same session
+        {"session_id": "ghost", "inputs": [[1.0]]},
+        {"session_id": "many-b", "inputs": [[1.0, 2.0]]},  # wrong feature count: fails alone
+        {"session_id": "many-a", "inputs": [[0.0]], "seq": 99},  # seq conflict
+    ]
+    status, body = post(client, "/v1/sessions/step_many", {"items": items})
+    assert status == 200, body
+    results = body["results"]
+    assert [r["ok"] for r in results] == [True, True, True, False, False, False]
+    assert [r["error"]["code"] for r in results[3:]] == [
+        "session_not_found",
+        "wrong_feature_count",
+        "seq_conflict",
+    ]
+    assert results[2]["result"]["t"] == 5 and results[1]["result"]["t"] == 1
+    _, whole = post(client, "/v1/predict", {"inputs": values})
+    streamed = results[0]["result"]["outputs"] + results[2]["result"]["outputs"]
+    for a, b in zip(streamed, whole["outputs"], strict=True):
+        assert a["mean"][0] == pytest.approx(b["mean"][0], abs=1e-5)
+    assert post(client, "/v1/sessions/get", {"session_id": "many-b"})[1]["t"] == 1
+
+
+def test_step_many_limits(client: TestClient) -> None:
+    status, body = post(
+        client, "/v1/sessions/step_many", {"items": [{"session_id": "x", "inputs": [[0.0]]}] * 1025}
+    )
+    assert (status, body["error"]["code"]) == (422, "too_many_items")
+    assert body["error"]["limit"] == 1024
+    status, body = post(client, "/v1/sessions/step_many", {"items": []})
+    assert status == 422
