@@ -57,10 +57,6 @@ class StatePool:
             t.element_size() * t.nelement() for t in (self.h, self.c, self.next_mean, self.next_std)
         )
 
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
     def allocate(self) -> int:
         slot = self._free.pop()
         self.zero(slot)
