@@ -63,15 +63,21 @@ class BodyTooLarge(ServiceError):
     status, code = 413, "body_too_large"
 
 
-class SessionNotFound(ServiceError):
+class SessionGone(ServiceError):
+    """The session is not (or no longer) there; the subclasses say why."""
+
     status, code = 404, "session_not_found"
 
 
-class SessionExpired(ServiceError):
+class SessionNotFound(SessionGone):
+    status, code = 404, "session_not_found"
+
+
+class SessionExpired(SessionGone):
     status, code = 404, "session_expired"
 
 
-class SessionEvicted(ServiceError):
+class SessionEvicted(SessionGone):
     status, code = 404, "session_evicted"
 
 
@@ -97,6 +103,14 @@ class ModelMismatch(ServiceError):
 
 class TooManySessions(ServiceError):
     status, code = 429, "too_many_sessions"
+
+
+class TooManyStreams(ServiceError):
+    status, code = 429, "too_many_streams"
+
+
+class IdleTimeout(ServiceError):
+    status, code = 408, "idle_timeout"
 
 
 class StaleSession(ServiceError):

@@ -10,6 +10,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 SESSIONS_ACTIVE = Gauge("lstm_sessions_active", "Sessions held now", multiprocess_mode="livesum")
+STREAMS_OPEN = Gauge(
+    "lstm_streams_open", "Open /v1/stream WebSocket connections", multiprocess_mode="livesum"
+)
 SESSIONS_CREATED = Counter("lstm_sessions_created_total", "Sessions created")
 SESSIONS_EXPIRED = Counter("lstm_sessions_expired_total", "Sessions freed after their TTL")
 SESSIONS_EVICTED = Counter(

@@ -58,8 +58,9 @@ class SessionRef(Request):
     session_id: SessionId
 
 
-class Step(Request):
-    session_id: SessionId
+class StreamMessage(Request):
+    """A chunk for one session: the body of a step without its id (a /v1/stream message)."""
+
     inputs: list[Row] = Field(
         min_length=1, max_length=CHUNK_CEILING, description="T x F raw values, oldest first"
     )
@@ -74,6 +75,10 @@ class Step(Request):
     return_gates: bool = Field(
         False, strict=True, description="add per-layer mean gate activations"
     )
+
+
+class Step(StreamMessage):
+    session_id: SessionId
 
 
 class StepMany(Request):

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
 import bentoml
+import orjson
 import torch
 from bentoml.exceptions import NotFound
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.routing import Mount
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
 
 from model import Checkpoint, CheckpointError, pick_device
 from service import metrics
@@ -66,7 +68,6 @@ from service.schemas import (
     SessionRef,
     Step,
     StepMany,
-    StepManyItem,
     StepManyResult,
     StepOutput,
     StepResult,
@@ -75,6 +76,7 @@ from service.sessions import Session, SessionStore, StatePool, StoreEvents, Stor
 from service.settings import load_settings
 from service.snapshot import read_snapshot, write_snapshot
 from service.state_blob import BlobError, SessionState, decode, encode
+from service.stream import StreamEndpoint, StreamLimits
 
 settings = load_settings()  # at import: a bad LSTM_* variable stops the start, named
 log = logging.getLogger("lstm_sessions")
@@ -94,6 +96,20 @@ def answers_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return JSONResponse(e.body(), status_code=e.status)  # type: ignore[return-value]
 
     return wrapper
+
+
+def step_reply(session_id: str, done: StepDone) -> dict[str, Any]:
+    """A step's reply as plain JSON-ready data, shaped as the StepResult schema."""
+    out = done.outputs
+    return {
+        "session_id": session_id,
+        "t": done.t,
+        "outputs": [
+            {"mean": m, "std": s, "anomaly_z": z}
+            for m, s, z in zip(out.mean, out.std, out.anomaly_z, strict=True)
+        ],
+        "gates": out.gates,
+    }
 
 
 def _iso(ts: float) -> datetime:
@@ -170,16 +186,37 @@ def warn_if_redis_is_down(url: str) -> None:
         )
 
 
+def fast_json(body: Any) -> Any:
+    """A JSON response serialised by orjson, bypassing pydantic models on the hot routes; typed
+    Any so a handler keeps its declared (OpenAPI) return type."""
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
 UI_DIR = Path(__file__).resolve().parent / "ui"
 # The live page: static files only; it talks to the public API like any client.
 ui_app = Starlette(routes=[Mount("/", StaticFiles(directory=UI_DIR, html=True))])
+
+
+async def _stream(ws: WebSocket) -> None:
+    service = cast(LSTMSessions, bentoml.get_current_service())
+    await service.streams.serve(ws)
+
+
+# /v1/stream: BentoML mounts this passively, so it claims no path but that one.
+stream_app = Starlette(routes=[WebSocketRoute("/stream", _stream)])
 
 SERVICE_NAME = "lstm_sessions"
 STALE_RETRIES = 3  # reload-and-recompute rounds before a step gives up on a contended session
 
 
 @bentoml.asgi_app(ui_app, path="/ui")
-@bentoml.service(name=SERVICE_NAME, workers=1, traffic={"timeout": 60})
+@bentoml.asgi_app(stream_app, path="/v1")
+@bentoml.service(
+    name=SERVICE_NAME,
+    workers=1,
+    traffic={"timeout": 60},
+    logging={"access": {"enabled": settings.access_log}},
+)
 class LSTMSessions:
     def __init__(self) -> None:
         enforce_single_worker()
@@ -234,6 +271,12 @@ class LSTMSessions:
                 timesteps=metrics.TIMESTEPS.inc,
             ),
         )
+        self.streams = StreamEndpoint(
+            StreamLimits(settings.max_streams, settings.stream_idle_s, settings.max_body_bytes),
+            step=self._step,
+            check_session=self._check_session,
+            opened=metrics.STREAMS_OPEN.set,
+        )
         self._sweeper: asyncio.Task[None] | None = None
         metrics.STATE_MEMORY.set(pool.nbytes)
         metrics.SESSIONS_ACTIVE.set(0)
@@ -266,7 +309,7 @@ class LSTMSessions:
     @answers_errors
     async def step(self, body: Step, /) -> StepResult:
         """Feed a chunk of T timesteps; get the forecast and anomaly score after each."""
-        return await self._step(body)
+        return StepResult.model_validate(await self._step(body))
 
     @bentoml.api(route="/v1/sessions/step_many")
     @answers_errors
@@ -274,14 +317,15 @@ class LSTMSessions:
         """Steps for many sessions in one request, each succeeding or failing on its own.
 
         Items of one session apply in the order given; different sessions go to the batcher
-        together. Results come back in the order of the items.
+        together. Results come back in the order of the items. The reply is serialised straight
+        from plain data: building a pydantic model per item cost more than the step itself.
         """
         if len(body.items) > settings.max_many:
             raise TooManyItems(
                 f"{len(body.items)} items is over the limit of {settings.max_many} (LSTM_MAX_MANY)",
                 limit=settings.max_many,
             )
-        results: list[StepManyItem | None] = [None] * len(body.items)
+        results: list[dict[str, Any]] = [{}] * len(body.items)
         by_session: dict[str, list[int]] = {}
         for i, item in enumerate(body.items):
             by_session.setdefault(item.session_id, []).append(i)
@@ -289,14 +333,23 @@ class LSTMSessions:
         async def one_session(indices: list[int]) -> None:
             for i in indices:
                 try:
-                    results[i] = StepManyItem(ok=True, result=await self._step(body.items[i]))
+                    results[i] = {"ok": True, "result": await self._step(body.items[i])}
                 except ServiceError as e:
-                    results[i] = StepManyItem(ok=False, error=e.body()["error"])
+                    results[i] = {"ok": False, "error": e.body()["error"]}
 
         await asyncio.gather(*(one_session(ix) for ix in by_session.values()))
-        return StepManyResult(results=[r for r in results if r is not None])
+        return fast_json({"results": results})
 
-    async def _step(self, body: Step) -> StepResult:
+    @bentoml.api(route="/v1/ping")
+    async def ping(self) -> dict[str, bool]:
+        """Does nothing: BentoML's own cost per request, the floor the benchmarks compare with."""
+        return {"ok": True}
+
+    async def _check_session(self, session_id: str) -> None:
+        await self.sessions.get(session_id)
+
+    async def _step(self, body: Step) -> dict[str, Any]:
+        """One step, as its wire reply: the route, step_many and /v1/stream all come here."""
         try:
             x = self._tensor(body.inputs, settings.max_chunk, "LSTM_MAX_CHUNK")
             for attempt in range(STALE_RETRIES):
@@ -318,7 +371,7 @@ class LSTMSessions:
 
     async def _step_locked(
         self, session: Session, body: Step, x: torch.Tensor, fresh: bool
-    ) -> StepResult:
+    ) -> dict[str, Any]:
         self.store.touch(session)
         last = session.last_step
         if body.seq is not None and body.seq != session.t:
@@ -327,7 +380,7 @@ class LSTMSessions:
             if last is not None and body.seq == last.seq and inputs_digest(x) == last.digest:
                 metrics.REPLAYS.inc()
                 metrics.STEP_REQUESTS.labels("replayed").inc()
-                return self._step_result(session.id, last.response)
+                return step_reply(session.id, last.response)
             metrics.SEQ_CONFLICTS.inc()
             raise SeqConflict(
                 f"seq {body.seq} does not match the session's t = {session.t}",
@@ -337,7 +390,7 @@ class LSTMSessions:
         done = await self.batcher.step(session, x, return_gates=body.return_gates)
         self.store.touch(session)
         metrics.STEP_REQUESTS.labels("applied").inc()
-        return self._step_result(session.id, done)
+        return step_reply(session.id, done)
 
     @bentoml.api(route="/v1/sessions/forecast")
     @answers_errors
@@ -582,15 +635,6 @@ class LSTMSessions:
             StepOutput(mean=m, std=s, anomaly_z=z)
             for m, s, z in zip(mean, std, anomaly, strict=True)
         ]
-
-    def _step_result(self, session_id: str, done: StepDone) -> StepResult:
-        out = done.outputs
-        return StepResult(
-            session_id=session_id,
-            t=done.t,
-            outputs=self._outputs(out.mean, out.std, out.anomaly_z),
-            gates=Gates(**out.gates) if out.gates else None,
-        )
 
     def _count_sessions(self) -> None:
         metrics.SESSIONS_ACTIVE.set(len(self.store))

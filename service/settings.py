@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     max_predict_len: int = Field(4096, ge=1, le=100_000, description="timesteps per /v1/predict")
     max_many: int = Field(1024, ge=1, le=65_536, description="items per step_many request")
     max_horizon: int = Field(256, ge=1, le=4096)
+    max_streams: int = Field(10_000, ge=1, description="open /v1/stream WebSocket connections")
+    stream_idle_s: float = Field(
+        300.0, gt=0, description="a /v1/stream connection with no message this long is closed"
+    )
+    access_log: bool = Field(
+        False,
+        description="BentoML's per-request access log; off: it costs CPU on every step",
+    )
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")
     batch_wait_ms: float = Field(0.0, ge=0, le=100, description="extra wait for a fuller batch")

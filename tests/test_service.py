@@ -354,3 +354,39 @@ def test_step_many_limits(client: TestClient) -> None:
     assert body["error"]["limit"] == 1024
     status, body = post(client, "/v1/sessions/step_many", {"items": []})
     assert status == 422
+
+
+# Errors the handler finds fail their item alone; schema errors refuse the whole request.
+ITEM_LEVEL = {"wrong feature count", "T over the limit", "seq conflict", "unknown session"}
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "status", "code"), BAD_STEPS, ids=[c[0] for c in BAD_STEPS]
+)
+def test_bad_step_many_items_get_the_step_s_error_and_change_nothing(
+    client: TestClient, case: str, body: bytes | dict[str, Any], status: int, code: str
+) -> None:
+    for sid in ("victim", "bystander"):
+        if post(client, "/v1/sessions/get", {"session_id": sid})[0] != 200:
+            create(client, sid)
+            post(client, "/v1/sessions/step", {"session_id": sid, "inputs": [[0.5]]})
+    _, before = post(client, "/v1/sessions/forecast", {"session_id": "victim", "horizon": 3})
+    t_bystander = post(client, "/v1/sessions/get", {"session_id": "bystander"})[1]["t"]
+    good = {"session_id": "bystander", "inputs": [[0.1]]}
+    if isinstance(body, bytes):
+        raw = b'{"items": [' + json.dumps(good).encode() + b", " + body + b"]}"
+    else:
+        item = {"session_id": "victim", **{k: v for k, v in body.items() if v is not None}}
+        raw = json.dumps({"items": [good, item]}).encode()
+    got_status, got = post(client, "/v1/sessions/step_many", raw)
+    if case in ITEM_LEVEL:
+        assert got_status == 200, got
+        bystander, refused = got["results"]
+        assert bystander["ok"] and bystander["result"]["t"] == t_bystander + 1
+        assert not refused["ok"] and refused["error"]["code"] == code, refused
+        assert refused["error"]["message"]
+    else:
+        assert (got_status, got["error"]["code"]) == (status, code), got
+        assert post(client, "/v1/sessions/get", {"session_id": "bystander"})[1]["t"] == t_bystander
+    _, after = post(client, "/v1/sessions/forecast", {"session_id": "victim", "horizon": 3})
+    assert after == before

@@ -1,0 +1,188 @@
+"""``/v1/stream``: a WebSocket per session, each message a chunk, each reply that chunk's outputs.
+
+    ws://host:3000/v1/stream?session_id=meter-7        (the session must exist: create it first)
+
+A client message is the body of ``/v1/sessions/step`` without the id: ``{"inputs": [[...]],
+"seq": 5, "return_gates": false}``. Each message gets exactly one reply, in order: the step's reply
+(``{"session_id", "t", "outputs", "gates"}``), or ``{"error": {"code", "message", ...}, "status":
+N}`` with the code and status the HTTP route would answer. A message runs through the same
+handler as the HTTP step (``seq``, exactly-once replays, the micro-batcher, the store), so the two
+transports can be mixed on one session.
+
+Backpressure: a connection handles one message at a time; it reads the next only after the reply
+to the previous one is sent, and a send waits while the client does not read. A client that sends
+faster than it is served fills its own TCP window, not the server's memory.
+
+When a connection closes, and why (the close code; an error message goes out first, except for
+the last row):
+
+    4404  the session does not exist, expired, was evicted or deleted
+    4408  no message for LSTM_STREAM_IDLE_S seconds
+    4429  LSTM_MAX_STREAMS connections are open already
+    1009  a message over LSTM_MAX_BODY_BYTES
+    1011  the server failed unexpectedly
+    1000  the client closed (normal closure), or the server is stopping
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from service.errors import (
+    BodyTooLarge,
+    IdleTimeout,
+    InvalidRequest,
+    ServiceError,
+    SessionGone,
+    TooManyStreams,
+    validation_error_body,
+)
+from service.schemas import SESSION_ID_PATTERN, Step, StreamMessage
+
+log = logging.getLogger("lstm_sessions.stream")
+
+CLOSE_NORMAL = 1000
+CLOSE_TOO_BIG = 1009
+CLOSE_SERVER_ERROR = 1011
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    max_streams: int
+    idle_s: float
+    max_message_bytes: int
+
+
+Stepper = Callable[[Step], Awaitable[dict[str, Any]]]
+Checker = Callable[[str], Awaitable[None]]
+
+
+class StreamEndpoint:
+    """Serves one connection per call; counts the open ones against ``max_streams``."""
+
+    def __init__(
+        self,
+        limits: StreamLimits,
+        step: Stepper,
+        check_session: Checker,
+        *,
+        opened: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.limits = limits
+        self.step = step  # a Step -> the wire reply; raises ServiceError
+        self.check_session = check_session  # raises the store's 404 when the session is gone
+        self.opened = opened  # told the count of open streams whenever it changes
+        self.open = 0
+
+    async def serve(self, ws: WebSocket) -> None:
+        await ws.accept()
+        session_id = ws.query_params.get("session_id", "")
+        try:
+            if self.open >= self.limits.max_streams:
+                raise TooManyStreams(
+                    f"{self.open} streams are open, the limit (LSTM_MAX_STREAMS)",
+                    limit=self.limits.max_streams,
+                )
+            if not re.fullmatch(SESSION_ID_PATTERN, session_id):
+                raise InvalidRequest(
+                    f"the query parameter session_id must match {SESSION_ID_PATTERN}"
+                )
+            await self.check_session(session_id)
+        except ServiceError as e:
+            await self._close_with(ws, e)
+            return
+        self.open += 1
+        self.opened(self.open)
+        try:
+            await self._messages(ws, session_id)
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            log.exception("stream for session %r failed", session_id)
+            with contextlib.suppress(Exception):
+                await ws.close(CLOSE_SERVER_ERROR)
+        finally:
+            self.open -= 1
+            self.opened(self.open)
+
+    async def _messages(self, ws: WebSocket, session_id: str) -> None:
+        limits = self.limits
+        while True:
+            try:
+                message = await asyncio.wait_for(ws.receive(), limits.idle_s)
+            except TimeoutError:
+                idle = IdleTimeout(
+                    f"no message for {limits.idle_s:g} s (LSTM_STREAM_IDLE_S)", limit=limits.idle_s
+                )
+                await self._close_with(ws, idle)
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            raw: str | bytes = message.get("text") or message.get("bytes") or b""
+            if len(raw) > limits.max_message_bytes:
+                too_big = BodyTooLarge(
+                    f"the message is over the limit of {limits.max_message_bytes} bytes "
+                    f"(LSTM_MAX_BODY_BYTES)",
+                    limit=limits.max_message_bytes,
+                )
+                await self._close_with(ws, too_big, code=CLOSE_TOO_BIG)
+                return
+            try:
+                reply = await self.step(parse_message(raw, session_id))
+            except SessionGone as e:
+                await self._close_with(ws, e)
+                return
+            except ServiceError as e:
+                await ws.send_text(error_text(e.status, e.body()))
+                continue
+            except MessageRefused as e:
+                await ws.send_text(error_text(e.status, e.body))
+                continue
+            await ws.send_text(orjson.dumps(reply).decode())
+
+    @staticmethod
+    async def _close_with(ws: WebSocket, error: ServiceError, code: int | None = None) -> None:
+        """Send the error as a message, then close: 4000 + its HTTP status unless ``code``."""
+        if ws.application_state != WebSocketState.CONNECTED:
+            return
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            await ws.send_text(error_text(error.status, error.body()))
+            await ws.close(code or 4000 + error.status, reason=error.code)
+
+
+def parse_message(raw: str | bytes, session_id: str) -> Step:
+    """One message as the Step it stands for, or the error the HTTP route would answer."""
+    try:
+        message = StreamMessage.model_validate_json(raw)
+    except ValidationError as e:
+        errors: list[dict[str, Any]] = [dict(err) for err in e.errors(include_url=False)]
+        status, body = validation_error_body(errors)
+        raise MessageRefused(status, body) from None
+    return Step.model_construct(
+        session_id=session_id,
+        inputs=message.inputs,
+        seq=message.seq,
+        return_gates=message.return_gates,
+    )
+
+
+class MessageRefused(Exception):
+    """A message that fails the schema: the status and body the HTTP route would answer."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(body["error"]["message"])
+        self.status, self.body = status, body
+
+
+def error_text(status: int, body: dict[str, Any]) -> str:
+    return orjson.dumps({**body, "status": status}).decode()
