@@ -242,6 +242,7 @@ class LSTMSessions:
                 settings.max_session_ttl_s,
                 evict_when_full=settings.evict_when_full or durable,
                 tombstones=0 if durable else settings.tombstones,
+                replay_window_s=settings.replay_window_s,
             ),
             events=StoreEvents(
                 created=metrics.SESSIONS_CREATED.inc,
@@ -363,7 +364,7 @@ class LSTMSessions:
                     # round reloads it and checks seq against the fresh t.
                     self.store.drop(session)
                 finally:
-                    session.lock.release()
+                    session.release()
             raise StaleSession("the session kept changing under this replica; retry")
         except ServiceError as e:
             metrics.STEP_REQUESTS.labels(e.code).inc()
@@ -409,7 +410,7 @@ class LSTMSessions:
             await self.sessions.touch(session)
             means, stds = await self.batcher.forecast(session, body.horizon)
         finally:
-            session.lock.release()
+            session.release()
         steps = [ForecastStep(mean=m, std=s) for m, s in zip(means, stds, strict=True)]
         return ForecastResult(session_id=session.id, t=session.t, forecast=steps)
 
@@ -427,7 +428,7 @@ class LSTMSessions:
         try:
             await self.sessions.reset(session)
         finally:
-            session.lock.release()
+            session.release()
         return self._info(session)
 
     @bentoml.api(route="/v1/sessions/delete")
@@ -438,7 +439,7 @@ class LSTMSessions:
         try:
             await self.sessions.delete(session)
         finally:
-            session.lock.release()
+            session.release()
         self._count_sessions()
         return Deleted(session_id=session.id, deleted=True)
 
@@ -450,7 +451,7 @@ class LSTMSessions:
         try:
             blob = encode(self.store.pool.read(session.slot), self._blob_header(session))
         finally:
-            session.lock.release()
+            session.release()
         return Exported(
             session_id=session.id,
             t=session.t,
@@ -562,7 +563,8 @@ class LSTMSessions:
         if not path.exists():
             return
         try:
-            entries = read_snapshot(path)
+            # Oldest first: the store keeps sessions in order of activity.
+            entries = sorted(read_snapshot(path), key=lambda e: float(e[0]["last_active"]))
             now = time.time()
             restored = 0
             for header, state in entries:
@@ -595,10 +597,10 @@ class LSTMSessions:
         """
         while True:
             session = await self.sessions.get(session_id, verify=verify)
-            await session.lock.acquire()
+            await session.acquire()
             if self.store.peek(session_id) is session:
                 return session
-            session.lock.release()
+            session.release()
 
     def _tensor(self, rows: list[list[float]], limit: int, setting: str) -> torch.Tensor:
         if len(rows) > limit:

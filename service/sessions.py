@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,34 +97,179 @@ class StatePool:
         self.next_std.index_copy_(0, slots, next_std)
 
 
-@dataclass
+@dataclass(slots=True)
 class AppliedStep:
     """The last step a session applied, kept so a retry gets the same answer, not a second step."""
 
     seq: int  # t before the step
     digest: bytes  # of the inputs
     response: Any
+    at: float = 0.0  # when it was recorded (set by Session.last_step)
 
 
-@dataclass(eq=False)
+class _Guard:
+    """A session's lock, alive only while an operation holds or awaits the session."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class Slots:
+    """Per-slot bookkeeping in flat arrays, so an idle session costs bytes, not Python objects.
+
+    ``t``, ``last_active`` and ``created_at`` of the session in each slot; the owner of each slot;
+    and doubly linked lists through the slots (``prev``/``next``), one per TTL, least recently
+    active first: a list's head expires first, and the oldest of the heads is the least recently
+    used session. So expiry and eviction never scan the whole store.
+    """
+
+    def __init__(self, capacity: int, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.t = array("q", bytes(8 * capacity))
+        self.last_active = array("d", bytes(8 * capacity))
+        self.created_at = array("d", bytes(8 * capacity))
+        self.owner: list[Session | None] = [None] * capacity
+        self.prev = array("i", [-1]) * capacity
+        self.next = array("i", [-1]) * capacity
+        self.ends: dict[float, list[int]] = {}  # ttl -> [head, tail]
+        # Sessions holding a replay record, oldest record first; see SessionStore.sweep.
+        self.replays: deque[tuple[float, Session]] = deque()
+
+    def append(self, ttl: float, slot: int) -> None:
+        ends = self.ends.get(ttl)
+        self.next[slot] = -1
+        if ends is None:
+            self.prev[slot] = -1
+            self.ends[ttl] = [slot, slot]
+            return
+        self.prev[slot] = ends[1]
+        self.next[ends[1]] = slot
+        ends[1] = slot
+
+    def unlink(self, ttl: float, slot: int) -> None:
+        ends = self.ends[ttl]
+        before, after = self.prev[slot], self.next[slot]
+        if before == -1:
+            ends[0] = after
+        else:
+            self.next[before] = after
+        if after == -1:
+            ends[1] = before
+        else:
+            self.prev[after] = before
+        if ends[0] == -1:
+            del self.ends[ttl]
+
+    def oldest(self, ttl: float) -> Iterator[Session]:
+        """The sessions of one TTL, least recently active first."""
+        slot = self.ends[ttl][0] if ttl in self.ends else -1
+        while slot != -1:
+            following = self.next[slot]  # read first: the caller may unlink this one
+            owner = self.owner[slot]
+            assert owner is not None
+            yield owner
+            slot = following
+
+
+@dataclass(eq=False, slots=True)
 class Session:
+    """A session: its id and slot; ``t`` and times live in the store's arrays (``Slots``).
+
+    Operations on a session take its lock (``acquire``/``release``, or ``async with session``),
+    which grants them in arrival order. A session the store has let go of (deleted, expired,
+    evicted, dropped) has slot -1: reading its ``t`` or times then raises rather than reading the
+    slot's next owner.
+    """
+
     id: str
     slot: int
     ttl_s: float
-    created_at: float
-    last_active: float
-    t: int = 0
-    last_step: AppliedStep | None = None
+    _meta: Slots = field(repr=False)
     epoch: str = ""  # with Redis: the stored incarnation this copy belongs to (new at reset)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _last_step: AppliedStep | None = field(default=None, repr=False)
+    _guard: _Guard | None = field(default=None, repr=False)
+
+    @property
+    def t(self) -> int:
+        return self._meta.t[self._live_slot()]
+
+    @t.setter
+    def t(self, value: int) -> None:
+        self._meta.t[self._live_slot()] = value
+
+    @property
+    def last_active(self) -> float:
+        return self._meta.last_active[self._live_slot()]
+
+    @last_active.setter
+    def last_active(self, value: float) -> None:
+        self._meta.last_active[self._live_slot()] = value
+
+    @property
+    def created_at(self) -> float:
+        return self._meta.created_at[self._live_slot()]
+
+    @created_at.setter
+    def created_at(self, value: float) -> None:
+        self._meta.created_at[self._live_slot()] = value
 
     @property
     def expires_at(self) -> float:
         return self.last_active + self.ttl_s
 
     @property
+    def last_step(self) -> AppliedStep | None:
+        return self._last_step
+
+    @last_step.setter
+    def last_step(self, step: AppliedStep | None) -> None:
+        if step is not None:
+            step.at = self._meta.clock()
+            if self._last_step is None:
+                self._meta.replays.append((step.at, self))
+        self._last_step = step
+
+    def _live_slot(self) -> int:
+        if self.slot < 0:
+            raise RuntimeError(f"session {self.id!r} was let go of; look it up again")
+        return self.slot
+
+    @property
     def busy(self) -> bool:
-        return self.lock.locked()
+        """An operation holds the session or waits for it."""
+        return self._guard is not None
+
+    async def acquire(self) -> None:
+        guard = self._guard
+        if guard is None:
+            guard = self._guard = _Guard()
+        guard.users += 1
+        try:
+            await guard.lock.acquire()
+        except BaseException:
+            self._leave(guard)
+            raise
+
+    def release(self) -> None:
+        guard = self._guard
+        assert guard is not None, "release() without acquire()"
+        guard.lock.release()
+        self._leave(guard)
+
+    def _leave(self, guard: _Guard) -> None:
+        guard.users -= 1
+        if guard.users == 0 and self._guard is guard:
+            self._guard = None
+
+    async def __aenter__(self) -> Session:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass(frozen=True)
@@ -133,6 +279,7 @@ class StoreLimits:
     max_ttl_s: float
     evict_when_full: bool
     tombstones: int
+    replay_window_s: float = 60.0  # a step's reply is kept at least this long for retries
 
 
 @dataclass
@@ -146,6 +293,13 @@ class StoreEvents:
 
 
 class SessionStore:
+    """Sessions by id, each owning a pool slot; expiry, LRU eviction and tombstones.
+
+    Every operation costs the same at a thousand sessions as at millions: lookups are a dict,
+    recency lives in per-TTL linked lists through the slots, and the sweep stops at the first
+    session of each list that has not expired.
+    """
+
     def __init__(
         self,
         pool: StatePool,
@@ -160,14 +314,15 @@ class SessionStore:
         self.limits = limits
         self.events = events or StoreEvents()
         self.clock = clock
-        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self.slots = Slots(pool.capacity, clock)
+        self._sessions: dict[str, Session] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()  # id -> "expired" | "evicted"
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def create(self, session_id: str | None = None, ttl_s: float | None = None) -> Session:
-        ttl = self.limits.default_ttl_s if ttl_s is None else ttl_s
+        ttl = self.limits.default_ttl_s if ttl_s is None else float(ttl_s)
         if ttl > self.limits.max_ttl_s:
             raise TTLTooLong(
                 f"ttl_s {ttl} is over the limit of {self.limits.max_ttl_s} s",
@@ -190,11 +345,24 @@ class SessionStore:
                 f"the service holds its maximum of {self.limits.max_sessions} sessions",
                 limit=self.limits.max_sessions,
             )
-        session = Session(session_id, self.pool.allocate(), ttl, created_at=now, last_active=now)
+        slot = self.pool.allocate()
+        meta = self.slots
+        meta.t[slot] = 0
+        meta.last_active[slot] = meta.created_at[slot] = now
+        session = Session(session_id, slot, self._shared(ttl), meta)
+        meta.owner[slot] = session
+        meta.append(session.ttl_s, slot)
         self._sessions[session_id] = session
         self._gone.pop(session_id, None)
         self.events.created()
         return session
+
+    def _shared(self, ttl: float) -> float:
+        """The float object of an existing TTL list, so a million sessions share one."""
+        for known in self.slots.ends:
+            if known == ttl:
+                return known
+        return ttl
 
     def get(self, session_id: str) -> Session:
         """The live session, or a 404 saying whether it never existed, expired or was evicted."""
@@ -238,8 +406,7 @@ class SessionStore:
     def drop(self, session: Session) -> None:
         """Forget a cached session without counting it anywhere (durable mode: Redis has it)."""
         if self._sessions.get(session.id) is session:
-            del self._sessions[session.id]
-            self.pool.release(session.slot)
+            self._release(session)
 
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
@@ -247,7 +414,10 @@ class SessionStore:
     def touch(self, session: Session) -> None:
         session.last_active = self.clock()
         if self._sessions.get(session.id) is session:
-            self._sessions.move_to_end(session.id)
+            meta = self.slots
+            if meta.ends[session.ttl_s][1] != session.slot:
+                meta.unlink(session.ttl_s, session.slot)
+                meta.append(session.ttl_s, session.slot)
 
     def reset(self, session: Session) -> None:
         """Back to zeros and t = 0; call with the session's lock held."""
@@ -259,18 +429,34 @@ class SessionStore:
     def delete(self, session: Session) -> None:
         """Free the session; call with its lock held, so no step still uses the slot."""
         if self._sessions.get(session.id) is session:
-            del self._sessions[session.id]
-            self.pool.release(session.slot)
+            self._release(session)
             self.events.deleted()
 
     def sweep(self) -> int:
-        """Free every idle session past its TTL; return how many."""
+        """Free every idle session past its TTL, return how many; and drop replay records older
+        than the replay window. Work is proportional to what is freed (plus sessions busy at the
+        head of a list), not to the sessions held."""
         now = self.clock()
-        expired = [s for s in self._sessions.values() if s.expires_at <= now and not s.busy]
-        for s in expired:
-            self._expire(s, count=False)
+        expired: list[Session] = []
+        for ttl in list(self.slots.ends):
+            for session in self.slots.oldest(ttl):
+                if session.last_active + ttl > now:
+                    break
+                if not session.busy:
+                    expired.append(session)
+        for session in expired:
+            self._expire(session, count=False)
         if expired:
             self.events.expired(len(expired))
+        replays = self.slots.replays
+        horizon = now - self.limits.replay_window_s
+        while replays and replays[0][0] <= horizon:
+            _, session = replays.popleft()
+            step = session._last_step
+            if step is not None and step.at > horizon:  # stepped again since: keep the new one
+                replays.append((step.at, session))
+            elif step is not None:
+                session._last_step = None  # a retry this late is answered seq_conflict with t
         return len(expired)
 
     def _expire(self, session: Session, count: bool = True) -> None:
@@ -279,17 +465,32 @@ class SessionStore:
             self.events.expired(1)
 
     def _evict_one(self) -> bool:
-        for session in self._sessions.values():  # least recently used first
-            if not session.busy:
-                self._forget(session, "evicted")
-                self.events.evicted()
-                return True
-        return False
+        """Evict the least recently used idle session: the oldest head of the TTL lists."""
+        candidates = []
+        for ttl in self.slots.ends:
+            for session in self.slots.oldest(ttl):
+                if not session.busy:
+                    candidates.append(session)
+                    break
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda s: s.last_active)
+        self._forget(victim, "evicted")
+        self.events.evicted()
+        return True
 
     def _forget(self, session: Session, reason: str) -> None:
-        del self._sessions[session.id]
-        self.pool.release(session.slot)
+        self._release(session)
         if self.limits.tombstones:
             self._gone[session.id] = reason
             while len(self._gone) > self.limits.tombstones:
                 self._gone.popitem(last=False)
+
+    def _release(self, session: Session) -> None:
+        del self._sessions[session.id]
+        meta = self.slots
+        meta.unlink(session.ttl_s, session.slot)
+        meta.owner[session.slot] = None
+        self.pool.release(session.slot)
+        session.slot = -1
+        session._last_step = None

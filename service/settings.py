@@ -53,7 +53,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")
     batch_wait_ms: float = Field(0.0, ge=0, le=100, description="extra wait for a fuller batch")
-    sweep_interval_s: float = Field(5.0, gt=0, description="how often expired sessions are freed")
+    sweep_interval_s: float = Field(
+        1.0, gt=0, description="how often expired sessions and old replay records are freed"
+    )
+    replay_window_s: float = Field(
+        60.0,
+        gt=0,
+        description="a step's reply is kept at least this long, to answer a retry of it again",
+    )
     tombstones: int = Field(100_000, ge=0, description="expired/evicted ids remembered for 404s")
     redis_url: str | None = Field(
         None,

@@ -19,7 +19,7 @@ from service.errors import (
     TooManySessions,
     TTLTooLong,
 )
-from service.sessions import SessionStore, StatePool, StoreEvents, StoreLimits
+from service.sessions import AppliedStep, SessionStore, StatePool, StoreEvents, StoreLimits
 
 
 class Clock:
@@ -50,11 +50,14 @@ def test_create_get_delete_and_slot_reuse() -> None:
     with pytest.raises(SessionExists):
         store.create("a")
     store.pool.h[:, a.slot] = 5.0
+    slot = a.slot
     store.delete(a)
     with pytest.raises(SessionNotFound):
         store.get("a")
     b = store.create("b")
-    assert b.slot == a.slot and float(store.pool.h[:, b.slot].abs().sum()) == 0.0
+    assert b.slot == slot and float(store.pool.h[:, b.slot].abs().sum()) == 0.0
+    with pytest.raises(RuntimeError, match="let go of"):  # never b's t through a's old handle
+        _ = a.t
 
 
 def test_full_store_answers_429_and_sweeps_expired_first() -> None:
@@ -94,12 +97,12 @@ def test_lru_eviction_spares_busy_sessions() -> None:
         a, b, _ = store.create("a"), store.create("b"), store.create("c")
         clock.now += 1
         store.touch(b)  # b is now most recent; a is the least recently used...
-        await a.lock.acquire()  # ...but a is busy
+        await a.acquire()  # ...but a is busy
         store.create("d")
         with pytest.raises(SessionEvicted):
             store.get("c")
         assert store.get("a") is a
-        a.lock.release()
+        a.release()
 
     asyncio.run(scenario())
 
@@ -124,7 +127,7 @@ def test_interleaved_sessions_equal_their_offline_runs() -> None:
             t, means = 0, []
             while t < 40:
                 size = rng.randint(1, 7)
-                async with session.lock:
+                async with session:
                     done = await batcher.step(session, series[i][t : t + size])
                 means += done.outputs.mean
                 t += size
@@ -194,11 +197,11 @@ def test_a_busy_expired_session_is_not_replaced_under_its_step() -> None:
         clock = Clock()
         store = make_store(clock=clock)
         old = store.create("same", ttl_s=1)
-        await old.lock.acquire()  # a step is in flight
+        await old.acquire()  # a step is in flight
         clock.now += 5  # and the TTL ran out meanwhile
         with pytest.raises(SessionExists):
             store.create("same")
-        old.lock.release()
+        old.release()
         store.create("same")  # idle now: expired, so the id may be taken again
 
     asyncio.run(scenario())
@@ -227,3 +230,61 @@ def test_a_failing_persister_answers_every_job_and_the_batcher_lives_on() -> Non
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_expiry_and_eviction_follow_activity_across_ttls_without_scanning() -> None:
+    clock = Clock()
+    store = make_store(max_sessions=1000, evict=True, clock=clock)
+    short = [store.create(f"short-{i}", ttl_s=5) for i in range(3)]
+    for i in range(997):
+        store.create(f"long-{i}", ttl_s=50)
+    clock.now += 4
+    store.touch(short[0])  # now the most recently active of its list
+    visited = 0
+    oldest = store.slots.oldest
+
+    def counting(ttl: float):  # type: ignore[no-untyped-def]
+        nonlocal visited
+        for session in oldest(ttl):
+            visited += 1
+            yield session
+
+    store.slots.oldest = counting  # type: ignore[method-assign]
+    clock.now += 2  # short-1 and short-2 are past their 5 s; short-0 and the long ones are not
+    assert store.sweep() == 2
+    assert visited <= 2 + 2  # the two expired, then one live head per list: not 1000 sessions
+    assert store.get("short-0") is short[0]
+    with pytest.raises(SessionExpired):
+        store.get("short-1")
+    for i in range(2):  # full: make room by evicting the least recently used idle sessions
+        store.create(f"new-{i}")
+    visited = 0
+    store.create("one-more")
+    assert len(store.slots.ends) == 3  # the lists of TTL 5, 50 and the default 10
+    assert visited <= 2 * 3  # the sweep and the eviction each look at one head per list
+    with pytest.raises(SessionEvicted):  # long-0 (active at 0) is older than short-0 (at 4)
+        store.get("long-0")
+    assert store.get("short-0") is short[0]
+
+
+def test_replay_records_are_kept_for_the_window_then_freed() -> None:
+    from service.batcher import StepDone
+
+    clock = Clock()
+    store = SessionStore(
+        StatePool(2, 4, 1, 4, "cpu"),
+        StoreLimits(4, 600, 600, False, 10, replay_window_s=60),
+        clock=clock,
+    )
+    a, b = store.create("a"), store.create("b")
+    a.last_step = AppliedStep(0, b"x", StepDone(1, None))  # type: ignore[arg-type]
+    b.last_step = AppliedStep(0, b"y", StepDone(1, None))  # type: ignore[arg-type]
+    clock.now += 50
+    b.last_step = AppliedStep(1, b"z", StepDone(2, None))  # b stepped again
+    clock.now += 11
+    store.sweep()
+    assert a.last_step is None  # 61 s old
+    assert b.last_step is not None and b.last_step.seq == 1  # 11 s old: kept
+    clock.now += 50
+    store.sweep()
+    assert b.last_step is None
