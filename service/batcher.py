@@ -29,27 +29,11 @@ from torch import Tensor
 
 from model import LSTMForecaster, LSTMState
 from service.errors import ModelFailure
+from service.results import Outputs, StepDone
 from service.sessions import AppliedStep, Session, StatePool
 from service.state_blob import SessionState
 
 T = TypeVar("T")
-
-
-@dataclass
-class Outputs:
-    """Per-timestep results as plain lists, ready for the wire."""
-
-    mean: list[list[float]]  # (T, F)
-    std: list[list[float]]
-    anomaly_z: list[list[float] | None]  # (T, F), None where no forecast preceded the value
-    gates: dict[str, list[list[float]]] | None  # name -> (layers, T)
-
-
-@dataclass
-class StepDone:
-    t: int
-    outputs: Outputs
-    replayed: bool = False
 
 
 @dataclass

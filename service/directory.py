@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from service.batcher import Commit, Outputs, Persister, StepDone
+from service.batcher import Commit, Persister
 from service.errors import (
     ServiceError,
     SessionExists,
@@ -28,6 +28,7 @@ from service.errors import (
     StoreUnavailable,
 )
 from service.redis_state import RedisState, Write
+from service.results import Outputs, StepDone
 from service.sessions import AppliedStep, Session, SessionStore
 from service.state_blob import BlobError, SessionState, decode, encode
 

@@ -34,7 +34,7 @@ from starlette.websockets import WebSocket
 
 from model import Checkpoint, CheckpointError, pick_device
 from service import metrics
-from service.batcher import BatchObserver, MicroBatcher, StepDone, inputs_digest
+from service.batcher import BatchObserver, MicroBatcher, inputs_digest
 from service.directory import LocalSessions, RedisSessions, Sessions
 from service.errors import (
     BlobCorrupted,
@@ -51,6 +51,7 @@ from service.errors import (
 from service.http import ErrorContract
 from service.model_registry import import_checkpoint, load_from_store
 from service.redis_state import RedisState
+from service.results import StepDone
 from service.schemas import (
     SESSION_ID_PATTERN,
     CreateSession,
@@ -374,10 +375,10 @@ class LSTMSessions:
         self, session: Session, body: Step, x: torch.Tensor, fresh: bool
     ) -> dict[str, Any]:
         self.store.touch(session)
-        last = session.last_step
         if body.seq is not None and body.seq != session.t:
             if not fresh:  # the cached copy may lag (or predate a reset): judge by Redis's
                 raise StaleSession("seq differs from a cached t: reload and check again")
+            last = session.last_step
             if last is not None and body.seq == last.seq and inputs_digest(x) == last.digest:
                 metrics.REPLAYS.inc()
                 metrics.STEP_REQUESTS.labels("replayed").inc()

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import struct
 import time
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
+import orjson
 import torch
 from torch import Tensor
 
@@ -31,6 +32,7 @@ from service.errors import (
     TooManySessions,
     TTLTooLong,
 )
+from service.results import Outputs, StepDone
 from service.state_blob import SessionState
 
 
@@ -102,9 +104,29 @@ class AppliedStep:
     """The last step a session applied, kept so a retry gets the same answer, not a second step."""
 
     seq: int  # t before the step
-    digest: bytes  # of the inputs
-    response: Any
-    at: float = 0.0  # when it was recorded (set by Session.last_step)
+    digest: bytes  # of the inputs (16 bytes)
+    response: StepDone
+
+
+_RECORD = struct.Struct("<qd16s")  # seq, when recorded, digest; the response's JSON follows
+
+
+def pack_step(step: AppliedStep, at: float) -> bytes:
+    """One bytes object per kept step: a dozen small objects per session would fragment memory
+    that a million idle sessions then cannot give back."""
+    done = step.response
+    body = orjson.dumps([done.t, done.outputs.mean, done.outputs.std, done.outputs.anomaly_z])
+    gates = orjson.dumps(done.outputs.gates) if done.outputs.gates else b""
+    return _RECORD.pack(step.seq, at, step.digest) + struct.pack("<I", len(body)) + body + gates
+
+
+def unpack_step(record: bytes) -> tuple[AppliedStep, float]:
+    seq, at, digest = _RECORD.unpack_from(record)
+    (size,) = struct.unpack_from("<I", record, _RECORD.size)
+    start = _RECORD.size + 4
+    t, mean, std, anomaly = orjson.loads(record[start : start + size])
+    gates = orjson.loads(record[start + size :]) if len(record) > start + size else None
+    return AppliedStep(seq, digest, StepDone(t, Outputs(mean, std, anomaly, gates))), at
 
 
 class _Guard:
@@ -135,7 +157,7 @@ class Slots:
         self.prev = array("i", [-1]) * capacity
         self.next = array("i", [-1]) * capacity
         self.ends: dict[float, list[int]] = {}  # ttl -> [head, tail]
-        # Sessions holding a replay record, oldest record first; see SessionStore.sweep.
+        # Sessions holding a replay record, by when they got it; see SessionStore.sweep.
         self.replays: deque[tuple[float, Session]] = deque()
 
     def append(self, ttl: float, slot: int) -> None:
@@ -189,7 +211,7 @@ class Session:
     ttl_s: float
     _meta: Slots = field(repr=False)
     epoch: str = ""  # with Redis: the stored incarnation this copy belongs to (new at reset)
-    _last_step: AppliedStep | None = field(default=None, repr=False)
+    _last_step: bytes | None = field(default=None, repr=False)  # pack_step's
     _guard: _Guard | None = field(default=None, repr=False)
 
     @property
@@ -222,15 +244,17 @@ class Session:
 
     @property
     def last_step(self) -> AppliedStep | None:
-        return self._last_step
+        return None if self._last_step is None else unpack_step(self._last_step)[0]
 
     @last_step.setter
     def last_step(self, step: AppliedStep | None) -> None:
-        if step is not None:
-            step.at = self._meta.clock()
-            if self._last_step is None:
-                self._meta.replays.append((step.at, self))
-        self._last_step = step
+        if step is None:
+            self._last_step = None
+            return
+        now = self._meta.clock()
+        if self._last_step is None:
+            self._meta.replays.append((now, self))
+        self._last_step = pack_step(step, now)
 
     def _live_slot(self) -> int:
         if self.slot < 0:
@@ -452,10 +476,13 @@ class SessionStore:
         horizon = now - self.limits.replay_window_s
         while replays and replays[0][0] <= horizon:
             _, session = replays.popleft()
-            step = session._last_step
-            if step is not None and step.at > horizon:  # stepped again since: keep the new one
-                replays.append((step.at, session))
-            elif step is not None:
+            record = session._last_step
+            if record is None:
+                continue
+            _, at, _ = _RECORD.unpack_from(record)
+            if at > horizon:  # stepped again since: keep the newer record
+                replays.append((at, session))
+            else:
                 session._last_step = None  # a retry this late is answered seq_conflict with t
         return len(expired)
 

@@ -268,7 +268,7 @@ def test_expiry_and_eviction_follow_activity_across_ttls_without_scanning() -> N
 
 
 def test_replay_records_are_kept_for_the_window_then_freed() -> None:
-    from service.batcher import StepDone
+    from service.results import Outputs, StepDone
 
     clock = Clock()
     store = SessionStore(
@@ -277,10 +277,12 @@ def test_replay_records_are_kept_for_the_window_then_freed() -> None:
         clock=clock,
     )
     a, b = store.create("a"), store.create("b")
-    a.last_step = AppliedStep(0, b"x", StepDone(1, None))  # type: ignore[arg-type]
-    b.last_step = AppliedStep(0, b"y", StepDone(1, None))  # type: ignore[arg-type]
+    outputs = Outputs([[0.25]], [[1.5]], [None], {"forget": [[0.1], [0.9]]})
+    a.last_step = AppliedStep(0, bytes(16), StepDone(1, outputs))
+    assert a.last_step == AppliedStep(0, bytes(16), StepDone(1, outputs))  # kept exactly
+    b.last_step = AppliedStep(0, b"y" * 16, StepDone(1, Outputs([[0.0]], [[1.0]], [None], None)))
     clock.now += 50
-    b.last_step = AppliedStep(1, b"z", StepDone(2, None))  # b stepped again
+    b.last_step = AppliedStep(1, b"z" * 16, StepDone(2, Outputs([[0.0]], [[1.0]], [[0.3]], None)))
     clock.now += 11
     store.sweep()
     assert a.last_step is None  # 61 s old

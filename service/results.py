@@ -1,0 +1,23 @@
+"""What a step answers, as plain data: shared by the batcher that makes it, the store that keeps
+the last one for retries, and the service that sends it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Outputs:
+    """Per-timestep results as plain lists, ready for the wire."""
+
+    mean: list[list[float]]  # (T, F)
+    std: list[list[float]]
+    anomaly_z: list[list[float] | None]  # (T, F), None where no forecast preceded the value
+    gates: dict[str, list[list[float]]] | None  # name -> (layers, T)
+
+
+@dataclass(slots=True)
+class StepDone:
+    t: int
+    outputs: Outputs
+    replayed: bool = False
