@@ -2,10 +2,15 @@
 
 Handlers submit jobs and await them. One worker task takes whatever is pending (up to
 ``max_batch``), groups the steps of different sessions by chunk length, gathers their states from
-the pool, runs one batched forward per group in a worker thread (so the event loop keeps parsing
-requests, which fills the next batch), scatters the states back and does each session's
+the pool, runs one batched forward per group, scatters the states back and does each session's
 bookkeeping (``t``, the last applied step) before answering. So a handler that goes away mid-step
 can never leave a state advanced without its ``t``.
+
+Where a round runs: a small one on a CPU (``inline_work``) on the event loop itself; measured on 2
+cores, handing it to a thread cost more (the hop, and GIL hand-offs that stall the loop up to the
+5 ms switch interval) than the few hundred microseconds it holds the loop. A large round, and any
+on a GPU (where waiting releases the GIL), runs in a worker thread so the loop keeps parsing
+requests, which fills the next batch.
 
 Never two steps of one session in one batch: a session's lock admits one job at a time, and the
 worker defers any duplicate to the next round all the same. One failing item fails alone: when a
@@ -115,6 +120,7 @@ class MicroBatcher:
         wait_s: float = 0.0,
         observer: BatchObserver | None = None,
         persist: Persister | None = None,
+        inline_work: int = 0,
     ) -> None:
         self.model = model.eval()
         self.pool = pool
@@ -123,6 +129,9 @@ class MicroBatcher:
         self.wait_s = wait_s
         self.observer = observer or BatchObserver()
         self.persist = persist  # None: the pool is the only copy (the embedded store)
+        # Rounds of at most this many session-timesteps run on the event loop itself; larger ones
+        # (and every round on a GPU, whose waits release the GIL) in a worker thread.
+        self.inline_work = inline_work if self.device.type == "cpu" else 0
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._deferred: list[_Job] = []
@@ -198,7 +207,10 @@ class MicroBatcher:
         now = time.perf_counter()
         for job in batch:
             self.observer.queue_wait(now - job.enqueued)
-        results = await asyncio.to_thread(self._compute, batch)
+        if self._work(batch) <= self.inline_work:
+            results = self._compute(batch)  # small: a thread hop and GIL hand-offs cost more
+        else:
+            results = await asyncio.to_thread(self._compute, batch)
         steps = [
             (job, r)
             for job, r in zip(batch, results, strict=True)
@@ -259,6 +271,17 @@ class MicroBatcher:
                 result = verdict if verdict is not None else self._apply(job, computed.outputs)
             out.append(result)
         return out
+
+    @staticmethod
+    def _work(batch: list[_Job]) -> int:
+        """Session-timesteps a round computes: the measure of how long it holds the loop."""
+        work = 0
+        for job in batch:
+            if isinstance(job, _StepJob | _PredictJob):
+                work += job.x.shape[0]
+            elif isinstance(job, _ForecastJob):
+                work += job.horizon
+        return work
 
     @staticmethod
     def _apply(job: _StepJob, outputs: Outputs) -> StepDone:

@@ -266,6 +266,7 @@ class LSTMSessions:
             max_batch=settings.max_batch,
             wait_s=settings.batch_wait_ms / 1000,
             persist=self.sessions.persist,
+            inline_work=settings.inline_work,
             observer=BatchObserver(
                 batch=metrics.BATCH_SESSIONS.observe,
                 queue_wait=metrics.QUEUE_WAIT.observe,

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")
+    inline_work: int = Field(
+        256,
+        ge=0,
+        description="on a CPU, a batch of at most this many session-timesteps runs on the event "
+        "loop (no thread hop, no GIL hand-offs), larger ones in a worker thread; 0: always a "
+        "thread",
+    )
     batch_wait_ms: float = Field(0.0, ge=0, le=100, description="extra wait for a fuller batch")
     sweep_interval_s: float = Field(
         1.0, gt=0, description="how often expired sessions and old replay records are freed"
