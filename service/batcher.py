@@ -121,6 +121,7 @@ class MicroBatcher:
         observer: BatchObserver | None = None,
         persist: Persister | None = None,
         inline_work: int = 0,
+        gather_passes: int = 8,
     ) -> None:
         self.model = model.eval()
         self.pool = pool
@@ -132,6 +133,7 @@ class MicroBatcher:
         # Rounds of at most this many session-timesteps run on the event loop itself; larger ones
         # (and every round on a GPU, whose waits release the GIL) in a worker thread.
         self.inline_work = inline_work if self.device.type == "cpu" else 0
+        self.gather_passes = gather_passes
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._deferred: list[_Job] = []
@@ -196,6 +198,14 @@ class MicroBatcher:
         assert self._queue is not None
         if self.wait_s:
             await asyncio.sleep(self.wait_s)
+        # Let requests already being handled reach the queue: yield to the loop while it keeps
+        # bringing jobs (a few passes at most). Without this, a round starts with the first job
+        # and, under load, batches hold one or two sessions.
+        for _ in range(self.gather_passes):
+            before = self._queue.qsize()
+            await asyncio.sleep(0)
+            if self._queue.qsize() == before or self._queue.qsize() + len(jobs) >= self.max_batch:
+                break
         while len(jobs) < self.max_batch and not self._queue.empty():
             jobs.append(self._queue.get_nowait())
         batch: list[_Job] = []
