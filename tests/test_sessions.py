@@ -290,3 +290,31 @@ def test_replay_records_are_kept_for_the_window_then_freed() -> None:
     clock.now += 50
     store.sweep()
     assert b.last_step is None
+
+
+def test_concurrent_callers_share_rounds_even_when_they_arrive_a_few_loop_passes_apart() -> None:
+    """Handlers reach the batcher after some awaits of their own (parsing, the session's lock):
+    a round must not start with the first of them alone."""
+    from service.batcher import BatchObserver
+
+    model = tiny_model()
+    sizes: list[int] = []
+
+    async def scenario() -> None:
+        store = SessionStore(StatePool(2, 8, 1, 32, "cpu"), StoreLimits(32, 60, 60, False, 10))
+        batcher = MicroBatcher(
+            model, store.pool, inline_work=256, observer=BatchObserver(batch=sizes.append)
+        )
+
+        async def handler(i: int) -> None:
+            session = store.create(f"s{i}")
+            for _ in range(i % 3):  # a little work before the step, different for each
+                await asyncio.sleep(0)
+            async with session:
+                await batcher.step(session, torch.ones(1, 1))
+
+        await asyncio.gather(*(handler(i) for i in range(32)))
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert sum(sizes) == 32 and max(sizes) >= 16, sizes
