@@ -41,18 +41,29 @@ from service.state_blob import SessionState
 T = TypeVar("T")
 
 
-@dataclass
-class _Computed:
-    """A step's outputs and new state, computed but not yet in the pool."""
+@dataclass(slots=True)
+class _Group:
+    """The new states of one batched forward, kept whole so they scatter in one operation."""
 
-    outputs: Outputs
-    h: Tensor  # (layers, hidden)
+    h: Tensor  # (layers, B, hidden)
     c: Tensor
-    next_mean: Tensor  # (F,)
+    next_mean: Tensor  # (B, F)
     next_std: Tensor
 
+
+@dataclass(slots=True)
+class _Computed:
+    """A step's outputs and new state (row ``row`` of its group), not yet in the pool."""
+
+    outputs: Outputs
+    group: _Group
+    row: int
+
     def state(self) -> SessionState:
-        return SessionState(self.h.cpu(), self.c.cpu(), self.next_mean.cpu(), self.next_std.cpu())
+        g, b = self.group, self.row
+        return SessionState(
+            g.h[:, b].cpu(), g.c[:, b].cpu(), g.next_mean[b].cpu(), g.next_std[b].cpu()
+        )
 
 
 @dataclass
@@ -262,17 +273,19 @@ class MicroBatcher:
             ]
             verdicts = await self.persist(commits)
         accepted = [(job, c) for (job, c), v in zip(steps, verdicts, strict=True) if v is None]
-        if accepted:
-            slots = torch.tensor([job.session.slot for job, _ in accepted], device=self.device)
-            self.pool.scatter(
-                slots,
-                LSTMState(
-                    torch.stack([c.h for _, c in accepted], dim=1),
-                    torch.stack([c.c for _, c in accepted], dim=1),
-                ),
-                torch.stack([c.next_mean for _, c in accepted]),
-                torch.stack([c.next_std for _, c in accepted]),
-            )
+        by_group: dict[int, tuple[_Group, list[int], list[int]]] = {}
+        for step_job, computed in accepted:
+            _, rows, slots = by_group.setdefault(id(computed.group), (computed.group, [], []))
+            rows.append(computed.row)
+            slots.append(step_job.session.slot)
+        for group, rows, slots in by_group.values():
+            h, c, mean, std = group.h, group.c, group.next_mean, group.next_std
+            if len(rows) < mean.shape[0]:  # some were refused: scatter the others' rows only
+                keep = torch.tensor(rows, device=self.device)
+                h, c = h.index_select(1, keep), c.index_select(1, keep)
+                mean, std = mean.index_select(0, keep), std.index_select(0, keep)
+            target = torch.tensor(slots, device=self.device)
+            self.pool.scatter(target, LSTMState(h, c), mean, std)
         by_job = {id(job): (c, v) for (job, c), v in zip(steps, verdicts, strict=True)}
         out = []
         for job, result in zip(batch, results, strict=True):
@@ -353,15 +366,23 @@ class MicroBatcher:
         self.observer.model_time(time.perf_counter() - started)
         self.observer.batch(len(jobs))
         self.observer.timesteps(x.shape[0] * x.shape[1])
+        group = _Group(new_state.h, new_state.c, mean[:, -1], std[:, -1])
+        # One conversion per tensor for the whole batch: per-row views and tolist() calls cost
+        # more than the model's step at these sizes.
+        means, stds, zs = mean.tolist(), std.tolist(), z.tolist()
+        gate_lists = self._gate_lists(gates)
         return [
             _Computed(
                 self._outputs(
-                    mean[b], std[b], z[b], first_scored=jobs[b].session.t > 0, gates=gates, row=b
+                    means[b],
+                    stds[b],
+                    zs[b],
+                    first_scored=jobs[b].session.t > 0,
+                    gates=gate_lists,
+                    row=b,
                 ),
-                new_state.h[:, b],
-                new_state.c[:, b],
-                mean[b, -1],
-                std[b, -1],
+                group,
+                b,
             )
             for b in range(len(jobs))
         ]
@@ -383,25 +404,37 @@ class MicroBatcher:
             dim=1,
         )
         self.observer.model_time(time.perf_counter() - started)
-        return self._outputs(mean[0], std[0], z[0], first_scored=False, gates=gates, row=0)
+        return self._outputs(
+            mean[0].tolist(),
+            std[0].tolist(),
+            z[0].tolist(),
+            first_scored=False,
+            gates=self._gate_lists(gates),
+            row=0,
+        )
+
+    @staticmethod
+    def _gate_lists(gates: Any) -> dict[str, list[Any]] | None:
+        """Each gate's (layers, B, T) trace as nested lists, or None."""
+        if gates is None:
+            return None
+        return {name: getattr(gates, name).tolist() for name in ("forget", "input", "output")}
 
     @staticmethod
     def _outputs(
-        mean: Tensor,
-        std: Tensor,
-        z: Tensor,
+        mean: list[list[float]],
+        std: list[list[float]],
+        z: list[list[float]],
         *,
         first_scored: bool,
-        gates: Any,
+        gates: dict[str, list[Any]] | None,
         row: int,
     ) -> Outputs:
-        anomaly: list[list[float] | None] = list(z.tolist())
+        """Row ``row``'s outputs, from lists of the whole batch's (T, F) rows."""
+        anomaly: list[list[float] | None] = list(z)
         if not first_scored:
             anomaly[0] = None
-        gate_lists = None
+        gate_rows = None
         if gates is not None:
-            gate_lists = {
-                name: getattr(gates, name)[:, row].tolist()
-                for name in ("forget", "input", "output")
-            }
-        return Outputs(mean.tolist(), std.tolist(), anomaly, gate_lists)
+            gate_rows = {name: [layer[row] for layer in trace] for name, trace in gates.items()}
+        return Outputs(mean, std, anomaly, gate_rows)

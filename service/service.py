@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import gc
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
 import bentoml
+import numpy as np
 import orjson
 import torch
 from bentoml.exceptions import NotFound
@@ -173,6 +175,19 @@ def load_model(device: str) -> Checkpoint:
         refuse_to_start(f"the stored model {tag!r} is unusable: {e}")
 
 
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the hot path.
+
+    torch and BentoML leave a few hundred thousand objects behind at start-up, and every
+    collection walked them: freezing them (they live as long as the process) and collecting the
+    youngest generation every 10,000 allocations instead of 700 took step_many from ~10k to ~21k
+    items/s in process on 2 cores. Garbage without cycles is freed by reference counting as ever.
+    """
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(10_000, middle, old)
+
+
 def warn_if_redis_is_down(url: str) -> None:
     import redis
 
@@ -290,6 +305,7 @@ class LSTMSessions:
         if settings.snapshot_path is not None and not durable:
             self._restore_snapshot(settings.snapshot_path)
         log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
+        tune_gc()
 
     async def __is_ready__(self) -> bool:
         self._start_sweeper()
@@ -617,7 +633,7 @@ class LSTMSessions:
                     expected=self.n_features,
                     got=len(row),
                 )
-        return torch.tensor(rows, dtype=torch.float32)
+        return torch.from_numpy(np.array(rows, dtype=np.float32))
 
     def _info(self, session: Session) -> SessionInfo:
         return SessionInfo(
