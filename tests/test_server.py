@@ -269,6 +269,17 @@ def test_readme_client_example_runs_as_written(
     assert printed[0].startswith("[") and "None" in printed[0]  # anomaly_z is null at t = 0
 
 
+def test_readme_websocket_example_runs_as_written(
+    server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"### Streaming over a WebSocket.*?```python\n(.*?)```", readme, re.DOTALL)
+    assert block, "README lost its WebSocket example"
+    exec(compile(block.group(1).replace("http://127.0.0.1:3000", server), "README", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed] == ["1", "2", "3"]
+
+
 def test_an_unknown_model_tag_stops_the_start_saying_what_to_do() -> None:
     done = run_server_to_exit({"LSTM_MODEL_TAG": "no-such-model:v1"})
     output = done.stdout + done.stderr
