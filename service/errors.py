@@ -128,6 +128,10 @@ class StoreCorrupted(ServiceError):
     status, code = 500, "store_corrupted"
 
 
+class RequestTimeout(ServiceError):
+    status, code = 504, "request_timeout"
+
+
 class ModelFailure(ServiceError):
     status, code = 500, "model_failure"
 

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="torch's CPU threads; 1: a server's small batches gain nothing from more and "
+        "stalled when another process held a core; 0: torch's default",
+    )
     inline_work: int = Field(
         256,
         ge=0,

@@ -390,3 +390,41 @@ def test_bad_step_many_items_get_the_step_s_error_and_change_nothing(
         assert post(client, "/v1/sessions/get", {"session_id": "bystander"})[1]["t"] == t_bystander
     _, after = post(client, "/v1/sessions/forecast", {"session_id": "victim", "horizon": 3})
     assert after == before
+
+
+def test_the_request_deadline_answers_504_and_leaves_no_timer_behind() -> None:
+    from bentoml._internal.server.http import traffic
+
+    from service.http import RequestDeadline
+
+    assert traffic.TimeoutMiddleware is RequestDeadline  # what BentoML builds its stack from
+
+    async def quick(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(5)
+
+    async def scenario() -> tuple[list[Any], list[Any], int]:
+        loop = asyncio.get_running_loop()
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        for _ in range(100):
+            await RequestDeadline(quick, timeout=60)({"type": "http"}, None, send)
+        live = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        late: list[Any] = []
+
+        async def send_late(message: Any) -> None:
+            late.append(message)
+
+        await RequestDeadline(slow, timeout=0.05)({"type": "http"}, None, send_late)
+        return sent, late, len(live)
+
+    sent, late, live_timers = asyncio.run(scenario())
+    assert len(sent) == 200 and live_timers == 0  # BentoML's left 100 timers of 60 s here
+    assert late[0]["status"] == 504
+    assert json.loads(late[1]["body"])["error"]["code"] == "request_timeout"
