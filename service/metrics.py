@@ -35,7 +35,7 @@ BATCH_SESSIONS = Histogram(
 )
 QUEUE_WAIT = Histogram(
     "lstm_batch_queue_wait_seconds",
-    "Time a job waited for the micro-batcher",
+    "Longest time a job of a round waited for the micro-batcher, one observation per round",
     buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 MODEL_STEP = Histogram(
