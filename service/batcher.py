@@ -118,7 +118,9 @@ class _PredictJob(_Job):
 
 
 def inputs_digest(x: Tensor) -> bytes:
-    return hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+    if x.device.type == "cpu" and x.is_contiguous():
+        return hashlib.blake2b(x.numpy().data, digest_size=16).digest()  # no copy
+    return hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
 class MicroBatcher:
@@ -155,6 +157,13 @@ class MicroBatcher:
         """Apply one chunk to a session; call with the session's lock held."""
         return await self._submit(_StepJob(session, x, inputs_digest(x), return_gates))
 
+    def submit_step(
+        self, session: Session, x: Tensor, *, return_gates: bool = False
+    ) -> asyncio.Future[StepDone]:
+        """``step`` without waiting: the future of its result. The caller must keep the
+        session's lock until that future is done, even if the caller is cancelled."""
+        return self._enqueue(_StepJob(session, x, inputs_digest(x), return_gates))
+
     async def forecast(
         self, session: Session, horizon: int
     ) -> tuple[list[list[float]], list[list[float]]]:
@@ -170,7 +179,7 @@ class MicroBatcher:
                 await self._worker
             self._worker = None
 
-    async def _submit(self, job: _Job) -> Any:
+    def _enqueue(self, job: _Job) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()
@@ -178,6 +187,10 @@ class MicroBatcher:
             self._worker = loop.create_task(self._run(), name="micro-batcher")
         job.future = loop.create_future()
         self._queue.put_nowait(job)
+        return job.future
+
+    async def _submit(self, job: _Job) -> Any:
+        self._enqueue(job)
         try:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:

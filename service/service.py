@@ -372,8 +372,22 @@ class LSTMSessions:
                 except ServiceError as e:
                     results[i] = {"ok": False, "error": e.body()["error"]}
 
+        # The common case, one item for a session nobody else is stepping, skips a coroutine
+        # and a task per item: it goes to the batcher straight away (embedded store only; with
+        # Redis every item takes the general path, which reconciles stale copies).
+        fast: list[int] = []
+        general: list[list[int]] = []
+        for indices in by_session.values():
+            if len(indices) == 1 and settings.redis_url is None:
+                fast.append(indices[0])
+            else:
+                general.append(indices)
         try:
-            await asyncio.gather(*(one_session(ix) for ix in by_session.values()))
+            jobs = self._submit_free(body.items, fast, results, tally, general)
+            try:
+                await asyncio.gather(*(one_session(ix) for ix in general))
+            finally:  # not a task of its own: one cancelled before it ran would keep the locks
+                await self._finish_jobs(jobs, results, tally)
         finally:
             for outcome, n in tally.items():
                 metrics.STEP_REQUESTS.labels(outcome).inc(n)
@@ -422,24 +436,105 @@ class LSTMSessions:
         tally: Counter[str] | None,
     ) -> dict[str, Any]:
         self.store.touch(session)
-        if body.seq is not None and body.seq != session.t:
-            if not fresh:  # the cached copy may lag (or predate a reset): judge by Redis's
-                raise StaleSession("seq differs from a cached t: reload and check again")
-            last = session.last_step
-            if last is not None and body.seq == last.seq and inputs_digest(x) == last.digest:
-                metrics.REPLAYS.inc()
-                count_outcome("replayed", tally)
-                return step_reply(session.id, last.response)
-            metrics.SEQ_CONFLICTS.inc()
-            raise SeqConflict(
-                f"seq {body.seq} does not match the session's t = {session.t}",
-                t=session.t,
-                seq=body.seq,
-            )
+        replay = self._check_seq(session, body, x, fresh, tally)
+        if replay is not None:
+            return replay
         done = await self.batcher.step(session, x, return_gates=body.return_gates)
         self.store.touch(session)
         count_outcome("applied", tally)
         return step_reply(session.id, done)
+
+    def _check_seq(
+        self,
+        session: Session,
+        body: Step,
+        x: torch.Tensor,
+        fresh: bool,
+        tally: Counter[str] | None,
+    ) -> dict[str, Any] | None:
+        """None when the step may apply; the last step's reply again for a retry of it; or
+        SeqConflict (StaleSession when a cached copy may be behind)."""
+        if body.seq is None or body.seq == session.t:
+            return None
+        if not fresh:  # the cached copy may lag (or predate a reset): judge by Redis's
+            raise StaleSession("seq differs from a cached t: reload and check again")
+        last = session.last_step
+        if last is not None and body.seq == last.seq and inputs_digest(x) == last.digest:
+            metrics.REPLAYS.inc()
+            count_outcome("replayed", tally)
+            return step_reply(session.id, last.response)
+        metrics.SEQ_CONFLICTS.inc()
+        raise SeqConflict(
+            f"seq {body.seq} does not match the session's t = {session.t}",
+            t=session.t,
+            seq=body.seq,
+        )
+
+    def _submit_free(
+        self,
+        items: list[Step],
+        indices: list[int],
+        results: list[dict[str, Any]],
+        tally: Counter[str],
+        general: list[list[int]],
+    ) -> list[tuple[int, Session, asyncio.Future[StepDone]]]:
+        """Hand the items whose sessions are free to the batcher without waiting, each under its
+        session's lock; answer those refused before the model; pass busy ones to ``general``."""
+        jobs = []
+        for i in indices:
+            item = items[i]
+            try:
+                session = self.store.get(item.session_id)
+                if not session.try_acquire():
+                    general.append([i])  # another request holds it: wait in line
+                    continue
+                try:
+                    x = self._tensor(item.inputs, settings.max_chunk, "LSTM_MAX_CHUNK")
+                    self.store.touch(session)
+                    replay = self._check_seq(session, item, x, True, tally)
+                except BaseException:
+                    session.release()
+                    raise
+                if replay is not None:
+                    session.release()
+                    results[i] = {"ok": True, "result": replay}
+                    continue
+                future = self.batcher.submit_step(session, x, return_gates=item.return_gates)
+                jobs.append((i, session, future))
+            except ServiceError as e:
+                count_outcome(e.code, tally)
+                results[i] = {"ok": False, "error": e.body()["error"]}
+        return jobs
+
+    async def _finish_jobs(
+        self,
+        jobs: list[tuple[int, Session, asyncio.Future[StepDone]]],
+        results: list[dict[str, Any]],
+        tally: Counter[str],
+    ) -> None:
+        """Wait for ``_submit_free``'s jobs, then release their sessions and answer them. A
+        cancelled request still waits for every job before any lock is released."""
+        waiting = {future for _, _, future in jobs}
+        cancelled = False
+        while waiting:
+            try:
+                _, waiting = await asyncio.wait(waiting)
+            except asyncio.CancelledError:
+                cancelled = True
+        for i, session, future in jobs:
+            session.release()
+            error = future.exception()
+            if isinstance(error, ServiceError):
+                count_outcome(error.code, tally)
+                results[i] = {"ok": False, "error": error.body()["error"]}
+            elif error is not None:
+                raise error
+            else:
+                self.store.touch(session)
+                count_outcome("applied", tally)
+                results[i] = {"ok": True, "result": step_reply(session.id, future.result())}
+        if cancelled:
+            raise asyncio.CancelledError
 
     @bentoml.api(route="/v1/sessions/forecast")
     @answers_errors

@@ -11,6 +11,7 @@ Expired and evicted ids are remembered (bounded) so a client learns why its sess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import struct
 import time
@@ -130,13 +131,13 @@ def unpack_step(record: bytes) -> tuple[AppliedStep, float]:
 
 
 class _Guard:
-    """A session's lock, alive only while an operation holds or awaits the session."""
+    """A session's lock: it exists while an operation holds the session, with the futures of
+    those waiting for it, first come first served."""
 
-    __slots__ = ("lock", "users")
+    __slots__ = ("waiters",)
 
     def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
 
 
 class Slots:
@@ -266,27 +267,41 @@ class Session:
         """An operation holds the session or waits for it."""
         return self._guard is not None
 
+    def try_acquire(self) -> bool:
+        """Take the session's lock if nobody holds it, without waiting."""
+        if self._guard is not None:
+            return False
+        self._guard = _Guard()
+        return True
+
     async def acquire(self) -> None:
+        """Take the session's lock, after those who asked before."""
         guard = self._guard
         if guard is None:
-            guard = self._guard = _Guard()
-        guard.users += 1
+            self._guard = _Guard()
+            return
+        turn = asyncio.get_running_loop().create_future()
+        guard.waiters.append(turn)
         try:
-            await guard.lock.acquire()
-        except BaseException:
-            self._leave(guard)
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed to us just as we were cancelled: hand it on
+            else:
+                with contextlib.suppress(ValueError):  # a release may have dropped it already
+                    guard.waiters.remove(turn)
             raise
 
     def release(self) -> None:
+        """Hand the lock to the next waiter still waiting, or free it."""
         guard = self._guard
         assert guard is not None, "release() without acquire()"
-        guard.lock.release()
-        self._leave(guard)
-
-    def _leave(self, guard: _Guard) -> None:
-        guard.users -= 1
-        if guard.users == 0 and self._guard is guard:
-            self._guard = None
+        while guard.waiters:
+            turn = guard.waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._guard = None
 
     async def __aenter__(self) -> Session:
         await self.acquire()

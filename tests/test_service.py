@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from service.schemas import CreateSession, Forecast, Predict, SessionRef, Step
+from service.schemas import CreateSession, Forecast, Predict, SessionRef, Step, StepMany
 from service.service import LSTMSessions
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -428,3 +428,41 @@ def test_the_request_deadline_answers_504_and_leaves_no_timer_behind() -> None:
     assert len(sent) == 200 and live_timers == 0  # BentoML's left 100 timers of 60 s here
     assert late[0]["status"] == 504
     assert json.loads(late[1]["body"])["error"]["code"] == "request_timeout"
+
+
+def test_step_many_fast_lane_replays_waits_for_busy_sessions_and_survives_cancellation() -> None:
+    svc = LSTMSessions()
+
+    async def scenario() -> None:
+        for sid in ("lane-a", "lane-b"):
+            await svc.create(CreateSession(session_id=sid))
+        first = StepMany(items=[Step(session_id="lane-a", inputs=[[0.5]], seq=0)])
+        once = json.loads((await svc.step_many(first)).body)["results"][0]
+        again = json.loads((await svc.step_many(first)).body)["results"][0]
+        assert once == again and once["result"]["t"] == 1  # a retry is answered, not applied
+        # lane-b is busy (held by another operation): its item waits its turn, then applies.
+        session = svc.store.get("lane-b")
+        await session.acquire()
+        many = asyncio.create_task(
+            svc.step_many(StepMany(items=[Step(session_id="lane-b", inputs=[[0.1]], seq=0)]))
+        )
+        await asyncio.sleep(0.05)
+        assert not many.done() and session.t == 0
+        session.release()
+        assert json.loads((await many).body)["results"][0]["result"]["t"] == 1
+        # A request cancelled mid-step: its steps still complete, then the locks are freed.
+        cancelled = asyncio.create_task(
+            svc.step_many(
+                StepMany(items=[Step(session_id=s, inputs=[[0.2]]) for s in ("lane-a", "lane-b")])
+            )
+        )
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        a, b = svc.store.get("lane-a"), svc.store.get("lane-b")
+        assert not a.busy and not b.busy
+        assert (a.t, b.t) in ((1, 1), (2, 2))  # whole steps or none, never a lock left held
+        await svc.batcher.close()
+
+    asyncio.run(scenario())

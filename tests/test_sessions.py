@@ -318,3 +318,32 @@ def test_concurrent_callers_share_rounds_even_when_they_arrive_a_few_loop_passes
 
     asyncio.run(scenario())
     assert sum(sizes) == 32 and max(sizes) >= 16, sizes
+
+
+def test_the_session_lock_is_first_come_first_served_and_survives_cancellations() -> None:
+    async def scenario() -> list[str]:
+        store = make_store()
+        session = store.create("s")
+        order: list[str] = []
+        assert session.try_acquire() and not session.try_acquire()
+
+        async def user(name: str) -> None:
+            async with session:
+                order.append(name)
+                await asyncio.sleep(0)
+
+        a = asyncio.create_task(user("a"))
+        b = asyncio.create_task(user("b"))
+        c = asyncio.create_task(user("c"))
+        await asyncio.sleep(0)  # all three wait, in this order
+        b.cancel()  # b gives up while waiting
+        await asyncio.sleep(0)
+        session.release()  # the holder leaves: the lock is handed to a...
+        a.cancel()  # ...which is cancelled before it runs: it must pass the lock on to c
+        results = await asyncio.gather(a, b, c, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError)
+        assert isinstance(results[1], asyncio.CancelledError)
+        assert not session.busy  # nobody holds it, nobody waits
+        return order
+
+    assert asyncio.run(scenario()) == ["c"]
