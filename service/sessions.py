@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import struct
 import time
@@ -109,25 +110,44 @@ class AppliedStep:
     response: StepDone
 
 
-_RECORD = struct.Struct("<qd16s")  # seq, when recorded, digest; the response's JSON follows
+# seq, when recorded, digest, t after, T, F; then mean, std and z as doubles (T x F each; a NaN
+# row of z stands for None), then the gates' JSON when the step returned them.
+_RECORD = struct.Struct("<qd16sqII")
 
 
 def pack_step(step: AppliedStep, at: float) -> bytes:
-    """One bytes object per kept step: a dozen small objects per session would fragment memory
-    that a million idle sessions then cannot give back."""
-    done = step.response
-    body = orjson.dumps([done.t, done.outputs.mean, done.outputs.std, done.outputs.anomaly_z])
-    gates = orjson.dumps(done.outputs.gates) if done.outputs.gates else b""
-    return _RECORD.pack(step.seq, at, step.digest) + struct.pack("<I", len(body)) + body + gates
+    """One bytes object per kept step, with the outputs as raw doubles (exact, and half the size
+    of their JSON): a dozen small objects per session would fragment memory that a million idle
+    sessions then cannot give back."""
+    done, out = step.response, step.response.outputs
+    steps, features = len(out.mean), len(out.mean[0])
+    values = array("d")
+    for rows in (out.mean, out.std):
+        for row in rows:
+            values.extend(row)
+    for z in out.anomaly_z:
+        values.extend([math.nan] * features if z is None else z)
+    gates = orjson.dumps(out.gates) if out.gates else b""
+    header = _RECORD.pack(step.seq, at, step.digest, done.t, steps, features)
+    return header + values.tobytes() + gates
 
 
 def unpack_step(record: bytes) -> tuple[AppliedStep, float]:
-    seq, at, digest = _RECORD.unpack_from(record)
-    (size,) = struct.unpack_from("<I", record, _RECORD.size)
-    start = _RECORD.size + 4
-    t, mean, std, anomaly = orjson.loads(record[start : start + size])
-    gates = orjson.loads(record[start + size :]) if len(record) > start + size else None
-    return AppliedStep(seq, digest, StepDone(t, Outputs(mean, std, anomaly, gates))), at
+    seq, at, digest, t, steps, features = _RECORD.unpack_from(record)
+    n = steps * features
+    values = array("d")
+    values.frombytes(record[_RECORD.size : _RECORD.size + 24 * n])
+    flat = values.tolist()
+
+    def rows(k: int) -> list[list[float]]:
+        return [flat[k * n + i * features : k * n + (i + 1) * features] for i in range(steps)]
+
+    anomaly: list[list[float] | None] = [
+        None if all(math.isnan(v) for v in row) else row for row in rows(2)
+    ]
+    rest = record[_RECORD.size + 24 * n :]
+    gates = orjson.loads(rest) if rest else None
+    return AppliedStep(seq, digest, StepDone(t, Outputs(rows(0), rows(1), anomaly, gates))), at
 
 
 class _Guard:
@@ -138,6 +158,40 @@ class _Guard:
 
     def __init__(self) -> None:
         self.waiters: deque[asyncio.Future[None]] = deque()
+
+
+class ReplayQueue:
+    """Sessions in the order they got a replay record: times in an array beside a list, 16 bytes
+    an entry where a deque of (time, session) tuples cost 80 (a million sessions stepped within
+    the replay window hold a million entries)."""
+
+    __slots__ = ("head", "sessions", "times")
+
+    def __init__(self) -> None:
+        self.times = array("d")
+        self.sessions: list[Session | None] = []
+        self.head = 0
+
+    def __len__(self) -> int:
+        return len(self.sessions) - self.head
+
+    def append(self, at: float, session: Session) -> None:
+        self.times.append(at)
+        self.sessions.append(session)
+
+    def first_time(self) -> float:
+        return self.times[self.head]
+
+    def popleft(self) -> Session:
+        session = self.sessions[self.head]
+        assert session is not None
+        self.sessions[self.head] = None
+        self.head += 1
+        if self.head >= 4096 and 2 * self.head >= len(self.sessions):  # drop the consumed half
+            del self.times[: self.head]
+            del self.sessions[: self.head]
+            self.head = 0
+        return session
 
 
 class Slots:
@@ -159,7 +213,7 @@ class Slots:
         self.next = array("i", [-1]) * capacity
         self.ends: dict[float, list[int]] = {}  # ttl -> [head, tail]
         # Sessions holding a replay record, by when they got it; see SessionStore.sweep.
-        self.replays: deque[tuple[float, Session]] = deque()
+        self.replays = ReplayQueue()
 
     def append(self, ttl: float, slot: int) -> None:
         ends = self.ends.get(ttl)
@@ -254,7 +308,7 @@ class Session:
             return
         now = self._meta.clock()
         if self._last_step is None:
-            self._meta.replays.append((now, self))
+            self._meta.replays.append(now, self)
         self._last_step = pack_step(step, now)
 
     def _live_slot(self) -> int:
@@ -489,14 +543,14 @@ class SessionStore:
             self.events.expired(len(expired))
         replays = self.slots.replays
         horizon = now - self.limits.replay_window_s
-        while replays and replays[0][0] <= horizon:
-            _, session = replays.popleft()
+        while replays and replays.first_time() <= horizon:
+            session = replays.popleft()
             record = session._last_step
             if record is None:
                 continue
-            _, at, _ = _RECORD.unpack_from(record)
+            _, at, *_ = _RECORD.unpack_from(record)
             if at > horizon:  # stepped again since: keep the newer record
-                replays.append((at, session))
+                replays.append(at, session)
             else:
                 session._last_step = None  # a retry this late is answered seq_conflict with t
         return len(expired)

@@ -347,3 +347,25 @@ def test_the_session_lock_is_first_come_first_served_and_survives_cancellations(
         return order
 
     assert asyncio.run(scenario()) == ["c"]
+
+
+def test_replay_records_round_trip_exactly_and_the_queue_compacts() -> None:
+    from service.results import Outputs, StepDone
+    from service.sessions import ReplayQueue, pack_step, unpack_step
+
+    rng = random.Random(1)
+    mean = [[rng.random(), -rng.random()] for _ in range(3)]
+    std = [[rng.random(), rng.random()] for _ in range(3)]
+    anomaly: list[list[float] | None] = [None, [1e-300, -2.5], [3.0, 0.0]]
+    gates = {"forget": [[0.1, 0.2, 0.3]], "input": [[0.4, 0.5, 0.6]], "output": [[0.7, 0.8, 0.9]]}
+    step = AppliedStep(7, bytes(range(16)), StepDone(10, Outputs(mean, std, anomaly, gates)))
+    assert unpack_step(pack_step(step, 123.5)) == (step, 123.5)
+
+    store = make_store()
+    queue, session = ReplayQueue(), store.create("s")
+    for k in range(10_000):
+        queue.append(float(k), session)
+    for k in range(9_000):
+        assert queue.first_time() == float(k) and queue.popleft() is session
+    assert len(queue) == 1_000 and len(queue.sessions) < 10_000  # the consumed part was dropped
+    assert queue.first_time() == 9_000.0
