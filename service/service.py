@@ -244,6 +244,9 @@ STALE_RETRIES = 3  # reload-and-recompute rounds before a step gives up on a con
     workers=1,
     traffic={"timeout": 60},
     logging={"access": {"enabled": settings.access_log}},
+    # A span per WebSocket message cost more than the step it traced; the connection is still
+    # counted by lstm_streams_open and its steps by lstm_step_requests_total.
+    tracing={"excluded_urls": ["/v1/stream"]},
 )
 class LSTMSessions:
     def __init__(self) -> None:

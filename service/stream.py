@@ -119,7 +119,8 @@ class StreamEndpoint:
         limits = self.limits
         while True:
             try:
-                message = await asyncio.wait_for(ws.receive(), limits.idle_s)
+                async with asyncio.timeout(limits.idle_s):  # no task per message, as wait_for
+                    message = await ws.receive()
             except TimeoutError:
                 idle = IdleTimeout(
                     f"no message for {limits.idle_s:g} s (LSTM_STREAM_IDLE_S)", limit=limits.idle_s
