@@ -170,7 +170,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     mem.plot(n, [r["memory_bytes_per_session"] for r in rows], "s-", label="stepped, then idle")
     mem.plot(n, [r["raw_state_bytes_per_session"] for r in rows], "--", label="raw state")
     mem.plot(n, [1.3 * r["raw_state_bytes_per_session"] for r in rows], ":", label="1.3 x raw")
-    mem.set(xscale="log", xlabel="sessions resident", ylabel="bytes per session")
+    # Log y: at 1k sessions the allocator's granularity alone is kilobytes per session.
+    mem.set(xscale="log", yscale="log", xlabel="sessions resident", ylabel="bytes per session")
     mem.set_title("memory per session")
     mem.legend()
     lat.plot(n, [r["step_p50_ms"] for r in rows], "o-", label="p50")
