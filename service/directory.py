@@ -43,6 +43,7 @@ class Sessions(Protocol):
     async def reset(self, session: Session) -> None: ...
     async def touch(self, session: Session) -> None: ...
     async def ready(self) -> bool: ...
+    async def current(self, session: Session) -> bool: ...
     async def restore(
         self, session_id: str, state: SessionState, t: int, ttl_s: float | None
     ) -> Session: ...
@@ -72,6 +73,9 @@ class LocalSessions:
         self.store.touch(session)
 
     async def ready(self) -> bool:
+        return True
+
+    async def current(self, session: Session) -> bool:
         return True
 
     async def restore(
@@ -131,9 +135,13 @@ class RedisSessions:
             cached = self.store.get(session_id)
         except ServiceError:
             return await self._load(session_id)
-        if verify and await self.redis.version(session_id) != (cached.epoch, cached.t):
-            return await self.reload(session_id)
+        if verify and not cached.busy and not await self.current(cached):
+            return await self.reload(session_id)  # a busy copy is verified under its lock
         return cached
+
+    async def current(self, session: Session) -> bool:
+        """Whether this copy is Redis's: same incarnation (epoch) and t."""
+        return await self.redis.version(session.id) == (session.epoch, session.t)
 
     async def _load(self, session_id: str) -> Session:
         stored = await self.redis.load(session_id)

@@ -102,6 +102,14 @@ def answers_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
+def release_after(session: Session, step: asyncio.Future[StepDone]) -> None:
+    """A done callback: free the session its step held; note the step's error as seen (the
+    request answering it may have been cancelled)."""
+    session.release()
+    if not step.cancelled():
+        step.exception()
+
+
 def count_outcome(outcome: str, tally: Counter[str] | None) -> None:
     """A step's outcome, into the metric or, for step_many, into the request's tally: a write to
     a multiprocess-mode metric costs more than a step's bookkeeping."""
@@ -387,10 +395,9 @@ class LSTMSessions:
                 general.append(indices)
         try:
             jobs = self._submit_free(body.items, fast, results, tally, general)
-            try:
-                await asyncio.gather(*(one_session(ix) for ix in general))
-            finally:  # not a task of its own: one cancelled before it ran would keep the locks
-                await self._finish_jobs(jobs, results, tally)
+            await asyncio.gather(
+                self._finish_jobs(jobs, results, tally), *(one_session(ix) for ix in general)
+            )
         finally:
             for outcome, n in tally.items():
                 metrics.STEP_REQUESTS.labels(outcome).inc(n)
@@ -487,12 +494,12 @@ class LSTMSessions:
         for i in indices:
             item = items[i]
             try:
+                x = self._tensor(item.inputs, settings.max_chunk, "LSTM_MAX_CHUNK")  # as _step
                 session = self.store.get(item.session_id)
                 if not session.try_acquire():
                     general.append([i])  # another request holds it: wait in line
                     continue
                 try:
-                    x = self._tensor(item.inputs, settings.max_chunk, "LSTM_MAX_CHUNK")
                     self.store.touch(session)
                     replay = self._check_seq(session, item, x, True, tally)
                 except BaseException:
@@ -503,6 +510,9 @@ class LSTMSessions:
                     results[i] = {"ok": True, "result": replay}
                     continue
                 future = self.batcher.submit_step(session, x, return_gates=item.return_gates)
+                # The lock goes when the step is done, whatever becomes of this request: held
+                # until the whole request ended, two requests could wait on each other forever.
+                future.add_done_callback(functools.partial(release_after, session))
                 jobs.append((i, session, future))
             except ServiceError as e:
                 count_outcome(e.code, tally)
@@ -515,17 +525,11 @@ class LSTMSessions:
         results: list[dict[str, Any]],
         tally: Counter[str],
     ) -> None:
-        """Wait for ``_submit_free``'s jobs, then release their sessions and answer them. A
-        cancelled request still waits for every job before any lock is released."""
-        waiting = {future for _, _, future in jobs}
-        cancelled = False
-        while waiting:
-            try:
-                _, waiting = await asyncio.wait(waiting)
-            except asyncio.CancelledError:
-                cancelled = True
+        """Wait for ``_submit_free``'s jobs and answer them (each released its session when it
+        was done)."""
+        if jobs:
+            await asyncio.wait([future for _, _, future in jobs])
         for i, session, future in jobs:
-            session.release()
             error = future.exception()
             if isinstance(error, ServiceError):
                 count_outcome(error.code, tally)
@@ -536,8 +540,6 @@ class LSTMSessions:
                 self.store.touch(session)
                 count_outcome("applied", tally)
                 results[i] = {"ok": True, "result": step_reply(session.id, future.result())}
-        if cancelled:
-            raise asyncio.CancelledError
 
     @bentoml.api(route="/v1/sessions/forecast")
     @answers_errors
@@ -564,7 +566,9 @@ class LSTMSessions:
     @answers_errors
     async def get(self, body: SessionRef, /) -> SessionInfo:
         """A session's t and times."""
-        return self._info(await self.sessions.get(body.session_id, verify=True))
+        session = await self._lock(body.session_id, verify=True)
+        session.release()
+        return self._info(session)
 
     @bentoml.api(route="/v1/sessions/reset")
     @answers_errors
@@ -742,11 +746,18 @@ class LSTMSessions:
         of Redis's), look the id up again: that answers 404 or yields the current copy.
         """
         while True:
-            session = await self.sessions.get(session_id, verify=verify)
+            session = await self.sessions.get(session_id)
             await session.acquire()
-            if self.store.peek(session_id) is session:
-                return session
-            session.release()
+            if self.store.peek(session_id) is not session:
+                session.release()
+                continue
+            if verify and not await self.sessions.current(session):
+                # Redis moved on (another replica stepped or reset it): drop the copy while we
+                # hold it, so nobody is using it, and load the current one.
+                self.store.drop(session)
+                session.release()
+                continue
+            return session
 
     def _tensor(self, rows: list[list[float]], limit: int, setting: str) -> torch.Tensor:
         if len(rows) > limit:

@@ -409,6 +409,7 @@ class SessionStore:
         self.clock = clock
         self.slots = Slots(pool.capacity, clock)
         self._sessions: dict[str, Session] = {}
+        self._ttls: dict[float, float] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()  # id -> "expired" | "evicted"
 
     def __len__(self) -> int:
@@ -451,11 +452,8 @@ class SessionStore:
         return session
 
     def _shared(self, ttl: float) -> float:
-        """The float object of an existing TTL list, so a million sessions share one."""
-        for known in self.slots.ends:
-            if known == ttl:
-                return known
-        return ttl
+        """One float object per TTL value, so a million sessions share it."""
+        return self._ttls.setdefault(ttl, ttl)
 
     def get(self, session_id: str) -> Session:
         """The live session, or a 404 saying whether it never existed, expired or was evicted."""
@@ -505,6 +503,8 @@ class SessionStore:
         return list(self._sessions.values())
 
     def touch(self, session: Session) -> None:
+        if session.slot < 0:  # let go of (Redis mode: reloaded meanwhile): nothing to touch
+            return
         session.last_active = self.clock()
         if self._sessions.get(session.id) is session:
             meta = self.slots

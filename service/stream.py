@@ -87,22 +87,26 @@ class StreamEndpoint:
     async def serve(self, ws: WebSocket) -> None:
         await ws.accept()
         session_id = ws.query_params.get("session_id", "")
+        if self.open >= self.limits.max_streams:
+            full = TooManyStreams(
+                f"{self.open} streams are open, the limit (LSTM_MAX_STREAMS)",
+                limit=self.limits.max_streams,
+            )
+            await self._close_with(ws, full)
+            return
+        self.open += 1  # counted before any await, so concurrent connects cannot overshoot
+        self.opened(self.open)
         try:
-            if self.open >= self.limits.max_streams:
-                raise TooManyStreams(
-                    f"{self.open} streams are open, the limit (LSTM_MAX_STREAMS)",
-                    limit=self.limits.max_streams,
-                )
             if not re.fullmatch(SESSION_ID_PATTERN, session_id):
                 raise InvalidRequest(
                     f"the query parameter session_id must match {SESSION_ID_PATTERN}"
                 )
             await self.check_session(session_id)
         except ServiceError as e:
+            self.open -= 1
+            self.opened(self.open)
             await self._close_with(ws, e)
             return
-        self.open += 1
-        self.opened(self.open)
         try:
             await self._messages(ws, session_id)
         except WebSocketDisconnect:

@@ -466,3 +466,30 @@ def test_step_many_fast_lane_replays_waits_for_busy_sessions_and_survives_cancel
         await svc.batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_step_many_requests_crossing_sessions_never_wait_on_each_other() -> None:
+    """R1 = [s1, s2, s2] and R2 = [s2, s1, s1] at once: each locks one session in the fast lane
+    and needs the other's on the general path. A fast-lane lock is freed with its step."""
+    svc = LSTMSessions()
+
+    async def scenario() -> None:
+        for sid in ("cross-1", "cross-2"):
+            await svc.create(CreateSession(session_id=sid))
+
+        def request(a: str, b: str) -> StepMany:
+            return StepMany(items=[Step(session_id=s, inputs=[[0.3]]) for s in (a, b, b)])
+
+        one, two = await asyncio.wait_for(
+            asyncio.gather(
+                svc.step_many(request("cross-1", "cross-2")),
+                svc.step_many(request("cross-2", "cross-1")),
+            ),
+            timeout=10,
+        )
+        for reply in (one, two):
+            assert all(r["ok"] for r in json.loads(reply.body)["results"])
+        assert svc.store.get("cross-1").t == svc.store.get("cross-2").t == 3
+        await svc.batcher.close()
+
+    asyncio.run(scenario())
