@@ -102,14 +102,6 @@ def answers_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
-def release_after(session: Session, step: asyncio.Future[StepDone]) -> None:
-    """A done callback: free the session its step held; note the step's error as seen (the
-    request answering it may have been cancelled)."""
-    session.release()
-    if not step.cancelled():
-        step.exception()
-
-
 def count_outcome(outcome: str, tally: Counter[str] | None) -> None:
     """A step's outcome, into the metric or, for step_many, into the request's tally: a write to
     a multiprocess-mode metric costs more than a step's bookkeeping."""
@@ -395,8 +387,12 @@ class LSTMSessions:
                 general.append(indices)
         try:
             jobs = self._submit_free(body.items, fast, results, tally, general)
+            # Shielded: the fast lane's locks are freed when its steps are done, even if this
+            # request is cancelled first; and not after the general path's, or two requests
+            # crossing the same sessions would wait on each other.
             await asyncio.gather(
-                self._finish_jobs(jobs, results, tally), *(one_session(ix) for ix in general)
+                asyncio.shield(self._finish_jobs(jobs, results, tally)),
+                *(one_session(ix) for ix in general),
             )
         finally:
             for outcome, n in tally.items():
@@ -510,9 +506,6 @@ class LSTMSessions:
                     results[i] = {"ok": True, "result": replay}
                     continue
                 future = self.batcher.submit_step(session, x, return_gates=item.return_gates)
-                # The lock goes when the step is done, whatever becomes of this request: held
-                # until the whole request ended, two requests could wait on each other forever.
-                future.add_done_callback(functools.partial(release_after, session))
                 jobs.append((i, session, future))
             except ServiceError as e:
                 count_outcome(e.code, tally)
@@ -525,10 +518,13 @@ class LSTMSessions:
         results: list[dict[str, Any]],
         tally: Counter[str],
     ) -> None:
-        """Wait for ``_submit_free``'s jobs and answer them (each released its session when it
-        was done)."""
-        if jobs:
-            await asyncio.wait([future for _, _, future in jobs])
+        """Wait for ``_submit_free``'s jobs, free their sessions, answer them."""
+        try:
+            if jobs:
+                await asyncio.wait([future for _, _, future in jobs])
+        finally:
+            for _, session, _ in jobs:
+                session.release()
         for i, session, future in jobs:
             error = future.exception()
             if isinstance(error, ServiceError):
