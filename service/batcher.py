@@ -271,7 +271,6 @@ class MicroBatcher:
         refused answers with the persister's error and leaves the session as it was.
         """
         verdicts: list[BaseException | None] = [None] * len(steps)
-        committed: dict[int, int] = {}  # job -> the t its step reached, as persisted
         if self.persist is not None:
             commits = [
                 Commit(
@@ -284,15 +283,8 @@ class MicroBatcher:
                 )
                 for job, c in steps
             ]
-            committed = {id(job): commit.t for (job, _), commit in zip(steps, commits, strict=True)}
             verdicts = await self.persist(commits)
-        # A copy let go of while it computed (Redis mode; the persister has the step): answer
-        # it, but leave the pool and the dead handle alone.
-        accepted = [
-            (job, c)
-            for (job, c), v in zip(steps, verdicts, strict=True)
-            if v is None and job.session.slot >= 0
-        ]
+        accepted = [(job, c) for (job, c), v in zip(steps, verdicts, strict=True) if v is None]
         by_group: dict[int, tuple[_Group, list[int], list[int]]] = {}
         for step_job, computed in accepted:
             _, rows, slots = by_group.setdefault(id(computed.group), (computed.group, [], []))
@@ -311,12 +303,7 @@ class MicroBatcher:
         for job, result in zip(batch, results, strict=True):
             if isinstance(job, _StepJob) and id(job) in by_job:
                 computed, verdict = by_job[id(job)]
-                if verdict is not None:
-                    result = verdict
-                elif job.session.slot < 0:
-                    result = StepDone(committed[id(job)], computed.outputs)
-                else:
-                    result = self._apply(job, computed.outputs)
+                result = verdict if verdict is not None else self._apply(job, computed.outputs)
             out.append(result)
         return out
 

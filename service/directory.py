@@ -37,7 +37,7 @@ class Sessions(Protocol):
     store: SessionStore
     persist: Persister | None
 
-    async def get(self, session_id: str, *, verify: bool = False) -> Session: ...
+    async def get(self, session_id: str) -> Session: ...
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session: ...
     async def delete(self, session: Session) -> None: ...
     async def reset(self, session: Session) -> None: ...
@@ -57,7 +57,7 @@ class LocalSessions:
     def __init__(self, store: SessionStore) -> None:
         self.store = store
 
-    async def get(self, session_id: str, *, verify: bool = False) -> Session:
+    async def get(self, session_id: str) -> Session:
         return self.store.get(session_id)
 
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
@@ -128,16 +128,13 @@ class RedisSessions:
             torch.ones(features),
         )
 
-    async def get(self, session_id: str, *, verify: bool = False) -> Session:
-        """The cached copy, or Redis's. Steps need no ``verify``: their compare-and-set catches a
-        stale copy. Reads (forecast, get, export) verify it against Redis's (epoch, t) first."""
+    async def get(self, session_id: str) -> Session:
+        """The cached copy, or Redis's. A copy may lag Redis: steps find out by their
+        compare-and-set; reads check ``current`` under the session's lock (``_lock``)."""
         try:
-            cached = self.store.get(session_id)
+            return self.store.get(session_id)
         except ServiceError:
             return await self._load(session_id)
-        if verify and not cached.busy and not await self.current(cached):
-            return await self.reload(session_id)  # a busy copy is verified under its lock
-        return cached
 
     async def current(self, session: Session) -> bool:
         """Whether this copy is Redis's: same incarnation (epoch) and t."""
@@ -172,12 +169,6 @@ class RedisSessions:
         session.last_step = last_step
         session.epoch = stored.epoch
         return session
-
-    async def reload(self, session_id: str) -> Session:
-        cached = self.store.peek(session_id)
-        if cached is not None:
-            self.store.drop(cached)
-        return await self._load(session_id)
 
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
         session = self.store.create(session_id, ttl_s)

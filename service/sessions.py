@@ -503,8 +503,6 @@ class SessionStore:
         return list(self._sessions.values())
 
     def touch(self, session: Session) -> None:
-        if session.slot < 0:  # let go of (Redis mode: reloaded meanwhile): nothing to touch
-            return
         session.last_active = self.clock()
         if self._sessions.get(session.id) is session:
             meta = self.slots
