@@ -97,17 +97,15 @@ class StreamEndpoint:
         self.open += 1  # counted before any await, so concurrent connects cannot overshoot
         self.opened(self.open)
         try:
-            if not re.fullmatch(SESSION_ID_PATTERN, session_id):
-                raise InvalidRequest(
-                    f"the query parameter session_id must match {SESSION_ID_PATTERN}"
-                )
-            await self.check_session(session_id)
-        except ServiceError as e:
-            self.open -= 1
-            self.opened(self.open)
-            await self._close_with(ws, e)
-            return
-        try:
+            try:
+                if not re.fullmatch(SESSION_ID_PATTERN, session_id):
+                    raise InvalidRequest(
+                        f"the query parameter session_id must match {SESSION_ID_PATTERN}"
+                    )
+                await self.check_session(session_id)
+            except ServiceError as e:
+                await self._close_with(ws, e)
+                return
             await self._messages(ws, session_id)
         except WebSocketDisconnect:
             pass
