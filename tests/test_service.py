@@ -33,6 +33,17 @@ def create(client: TestClient, sid: str, **extra: Any) -> dict[str, Any]:
     return body
 
 
+def assert_outputs_match(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> None:
+    """Step outputs equal to /v1/predict's for the same values (float32 tolerance)."""
+    for got, want in zip(ours, ref, strict=True):
+        assert got["mean"] == pytest.approx(want["mean"], abs=1e-5)
+        assert got["std"] == pytest.approx(want["std"], abs=1e-5)
+        if want["anomaly_z"] is None:
+            assert got["anomaly_z"] is None
+        else:
+            assert got["anomaly_z"] == pytest.approx(want["anomaly_z"], abs=1e-4)
+
+
 # --- tier 1: the class called directly --------------------------------------------------------
 
 
@@ -74,13 +85,7 @@ def test_chunked_steps_equal_predict(client: TestClient) -> None:
         t += size
         assert body["t"] == t
         outputs += body["outputs"]
-    for ours, ref in zip(outputs, whole["outputs"], strict=True):
-        assert ours["mean"] == pytest.approx(ref["mean"], abs=1e-5)
-        assert ours["std"] == pytest.approx(ref["std"], abs=1e-5)
-        if ref["anomaly_z"] is None:
-            assert ours["anomaly_z"] is None
-        else:
-            assert ours["anomaly_z"] == pytest.approx(ref["anomaly_z"], abs=1e-4)
+    assert_outputs_match(outputs, whole["outputs"])
 
 
 def test_seq_retry_is_answered_again_not_applied_twice(client: TestClient) -> None:

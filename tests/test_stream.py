@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from service.errors import SessionNotFound
 from service.schemas import Step
 from service.stream import StreamEndpoint, StreamLimits
-from tests.test_service import BAD_STEPS, create, post
+from tests.test_service import BAD_STEPS, assert_outputs_match, create, post
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -175,13 +175,7 @@ def test_streamed_chunks_equal_predict_and_mix_with_http(client: TestClient) -> 
             t += size
             assert reply["session_id"] == "ws-exact" and reply["t"] == t, reply
             outputs += reply["outputs"]
-    for ours, ref in zip(outputs, whole["outputs"], strict=True):
-        assert ours["mean"] == pytest.approx(ref["mean"], abs=1e-5)
-        assert ours["std"] == pytest.approx(ref["std"], abs=1e-5)
-        if ref["anomaly_z"] is None:
-            assert ours["anomaly_z"] is None
-        else:
-            assert ours["anomaly_z"] == pytest.approx(ref["anomaly_z"], abs=1e-4)
+    assert_outputs_match(outputs, whole["outputs"])
     assert post(client, "/v1/sessions/get", {"session_id": "ws-exact"})[1]["t"] == len(VALUES)
 
 
