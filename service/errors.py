@@ -155,10 +155,17 @@ def validation_error_body(errors: list[dict[str, Any]]) -> tuple[int, dict[str, 
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
     kind, loc = str(first.get("type", "")), tuple(first.get("loc", ()))
     code = VALIDATION_CODES.get(kind, "invalid_request")
+    bound = kind in ("less_than_equal", "greater_than_equal", "greater_than")
     if kind in ("too_short", "too_long") and loc and loc[-1] == "inputs":
         code = "empty_chunk" if kind == "too_short" else "chunk_too_long"
-    elif kind in ("less_than_equal", "greater_than_equal", "greater_than") and "horizon" in loc:
+    elif bound and "horizon" in loc:
         code = "horizon_too_long" if kind == "less_than_equal" else "invalid_request"
+    elif bound and "inputs" in loc:
+        code = "value_out_of_range"
+    elif bound and loc and loc[-1] == "seq":
+        code = "seq_out_of_range"
+    elif kind == "less_than_equal" and loc and loc[-1] == "ttl_s":
+        code = "ttl_too_long"
     where = ".".join(str(p) for p in loc) or "body"
     fields = [
         {"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in errors

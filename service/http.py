@@ -1,15 +1,24 @@
-"""The HTTP edge: the request body limit, and one error shape for every answer under ``/v1/``.
+"""The HTTP edge: the request body limit, one error shape for every answer under ``/v1/``, the
+OpenAPI document, and one log line per refused request.
 
 BentoML answers schema failures itself (400, ``{"error": str, "detail": [...]}``), 4xx exceptions
 as a JSON array, and 5xx with generic text. This ASGI middleware rewrites any such answer into
 ``{"error": {"code", "message", ...}}`` and leaves the service's own error bodies as they are.
+A 405 keeps an ``Allow`` header naming the route's methods. BentoML also logs every schema
+failure as an ERROR with its traceback and the offending input; ``RefusalTracebacks`` drops
+those, and this middleware logs each refusal as one line instead (route, status, code; never the
+input's values).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
+
+from pydantic import ValidationError
 
 from service.errors import (
     BodyTooLarge,
@@ -31,11 +40,30 @@ GENERIC_CODES = {
 }
 
 
+log = logging.getLogger("lstm_sessions.http")
+log.setLevel(logging.INFO)  # refusals are news at INFO; BentoML's root handler shows WARNING up
+
+
+class RefusalTracebacks(logging.Filter):
+    """Drops BentoML's ERROR-with-traceback for a request its schema refused: a client's mistake,
+    logged by ``ErrorContract`` as one line. Tracebacks of real failures pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, ValidationError)
+
+    @classmethod
+    def install(cls) -> None:
+        logging.getLogger("bentoml._internal.server.http_app").addFilter(cls())
+
+
 class _TooLarge(Exception):
     pass
 
 
-def _json(status: int, body: dict[str, Any]) -> tuple[Message, Message]:
+def _json(
+    status: int, body: dict[str, Any], extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[Message, Message]:
     data = json.dumps(body).encode()
     start = {
         "type": "http.response.start",
@@ -43,6 +71,7 @@ def _json(status: int, body: dict[str, Any]) -> tuple[Message, Message]:
         "headers": [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(data)).encode()),
+            *extra,
         ],
     }
     return start, {"type": "http.response.body", "body": data, "more_body": False}
@@ -78,18 +107,48 @@ def _is_json(scope: Scope) -> bool:
 
 
 class ErrorContract:
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
+    """``openapi()``: the document served at ``/docs.json``; ``allowed``: path -> its ``Allow``
+    header; ``refused_at_edge(path, code)``: told of each request refused before its handler ran
+    (the schema, the body limit, the media type), so the service can count refused steps."""
+
+    def __init__(
+        self,
+        app: Any,
+        max_body_bytes: int,
+        openapi: Callable[[], bytes] = lambda: b"{}",
+        allowed: dict[str, str] | None = None,
+        refused_at_edge: Callable[[str, str], None] = lambda path, code: None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.openapi = openapi
+        self.allowed = allowed or {}
+        self.refused_at_edge = refused_at_edge
+
+    async def _refuse(self, scope: Scope, send: Any, status: int, body: dict[str, Any]) -> None:
+        """Answer an error made here or rewritten here (the handler never ran)."""
+        code = str(body["error"]["code"])
+        self.refused_at_edge(scope["path"], code)
+        log_refusal(scope, status, code)
+        extra: tuple[tuple[bytes, bytes], ...] = ()
+        if status == 405 and scope["path"] in self.allowed:
+            extra = ((b"allow", self.allowed[scope["path"]].encode()),)
+        for message in _json(status, body, extra):
+            await send(message)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/docs.json" and scope["method"] in ("GET", "HEAD"):
+            await _send_document(send, self.openapi(), scope["method"] == "HEAD")
+            return
+        if not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         if scope["method"] == "POST" and not _is_json(scope):
             refused = UnsupportedMediaType("send the body as application/json")
-            for message in _json(refused.status, refused.body()):
-                await send(message)
+            await self._refuse(scope, send, refused.status, refused.body())
             return
         limit = self.max_body_bytes
         too_large = BodyTooLarge(
@@ -97,8 +156,7 @@ class ErrorContract:
         )
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                for message in _json(too_large.status, too_large.body()):
-                    await send(message)
+                await self._refuse(scope, send, too_large.status, too_large.body())
                 return
 
         received = 0
@@ -124,8 +182,7 @@ class ErrorContract:
                 return
             if message["type"] == "http.response.start":
                 if overflow:
-                    for m in _json(too_large.status, too_large.body()):
-                        await send(m)
+                    await self._refuse(scope, send, too_large.status, too_large.body())
                     answered = True
                     return
                 if message["status"] >= 400:
@@ -141,22 +198,50 @@ class ErrorContract:
                 return
             raw = b"".join(chunks)
             rewritten = rewrite_error(held["status"], raw)
-            if rewritten is None:
+            if rewritten is None:  # the handler's own error answer, already in our shape
+                log_refusal(scope, held["status"], _code_of(raw))
                 headers = [(k, v) for k, v in held["headers"] if k != b"content-length"]
                 headers.append((b"content-length", str(len(raw)).encode()))
                 await send({**held, "headers": headers})
                 await send({"type": "http.response.body", "body": raw, "more_body": False})
             else:
-                for m in _json(*rewritten):
-                    await send(m)
+                await self._refuse(scope, send, *rewritten)
             answered = True
 
         try:
             await self.app(scope, limited_receive, contract_send)
         except _TooLarge:
             if not answered:
-                for m in _json(too_large.status, too_large.body()):
-                    await send(m)
+                await self._refuse(scope, send, too_large.status, too_large.body())
+
+
+def _code_of(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "?"
+
+
+def log_refusal(scope: Scope, status: int, code: str) -> None:
+    """One line per refused request: never its body, which may be large or private."""
+    if status < 500:
+        log.info("refused %s %s: %d %s", scope["method"], scope["path"], status, code)
+    else:
+        log.error("failed %s %s: %d %s", scope["method"], scope["path"], status, code)
+
+
+async def _send_document(send: Any, document: bytes, head: bool) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(document)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"" if head else document})
 
 
 class RequestDeadline:

@@ -1,16 +1,18 @@
 """Request and response bodies: the wire types, with their bounds, described for OpenAPI.
 
-Numbers are strict and finite: ``NaN``, ``Infinity``, ``1e400``, strings and booleans are refused
-before any handler runs. Bounds here are hard ceilings; the configured limits (settings) are
-checked by the service and answered with the same error codes.
+Numbers are strict, finite and bounded: ``NaN``, ``Infinity``, ``1e400``, values beyond
+``VALUE_CEILING``, strings and booleans are refused before any handler runs. Bounds here are hard
+ceilings; the configured limits (settings) are checked by the service and answered with the same
+error codes. These classes are also the OpenAPI document's schemas (``service.openapi``): a field
+that may be null says so here, and the document says so too.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 CHUNK_CEILING = 4096  # no setting may raise the chunk limit above this
@@ -19,8 +21,29 @@ HORIZON_CEILING = 4096
 FEATURE_CEILING = 1024
 MANY_CEILING = 65_536  # items in one step_many request
 BLOB_CEILING = 16_000_000  # base64 characters of an exported session state
+# |value| of an input. The model computes in float32 (largest finite 3.4e38): 1e15 keeps every
+# normalised input, gate pre-activation and anomaly z-score of a model whose per-feature std is
+# at least 1e-6 far from overflow, so no accepted value can turn into an infinity (or a null).
+VALUE_CEILING = 1e15
+# seq and t: JSON's exact integers (2^53 - 1), what JavaScript clients and Redis's Lua numbers hold.
+SEQ_CEILING = 2**53 - 1
+TTL_CEILING = 10 * 365 * 86_400.0  # ten years: a time the clock and datetimes can still add
 
-Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 3.0 is the integer 3 to JSON Schema (and to JavaScript), so it is
+    accepted where an integer is; 3.5, strings and booleans are still refused (strict int)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# The bounds come before the validator: after it, pydantic would write them as bare ge/le.
+Seq = Annotated[int, Field(strict=True, ge=0, le=SEQ_CEILING), BeforeValidator(_integral)]
+Horizon = Annotated[int, Field(strict=True, ge=1, le=HORIZON_CEILING), BeforeValidator(_integral)]
+Number = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, ge=-VALUE_CEILING, le=VALUE_CEILING)
+]
 Row = Annotated[
     list[Number],
     Field(
@@ -48,6 +71,7 @@ class CreateSession(Request):
     ttl_s: float | None = Field(
         None,
         ge=0.001,
+        le=TTL_CEILING,
         strict=True,
         allow_inf_nan=False,
         description="idle seconds before expiry; default and maximum are set by the service",
@@ -64,10 +88,8 @@ class StreamMessage(Request):
     inputs: list[Row] = Field(
         min_length=1, max_length=CHUNK_CEILING, description="T x F raw values, oldest first"
     )
-    seq: int | None = Field(
+    seq: Seq | None = Field(
         None,
-        ge=0,
-        strict=True,
         description="the t the client believes the session is at; a retry "
         "of the last applied step with the same seq and inputs "
         "returns the same response without applying it again",
@@ -92,9 +114,7 @@ class StepMany(Request):
 
 class Forecast(Request):
     session_id: SessionId
-    horizon: int = Field(
-        1, ge=1, le=HORIZON_CEILING, strict=True, description="future steps to forecast"
-    )
+    horizon: Horizon = Field(1, description="future steps to forecast")
 
 
 class ImportSession(Request):
@@ -105,7 +125,7 @@ class ImportSession(Request):
         "same model version",
     )
     session_id: SessionId | None = Field(None, description="default: the exported session's id")
-    ttl_s: float | None = Field(None, ge=0.001, strict=True, allow_inf_nan=False)
+    ttl_s: float | None = Field(None, ge=0.001, le=TTL_CEILING, strict=True, allow_inf_nan=False)
 
 
 class Predict(Request):
@@ -117,10 +137,18 @@ class Predict(Request):
     return_gates: bool = Field(False, strict=True)
 
 
+# A list of numbers or null, written as one schema with a type list rather than pydantic's
+# anyOf: BentoML's client flattens anyOf to its first branch and then fails on the null.
+NullableNumbers = Annotated[
+    list[float] | None,
+    WithJsonSchema({"type": ["array", "null"], "items": {"type": "number"}}),
+]
+
+
 class StepOutput(BaseModel):
     mean: list[float] = Field(description="forecast of the next value, per feature")
     std: list[float] = Field(description="standard deviation of that forecast, per feature")
-    anomaly_z: list[float] | None = Field(
+    anomaly_z: NullableNumbers = Field(
         description="z-score of the value just received against the forecast made one step "
         "before, per feature; null at t = 0"
     )
@@ -150,10 +178,23 @@ class StepResult(BaseModel):
     gates: Gates | None = None
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="stable, machine-readable; the README lists every code")
+    message: str = Field(description="for people; may change between versions")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``{"error": {"code", "message", ...details}}``."""
+
+    error: ErrorDetail
+
+
 class StepManyItem(BaseModel):
     ok: bool
     result: StepResult | None = Field(None, description="when ok")
-    error: dict[str, object] | None = Field(None, description="when not ok: code, message, ...")
+    error: ErrorDetail | None = Field(None, description="when not ok: code, message, ...")
 
 
 class StepManyResult(BaseModel):
@@ -192,12 +233,27 @@ class Exported(BaseModel):
     )
 
 
+class Limits(BaseModel):
+    """The service's configured limits (each named by its LSTM_* setting in the README)."""
+
+    max_chunk: int = Field(description="timesteps per step (LSTM_MAX_CHUNK)")
+    max_horizon: int = Field(description="forecast steps (LSTM_MAX_HORIZON)")
+    max_predict_len: int = Field(description="timesteps per /v1/predict (LSTM_MAX_PREDICT_LEN)")
+    max_many: int = Field(description="items per step_many (LSTM_MAX_MANY)")
+    max_sessions: int = Field(description="sessions held (LSTM_MAX_SESSIONS)")
+    max_body_bytes: int = Field(description="request body bytes (LSTM_MAX_BODY_BYTES)")
+    session_ttl_s: float = Field(description="default ttl_s (LSTM_SESSION_TTL_S)")
+    max_session_ttl_s: float = Field(description="largest ttl_s (LSTM_MAX_SESSION_TTL_S)")
+    max_abs_value: float = Field(description="largest |input value| accepted")
+    max_seq: int = Field(description="largest seq accepted")
+
+
 class ModelCard(BaseModel):
     name: str
     version: str
     device: str
     features: list[str]
-    config: dict[str, object]
+    config: dict[str, Any]
     normalisation: dict[str, list[float]]
-    metrics: dict[str, object]
-    limits: dict[str, float]
+    metrics: dict[str, Any]
+    limits: Limits

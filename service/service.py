@@ -29,9 +29,11 @@ import numpy as np
 import orjson
 import torch
 from bentoml.exceptions import NotFound
+from pydantic import BaseModel
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
@@ -51,12 +53,15 @@ from service.errors import (
     TooManyItems,
     WrongFeatureCount,
 )
-from service.http import ErrorContract, RequestDeadline
+from service.http import ErrorContract, RefusalTracebacks, RequestDeadline
 from service.model_registry import import_checkpoint, load_from_store
+from service.openapi import ALLOWED, Deployment, openapi_document
 from service.redis_state import RedisState
 from service.results import StepDone
 from service.schemas import (
+    SEQ_CEILING,
     SESSION_ID_PATTERN,
+    VALUE_CEILING,
     CreateSession,
     Deleted,
     Exported,
@@ -65,6 +70,7 @@ from service.schemas import (
     ForecastStep,
     Gates,
     ImportSession,
+    Limits,
     ModelCard,
     Predict,
     PredictResult,
@@ -100,6 +106,26 @@ def answers_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return JSONResponse(e.body(), status_code=e.status)  # type: ignore[return-value]
 
     return wrapper
+
+
+def route(path: str, body: type[BaseModel], **options: Any) -> Callable[[Any], Any]:
+    """A BentoML API whose body is ``body``'s fields at the top level, handed to the handler as
+    one ``body`` instance, with ServiceErrors answered as JSON.
+
+    The fields are declared as the API's inputs (not one positional model) so that BentoML's own
+    client can call a route with keyword arguments, ``client.step(session_id=..., inputs=...)``;
+    the wire body is the same. BentoML has validated the fields already: they are assembled
+    without validating again.
+    """
+
+    def wrap(fn: Callable[[Any, Any], Awaitable[Any]]) -> Any:
+        @functools.wraps(fn)
+        async def handler(self: Any, **fields: Any) -> Any:
+            return await fn(self, body.model_construct(**fields))
+
+        return bentoml.api(route=path, input_spec=body, **options)(answers_errors(handler))
+
+    return wrap
 
 
 def count_outcome(outcome: str, tally: Counter[str] | None) -> None:
@@ -212,6 +238,15 @@ def warn_if_redis_is_down(url: str) -> None:
         )
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lstm-sessions")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def fast_json(body: Any) -> Any:
     """A JSON response serialised by orjson, bypassing pydantic models on the hot routes; typed
     Any so a handler keeps its declared (OpenAPI) return type."""
@@ -230,15 +265,31 @@ async def _stream(ws: WebSocket) -> None:
     await service.streams.serve(ws)
 
 
-# /v1/stream: BentoML mounts this passively, so it claims no path but that one.
-stream_app = Starlette(routes=[WebSocketRoute("/stream", _stream)])
+async def _model_get(request: Request) -> Response:
+    service = cast(LSTMSessions, bentoml.get_current_service())
+    return Response(service.card().model_dump_json(), media_type="application/json")
+
+
+async def _ping_get(request: Request) -> Response:
+    return Response(PING_BODY, media_type="application/json")
+
+
+# /v1/stream, and GET (and HEAD) for the read-only routes whose POST BentoML serves. BentoML mounts
+# this passively: it claims only these paths and methods, so a POST still reaches BentoML's route.
+v1_app = Starlette(
+    routes=[
+        WebSocketRoute("/stream", _stream),
+        Route("/model", _model_get, methods=["GET"]),
+        Route("/ping", _ping_get, methods=["GET"]),
+    ]
+)
 
 SERVICE_NAME = "lstm_sessions"
 STALE_RETRIES = 3  # reload-and-recompute rounds before a step gives up on a contended session
 
 
 @bentoml.asgi_app(ui_app, path="/ui")
-@bentoml.asgi_app(stream_app, path="/v1")
+@bentoml.asgi_app(v1_app, path="/v1")
 @bentoml.service(
     name=SERVICE_NAME,
     workers=1,
@@ -332,8 +383,7 @@ class LSTMSessions:
 
     # --- sessions ----------------------------------------------------------------------------
 
-    @bentoml.api(route="/v1/sessions/create")
-    @answers_errors
+    @route("/v1/sessions/create", CreateSession)
     async def create(self, body: CreateSession, /) -> SessionInfo:
         """Open a session at t = 0, with a client-chosen or random id."""
         self._start_sweeper()
@@ -341,14 +391,12 @@ class LSTMSessions:
         self._count_sessions()
         return self._info(session)
 
-    @bentoml.api(route="/v1/sessions/step")
-    @answers_errors
+    @route("/v1/sessions/step", Step)
     async def step(self, body: Step, /) -> StepResult:
         """Feed a chunk of T timesteps; get the forecast and anomaly score after each."""
         return StepResult.model_validate(await self._step(body))
 
-    @bentoml.api(route="/v1/sessions/step_many")
-    @answers_errors
+    @route("/v1/sessions/step_many", StepMany)
     async def step_many(self, body: StepMany, /) -> StepManyResult:
         """Steps for many sessions in one request, each succeeding or failing on its own.
 
@@ -537,8 +585,7 @@ class LSTMSessions:
                 count_outcome("applied", tally)
                 results[i] = {"ok": True, "result": step_reply(session.id, future.result())}
 
-    @bentoml.api(route="/v1/sessions/forecast")
-    @answers_errors
+    @route("/v1/sessions/forecast", Forecast)
     async def forecast(self, body: Forecast, /) -> ForecastResult:
         """Forecast ``horizon`` future steps from the current state, without changing it."""
         if body.horizon > settings.max_horizon:
@@ -558,16 +605,14 @@ class LSTMSessions:
         steps = [ForecastStep(mean=m, std=s) for m, s in zip(means, stds, strict=True)]
         return ForecastResult(session_id=session.id, t=session.t, forecast=steps)
 
-    @bentoml.api(route="/v1/sessions/get")
-    @answers_errors
+    @route("/v1/sessions/get", SessionRef)
     async def get(self, body: SessionRef, /) -> SessionInfo:
         """A session's t and times."""
         session = await self._lock(body.session_id, verify=True)
         session.release()
         return self._info(session)
 
-    @bentoml.api(route="/v1/sessions/reset")
-    @answers_errors
+    @route("/v1/sessions/reset", SessionRef)
     async def reset(self, body: SessionRef, /) -> SessionInfo:
         """Back to a zero state at t = 0."""
         session = await self._lock(body.session_id)
@@ -577,8 +622,7 @@ class LSTMSessions:
             session.release()
         return self._info(session)
 
-    @bentoml.api(route="/v1/sessions/delete")
-    @answers_errors
+    @route("/v1/sessions/delete", SessionRef)
     async def delete(self, body: SessionRef, /) -> Deleted:
         """Free a session and its state."""
         session = await self._lock(body.session_id)
@@ -589,8 +633,7 @@ class LSTMSessions:
         self._count_sessions()
         return Deleted(session_id=session.id, deleted=True)
 
-    @bentoml.api(route="/v1/sessions/export")
-    @answers_errors
+    @route("/v1/sessions/export", SessionRef)
     async def export(self, body: SessionRef, /) -> Exported:
         """The session's state as a blob another deployment of the same model can import."""
         session = await self._lock(body.session_id, verify=True)
@@ -606,8 +649,7 @@ class LSTMSessions:
             blob=base64.b64encode(blob).decode(),
         )
 
-    @bentoml.api(route="/v1/sessions/import", name="import")
-    @answers_errors
+    @route("/v1/sessions/import", ImportSession, name="import")
     async def import_(self, body: ImportSession, /) -> SessionInfo:
         """A session restored from an exported blob, continuing where it was."""
         try:
@@ -643,8 +685,7 @@ class LSTMSessions:
 
     # --- stateless ----------------------------------------------------------------------------
 
-    @bentoml.api(route="/v1/predict")
-    @answers_errors
+    @route("/v1/predict", Predict)
     async def predict(self, body: Predict, /) -> PredictResult:
         """A whole sequence in, the outputs after every timestep out; no session involved."""
         x = self._tensor(body.inputs, settings.max_predict_len, "LSTM_MAX_PREDICT_LEN")
@@ -657,6 +698,23 @@ class LSTMSessions:
     @bentoml.api(route="/v1/model")
     def model(self) -> ModelCard:
         """The model card: what is served, how it was trained, how it compares with baselines."""
+        return self.card()
+
+    @functools.cached_property
+    def openapi_json(self) -> bytes:
+        """The OpenAPI document of this deployment: its model's width, its limits."""
+        deployment = Deployment(
+            n_features=self.n_features,
+            max_chunk=settings.max_chunk,
+            max_predict_len=settings.max_predict_len,
+            max_many=settings.max_many,
+            max_horizon=settings.max_horizon,
+            max_session_ttl_s=settings.max_session_ttl_s,
+            max_body_bytes=settings.max_body_bytes,
+        )
+        return orjson.dumps(openapi_document(package_version(), deployment))
+
+    def card(self) -> ModelCard:
         card = self.checkpoint.card
         return ModelCard(
             name=self.checkpoint.name,
@@ -666,15 +724,18 @@ class LSTMSessions:
             config=card["config"],
             normalisation=card["normalisation"],
             metrics=card.get("metrics", {}),
-            limits={
-                "max_chunk": settings.max_chunk,
-                "max_horizon": settings.max_horizon,
-                "max_predict_len": settings.max_predict_len,
-                "max_sessions": settings.max_sessions,
-                "max_body_bytes": settings.max_body_bytes,
-                "session_ttl_s": settings.session_ttl_s,
-                "max_session_ttl_s": settings.max_session_ttl_s,
-            },
+            limits=Limits(
+                max_chunk=settings.max_chunk,
+                max_horizon=settings.max_horizon,
+                max_predict_len=settings.max_predict_len,
+                max_many=settings.max_many,
+                max_sessions=settings.max_sessions,
+                max_body_bytes=settings.max_body_bytes,
+                session_ttl_s=settings.session_ttl_s,
+                max_session_ttl_s=settings.max_session_ttl_s,
+                max_abs_value=VALUE_CEILING,
+                max_seq=SEQ_CEILING,
+            ),
         )
 
     # --- helpers -------------------------------------------------------------------------------
@@ -806,5 +867,18 @@ class LSTMSessions:
             metrics.STORE_UP.set(1 if await self.sessions.ready() else 0)
 
 
-cast(Any, LSTMSessions).add_asgi_middleware(ErrorContract, max_body_bytes=settings.max_body_bytes)
+def count_refused_step(path: str, code: str) -> None:
+    """Steps refused before the handler ran (schema, body limit) count by their code too."""
+    if path == "/v1/sessions/step":
+        metrics.STEP_REQUESTS.labels(code).inc()
+
+
+cast(Any, LSTMSessions).add_asgi_middleware(
+    ErrorContract,
+    max_body_bytes=settings.max_body_bytes,
+    openapi=lambda: cast(LSTMSessions, bentoml.get_current_service()).openapi_json,
+    allowed=ALLOWED,
+    refused_at_edge=count_refused_step,
+)
 RequestDeadline.install()
+RefusalTracebacks.install()
