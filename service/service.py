@@ -110,7 +110,7 @@ def answers_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
 def route(path: str, body: type[BaseModel], **options: Any) -> Callable[[Any], Any]:
     """A BentoML API whose body is ``body``'s fields at the top level, handed to the handler as
-    one ``body`` instance, with ServiceErrors answered as JSON.
+    one ``body`` instance (or given one, called in process), with ServiceErrors answered as JSON.
 
     The fields are declared as the API's inputs (not one positional model) so that BentoML's own
     client can call a route with keyword arguments, ``client.step(session_id=..., inputs=...)``;
@@ -120,8 +120,10 @@ def route(path: str, body: type[BaseModel], **options: Any) -> Callable[[Any], A
 
     def wrap(fn: Callable[[Any, Any], Awaitable[Any]]) -> Any:
         @functools.wraps(fn)
-        async def handler(self: Any, **fields: Any) -> Any:
-            return await fn(self, body.model_construct(**fields))
+        async def handler(self: Any, *given: Any, **fields: Any) -> Any:
+            # Called in process with the model itself (``svc.step(Step(...))``), or by BentoML
+            # with its fields.
+            return await fn(self, given[0] if given else body.model_construct(**fields))
 
         return bentoml.api(route=path, input_spec=body, **options)(answers_errors(handler))
 
