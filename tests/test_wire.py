@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import bentoml_server
+from tests.servers import ROOT, bentoml_server
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +140,18 @@ def test_schema_refused_steps_are_counted_by_their_code(served: tuple[str, Path]
     for code, before in counted.items():
         after = metric(url, "lstm_step_requests_total", f'{{outcome="{code}"}}')
         assert after == before + 1, (code, before, after)
+
+
+def test_readme_bentoml_client_example_runs_as_written_twice(
+    served: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = served
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"### BentoML's own client\s*```python\n(.*?)```", readme, re.DOTALL)
+    assert block, "README lost its BentoML client example"
+    code = compile(block.group(1).replace("http://127.0.0.1:3000", url), "README", "exec")
+    for _ in range(2):  # an example a reader runs again must work again
+        exec(code, {})
+        printed = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in printed[:3]] == ["1", "2", "3"], printed
+        assert printed[0].endswith("None") and len(printed) == 4, printed
