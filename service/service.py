@@ -364,6 +364,7 @@ class LSTMSessions:
             step=self._step,
             check_session=self._check_session,
             opened=metrics.STREAMS_OPEN.set,
+            refused=lambda code: metrics.STEP_REQUESTS.labels(code).inc(),
         )
         self._sweeper: asyncio.Task[None] | None = None
         metrics.STATE_MEMORY.set(pool.nbytes)

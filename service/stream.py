@@ -77,11 +77,13 @@ class StreamEndpoint:
         check_session: Checker,
         *,
         opened: Callable[[int], None] = lambda n: None,
+        refused: Callable[[str], None] = lambda code: None,
     ) -> None:
         self.limits = limits
         self.step = step  # a Step -> the wire reply; raises ServiceError
         self.check_session = check_session  # raises the store's 404 when the session is gone
         self.opened = opened  # told the count of open streams whenever it changes
+        self.refused = refused  # told the code of each message the schema refused
         self.open = 0
 
     async def serve(self, ws: WebSocket) -> None:
@@ -132,7 +134,7 @@ class StreamEndpoint:
             if message["type"] == "websocket.disconnect":
                 return
             raw: str | bytes = message.get("text") or message.get("bytes") or b""
-            if len(raw) > limits.max_message_bytes:
+            if utf8_length_over(raw, limits.max_message_bytes):
                 too_big = BodyTooLarge(
                     f"the message is over the limit of {limits.max_message_bytes} bytes "
                     f"(LSTM_MAX_BODY_BYTES)",
@@ -149,6 +151,7 @@ class StreamEndpoint:
                 await ws.send_text(error_text(e.status, e.body()))
                 continue
             except MessageRefused as e:
+                self.refused(e.body["error"]["code"])
                 await ws.send_text(error_text(e.status, e.body))
                 continue
             await ws.send_text(orjson.dumps(reply).decode())
@@ -161,6 +164,14 @@ class StreamEndpoint:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             await ws.send_text(error_text(error.status, error.body()))
             await ws.close(code or 4000 + error.status, reason=error.code)
+
+
+def utf8_length_over(raw: str | bytes, limit: int) -> bool:
+    """Whether the message is over ``limit`` bytes: a text frame's characters take 1-4 bytes in
+    UTF-8, so only one that could be over is encoded to count them."""
+    if isinstance(raw, bytes) or len(raw) > limit:
+        return len(raw) > limit
+    return len(raw) * 4 > limit and len(raw.encode()) > limit
 
 
 def parse_message(raw: str | bytes, session_id: str) -> Step:

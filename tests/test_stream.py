@@ -128,6 +128,37 @@ def test_a_message_over_the_size_limit_closes_the_stream_unapplied() -> None:
     assert closed.value.code == 1009 and fake.seen == []
 
 
+def test_the_size_limit_counts_bytes_not_characters() -> None:
+    client, fake, _ = endpoint_client(LIMITS)
+    # 120 characters, 300 bytes in UTF-8: over the 200-byte limit (it passed as 120 "bytes")
+    message = json.dumps({"inputs": [[1.0]], "pad": "é" * 90}, ensure_ascii=False)
+    assert len(message) < 200 < len(message.encode())
+    with client.websocket_connect("/stream?session_id=s") as ws:
+        ws.send_text(message)
+        error = json.loads(ws.receive_text())
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+    assert error["error"]["code"] == "body_too_large" and closed.value.code == 1009
+    assert fake.seen == []
+
+
+def test_schema_refused_messages_are_counted_by_code() -> None:
+    refused: list[str] = []
+    fake = FakeService()
+    endpoint = StreamEndpoint(
+        LIMITS, step=fake.step, check_session=fake.check, refused=refused.append
+    )
+
+    async def route(ws: WebSocket) -> None:
+        await endpoint.serve(ws)
+
+    client = TestClient(Starlette(routes=[WebSocketRoute("/stream", route)]))
+    with client.websocket_connect("/stream?session_id=s") as ws:
+        assert send(ws, {"inputs": [[1.0]], "seq": 2**64})["error"]["code"] == "seq_out_of_range"
+        assert send(ws, {"inputs": [["x"]]})["error"]["code"] == "not_a_number"
+    assert refused == ["seq_out_of_range", "not_a_number"]
+
+
 @pytest.mark.parametrize(
     ("query", "status", "code"),
     [
