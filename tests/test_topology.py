@@ -226,6 +226,18 @@ def test_a_stream_through_the_proxy_is_exact_and_on_its_sessions_replica(
     print(f"streams landed on replicas {sorted(homes)}")
 
 
+def unread_requests(port: int) -> int:
+    """Established loopback connections to ``port`` with bytes nobody has read yet (Linux)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        rx_queue = int(fields[4].split(":")[1], 16)
+        if local_port == port and fields[3] == "01" and rx_queue > 0:
+            count += 1
+    return count
+
+
 def replica_processes(url: str) -> list[Any]:
     import psutil
 
@@ -291,7 +303,12 @@ def test_a_replica_killed_mid_request_fails_over_what_is_safe_and_nothing_twice(
             for proc in replica_processes(url):
                 proc.suspend()
             tasks = {k: asyncio.ensure_future(call(*v)) for k, v in calls.items()}
-            await asyncio.sleep(1.5)  # nginx has sent them all to the stopped replica
+            port = int(url.rsplit(":", 1)[1])
+            deadline = time.monotonic() + 15
+            while unread_requests(port) < len(calls) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            # Sent: every request lies in the stopped replica's sockets, and none was answered.
+            assert unread_requests(port) >= len(calls), "nginx did not send them all"
             assert not any(t.done() for t in tasks.values()), "the stopped replica answered"
             kill_hard(url)
             answers = {k: await t for k, t in tasks.items()}
