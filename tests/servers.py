@@ -74,9 +74,11 @@ def bentoml_server(
     *,
     timeout_s: float = 60.0,
     log: Path | None = None,
+    port: int | None = None,
 ) -> Iterator[str]:
-    """A real server on a free loopback port; yields its base URL once /readyz answers 200."""
-    port = free_port()
+    """A real server on a free loopback port (or ``port``: a replica restarted where a proxy
+    expects it); yields its base URL once /readyz answers 200."""
+    port = port or free_port()
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
         serve_command(port),

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from service import metrics as service_metrics
+from service.settings import Settings
 from tests.servers import free_port, need_binary
 from tests.topology import (
     DEPLOY,
@@ -20,6 +21,7 @@ from tests.topology import (
     compose,
     metric_names,
     nginx_listen_port,
+    nginx_locations,
     nginx_upstreams,
     prometheus_config,
     prometheus_targets,
@@ -147,3 +149,40 @@ def test_nginx_accepts_its_config(tmp_path: Path) -> None:
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# Routes whose second run changes nothing: the only ones nginx may send again once sent.
+READ_ONLY_ROUTES = {
+    "/v1/sessions/get",
+    "/v1/sessions/forecast",
+    "/v1/sessions/export",
+    "/v1/predict",
+    "/v1/ping",
+    "/v1/model",
+}
+
+
+def test_nginx_resends_only_read_only_requests_and_forwards_streams() -> None:
+    """The retry rules of deploy/nginx.conf's comment, checked on the file (the topology test
+    checks them against a killed replica): ``non_idempotent`` only where every route matched is
+    read-only, and /v1/stream forwarded as a WebSocket with an idle timeout above the service's."""
+    service = (ROOT / "service" / "service.py").read_text()
+    routes = set(re.findall(r'@bentoml\.api\(route="([^"]+)"', service))
+    assert routes > READ_ONLY_ROUTES, "a read-only route was renamed: update this test and nginx"
+    locations = nginx_locations()
+    resending = {m: body for m, body in locations.items() if "non_idempotent" in body}
+    assert resending, "nginx resends no request once sent, read-only ones included"
+    for match, _ in resending.items():
+        pattern = re.fullmatch(r"~\s+(\S+)", match)
+        assert pattern, f"non_idempotent on {match!r}: only a regex of read-only routes may"
+        resent = {r for r in routes if re.search(pattern.group(1), r)}
+        assert resent <= READ_ONLY_ROUTES, (
+            f"nginx resends state-changing {resent - READ_ONLY_ROUTES}"
+        )
+    assert "non_idempotent" not in locations["/"], "the default location resends sent steps"
+    stream = locations["= /v1/stream"]
+    assert "proxy_set_header Upgrade $http_upgrade;" in stream
+    assert re.search(r"proxy_set_header Connection \$\w+;", stream), "Connection: upgrade is lost"
+    read_timeout = re.search(r"proxy_read_timeout (\d+)s;", stream)
+    idle_default = Settings.model_fields["stream_idle_s"].default
+    assert read_timeout and int(read_timeout.group(1)) > idle_default

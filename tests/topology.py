@@ -28,6 +28,12 @@ def nginx_upstreams(text: str | None = None) -> list[str]:
     return re.findall(r"^\s*server\s+(\S+?)(?:\s|;)", block.group(1), re.MULTILINE)
 
 
+def nginx_locations(text: str | None = None) -> dict[str, str]:
+    """Each ``location`` of nginx.conf (its match, e.g. ``= /v1/stream``) and its directives."""
+    text = text if text is not None else (DEPLOY / "nginx.conf").read_text()
+    return {m[0].strip(): m[1] for m in re.findall(r"location\s+([^{]+?)\s*\{(.*?)\}", text, re.S)}
+
+
 def nginx_listen_port() -> int:
     found = re.search(r"listen\s+(\d+);", (DEPLOY / "nginx.conf").read_text())
     assert found
