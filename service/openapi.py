@@ -311,6 +311,27 @@ def _narrow(schemas: dict[str, Any], to: Deployment) -> None:
     blob["maxLength"] = min(blob["maxLength"], to.max_body_bytes - 1024)
 
 
+# What a created session leads to: OpenAPI links, so a client generator (and schemathesis's
+# stateful phase) can chain create -> step / forecast / ... on the id the create answered.
+SESSION_LINKS = ("step", "forecast", "get", "reset", "export", "delete")
+
+
+def _links(n_features: int) -> dict[str, Any]:
+    sid = "$response.body#/session_id"
+    body: dict[str, dict[str, Any]] = {
+        "step": {"session_id": sid, "inputs": [[0.5] * n_features], "seq": 0},
+        "forecast": {"session_id": sid, "horizon": 2},
+    }
+    return {
+        f"{name}_session": {
+            "operationId": name,
+            "requestBody": body.get(name, {"session_id": sid}),
+            "description": f"{name} the session just created",
+        }
+        for name in SESSION_LINKS
+    }
+
+
 def openapi_document(version: str, deployment: Deployment | None = None) -> dict[str, Any]:
     """The document, for the service's package ``version``; narrowed to ``deployment``'s model
     and limits when given (the served document always is)."""
@@ -327,6 +348,9 @@ def openapi_document(version: str, deployment: Deployment | None = None) -> dict
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
         item = {"post": _operation(op, "post", refs)}
+        if op.name == "create":
+            n_features = deployment.n_features if deployment else 1
+            item["post"]["responses"]["200"]["links"] = _links(n_features)
         if op.read_only:
             item["get"] = _operation(op, "get", refs)
         paths[op.path] = item

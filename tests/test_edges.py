@@ -169,6 +169,8 @@ def test_the_document_describes_every_route_and_its_errors(asgi_client: TestClie
     assert rows["maxItems"] == 512 and rows["items"]["maxItems"] == 1
     assert doc["paths"]["/v1/sessions/create"]["post"]["requestBody"]["required"] is False
     assert "get" in doc["paths"]["/v1/model"] and "get" not in doc["paths"]["/v1/sessions/step"]
+    links = doc["paths"]["/v1/sessions/create"]["post"]["responses"]["200"]["links"]
+    assert links["step_session"]["requestBody"]["session_id"] == "$response.body#/session_id"
     app: Any = asgi_client.app
     routes = {r.path for r in app.routes if getattr(r, "path", "").startswith("/v1/")}
     assert routes and routes <= set(doc["paths"]), routes - set(doc["paths"])
