@@ -166,8 +166,9 @@ def test_nginx_resends_only_read_only_requests_and_forwards_streams() -> None:
     """The retry rules of deploy/nginx.conf's comment, checked on the file (the topology test
     checks them against a killed replica): ``non_idempotent`` only where every route matched is
     read-only, and /v1/stream forwarded as a WebSocket with an idle timeout above the service's."""
-    service = (ROOT / "service" / "service.py").read_text()
-    routes = set(re.findall(r'@bentoml\.api\(route="([^"]+)"', service))
+    from service.openapi import OPERATIONS  # every route, as the OpenAPI document lists them
+
+    routes = {op.path for op in OPERATIONS}
     assert routes > READ_ONLY_ROUTES, "a read-only route was renamed: update this test and nginx"
     locations = nginx_locations()
     resending = {m: body for m, body in locations.items() if "non_idempotent" in body}
