@@ -811,13 +811,19 @@ class LSTMSessions:
             if self.store.peek(session_id) is not session:
                 session.release()
                 continue
-            if verify and not await self.sessions.current(session):
-                # Redis moved on (another replica stepped or reset it): drop the copy while we
-                # hold it, so nobody is using it, and load the current one.
-                self.store.drop(session)
+            if not verify:
+                return session
+            try:
+                fresh = await self.sessions.current(session)
+            except BaseException:  # Redis down (503) or the request cancelled: never keep it
                 session.release()
-                continue
-            return session
+                raise
+            if fresh:
+                return session
+            # Redis moved on (another replica stepped or reset it): drop the copy while we hold
+            # it, so nobody is using it, and load the current one.
+            self.store.drop(session)
+            session.release()
 
     def _tensor(self, rows: list[list[float]], limit: int, setting: str) -> torch.Tensor:
         if len(rows) > limit:

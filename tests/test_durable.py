@@ -193,6 +193,22 @@ def test_redis_outage_answers_503_and_recovers_from_its_append_only_file(
     np.testing.assert_allclose(means, offline(values)[:, 0], atol=1e-5)
 
 
+def test_a_read_refused_during_an_outage_leaves_the_session_usable(redis: RedisServer) -> None:
+    # The Redis check of a read raised with the session's lock held, and nothing released it:
+    # every later call on the session waited for the 60 s deadline (issue "engine", bug 1).
+    with bentoml_server({"LSTM_REDIS_URL": redis.url}) as url:
+        httpx.post(f"{url}/v1/sessions/create", json={"session_id": "locked"})
+        httpx.post(f"{url}/v1/sessions/step", json={"session_id": "locked", "inputs": [[0.5]]})
+        redis.stop()
+        for route in ("get", "forecast", "export"):
+            refused = httpx.post(f"{url}/v1/sessions/{route}", json={"session_id": "locked"})
+            assert refused.status_code == 503, refused.text
+        redis.start()
+        for route in ("get", "forecast", "export"):
+            r = httpx.post(f"{url}/v1/sessions/{route}", json={"session_id": "locked"}, timeout=10)
+            assert r.status_code == 200, (route, r.text)
+
+
 def test_a_reset_elsewhere_makes_a_cached_copy_stale_even_at_the_same_t(
     redis: RedisServer,
 ) -> None:
