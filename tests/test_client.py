@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -9,6 +12,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from client import APIError, LSTMClient
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -91,9 +96,6 @@ def test_errors_raise_with_their_code(http: TestClient) -> None:
 
 def test_cli_serve_says_what_to_do_when_the_port_is_taken() -> None:
     import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
     cli = Path(sys.executable).with_name("lstm-serve")
     with socket.socket() as holder:
@@ -105,3 +107,49 @@ def test_cli_serve_says_what_to_do_when_the_port_is_taken() -> None:
         )
     assert done.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
+
+
+def results_fingerprint(directory: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.slow
+def test_benchmarks_leave_the_committed_results_alone_unless_asked_to_record() -> None:
+    recorded = ROOT / "bench" / "results"
+    before = results_fingerprint(recorded)
+    runs = ROOT / "runs" / "bench"
+    cli = Path(sys.executable).with_name("lstm-serve")
+    smallest = {  # each script at its fastest settings
+        "lstm-serve bench": [str(cli), "bench", "--", "--quick", "--device", "cpu", "--steps", "1"],
+        "scale_bench": [
+            sys.executable,
+            str(ROOT / "bench" / "scale_bench.py"),
+            *("--sizes", "100", "--seconds", "0.1"),
+        ],
+    }
+    for name, command in smallest.items():
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0, (name, done.stderr)
+        wrote = [line for line in done.stdout.splitlines() if line.startswith("wrote ")]
+        assert wrote and str(runs) in wrote[-1], (name, done.stdout[-500:])  # says where
+        assert Path(wrote[-1].split()[1]).is_file()
+    assert results_fingerprint(recorded) == before
+
+
+def test_the_load_benchmark_writes_the_committed_results_only_with_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("load_bench", ROOT / "bench" / "load_bench.py")
+    assert spec and spec.loader
+    load_bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "load_bench", load_bench)  # its dataclasses look it up
+    spec.loader.exec_module(load_bench)
+    monkeypatch.setattr(sys, "argv", ["load_bench.py", "--quick"])
+    plain = load_bench.parse_args()
+    monkeypatch.setattr(sys, "argv", ["load_bench.py", "--quick", "--record"])
+    recording = load_bench.parse_args()
+    assert plain.out.parent == plain.plot.parent == ROOT / "runs" / "bench"
+    assert recording.out == ROOT / "bench" / "results" / "load_bench.json"
+    assert recording.plot == ROOT / "bench" / "results" / "load_bench.png"
