@@ -6,6 +6,7 @@ console log go into the assertion message and, beside a screenshot, into tests/a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -128,13 +129,25 @@ return [...document.querySelectorAll(arguments[0])].map((canvas) => {
 """
 
 
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """The browser as a Page; a test that fails for any reason, a selenium error included,
+    leaves its page's error text, console log and screenshot in tests/artifacts/."""
+    failed_before = request.session.testsfailed
+    page = Page(browser, request.node.name.removeprefix("test_")[:60])
+    yield page
+    if request.session.testsfailed > failed_before:  # the call's report is in by teardown
+        with contextlib.suppress(Exception):  # a dead browser must not hide the first failure
+            page.report()
+
+
 AXIS = "return document.getElementById('forecast-chart').dataset.range"  # "lo,hi" drawn
 
 
-def test_the_page_streams_a_series_and_draws_forecast_and_gates(browser: Any, server: str) -> None:
+def test_the_page_streams_a_series_and_draws_forecast_and_gates(page: Page, server: str) -> None:
     from selenium.webdriver.common.by import By
 
-    page = Page(browser, "ui-stream")
+    browser = page.browser
     page.open(f"{server}/ui/")
     options = browser.find_elements(By.CSS_SELECTOR, "#source option")
     # the shipped model is the one the samples come from: 6 samples, CSV, typed
@@ -159,11 +172,11 @@ def test_the_page_streams_a_series_and_draws_forecast_and_gates(browser: Any, se
     assert (ARTIFACTS / "ui.png").stat().st_size > 10_000
 
 
-def test_the_page_shows_api_errors(browser: Any, server: str) -> None:
+def test_the_page_shows_api_errors(page: Page, server: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    page = Page(browser, "ui-api-error")
+    browser = page.browser
     page.open(f"{server}/ui/")
     Select(browser.find_element(By.ID, "source")).select_by_value("typed")
     typed = browser.find_element(By.ID, "typed")
@@ -177,9 +190,9 @@ def test_the_page_shows_api_errors(browser: Any, server: str) -> None:
     report = page.report()
     assert "page error: 422 wrong_feature_count" in report
     assert "422" in report.split("console:", 1)[1]  # the browser logged the refused request
-    assert "422 wrong_feature_count" in (ARTIFACTS / "ui-api-error.error.txt").read_text()
-    assert (ARTIFACTS / "ui-api-error.console.log").stat().st_size > 0
-    assert (ARTIFACTS / "ui-api-error.png").stat().st_size > 1000
+    assert "422 wrong_feature_count" in (ARTIFACTS / f"{page.name}.error.txt").read_text()
+    assert (ARTIFACTS / f"{page.name}.console.log").stat().st_size > 0
+    assert (ARTIFACTS / f"{page.name}.png").stat().st_size > 1000
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +212,12 @@ def two_feature_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
 
 
 def test_the_page_offers_samples_only_to_their_model_and_draws_the_feature_picked(
-    browser: Any, two_feature_server: str
+    page: Page, two_feature_server: str
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    page = Page(browser, "ui-two-features")
+    browser = page.browser
     page.open(f"{two_feature_server}/ui/")
     values = [
         o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#source option")

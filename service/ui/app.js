@@ -258,8 +258,8 @@ async function init() {
   const fits = samples.model === card.name && samples.features.length === card.features.length;
   state.samples = fits ? samples.samples : [];
   if (!fits) {
-    $("samples-note").textContent = `The sample series (${samples.source}) are offered only `
-      + `with ${samples.model}, the model they were taken from; this service serves `
+    $("samples-note").textContent = `The ACSF1 sample series are offered only with `
+      + `${samples.model}, the model they were held out from; this service serves `
       + `${card.name} (${card.features.length} feature${card.features.length > 1 ? "s" : ""}: `
       + `${card.features.join(", ")}): upload a CSV or type values.`;
     $("samples-note").hidden = false;
