@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -254,10 +255,16 @@ def test_readme_shows_the_page() -> None:
 
 
 def test_the_package_ships_the_page_without_a_setuptools_warning(tmp_path: Path) -> None:
-    # A wheel build runs the same setuptools steps as `pip install -e .`, in a few seconds.
+    # A wheel build runs the same setuptools steps as `pip install -e .`, in a few seconds; from a
+    # copy of the sources, so no build/ left in the checkout can hide a file or a warning.
+    source = tmp_path / "src"
+    for name in ("model", "service", "client"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
     done = subprocess.run(
-        [*pip, "--wheel-dir", str(tmp_path), str(ROOT)],
+        [*pip, "--wheel-dir", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
         timeout=120,
