@@ -152,7 +152,10 @@ def stream_csv(args: argparse.Namespace) -> int:
             "the data it was trained on",
             file=sys.stderr,
         )
-    out: TextIO = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        out: TextIO = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
+    except OSError as e:
+        raise StreamError(f"cannot write {args.out}: {e.strerror}") from e
     try:
         writer = csv.writer(out)
         writer.writerow(

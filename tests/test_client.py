@@ -247,6 +247,7 @@ def test_cli_stream_warns_when_the_csv_s_columns_are_not_the_model_s_features(
         (["m0,0,1.5", "m0,1,lots"], [], "in.csv:3: could not convert string to float", 2),
         (METER_ROWS, ["--value-cols", "power,power"], "the model takes 1", 2),
         (METER_ROWS, ["--chunk", "100000"], "over the service's limit of 512", 2),
+        (METER_ROWS, ["--out", "/nonexistent/dir/out.csv"], "cannot write /nonexistent/dir", 2),
         # kept sessions are named after their series: this id is one the service refuses
         (["bad id!,0,1.5"], ["--keep"], "series 'bad id!': the service answered 422", 2),
     ],
