@@ -1,6 +1,6 @@
 """Load against real ``bentoml serve`` processes: what a client sees, end to end, per API.
 
-    python bench/load_bench.py [--duration 3] [--quick] [--out FILE] [--plot FILE]
+    python bench/load_bench.py [--duration 3] [--quick] [--record] [--out FILE] [--plot FILE]
                                [--server-env NAME=VALUE ...] [--wait-quiet S]
 
 What is measured. Every scenario is a closed loop: each worker sends a request, waits for the
@@ -29,8 +29,9 @@ server's process tree) across the measured window, as % of one core, so a reader
 side saturates; and the rest of the machine's CPU ("other"), since anything else running on the
 same cores skews every figure (a row notes it when that passes 20%).
 
-Results: a markdown table and the targets on stdout, ``bench/results/load_bench.json`` (rows,
-targets, machine, command line) and ``bench/results/load_bench.png``.
+Results: a markdown table and the targets on stdout, ``runs/bench/load_bench.json`` (rows,
+targets, machine, command line) and ``runs/bench/load_bench.png``; with ``--record``, the same
+files under the committed ``bench/results/`` that the README quotes.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ from tests.servers import PROCESS_GROUPS, bentoml_server
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# git-ignored: a run that is not a recording never rewrites the figures the README quotes
+RUNS = ROOT / "runs" / "bench"
 MODEL_DIR = ROOT / "models" / "acsf1-forecaster"
 CONCURRENCIES = (1, 16, 64, 256)
 QUICK_CONCURRENCIES = (16, 64)
@@ -868,8 +871,11 @@ def parse_args() -> Options:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--duration", type=float, default=3.0, help="measured seconds per scenario")
-    p.add_argument("--out", type=Path, default=RESULTS / "load_bench.json")
-    p.add_argument("--plot", type=Path, default=RESULTS / "load_bench.png")
+    p.add_argument(
+        "--record", action="store_true", help="write to bench/results/ instead of runs/bench/"
+    )
+    p.add_argument("--out", type=Path, help="JSON results (default: load_bench.json there)")
+    p.add_argument("--plot", type=Path, help="plot (default: load_bench.png there)")
     p.add_argument("--quick", action="store_true", help="1 s per scenario, fewer points (smoke)")
     p.add_argument(
         "--server-env",
@@ -889,13 +895,14 @@ def parse_args() -> Options:
     )
     args = p.parse_args()
     server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    results = RESULTS if args.record else RUNS
     return Options(
         duration=1.0 if args.quick else args.duration,
         warmup=0.3 if args.quick else 1.0,
         concurrencies=QUICK_CONCURRENCIES if args.quick else CONCURRENCIES,
         histories=QUICK_HISTORIES if args.quick else HISTORIES,
-        out=args.out,
-        plot=args.plot,
+        out=args.out or results / "load_bench.json",
+        plot=args.plot or results / "load_bench.png",
         quick=args.quick,
         server_env=server_env,
         wait_quiet=args.wait_quiet,

@@ -1,6 +1,6 @@
 """Sessions resident vs memory and step latency: 1k, 100k and 1M sessions in one process.
 
-    python bench/scale_bench.py                   (make bench runs it)
+    python bench/scale_bench.py [--record]        (make bench runs it)
 
 Each size runs in a fresh child process, so one size's memory never counts in another's:
 1. load the service (``LSTMSessions``, the class BentoML serves, constructed directly) with
@@ -17,7 +17,8 @@ Each size runs in a fresh child process, so one size's memory never counts in an
    ``--seconds`` after a warm-up, reported from the window with the median p50;
 5. the time of one sweep with nothing to free (what the sweeper costs the event loop every
    ``LSTM_SWEEP_INTERVAL_S``).
-Prints a table and writes bench/results/scale_bench.json and .png.
+Prints a table and writes runs/bench/scale_bench.json and .png; with ``--record``, the committed
+bench/results/scale_bench.json and .png that the README quotes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# git-ignored: a run that is not a recording never rewrites the figures the README quotes
+RUNS = ROOT / "runs" / "bench"
 CONCURRENCY = 64
 
 
@@ -187,9 +190,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sizes", default="1000,100000,1000000")
     parser.add_argument("--seconds", type=float, default=3.0, help="step load per size")
-    parser.add_argument("--out", type=Path, default=RESULTS / "scale_bench.json")
+    parser.add_argument(
+        "--record", action="store_true", help="write to bench/results/ instead of runs/bench/"
+    )
+    parser.add_argument("--out", type=Path, help="JSON results (default: scale_bench.json there)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    out_path: Path = args.out or (RESULTS if args.record else RUNS) / "scale_bench.json"
     if args.child:
         print(json.dumps(measure(args.child, args.seconds)))
         return
@@ -218,7 +225,7 @@ def main() -> None:
             f"| {r['rss_mib']:.0f} | {r['step_p50_ms']:.2f} | {r['step_p99_ms']:.2f} "
             f"| {r['timesteps_per_s']:,.0f} | {r['p50_vs_smallest']:.2f} | {r['sweep_ms']:.3f} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {
@@ -230,9 +237,9 @@ def main() -> None:
         "concurrency": CONCURRENCY,
         "rows": rows,
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(rows, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, out_path.with_suffix(".png"))
+    print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

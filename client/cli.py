@@ -14,8 +14,12 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from client.client import LSTMClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,69 +54,158 @@ def serve(args: argparse.Namespace) -> int:
     return subprocess.call(command, cwd=ROOT)
 
 
-def stream(args: argparse.Namespace) -> int:
-    """Stream every series of a long-format CSV through its own session; write the outputs."""
-    from tqdm import tqdm
+class StreamError(Exception):
+    """What stops ``lstm-serve stream``, said in one line: the CSV, the options or the service."""
 
-    from client.client import LSTMClient
-    from model.data import read_long_csv
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
 
-    if args.chunk < 1:
-        print("lstm-serve: --chunk must be at least 1", file=sys.stderr)
-        return 2
-    with LSTMClient(args.url, timeout_s=args.timeout) as probe:
-        card = probe.model()
-    features = list(card["features"])
-    if args.chunk > card["limits"]["max_chunk"]:
-        print(
-            f"lstm-serve: --chunk {args.chunk} is over the service's limit of "
-            f"{card['limits']['max_chunk']:.0f} timesteps",
-            file=sys.stderr,
-        )
-        return 2
+
+def csv_header(args: argparse.Namespace) -> list[str]:
+    """The CSV's column names, once its id and time columns are known to be there."""
+    try:
+        with args.file.open(newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError) as e:
+        raise StreamError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from e
+    for option, col in (("--id-col", args.id_col), ("--time-col", args.time_col)):
+        if col not in header:
+            raise StreamError(
+                f"{args.file} has no column {col!r} ({option}); its columns: "
+                f"{', '.join(header) or 'none'}"
+            )
+    return header
+
+
+def value_columns(
+    args: argparse.Namespace, header: list[str], features: list[str]
+) -> list[str] | None:
+    """The value columns to read (None: all but the id and time), checked against the header."""
     value_cols = args.value_cols.split(",") if args.value_cols else None
     if value_cols is None and len(features) > 1:
         value_cols = features  # the model's feature order, matched by column name
-    values, rows = read_long_csv(
-        args.file, id_col=args.id_col, time_col=args.time_col, value_cols=value_cols
-    )
+    missing = [c for c in value_cols or [] if c not in header]
+    if missing:
+        how = (
+            "--value-cols" if args.value_cols else "the model's features; choose with --value-cols"
+        )
+        raise StreamError(
+            f"{args.file} has no column {', '.join(map(repr, missing))} ({how}); "
+            f"its columns: {', '.join(header)}"
+        )
+    return value_cols
+
+
+def stream(args: argparse.Namespace) -> int:
+    """Stream every series of a long-format CSV through its own session; write the outputs."""
+    try:
+        return stream_csv(args)
+    except StreamError as e:
+        print(f"lstm-serve: {e}", file=sys.stderr)
+        return e.status
+
+
+def stream_csv(args: argparse.Namespace) -> int:
+    import httpx
+    from tqdm import tqdm
+
+    from client.client import APIError, LSTMClient
+    from model.data import read_long_csv
+
+    if args.chunk < 1:
+        raise StreamError("--chunk must be at least 1")
+    header = csv_header(args)
+    try:
+        with LSTMClient(args.url, timeout_s=args.timeout) as probe:
+            card = probe.model()
+    except (httpx.HTTPError, APIError) as e:
+        raise StreamError(
+            f"cannot read the model card at {args.url} ({e}): is the service "
+            "running there (`make serve`)? choose it with --url",
+            1,
+        ) from e
+    features = list(card["features"])
+    if args.chunk > card["limits"]["max_chunk"]:
+        raise StreamError(
+            f"--chunk {args.chunk} is over the service's limit of "
+            f"{card['limits']['max_chunk']:.0f} timesteps"
+        )
+    value_cols = value_columns(args, header, features)
+    try:
+        values, rows = read_long_csv(
+            args.file, id_col=args.id_col, time_col=args.time_col, value_cols=value_cols
+        )
+    except ValueError as e:  # a value that is not a number, with its file and line
+        raise StreamError(str(e)) from e
     if len(values) != len(features):
+        raise StreamError(
+            f"the CSV gives {len(values)} value columns {values}; the model takes "
+            f"{len(features)} ({features}): choose them with --value-cols"
+        )
+    if values != features:
+        # Counts match, so the service accepts every row; names that differ usually mean data
+        # unlike the model's own, and forecasts no better than guessing.
         print(
-            f"lstm-serve: the CSV gives {len(values)} value columns {values}; the model takes "
-            f"{len(features)} ({features}): choose them with --value-cols",
+            f"lstm-serve: warning: the CSV's value columns {values} are not the features of "
+            f"{card['name']}:{card['version']} {features}: its forecasts suit only data like "
+            "the data it was trained on",
             file=sys.stderr,
         )
-        return 2
-    out: TextIO = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
-    writer = csv.writer(out)
-    writer.writerow(
-        [
-            args.id_col,
-            args.time_col,
-            *values,
-            *(f"mean_{v}" for v in values),
-            *(f"std_{v}" for v in values),
-            *(f"anomaly_z_{v}" for v in values),
-        ]
-    )
-    total = sum(len(r) for r in rows.values())
-    with (
-        LSTMClient(args.url, timeout_s=args.timeout) as api,
-        tqdm(total=total, unit="step", file=sys.stderr, disable=args.quiet) as bar,
-    ):
-        for series_id, series in rows.items():
-            session_id = series_id if args.keep else None  # kept sessions keep the series' id
-            with api.session(session_id, keep=args.keep) as session:
-                for lo in range(0, len(series), args.chunk):
-                    chunk = series[lo : lo + args.chunk]
-                    outputs = session.step([v for _, v in chunk])["outputs"]
-                    for (time, value), o in zip(chunk, outputs, strict=True):
-                        z = o["anomaly_z"] or [""] * len(values)
-                        writer.writerow([series_id, time, *value, *o["mean"], *o["std"], *z])
-                    bar.update(len(chunk))
-    if args.out:
-        out.close()
+    try:
+        out: TextIO = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
+    except OSError as e:
+        raise StreamError(f"cannot write {args.out}: {e.strerror}") from e
+    try:
+        writer = csv.writer(out)
+        writer.writerow(
+            [
+                args.id_col,
+                args.time_col,
+                *values,
+                *(f"mean_{v}" for v in values),
+                *(f"std_{v}" for v in values),
+                *(f"anomaly_z_{v}" for v in values),
+            ]
+        )
+        total = sum(len(r) for r in rows.values())
+        with (
+            LSTMClient(args.url, timeout_s=args.timeout) as api,
+            tqdm(total=total, unit="step", file=sys.stderr, disable=args.quiet) as bar,
+        ):
+            for series_id, series in rows.items():
+                try:
+                    stream_series(api, series_id, series, args, writer, bar.update)
+                except APIError as e:  # 4xx: this input is refused; 5xx: the service failed
+                    raise StreamError(
+                        f"series {series_id!r}: the service answered {e}",
+                        2 if e.status < 500 else 1,
+                    ) from e
+                except httpx.HTTPError as e:
+                    raise StreamError(f"series {series_id!r}: {args.url} failed ({e})", 1) from e
+    finally:
+        if args.out:
+            out.close()
     return 0
+
+
+def stream_series(
+    api: LSTMClient,
+    series_id: str,
+    series: list[tuple[str, list[float]]],
+    args: argparse.Namespace,
+    writer: Any,
+    progress: Callable[[int], object],
+) -> None:
+    session_id = series_id if args.keep else None  # kept sessions keep the series' id
+    with api.session(session_id, keep=args.keep) as session:
+        for lo in range(0, len(series), args.chunk):
+            chunk = series[lo : lo + args.chunk]
+            outputs = session.step([v for _, v in chunk])["outputs"]
+            for (time, value), o in zip(chunk, outputs, strict=True):
+                z = o["anomaly_z"] or [""] * len(value)
+                writer.writerow([series_id, time, *value, *o["mean"], *o["std"], *z])
+            progress(len(chunk))
 
 
 def train(args: argparse.Namespace) -> int:

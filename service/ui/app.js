@@ -8,8 +8,10 @@ const COLORS = { value: "#222", mean: "#1f6fd1", band: "rgba(31,111,209,0.18)",
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  samples: [], values: [], cursor: 0, sessionId: null, t: 0, timer: null, features: 1,
-  // per timestep t: the value, the forecast made for it at t-1, its z-score, gate means per layer
+  samples: [], values: [], cursor: 0, sessionId: null, t: 0, timer: null, features: [],
+  drawn: 0,  // the feature the charts show
+  // per timestep t: the values, the forecast made for them at t-1, their z-scores (one per
+  // feature each), gate means per layer
   history: [],
   pendingForecast: null,  // forecast for the next value (made after the last one sent)
   generation: 0,  // bumped by start/stop/reset/new: a reply of an older run is ignored
@@ -45,12 +47,18 @@ function parseRows(text) {
 
 function parseCsv(text) {
   const lines = text.split(/\r?\n/).filter((l) => l.trim().length > 0);
-  const header = lines[0].split(",");
+  const header = lines[0].split(",").map((h) => h.trim());
   const rows = lines.slice(1).map((l) => l.split(","));
-  const column = header.findIndex((_, i) => rows.length && rows.every((r) => r[i] !== undefined
-    && r[i].trim() !== "" && !Number.isNaN(Number(r[i]))));
-  if (column < 0) throw new Error("the CSV has no numeric column");
-  return rows.map((r) => [Number(r[column])]);
+  const numeric = header.map((_, i) => i).filter((i) => rows.length && rows.every(
+    (r) => r[i] !== undefined && r[i].trim() !== "" && !Number.isNaN(Number(r[i]))));
+  // The model's own column names first: a CSV exported with them needs no guessing.
+  const named = state.features.map((f) => header.indexOf(f));
+  const columns = named.every((i) => i >= 0) ? named : numeric.slice(0, state.features.length);
+  if (columns.length < state.features.length) {
+    throw new Error(`the CSV has ${numeric.length} numeric columns; the model takes `
+      + `${state.features.length} (${state.features.join(", ")})`);
+  }
+  return rows.map((r) => columns.map((i) => Number(r[i])));
 }
 
 async function loadValues() {
@@ -61,7 +69,7 @@ async function loadValues() {
     if (!file) throw new Error("choose a CSV file first");
     return parseCsv(await file.text());
   }
-  return state.samples[Number(source)].values.map((v) => [v]);
+  return state.samples[Number(source)].values.map((v) => [v]);  // offered to 1-feature models
 }
 
 async function newSession() {
@@ -86,13 +94,13 @@ async function step(generation) {
     const out = reply.outputs[0];
     const gates = reply.gates;
     state.history.push({
-      value: row[0],
+      value: row,
       forecast: state.pendingForecast,
-      z: out.anomaly_z ? out.anomaly_z[0] : null,
+      z: out.anomaly_z,
       gates: gates.forget.map((_, layer) => ({ forget: gates.forget[layer][0],
         input: gates.input[layer][0], output: gates.output[layer][0] })),
     });
-    state.pendingForecast = { mean: out.mean[0], std: out.std[0] };
+    state.pendingForecast = { mean: out.mean, std: out.std };
     state.t = reply.t;
     state.cursor += 1;
     showError(null);
@@ -161,6 +169,16 @@ function line(ctx, points, color, width = 1.5) {
   ctx.stroke();
 }
 
+// One feature's view of the history: the charts draw the feature picked in #feature.
+function featureView(history, f) {
+  return history.map((h) => ({
+    value: h.value[f],
+    forecast: h.forecast ? { mean: h.forecast.mean[f], std: h.forecast.std[f] } : null,
+    z: h.z ? h.z[f] : null,
+    gates: h.gates,
+  }));
+}
+
 function drawForecast(view, threshold) {
   const canvas = $("forecast-chart");
   const ctx = canvas.getContext("2d");
@@ -169,6 +187,7 @@ function drawForecast(view, threshold) {
     : [h.value]);
   const lo = spans.length ? Math.min(...spans) : -1;
   const hi = spans.length ? Math.max(...spans) : 1;
+  canvas.dataset.range = `${lo},${hi}`;  // the span drawn, readable by a test or a reader
   const { x, y } = axes(ctx, canvas, lo, hi);
   ctx.fillStyle = COLORS.band;
   view.forEach((h, i) => {
@@ -220,7 +239,7 @@ function drawGates(view) {
 }
 
 function draw() {
-  const view = state.history.slice(-WINDOW);
+  const view = featureView(state.history.slice(-WINDOW), state.drawn);
   const threshold = Number($("threshold").value) || 3;
   drawForecast(view, threshold);
   drawAnomaly(view, threshold);
@@ -233,7 +252,18 @@ async function init() {
   const [card, samples] = await Promise.all([
     api("/v1/model", {}), fetch("samples.json").then((r) => r.json())]);
   $("model").textContent = `${card.name}:${card.version} on ${card.device}`;
-  state.samples = samples.samples;
+  state.features = card.features;
+  // The samples are held-out series of the data one model was trained on: fed to any other
+  // model they stream without error and mean nothing.
+  const fits = samples.model === card.name && samples.features.length === card.features.length;
+  state.samples = fits ? samples.samples : [];
+  if (!fits) {
+    $("samples-note").textContent = `The ACSF1 sample series are offered only with `
+      + `${samples.model}, the model they were held out from; this service serves `
+      + `${card.name} (${card.features.length} feature${card.features.length > 1 ? "s" : ""}: `
+      + `${card.features.join(", ")}): upload a CSV or type values.`;
+    $("samples-note").hidden = false;
+  }
   const select = $("source");
   state.samples.forEach((s, i) => select.add(new Option(`${s.id} (class ${s.class})`, String(i))));
   select.add(new Option("Upload a CSV…", "upload"));
@@ -242,6 +272,11 @@ async function init() {
     $("upload-label").hidden = select.value !== "upload";
     $("typed-label").hidden = select.value !== "typed";
   };
+  if (!fits) { select.value = "typed"; select.onchange(); }
+  const feature = $("feature");
+  card.features.forEach((name, i) => feature.add(new Option(name, String(i))));
+  $("feature-label").hidden = card.features.length < 2;
+  feature.onchange = () => { state.drawn = Number(feature.value); draw(); };
   $("speed").oninput = () => { $("speed-value").textContent = $("speed").value; };
   $("start").onclick = async () => {
     try {
