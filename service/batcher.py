@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from model import LSTMForecaster, LSTMState
-from service.errors import ModelFailure
+from service.errors import ModelFailure, ShuttingDown
 from service.results import Outputs, StepDone
 from service.sessions import AppliedStep, Session, StatePool
 from service.state_blob import SessionState
@@ -150,6 +150,8 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._deferred: list[_Job] = []
+        self._round_jobs: list[_Job] = []  # the jobs of the round in flight
+        self._closed = False
 
     # --- what handlers call -------------------------------------------------------------------
 
@@ -173,13 +175,27 @@ class MicroBatcher:
         return await self._submit(_PredictJob(x, return_gates))
 
     async def close(self) -> None:
+        """Stop the worker, leaving no caller waiting: every job not answered yet (queued,
+        deferred, or in the round that was running) fails with ``shutting_down``, and later
+        submissions are refused the same way."""
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        unanswered = [*self._round_jobs, *self._deferred]
+        while self._queue is not None and not self._queue.empty():
+            unanswered.append(self._queue.get_nowait())
+        stopping = ShuttingDown("the service is stopping: retry the request (with the same seq)")
+        for job in unanswered:
+            if not job.future.done():
+                job.future.set_exception(stopping)
+        self._round_jobs, self._deferred = [], []
 
     def _enqueue(self, job: _Job) -> asyncio.Future[Any]:
+        if self._closed:
+            raise ShuttingDown("the service is stopping: retry the request (with the same seq)")
         loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()
@@ -208,6 +224,7 @@ class MicroBatcher:
         while True:
             jobs = self._deferred or [await self._queue.get()]
             self._deferred = []
+            self._round_jobs = jobs  # the round adds to this list: close() sees them all
             try:
                 await self._round(jobs)
             except Exception as e:  # never leave a caller waiting: fail what is unanswered

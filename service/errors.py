@@ -124,6 +124,13 @@ class StoreUnavailable(ServiceError):
     status, code = 503, "store_unavailable"
 
 
+class ShuttingDown(ServiceError):
+    """The server is stopping: a step it held may or may not have been applied; a retry with the
+    same ``seq`` (here once restarted, or on another replica) is answered exactly once."""
+
+    status, code = 503, "shutting_down"
+
+
 class StoreCorrupted(ServiceError):
     status, code = 500, "store_corrupted"
 

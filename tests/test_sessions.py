@@ -16,6 +16,7 @@ from service.errors import (
     SessionExists,
     SessionExpired,
     SessionNotFound,
+    ShuttingDown,
     TooManySessions,
     TTLTooLong,
 )
@@ -228,6 +229,34 @@ def test_a_failing_persister_answers_every_job_and_the_batcher_lives_on() -> Non
         done = await asyncio.wait_for(batcher.step(s, torch.ones(1, 1)), timeout=10)
         assert done.t == 1
         await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_closing_the_batcher_answers_every_job_it_held() -> None:
+    # close() cancelled the worker and left in-flight, deferred and queued futures pending forever.
+    model = tiny_model()
+    persisting = asyncio.Event()
+
+    async def slow_persist(commits: list) -> list:  # type: ignore[type-arg]
+        persisting.set()
+        await asyncio.sleep(30)  # the round is in flight when close() comes
+        return [None] * len(commits)
+
+    async def scenario() -> None:
+        store = SessionStore(StatePool(2, 8, 1, 4, "cpu"), StoreLimits(4, 60, 60, False, 10))
+        batcher = MicroBatcher(model, store.pool, persist=slow_persist)
+        a, b = store.create("a"), store.create("b")
+        x = torch.ones(1, 1)
+        in_flight = [batcher.submit_step(a, x), batcher.submit_step(a, x)]  # the 2nd: deferred
+        await asyncio.wait_for(persisting.wait(), timeout=10)
+        queued = batcher.submit_step(b, x)
+        await asyncio.wait_for(batcher.close(), timeout=5)
+        for future in [*in_flight, queued]:
+            assert future.done() and isinstance(future.exception(), ShuttingDown)
+        assert a.t == 0 and b.t == 0  # none was applied: the persister never accepted them
+        with pytest.raises(ShuttingDown):
+            await batcher.step(b, x)
 
     asyncio.run(scenario())
 
