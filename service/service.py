@@ -36,7 +36,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from model import Checkpoint, CheckpointError, pick_device
-from service import metrics
+from service import connections, metrics
 from service.batcher import BatchObserver, MicroBatcher, inputs_digest
 from service.directory import LocalSessions, RedisSessions, Sessions
 from service.errors import (
@@ -808,3 +808,11 @@ class LSTMSessions:
 
 cast(Any, LSTMSessions).add_asgi_middleware(ErrorContract, max_body_bytes=settings.max_body_bytes)
 RequestDeadline.install()
+connections.install(
+    connections.fit_to_fd_limit(
+        settings.max_connections,
+        settings.header_timeout_s,
+        settings.max_header_bytes,
+        settings.keep_alive_s,
+    )
+)

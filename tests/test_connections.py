@@ -1,0 +1,236 @@
+"""Abusive connections against a real server (loopback only, bounded in count and time).
+
+Silent sockets and sockets that send half a request must not take the worker's file descriptors
+from everyone else: they are closed after ``LSTM_HEADER_TIMEOUT_S``; at the connection cap the
+oldest of them makes room for a new client, and a new connection is refused with ``503
+too_many_connections`` only when every open one is busy. WebSocket streams outlive the header
+timeout (they have their own idle limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import resource
+import select
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.servers import bentoml_server
+
+HEADER_TIMEOUT_S = 2.0
+SERVER_FDS = 4096  # the server's descriptor limit in the flood test: the flood goes beyond it
+SLOW = 300  # sockets that send a request line and part of a header, then nothing
+PARTIAL = b"POST /v1/sessions/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl"
+
+
+def open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def fd_budget(wanted: int) -> int:
+    """Sockets this test process may open: its soft limit, raised towards ``wanted`` only as far
+    as its hard limit allows, less what is open and a margin."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted + 300 and (hard == resource.RLIM_INFINITY or hard > soft):
+        target = wanted + 300 if hard == resource.RLIM_INFINITY else min(hard, wanted + 300)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft - open_fds() - 200
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+@contextlib.contextmanager
+def sockets(port: int, count: int, first: bytes = b"") -> Iterator[list[socket.socket]]:
+    """``count`` connections to the server, each having sent ``first`` (nothing: silent)."""
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            opened.append(s)
+        # The kernel completes a connection into the backlog even when the worker cannot accept.
+        poll = select.poll()
+        by_fd = {s.fileno(): s for s in opened}
+        for fd in by_fd:
+            poll.register(fd, select.POLLOUT)
+        deadline = time.monotonic() + 10
+        while by_fd and time.monotonic() < deadline:
+            for fd, _ in poll.poll(200):
+                poll.unregister(fd)
+                if first:
+                    with contextlib.suppress(OSError):
+                        by_fd[fd].send(first)
+                del by_fd[fd]
+        yield opened
+    finally:
+        for s in opened:
+            s.close()
+
+
+def closed_by_server(s: socket.socket) -> bytes | None:
+    """What the server sent before closing ``s``, or None while it is still open."""
+    chunks = []
+    while True:
+        try:
+            data = s.recv(65536)
+        except BlockingIOError:
+            return None
+        except (ConnectionResetError, OSError):
+            return b"".join(chunks)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def step_works(url: str, timeout: float) -> float:
+    """Create a session and step it with a fresh client; the seconds it took."""
+    started = time.monotonic()
+    with httpx.Client(base_url=url, timeout=timeout) as client:
+        sid = client.post("/v1/sessions/create", json={}).json()["session_id"]
+        reply = client.post("/v1/sessions/step", json={"session_id": sid, "inputs": [[0.5]]})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["t"] == 1
+    return time.monotonic() - started
+
+
+def dropped(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("lstm_connections_dropped_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            counts[reason] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_the_cap_fits_the_descriptor_limit() -> None:
+    from service.connections import ConnectionLimits, fit_to_fd_limit
+
+    limits = fit_to_fd_limit(10**9, 10.0, 65536, 5.0)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert isinstance(limits, ConnectionLimits)
+    assert 1 <= limits.max_connections <= soft - 256
+    assert fit_to_fd_limit(100, 10.0, 65536, 5.0).max_connections == min(100, soft - 256)
+
+
+@pytest.mark.slow
+def test_silent_and_slow_connections_leave_a_step_working() -> None:
+    """More silent sockets than the server has descriptors, and sockets stuck mid-header: a
+    normal client's create+step still succeeds within seconds, and the server closes every one
+    of them once LSTM_HEADER_TIMEOUT_S has passed (the half-sent ones with a 408)."""
+    budget = fd_budget(SERVER_FDS + 400 + SLOW)
+    server_fds = min(SERVER_FDS, budget - SLOW - 400)
+    if server_fds < 1024:
+        pytest.skip(f"this process may open only {budget} sockets")
+    silent_count = server_fds + 300  # beyond what the worker could ever hold open
+    env = {"LSTM_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
+    with bentoml_server(env, fd_limit=server_fds) as url:
+        port = port_of(url)
+        flood_started = time.monotonic()
+        with sockets(port, silent_count) as silent, sockets(port, SLOW, PARTIAL) as slow:
+            took = step_works(url, timeout=5)
+            assert took < 3, f"a step took {took:.1f} s beside the flood"
+            # All of them closed within the timeout (plus the time the flood took to open).
+            deadline = time.monotonic() + HEADER_TIMEOUT_S + 8
+            pending = {id(s): s for s in [*silent, *slow]}
+            answers: dict[int, bytes] = {}
+            while pending and time.monotonic() < deadline:
+                for key, s in list(pending.items()):
+                    got = closed_by_server(s)
+                    if got is not None:
+                        answers[key] = got
+                        del pending[key]
+                time.sleep(0.2)
+            assert not pending, f"{len(pending)} of {silent_count + SLOW} sockets still open"
+            assert time.monotonic() - flood_started < 30
+            assert all(answers[id(s)] == b"" for s in silent)  # nothing sent, nothing answered
+            late = [answers[id(s)] for s in slow]
+            assert all(a.startswith(b"HTTP/1.1 408 ") for a in late), late[:3]
+            body = json.loads(late[0].split(b"\r\n\r\n", 1)[1])
+            assert body["error"]["code"] == "header_timeout"
+            assert body["error"]["limit"] == HEADER_TIMEOUT_S
+            assert step_works(url, timeout=5) < 3
+        counts = dropped(url)
+        assert counts.get("evicted", 0) >= silent_count - server_fds  # made room, not refused
+        assert counts.get("header_timeout", 0) >= SLOW
+        assert counts.get("refused", 0) == 0
+
+
+@pytest.mark.slow
+def test_busy_connections_at_the_cap_refuse_with_503_and_streams_outlive_the_timeout() -> None:
+    """At LSTM_MAX_CONNECTIONS busy connections (requests in progress), a new one is answered
+    503 too_many_connections; once they finish, steps work again. A WebSocket stream held open
+    past the header timeout still steps; a header block over LSTM_MAX_HEADER_BYTES gets 431."""
+    import aiohttp
+
+    cap = 6
+    env = {
+        "LSTM_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        "LSTM_MAX_CONNECTIONS": str(cap),
+        "LSTM_MAX_HEADER_BYTES": "4096",
+    }
+    with bentoml_server(env) as url:
+        port = port_of(url)
+        with httpx.Client(base_url=url, timeout=5) as client:
+            sid = client.post("/v1/sessions/create", json={}).json()["session_id"]
+
+        async def stream_past_the_timeout() -> int:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.ws_connect(f"{url}/v1/stream?session_id={sid}") as ws,
+            ):
+                await asyncio.sleep(HEADER_TIMEOUT_S + 1)
+                await ws.send_json({"inputs": [[0.5]], "seq": 0})
+                reply = await ws.receive_json(timeout=5)
+                return int(reply["t"])
+
+        assert asyncio.run(stream_past_the_timeout()) == 1
+
+        # Headers complete, the body never comes: each holds a request in progress.
+        busy_request = (
+            b"POST /v1/sessions/get HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        with sockets(port, cap, busy_request):
+            time.sleep(0.5)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                raw = b""
+                with contextlib.suppress(OSError):
+                    while chunk := s.recv(65536):
+                        raw += chunk
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 "), raw
+            assert b"retry-after: 1" in head.lower()
+            error = json.loads(body)["error"]
+            assert error["code"] == "too_many_connections"
+            assert error["limit"] == cap
+        deadline = time.monotonic() + 5
+        while True:  # the busy ones are gone once the server has seen them close
+            try:
+                step_works(url, timeout=5)
+                break
+            except (AssertionError, httpx.HTTPError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 8192)
+            raw = s.recv(65536)
+        assert raw.startswith(b"HTTP/1.1 431 "), raw
+        assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "headers_too_large"
+        assert dropped(url).get("refused", 0) >= 1
