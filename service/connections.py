@@ -68,13 +68,22 @@ def raise_fd_limit() -> int:
     return soft
 
 
+def fd_headroom(fds: int) -> int:
+    """Descriptors kept out of the connection cap, of ``fds``."""
+    return max(FD_HEADROOM_MIN, fds // 10)
+
+
+def connection_cap(max_connections: int, fds: int) -> int:
+    """``max_connections``, lowered so that the connections and the headroom fit in ``fds``."""
+    return min(max_connections, max(fds - fd_headroom(fds), 1))
+
+
 def fit_to_fd_limit(
     max_connections: int, header_timeout_s: float, max_header_bytes: int, keep_alive_s: float
 ) -> ConnectionLimits:
     """The limits, with the connection cap lowered where the descriptor limit would not hold it."""
     fds = raise_fd_limit()
-    headroom = max(FD_HEADROOM_MIN, fds // 10)
-    cap = min(max_connections, max(fds - headroom, 1))
+    cap = connection_cap(max_connections, fds)
     if cap < max_connections:
         log.warning(
             "LSTM_MAX_CONNECTIONS=%d does not fit the worker's %d file descriptors: capping "
@@ -88,7 +97,7 @@ def fit_to_fd_limit(
         header_timeout_s=header_timeout_s,
         max_header_bytes=max_header_bytes,
         keep_alive_s=keep_alive_s,
-        lingering=max(1, headroom // 2),
+        lingering=max(1, fd_headroom(fds) // 2),
     )
 
 
