@@ -243,3 +243,118 @@ def test_busy_connections_at_the_cap_refuse_with_503_and_streams_outlive_the_tim
         assert raw.startswith(b"HTTP/1.1 431 "), raw
         assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "headers_too_large"
         assert dropped(url).get("refused", 0) >= 1
+
+
+class FakeTransport:
+    """Just what uvicorn's protocol and ours call on a transport, recording what was written."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.closing = False
+        self.eof_written = False
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 3000)}.get(
+            name, default
+        )
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_the_guard_closes_the_oldest_waiting_then_refuses_when_all_are_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In process, on uvicorn's own protocol machinery: at the cap, the oldest connection that is
+    only waiting for headers makes room; with every connection busy, a new one gets a 503 and a
+    half-close; a connection stuck mid-header gets a 408 at the deadline, a silent one a close."""
+    from uvicorn import config as uvicorn_config
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from service import connections
+
+    # Nothing of this test's tiny limits stays behind in the process.
+    monkeypatch.setattr(connections, "WATCH", connections._Watch())
+    monkeypatch.setattr(connections.GuardedHttpToolsProtocol, "limits", None)
+    monkeypatch.setattr(uvicorn_config, "HTTP_PROTOCOLS", dict(uvicorn_config.HTTP_PROTOCOLS))
+
+    async def never_reads_the_body(scope: object, receive: object, send: object) -> None:
+        await asyncio.sleep(10)
+
+    async def scenario() -> None:
+        config = Config(app=never_reads_the_body, lifespan="off", log_config=None)
+        config.load()
+        state = ServerState()
+        limits = connections.ConnectionLimits(
+            max_connections=2,
+            header_timeout_s=0.3,
+            max_header_bytes=1024,
+            keep_alive_s=5,
+            lingering=4,
+        )
+        connections.install(limits)
+
+        def connect() -> tuple[connections.GuardedHttpToolsProtocol, FakeTransport]:
+            protocol = connections.GuardedHttpToolsProtocol(config, state, {})
+            transport = FakeTransport()
+            protocol.connection_made(transport)  # type: ignore[arg-type]
+            return protocol, transport
+
+        busy = b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n{"
+        _, first = connect()
+        second, second_t = connect()
+        third, third_t = connect()  # over the cap: the first (oldest, silent) makes room
+        assert first.closing and not second_t.closing and not third_t.closing
+        second.data_received(busy)
+        third.data_received(busy)
+        _, refused = connect()  # both open ones are busy: nothing to close
+        assert refused.written.startswith(b"HTTP/1.1 503 ") and refused.eof_written
+        error = json.loads(refused.written.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error == {
+            "code": "too_many_connections",
+            "message": error["message"],
+            "limit": 2,
+        }
+        assert not second_t.closing and not third_t.closing
+        for protocol in (second, third):
+            protocol.connection_lost(None)
+
+        silent_p, silent = connect()
+        partial_p, partial = connect()
+        partial_p.data_received(b"GET /readyz HTTP/1.1\r\nHost: a\r\nX-A: b")
+        await asyncio.sleep(0.5)
+        assert silent.closing and silent.written == b""
+        assert partial.closing and partial.written.startswith(b"HTTP/1.1 408 ")
+        for protocol in (silent_p, partial_p):
+            protocol.connection_lost(None)
+
+        big_p, big = connect()
+        big_p.data_received(b"GET /readyz HTTP/1.1\r\nHost: a\r\nX-A: " + b"b" * 2048)
+        assert big.closing and big.written.startswith(b"HTTP/1.1 431 ")
+        big_p.connection_lost(None)
+        assert not connections.WATCH.waiting
+
+    asyncio.run(scenario())
