@@ -208,13 +208,21 @@ def test_busy_connections_at_the_cap_refuse_with_503_and_streams_outlive_the_tim
 
         assert asyncio.run(stream_past_the_timeout()) == 1
 
-        # Headers complete, the body never comes: each holds a request in progress.
+        # Headers complete, the body never comes: each holds a request in progress, known to
+        # have reached the handler when uvicorn answers its Expect with 100 Continue.
         busy_request = (
-            b"POST /v1/sessions/get HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            b"POST /v1/sessions/get HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
         )
-        with sockets(port, cap, busy_request):
-            time.sleep(0.5)
+        with sockets(port, cap, busy_request) as busy:
+            deadline = time.monotonic() + 10
+            for s in busy:
+                seen = b""
+                while b"100 Continue" not in seen and time.monotonic() < deadline:
+                    with contextlib.suppress(BlockingIOError):
+                        seen += s.recv(1024)
+                    time.sleep(0.01)
+                assert b"100 Continue" in seen, seen
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 raw = b""
