@@ -63,6 +63,18 @@ class BodyTooLarge(ServiceError):
     status, code = 413, "body_too_large"
 
 
+class HeaderTimeout(ServiceError):
+    status, code = 408, "header_timeout"
+
+
+class HeadersTooLarge(ServiceError):
+    status, code = 431, "headers_too_large"
+
+
+class TooManyConnections(ServiceError):
+    status, code = 503, "too_many_connections"
+
+
 class SessionGone(ServiceError):
     """The session is not (or no longer) there; the subclasses say why."""
 

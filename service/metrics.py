@@ -13,6 +13,14 @@ SESSIONS_ACTIVE = Gauge("lstm_sessions_active", "Sessions held now", multiproces
 STREAMS_OPEN = Gauge(
     "lstm_streams_open", "Open /v1/stream WebSocket connections", multiprocess_mode="livesum"
 )
+CONNECTIONS_OPEN = Gauge(
+    "lstm_connections_open",
+    "Open HTTP and WebSocket connections of the worker, sampled every second",
+    multiprocess_mode="livesum",
+)
+CONNECTIONS_DROPPED = Counter(
+    "lstm_connections_dropped_total", "Connections the server closed or refused", ["reason"]
+)  # header_timeout, headers_too_large, evicted (to make room at the cap), refused (503)
 SESSIONS_CREATED = Counter("lstm_sessions_created_total", "Sessions created")
 SESSIONS_EXPIRED = Counter("lstm_sessions_expired_total", "Sessions freed after their TTL")
 SESSIONS_EVICTED = Counter(

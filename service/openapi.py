@@ -176,9 +176,16 @@ OPERATIONS: tuple[Operation, ...] = (
 # before any handler runs, and any route can fail or run past its deadline.
 EDGE_ERRORS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (400, "the body is not JSON", ("malformed_json",)),
+    (408, "the request line and headers took over LSTM_HEADER_TIMEOUT_S", ("header_timeout",)),
     (413, "the body is over LSTM_MAX_BODY_BYTES", ("body_too_large",)),
     (415, "the body is not application/json", ("unsupported_media_type",)),
+    (431, "the request line and headers are over LSTM_MAX_HEADER_BYTES", ("headers_too_large",)),
     (500, "a failure of the service; the message says what", ("internal_error",)),
+    (
+        503,
+        "the service cannot take the request now (see the code)",
+        ("too_many_connections", "shutting_down"),
+    ),
     (504, "the request ran past the deadline", ("request_timeout",)),
 )
 STATUS_WORDS = {

@@ -38,7 +38,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from model import Checkpoint, CheckpointError, pick_device
-from service import metrics
+from service import connections, metrics
 from service.batcher import BatchObserver, MicroBatcher, inputs_digest
 from service.directory import LocalSessions, RedisSessions, Sessions
 from service.errors import (
@@ -891,3 +891,11 @@ cast(Any, LSTMSessions).add_asgi_middleware(
 )
 RequestDeadline.install()
 RefusalTracebacks.install()
+connections.install(
+    connections.fit_to_fd_limit(
+        settings.max_connections,
+        settings.header_timeout_s,
+        settings.max_header_bytes,
+        settings.keep_alive_s,
+    )
+)

@@ -46,6 +46,25 @@ class Settings(BaseSettings):
     stream_idle_s: float = Field(
         300.0, gt=0, description="a /v1/stream connection with no message this long is closed"
     )
+    max_connections: int = Field(
+        16_384,
+        ge=1,
+        description="open HTTP + WebSocket connections of the worker; lowered at start to fit "
+        "its file-descriptor limit (the soft limit is raised to the hard one first)",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="a connection must complete a request's line and headers this long after "
+        "it opens (or after that request's first byte), or it is closed",
+    )
+    max_header_bytes: int = Field(
+        65_536, ge=1024, le=16_777_216, description="a request's line and headers"
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, le=3600, description="an idle connection between requests is closed after this"
+    )
     access_log: bool = Field(
         False,
         description="BentoML's per-request access log; off: it costs CPU on every step",

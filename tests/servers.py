@@ -75,11 +75,22 @@ def bentoml_server(
     timeout_s: float = 60.0,
     log: Path | None = None,
     port: int | None = None,
+    fd_limit: int | None = None,
 ) -> Iterator[str]:
     """A real server on a free loopback port (or ``port``: a replica restarted where a proxy
-    expects it); yields its base URL once /readyz answers 200."""
+    expects it); yields its base URL once /readyz answers 200.
+
+    ``fd_limit``: the server's RLIMIT_NOFILE, soft and hard (lowered only: a test may exhaust it).
+    """
     port = port or free_port()
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+
+    def limit_fds() -> None:
+        import resource
+
+        if fd_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
     proc = subprocess.Popen(
         serve_command(port),
         cwd=ROOT,
@@ -87,6 +98,7 @@ def bentoml_server(
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=limit_fds if fd_limit is not None else None,
     )
     url = f"http://127.0.0.1:{port}"
     PROCESS_GROUPS[url] = proc.pid
