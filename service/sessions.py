@@ -156,6 +156,9 @@ def unpack_step(record: bytes) -> tuple[AppliedStep, float]:
     return AppliedStep(seq, digest, StepDone(t, Outputs(rows(0), rows(1), anomaly, gates))), at
 
 
+QUEUED_WITHOUT_RECORD = b""
+
+
 class _Guard:
     """A session's lock: it exists while an operation holds the session, with the futures of
     those waiting for it, first come first served."""
@@ -272,7 +275,9 @@ class Session:
     ttl_s: float
     _meta: Slots = field(repr=False)
     epoch: str = ""  # with Redis: the stored incarnation this copy belongs to (new at reset)
-    _last_step: bytes | None = field(default=None, repr=False)  # pack_step's
+    # pack_step's record; QUEUED_WITHOUT_RECORD: none, but an entry in the replay queue; None:
+    # neither
+    _last_step: bytes | None = field(default=None, repr=False)
     _guard: _Guard | None = field(default=None, repr=False)
 
     @property
@@ -305,12 +310,15 @@ class Session:
 
     @property
     def last_step(self) -> AppliedStep | None:
-        return None if self._last_step is None else unpack_step(self._last_step)[0]
+        return unpack_step(self._last_step)[0] if self._last_step else None
 
     @last_step.setter
     def last_step(self, step: AppliedStep | None) -> None:
         if step is None:
-            self._last_step = None
+            # A session in the replay queue stays there (the sweep drops it): say so, or its
+            # next step would queue it again, once per reset (1,800 entries in 30 min).
+            if self._last_step is not None:
+                self._last_step = QUEUED_WITHOUT_RECORD
             return
         now = self._meta.clock()
         if self._last_step is None:
@@ -550,7 +558,8 @@ class SessionStore:
         while replays and replays.first_time() <= horizon:
             session = replays.popleft()
             record = session._last_step
-            if record is None:
+            if not record:  # reset (or let go of) since it was queued
+                session._last_step = None
                 continue
             _, at, *_ = _RECORD.unpack_from(record)
             if at > horizon:  # stepped again since: keep the newer record

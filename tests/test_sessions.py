@@ -233,6 +233,26 @@ def test_a_failing_persister_answers_every_job_and_the_batcher_lives_on() -> Non
     asyncio.run(scenario())
 
 
+def test_resets_do_not_grow_the_replay_queue() -> None:
+    # Each reset left the session's entry and the next step added another: a session reset every
+    # second held 1,800 entries after 30 minutes (issue "engine").
+    from service.results import Outputs, StepDone
+
+    clock = Clock()
+    store = make_store(clock=clock)
+    s = store.create("r")
+    step = AppliedStep(0, bytes(16), StepDone(1, Outputs([[0.0]], [[1.0]], [None], None)))
+    for _ in range(200):
+        s.last_step = step
+        store.reset(s)
+        clock.now += 1
+    assert len(store.slots.replays) == 1 and s.last_step is None
+    s.last_step = step
+    clock.now += 100
+    store.sweep()  # past the window: the record and the entry go
+    assert s.last_step is None and len(store.slots.replays) == 0
+
+
 def test_closing_the_batcher_answers_every_job_it_held() -> None:
     # close() cancelled the worker and left in-flight, deferred and queued futures pending forever.
     model = tiny_model()
