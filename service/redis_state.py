@@ -22,7 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
 
 from service.errors import StoreUnavailable
 
@@ -151,21 +151,20 @@ class RedisState:
 
     async def commit(self, writes: list[Write]) -> list[tuple[int, int]]:
         """Compare-and-set every write in one round trip: (1, t) written, (0, t) stale, (-1, -1)
-        gone, (-2, -2) this write failed in Redis (the others stand)."""
-        pipe = self.client.pipeline(transaction=False)
-        for w in writes:
-            ttl_ms = max(1, int(w.ttl_s * 1000))
-            args: list[Arg] = [
-                w.seq,
-                w.t,
-                w.state,
-                w.last_step,
-                ttl_ms,
-                ttl_ms + KNOWN_FOR_MS,
-                w.epoch,
-            ]
-            await self._commit(keys=self._keys(w.session_id), args=args, client=pipe)
-        replies = await self._call(pipe.execute(raise_on_error=False))
+        gone, (-2, -2) this write failed in Redis (the others stand).
+
+        The script is called by its SHA straight on the pipeline: through redis-py's Script, a
+        pipeline first asks ``SCRIPT EXISTS`` in a round trip of its own, on every commit. Redis
+        answers NOSCRIPT without running anything when it lost its scripts (a restart): those
+        writes are sent again once the script is loaded.
+        """
+        replies = await self._call(self._commit_pipeline(writes))
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:
+            await self._call(self.client.script_load(COMMIT))
+            again = await self._call(self._commit_pipeline([writes[i] for i in lost]))
+            for i, reply in zip(lost, again, strict=True):
+                replies[i] = reply
         out = []
         for reply in replies:
             if isinstance(reply, Exception):
@@ -173,6 +172,24 @@ class RedisState:
             else:
                 out.append((int(reply[0]), int(reply[1])) if reply[0] != -1 else (-1, -1))
         return out
+
+    async def _commit_pipeline(self, writes: list[Write]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for w in writes:
+            ttl_ms = max(1, int(w.ttl_s * 1000))
+            pipe.evalsha(
+                self._commit.sha,
+                2,
+                *self._keys(w.session_id),
+                w.seq,
+                w.t,
+                w.state,
+                w.last_step,
+                ttl_ms,
+                ttl_ms + KNOWN_FOR_MS,
+                w.epoch,
+            )
+        return list(await pipe.execute(raise_on_error=False))
 
     async def reset(self, session_id: str, state: bytes, ttl_s: float, epoch: str) -> bool:
         ttl_ms = max(1, int(ttl_s * 1000))
