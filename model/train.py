@@ -286,6 +286,7 @@ def train_and_save(
         model, history = fit(train, val, config, settings)
         seconds = time.perf_counter() - started
         report = test_report(model, train, test, settings)
+    report["split"] = split.by  # served in /v1/model's metrics: how held-out the scores are
     scores = [report["model_nll"], *report["one_step_mse"].values()]
     if not all(math.isfinite(v) for v in scores):
         raise TrainingError(f"training produced non-finite scores {scores}; nothing was saved")
