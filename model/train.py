@@ -35,7 +35,14 @@ from tqdm import tqdm
 from model import pick_device
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
 from model.checkpoint import Checkpoint, save_checkpoint
-from model.data import SeriesSet, indices_by_length, load_acsf1, load_csv, split_series
+from model.data import (
+    SeriesSet,
+    TooFewSeries,
+    indices_by_length,
+    load_acsf1,
+    load_csv,
+    split_series,
+)
 from model.forecaster import ForecasterConfig, LSTMForecaster, Normalisation, gaussian_nll
 
 
@@ -278,7 +285,9 @@ def train_and_save(
         split = split_series(
             data, by=settings.split, seed=settings.seed, min_part=settings.warmup + 1
         )
-    except ValueError as e:  # too few series, or too short to split by time
+    except TooFewSeries as e:  # only when --split series was asked for
+        raise TrainingError(f"{e}; --split time (or auto) splits each series in time") from e
+    except ValueError as e:  # too short to split by time
         raise TrainingError(str(e)) from e
     train, val, test = split.train, split.validation, split.test
     with torch_threads(settings.threads) as threads:

@@ -105,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return run(args)
-    except (CheckpointError, NotFound, OSError) as e:
+    except NotFound:  # BentoML's own text suggests `bentoml models pull`, which is not it
+        print(
+            f"{p.prog}: no model {args.tag!r} in the model store {model_store()} "
+            f"(BENTOML_HOME); `{p.prog} import DIR` puts one there",
+            file=sys.stderr,
+        )
+        return 2
+    except (CheckpointError, OSError) as e:
         print(f"{p.prog}: {e} (model store: {model_store()})", file=sys.stderr)
         return 2
 

@@ -156,6 +156,15 @@ def test_a_single_long_series_trains_split_by_time_and_the_card_says_so(
     assert all(math.isfinite(v) for v in card["metrics"]["one_step_mse"].values())
 
 
+def test_a_split_by_series_asked_of_one_series_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = write_meters(tmp_path / "one.csv", series=1, length=400)
+    assert train(["--csv", str(csv), "--out", str(tmp_path / "o"), "--split", "series", *TINY]) == 2
+    assert "--split time" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_enough_series_are_still_split_by_series(tmp_path: Path) -> None:
     csv = write_meters(tmp_path / "m.csv", series=6, length=200)
     out = tmp_path / "out"
