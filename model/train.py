@@ -63,10 +63,11 @@ class TrainSettings:
     max_lag: int = 96  # seasonal-lag baseline searches lags 1..max_lag
     device: str = "auto"
     # One CPU thread, whatever OMP_NUM_THREADS says (0: torch's default, one per core). Measured
-    # on a 2-core machine, examples/meters.csv, the default model (batch 32, window 128): 185 ms
-    # a step on 1 thread, 120 ms on 2 with both cores idle; with another process busy on one
-    # core, 277 ms on 1 thread and 4,250 ms on 2 (OpenMP's threads wait for each other at every
-    # op, and one waits for the busy core). A first epoch took 282 s instead of 7 s that way.
+    # on a shared 2-core machine, examples/meters.csv, the default model (batch 32, window 128),
+    # 10 training steps each: 185 ms a step on 1 thread, 120 ms on 2 (load ~2 from others); with
+    # a busy loop on one core besides, 277 ms on 1 thread and 4,250 ms on 2: OpenMP's threads
+    # wait for each other at every op, and one waits for the busy core (a first epoch was
+    # reported at 282 s that way, against 7 s on one thread). One thread is never the disaster.
     threads: int = 1
     split: Literal["auto", "series", "time"] = "auto"  # auto: by series, by time if too few
     progress: bool = True
