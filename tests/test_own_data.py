@@ -261,7 +261,7 @@ def test_the_store_is_the_checkouts_unless_bentoml_home_is_set(
 def checkout_copy(where: Path, csv_rows: tuple[int, int] | None = None) -> Path:
     """A checkout of this code elsewhere (its own default store), sharing this one's venv."""
     ignore = shutil.ignore_patterns("__pycache__")
-    for part in ("model", "service", "client"):
+    for part in ("model", "service", "client", "models"):
         shutil.copytree(ROOT / part, where / part, ignore=ignore)
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy2(ROOT / name, where / name)
