@@ -3,8 +3,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export BENTOML_DO_NOT_TRACK := true
-# BentoML's model store lives inside the checkout unless the caller says otherwise.
-export BENTOML_HOME ?= $(CURDIR)/bentoml_home
+# BentoML's model store: $BENTOML_HOME, else bentoml_home/ in the checkout. Defined once, in
+# service/model_registry.py, which every entry point below goes through.
 
 .PHONY: install serve test test-fast lint train bench import-model clean
 
@@ -27,8 +27,10 @@ import-model: $(STAMP)
 
 HOST ?= 127.0.0.1
 PORT ?= 3000
+# `python -m`, not the console script: this checkout's code and store, whichever checkout the
+# venv was installed from.
 serve: $(STAMP)
-	$(VENV)/bin/lstm-serve serve --host $(HOST) --port $(PORT)
+	$(PY) -m client.cli serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -41,9 +43,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Retrains the shipped model in place (--force), on one thread as it was trained (--threads 1).
 train: $(STAMP)
-	# One thread: as fast at this size, and the thread count the shipped model was trained with.
-	OMP_NUM_THREADS=1 $(PY) -m model.train --out models/acsf1-forecaster --name acsf1-forecaster
+	$(PY) -m model.train --out models/acsf1-forecaster --name acsf1-forecaster --threads 1 --force
 
 # Each script prints its table and writes JSON (and the load/scale ones a PNG) under runs/bench/
 # (git-ignored); `make bench RECORD=1` writes the committed bench/results/ that the README quotes.

@@ -1,16 +1,19 @@
 """Series data for training and evaluation: ACSF1 from sktime, or a user's long-format CSV.
 
-A ``SeriesSet`` is a list of (T_i, F) float32 arrays with ids; splits are by series (appliance),
-so validation and test series are never seen in training.
+A ``SeriesSet`` is a list of (T_i, F) float32 arrays with ids. Splits are by series (appliance)
+when there are enough of them, so validation and test series are never seen in training; with
+too few (one meter, one sensor), by time: each series' last parts are held out.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -124,6 +127,116 @@ def load_csv(
     return SeriesSet(Path(path).stem, tuple(values), series, ids, [""] * len(ids))
 
 
+class TooFewSeries(ValueError):
+    """Too few series (per group) to hold whole series out for validation and test."""
+
+
+class TooShortToSplit(ValueError):
+    """A series too short to give every part of a split the timesteps it needs."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train, validation and test sets, and how they were made (for the model card)."""
+
+    by: Literal["series", "time"]
+    train: SeriesSet
+    validation: SeriesSet
+    test: SeriesSet
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def split_series(
+    data: SeriesSet,
+    *,
+    by: Literal["auto", "series", "time"] = "auto",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    min_part: int = 2,
+) -> Split:
+    """By series when there are enough (``auto``), else by time; ``min_part`` timesteps at
+    least in each held-out part of a time split."""
+    fractions = {"validation": val_fraction, "test": test_fraction}
+    if by != "time":
+        try:
+            train, val, test = split_by_series(
+                data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+            )
+        except TooFewSeries:
+            if by == "series":
+                raise
+        else:
+            return Split(
+                "series",
+                train,
+                val,
+                test,
+                {"by": "series", "fractions": fractions, "seed": seed, "stratified": "group"},
+            )
+    train, val, test, ranges = split_by_time(
+        data, val_fraction=val_fraction, test_fraction=test_fraction, min_part=min_part
+    )
+    why = "asked for" if by == "time" else f"{len(data.series)} series: too few to split by series"
+    return Split(
+        "time",
+        train,
+        val,
+        test,
+        {"by": "time", "why": why, "fractions": fractions, "ranges": ranges},
+    )
+
+
+def time_split_sizes(length: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(validation, test) timesteps cut from the end of a series of ``length``."""
+    return int(length * val_fraction), int(length * test_fraction)
+
+
+def time_split_min_length(min_part: int, val_fraction: float, test_fraction: float) -> int:
+    """The shortest series whose train, validation and test parts all hold ``min_part``."""
+    length = math.ceil(min_part / min(val_fraction, test_fraction))
+    while True:
+        n_val, n_test = time_split_sizes(length, val_fraction, test_fraction)
+        if min(n_val, n_test, length - n_val - n_test) >= min_part:
+            return length
+        length += 1
+
+
+def split_by_time(
+    data: SeriesSet,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    min_part: int = 2,
+) -> tuple[SeriesSet, SeriesSet, SeriesSet, dict[str, dict[str, list[int]]]]:
+    """Each series cut in time: its first part trains, the next validates, the last tests.
+
+    Also returns, per series id, each part's [start, stop) timesteps. Held-out parts are later in
+    time than anything trained on, so the scores say how the model does on the series' future.
+    """
+    needed = time_split_min_length(min_part, val_fraction, test_fraction)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "test": []}
+    ranges: dict[str, dict[str, list[int]]] = {}
+    for sid, s in zip(data.ids, data.series, strict=True):
+        if len(s) < needed:
+            raise TooShortToSplit(
+                f"{data.name}: series {sid!r} has {len(s)} timesteps; split by time into "
+                f"train, validation ({val_fraction:.0%}) and test ({test_fraction:.0%}) parts "
+                f"of at least {min_part} timesteps each, a series needs at least {needed}"
+            )
+        n_val, n_test = time_split_sizes(len(s), val_fraction, test_fraction)
+        cuts = [0, len(s) - n_val - n_test, len(s) - n_test, len(s)]
+        ranges[sid] = {}
+        for name, lo, hi in zip(parts, cuts, cuts[1:], strict=False):
+            parts[name].append(s[lo:hi])
+            ranges[sid][name] = [lo, hi]
+    sets = [
+        SeriesSet(name, data.feature_names, series, list(data.ids), list(data.groups))
+        for name, series in parts.items()
+    ]
+    return sets[0], sets[1], sets[2], ranges
+
+
 def split_by_series(
     data: SeriesSet,
     *,
@@ -145,7 +258,7 @@ def split_by_series(
         test += members[n_val : n_val + n_test]
         train += members[n_val + n_test :]
     if not (train and val and test):
-        raise ValueError(
+        raise TooFewSeries(
             f"{data.name}: {len(data.series)} series are too few to split into "
             "train, validation and test"
         )

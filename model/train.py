@@ -1,24 +1,32 @@
 """Train a forecaster on real data and compare it with baselines on held-out series.
 
-    python -m model.train                      # ACSF1, the shipped default model
+    python -m model.train                      # ACSF1, into runs/acsf1-forecaster
+    python -m model.train --csv my.csv         # your data, into runs/my
     python -m model.train --csv my.csv --out models/mine --name mine
 
-Split by series (appliance): validation and test series are never seen in training. Training
-samples random windows, minimises the Gaussian NLL of the next value, and stops early on the
-validation NLL (whole validation series streamed from a zero state, as the service does).
+Split by series (appliance) when there are enough: validation and test series are never seen in
+training. With too few series (one meter, one sensor), split by time: the last 15% of each
+series tests, the 15% before it validates. The card says which split was used. Every series
+needs more than --warmup timesteps (each held-out part streams --warmup steps before it is
+scored). Training samples random windows, minimises the Gaussian NLL of the next value, and stops
+early on the validation NLL (whole validation series streamed from a zero state, as the service
+does). An existing --out is never overwritten without --force.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import random
+import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,7 +35,14 @@ from tqdm import tqdm
 from model import pick_device
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
 from model.checkpoint import Checkpoint, save_checkpoint
-from model.data import SeriesSet, indices_by_length, load_acsf1, load_csv, split_by_series
+from model.data import (
+    SeriesSet,
+    TooFewSeries,
+    indices_by_length,
+    load_acsf1,
+    load_csv,
+    split_series,
+)
 from model.forecaster import ForecasterConfig, LSTMForecaster, Normalisation, gaussian_nll
 
 
@@ -47,7 +62,62 @@ class TrainSettings:
     warmup: int = 96  # timesteps each series is streamed before it is scored
     max_lag: int = 96  # seasonal-lag baseline searches lags 1..max_lag
     device: str = "auto"
+    # One CPU thread, whatever OMP_NUM_THREADS says (0: torch's default, one per core). Measured
+    # on a shared 2-core machine, examples/meters.csv, the default model (batch 32, window 128),
+    # 10 training steps each: 185 ms a step on 1 thread, 120 ms on 2 (load ~2 from others); with
+    # a busy loop on one core besides, 277 ms on 1 thread and 4,250 ms on 2: OpenMP's threads
+    # wait for each other at every op, and one waits for the busy core (a first epoch was
+    # reported at 282 s that way, against 7 s on one thread). One thread is never the disaster.
+    threads: int = 1
+    split: Literal["auto", "series", "time"] = "auto"  # auto: by series, by time if too few
     progress: bool = True
+
+
+class TrainingError(ValueError):
+    """Data or settings training cannot use; raised before anything is written."""
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[int]:
+    """Run with ``n`` intra-op threads (0: leave torch's choice); yield the count in force."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_settings(settings: TrainSettings) -> None:
+    """Refuse settings that would only fail after training (or score nothing)."""
+    if settings.warmup < 1:
+        raise TrainingError(f"--warmup must be at least 1 (got {settings.warmup})")
+    if not 1 <= settings.max_lag <= settings.warmup:
+        raise TrainingError(
+            f"--max-lag must be between 1 and --warmup ({settings.warmup}), so every lag of the "
+            f"seasonal baseline is scored on the same steps (got {settings.max_lag})"
+        )
+    for name in ("window", "batch_size", "max_epochs", "steps_per_epoch", "patience"):
+        if getattr(settings, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.threads < 0:
+        raise TrainingError("--threads must be 0 (torch's default) or more")
+
+
+def check_lengths(data: SeriesSet, warmup: int) -> None:
+    """Every series must outlast the warmup: a held-out series is scored from step ``warmup``
+    on, and one with nothing left to score made NaN metrics (and kept the untrained weights)."""
+    needed = warmup + 1
+    short = [(sid, len(s)) for sid, s in zip(data.ids, data.series, strict=True) if len(s) < needed]
+    if short:
+        sid, length = min(short, key=lambda item: item[1])
+        raise TrainingError(
+            f"{data.name}: {len(short)} of {len(data.series)} series are shorter than the "
+            f"{needed} timesteps training needs (--warmup {warmup} streamed before scoring, then "
+            f"at least one scored step); the shortest, {sid!r}, has {length}. Give longer "
+            f"series, or lower --warmup (and --max-lag)"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -209,15 +279,32 @@ def train_and_save(
     config: ForecasterConfig,
     settings: TrainSettings,
 ) -> Checkpoint:
-    train, val, test = split_by_series(data, seed=settings.seed)
-    started = time.perf_counter()
-    model, history = fit(train, val, config, settings)
-    seconds = time.perf_counter() - started
-    report = test_report(model, train, test, settings)
+    """Split, train, score against the baselines, save; nothing is written unless all worked."""
+    check_settings(settings)
+    check_lengths(data, settings.warmup)
+    try:
+        split = split_series(
+            data, by=settings.split, seed=settings.seed, min_part=settings.warmup + 1
+        )
+    except TooFewSeries as e:  # only when --split series was asked for
+        raise TrainingError(f"{e}; --split time (or auto) splits each series in time") from e
+    except ValueError as e:  # too short to split by time
+        raise TrainingError(str(e)) from e
+    train, val, test = split.train, split.validation, split.test
+    with torch_threads(settings.threads) as threads:
+        started = time.perf_counter()
+        model, history = fit(train, val, config, settings)
+        seconds = time.perf_counter() - started
+        report = test_report(model, train, test, settings)
+    report["split"] = split.by  # served in /v1/model's metrics: how held-out the scores are
+    scores = [report["model_nll"], *report["one_step_mse"].values()]
+    if not all(math.isfinite(v) for v in scores):
+        raise TrainingError(f"training produced non-finite scores {scores}; nothing was saved")
     extra = {
         "data": {
             "source": data.name,
             "fingerprint_sha256": data.fingerprint(),
+            "split": split.description,
             "series": {"train": len(train.ids), "validation": len(val.ids), "test": len(test.ids)},
             "test_ids": test.ids,
             "validation_ids": val.ids,
@@ -227,6 +314,7 @@ def train_and_save(
             "epochs_run": len(history),
             "best_val_nll": min(h["val_nll"] for h in history),
             "seconds": round(seconds, 1),
+            "threads": threads,
             "torch": torch.__version__,
             "history": history,
         },
@@ -235,64 +323,192 @@ def train_and_save(
     return save_checkpoint(model.cpu(), out, name=name, extra=extra)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m model.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--csv", type=Path, help="long-format CSV to train on instead of ACSF1")
-    p.add_argument("--id-col", default="series_id")
-    p.add_argument("--time-col", default="time")
-    p.add_argument("--value-cols", help="comma-separated value columns (default: all others)")
-    p.add_argument("--out", type=Path, default=Path("models/acsf1-forecaster"))
-    p.add_argument("--name", default="acsf1-forecaster")
-    p.add_argument("--hidden-size", type=int, default=ForecasterConfig.hidden_size)
-    p.add_argument("--num-layers", type=int, default=ForecasterConfig.num_layers)
-    p.add_argument(
-        "--variant", default=ForecasterConfig.variant, choices=["standard", "peephole", "coupled"]
-    )
-    p.add_argument("--max-epochs", type=int, default=TrainSettings.max_epochs)
-    p.add_argument("--steps-per-epoch", type=int, default=TrainSettings.steps_per_epoch)
-    p.add_argument("--window", type=int, default=TrainSettings.window)
-    p.add_argument("--patience", type=int, default=TrainSettings.patience)
-    p.add_argument("--nll-beta", type=float, default=TrainSettings.nll_beta)
-    p.add_argument("--warmup", type=int, default=TrainSettings.warmup)
-    p.add_argument("--max-lag", type=int, default=TrainSettings.max_lag)
-    p.add_argument("--seed", type=int, default=TrainSettings.seed)
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda...")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default after its help (an option
+    without one says in its help what happens when it is unset)."""
 
-    if args.csv:
-        value_cols = args.value_cols.split(",") if args.value_cols else None
-        data = load_csv(args.csv, id_col=args.id_col, time_col=args.time_col, value_cols=value_cols)
-    else:
-        data = load_acsf1()
-    config = ForecasterConfig(
-        feature_names=data.feature_names,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        variant=args.variant,
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        if action.default is False:
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
+# BentoML's rule for a tag's name: the trained model is imported into its store under it.
+NAME = re.compile(r"[a-z0-9]([-._a-z0-9]*[a-z0-9])?")
+
+
+def default_name(csv: Path | None) -> str:
+    """The CSV's stem as a model name BentoML accepts (``My Meters.csv`` -> ``my-meters``)."""
+    if csv is None:
+        return "acsf1-forecaster"
+    name = re.sub(r"[^-._a-z0-9]+", "-", csv.stem.lower()).strip("-._")[:63]
+    return name or "model"
+
+
+def parser() -> argparse.ArgumentParser:
+    d = TrainSettings()
+    c = ForecasterConfig(("x",))
+    p = argparse.ArgumentParser(
+        prog="python -m model.train", description=__doc__, formatter_class=HelpFormatter
     )
-    settings = TrainSettings(
-        seed=args.seed,
-        max_epochs=args.max_epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        window=args.window,
-        patience=args.patience,
-        nll_beta=args.nll_beta,
-        warmup=args.warmup,
-        max_lag=args.max_lag,
-        device=args.device,
-        progress=not args.no_progress,
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        help="long-format CSV to train on (one row per series and time); unset: ACSF1",
     )
-    ckpt = train_and_save(data, args.out, args.name, config, settings)
+    data.add_argument("--id-col", default="series_id", help="the CSV's series id column")
+    data.add_argument(
+        "--time-col", default="time", help="the CSV's time column (numbers or ISO 8601)"
+    )
+    data.add_argument(
+        "--value-cols",
+        default=None,
+        help="comma-separated value columns, the model's features; unset: all other columns",
+    )
+    data.add_argument(
+        "--split",
+        default=d.split,
+        choices=["auto", "series", "time"],
+        help="hold out whole series, or each series' last 15%%+15%% in time; auto: by series, "
+        "by time when there are too few series (under 3)",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--name",
+        default=None,
+        help="model name, the tag's name in the model store; unset: the CSV's file name "
+        "(acsf1-forecaster without --csv)",
+    )
+    out.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="checkpoint directory to write; unset: runs/NAME (git-ignored)",
+    )
+    out.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing checkpoint in --out (without it, a training run never "
+        "overwrites one, the shipped models/acsf1-forecaster included)",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--hidden-size", type=int, default=c.hidden_size, help="LSTM units per layer")
+    m.add_argument("--num-layers", type=int, default=c.num_layers, help="stacked LSTM layers")
+    m.add_argument(
+        "--variant",
+        default=c.variant,
+        choices=["standard", "peephole", "coupled"],
+        help="LSTM gates: standard, peephole (gates see the cell), coupled (input = 1 - forget)",
+    )
+    t = p.add_argument_group("training")
+    t.add_argument("--max-epochs", type=int, default=d.max_epochs, help="epochs at most")
+    t.add_argument(
+        "--steps-per-epoch", type=int, default=d.steps_per_epoch, help="batches per epoch"
+    )
+    t.add_argument(
+        "--window", type=int, default=d.window, help="timesteps per training window (BPTT)"
+    )
+    t.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="epochs without a better validation NLL before stopping",
+    )
+    t.add_argument(
+        "--nll-beta", type=float, default=d.nll_beta, help="beta-NLL weight (0: plain NLL)"
+    )
+    t.add_argument(
+        "--warmup",
+        type=int,
+        default=d.warmup,
+        help="timesteps each held-out series streams before it is scored; every series needs "
+        "more than this",
+    )
+    t.add_argument(
+        "--max-lag",
+        type=int,
+        default=d.max_lag,
+        help="the seasonal baseline tries lags 1..MAX_LAG (at most --warmup)",
+    )
+    t.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the training")
+    t.add_argument(
+        "--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:N"
+    )
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch CPU threads, whatever OMP_NUM_THREADS says (0: torch's default); more "
+        "than one was up to 15x slower on a 2-core machine with another process busy",
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def fail(message: str) -> int:
+    print(f"python -m model.train: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    name = args.name or default_name(args.csv)
+    if not NAME.fullmatch(name) or len(name) > 63:
+        return fail(
+            f"--name {name!r}: a model name is lowercase letters, digits, '-', '_' and '.', "
+            f"63 at most, starting and ending with a letter or digit"
+        )
+    out: Path = args.out or Path("runs") / name
+    if out.exists() and not out.is_dir():
+        return fail(f"--out {out} is a file, not a checkpoint directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        return fail(
+            f"--out {out} already holds files (a trained model?); pass --force to replace "
+            f"them, or choose another --out"
+        )
+    try:
+        if args.csv:
+            value_cols = args.value_cols.split(",") if args.value_cols else None
+            data = load_csv(
+                args.csv, id_col=args.id_col, time_col=args.time_col, value_cols=value_cols
+            )
+        else:
+            data = load_acsf1()
+        config = ForecasterConfig(
+            feature_names=data.feature_names,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            variant=args.variant,
+        )
+        settings = TrainSettings(
+            seed=args.seed,
+            max_epochs=args.max_epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            window=args.window,
+            patience=args.patience,
+            nll_beta=args.nll_beta,
+            warmup=args.warmup,
+            max_lag=args.max_lag,
+            device=args.device,
+            threads=args.threads,
+            split=args.split,
+            progress=not args.no_progress,
+        )
+        ckpt = train_and_save(data, out, name, config, settings)
+    except (OSError, ValueError) as e:  # the data or settings: nothing was written
+        return fail(str(e))
     mse = ckpt.card["metrics"]["one_step_mse"]
-    print(f"saved {ckpt.name}:{ckpt.version} to {args.out}")
+    split = ckpt.card["data"]["split"]["by"]
+    print(f"saved {ckpt.name}:{ckpt.version} to {out} (split by {split})")
     print("one-step MSE on held-out test series:")
     for k, v in mse.items():
         print(f"  {k:20s} {v:.5f}")
+    print(f"next: python -m service.model_registry import {out}")
     if not ckpt.card["metrics"]["beats_all_baselines"]:
         print("the model does NOT beat every baseline", file=sys.stderr)
         return 1

@@ -54,7 +54,7 @@ from service.errors import (
     WrongFeatureCount,
 )
 from service.http import ErrorContract, RefusalTracebacks, RequestDeadline
-from service.model_registry import import_checkpoint, load_from_store
+from service.model_registry import import_checkpoint, load_from_store, model_store
 from service.openapi import ALLOWED, Deployment, openapi_document
 from service.redis_state import RedisState
 from service.results import StepDone
@@ -203,11 +203,10 @@ def load_model(device: str) -> Checkpoint:
     try:
         return load_from_store(tag, device=device)
     except NotFound:
-        home = os.environ.get("BENTOML_HOME", "~/bentoml")
         refuse_to_start(
-            f"no model {tag!r} in BentoML's model store ({home}); import a checkpoint with "
-            f"`python -m service.model_registry import DIR` (it prints the tag), or unset "
-            f"LSTM_MODEL_TAG to serve the shipped model"
+            f"no model {tag!r} in the model store {model_store()} (BENTOML_HOME); import a "
+            f"checkpoint there with `python -m service.model_registry import DIR` (it prints "
+            f"the tag), or unset LSTM_MODEL_TAG to serve the shipped model"
         )
     except CheckpointError as e:
         refuse_to_start(f"the stored model {tag!r} is unusable: {e}")

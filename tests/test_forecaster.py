@@ -20,7 +20,7 @@ from model import (
     save_checkpoint,
 )
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
-from model.data import SeriesSet, load_csv, split_by_series
+from model.data import SeriesSet, TooFewSeries, load_csv, split_by_series
 from model.train import TrainSettings, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +188,8 @@ def test_split_is_by_series_and_deterministic() -> None:
     ids = [set(s.ids) for s in a]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert set().union(*ids) == set(data.ids)
+    with pytest.raises(TooFewSeries, match="2 series are too few"):
+        split_by_series(sine_set(n=2))
 
 
 def test_baselines_on_a_known_series() -> None:

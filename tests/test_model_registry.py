@@ -37,3 +37,23 @@ def test_corrupted_checkpoint_never_enters_the_store(tmp_path: Path) -> None:
     import bentoml
 
     assert not [m for m in bentoml.models.list() if m.tag.name == "tiny-corrupt"]
+
+
+def test_the_cli_names_the_store_and_refuses_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.model_registry import main, model_store
+
+    torch.manual_seed(2)
+    model = LSTMForecaster(ForecasterConfig(("a",), hidden_size=4, num_layers=1))
+    ckpt = save_checkpoint(model, tmp_path / "c", name="tiny-cli")
+    assert main(["import", str(tmp_path / "c")]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"tiny-cli:{ckpt.version}\n"  # the tag alone on stdout, for $(...)
+    assert f"model store {model_store()}" in err
+    assert main(["store"]) == 0 and capsys.readouterr().out == f"{model_store()}\n"
+    assert main(["show", "tiny-cli:000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert f"no model 'tiny-cli:000000000000' in the model store {model_store()}" in err
+    assert main(["import", str(tmp_path / "nothing")]) == 2
+    assert "no card.json" in capsys.readouterr().err
