@@ -136,6 +136,13 @@ class StoreUnavailable(ServiceError):
     status, code = 503, "store_unavailable"
 
 
+class StoreOutcomeUnknown(ServiceError):
+    """Redis did not answer a step's write in time: it may still apply it. A retry with the same
+    ``seq`` is answered exactly once (the compare-and-set recognises its own write)."""
+
+    status, code = 503, "store_outcome_unknown"
+
+
 class ShuttingDown(ServiceError):
     """The server is stopping: a step it held may or may not have been applied; a retry with the
     same ``seq`` (here once restarted, or on another replica) is answered exactly once."""

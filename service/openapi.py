@@ -63,6 +63,7 @@ STEP_ERRORS = (
     e.WrongFeatureCount,
     e.ChunkTooLong,
     e.ModelFailure,
+    e.StoreOutcomeUnknown,
     *STORE,
 )
 
@@ -89,7 +90,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Steps of many sessions in one request, each succeeding or failing on its own",
         StepMany,
         StepManyResult,
-        (e.TooManyItems, e.ModelFailure),
+        (e.TooManyItems, e.ModelFailure, e.StoreOutcomeUnknown),
     ),
     Operation(
         "/v1/sessions/forecast",

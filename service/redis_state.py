@@ -16,6 +16,7 @@ A batch's writes go in one pipelined round trip.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
 
-from service.errors import StoreUnavailable
+from service.errors import StoreOutcomeUnknown, StoreUnavailable
 
 Arg = bytes | str | int | float
 KNOWN_FOR_MS = 86_400_000  # how long a vanished session is still recognised as expired
@@ -112,7 +113,7 @@ class RedisState:
             raise StoreUnavailable(
                 f"the session store (Redis) is unavailable: {e}; nothing was applied, retry "
                 f"when it is back (check that Redis runs and LSTM_REDIS_URL)"
-            ) from None
+            ) from e
 
     async def ping(self) -> bool:
         try:
@@ -158,7 +159,17 @@ class RedisState:
         answers NOSCRIPT without running anything when it lost its scripts (a restart): those
         writes are sent again once the script is loaded.
         """
-        replies = await self._call(self._commit_pipeline(writes))
+        try:
+            replies = await self._call(self._commit_pipeline(writes))
+        except StoreUnavailable as e:
+            if not isinstance(e.__cause__, TimeoutError | builtins.TimeoutError):
+                raise
+            # Slow, not down: the pipeline reached Redis and may run after we gave up on it (7 of
+            # 41 steps answered "nothing was applied" under a slow Redis had been applied).
+            raise StoreOutcomeUnknown(
+                "the session store (Redis) did not confirm the write in time: the step may have "
+                "been applied; retry it with the same seq, which is answered exactly once"
+            ) from None
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
             await self._call(self.client.script_load(COMMIT))

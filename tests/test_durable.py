@@ -209,6 +209,41 @@ def test_a_read_refused_during_an_outage_leaves_the_session_usable(redis: RedisS
             assert r.status_code == 200, (route, r.text)
 
 
+def test_a_slow_redis_answers_outcome_unknown_and_the_retry_applies_once(
+    redis: RedisServer,
+    held_out_series: list[np.ndarray],
+) -> None:
+    # Redis slow, not down: the commit timed out at the service but ran later in Redis, and the
+    # answer said "nothing was applied" (7 of 41 such steps had been). Now the answer says the
+    # outcome is unknown, and a retry with the same seq lands exactly once either way.
+    import os
+    import signal
+
+    values = held_out_series[1][:3]
+    env = {"LSTM_REDIS_URL": redis.url, "LSTM_REDIS_TIMEOUT_S": "0.3"}
+    with bentoml_server(env) as url:
+        httpx.post(f"{url}/v1/sessions/create", json={"session_id": "slow"})
+        step = {"session_id": "slow", "inputs": values[:1].tolist(), "seq": 0}
+        assert httpx.post(f"{url}/v1/sessions/step", json=step).status_code == 200
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            step = {"session_id": "slow", "inputs": values[1:2].tolist(), "seq": 1}
+            slow = httpx.post(f"{url}/v1/sessions/step", json=step, timeout=30)
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)  # the pipelined write now runs in Redis
+        assert slow.status_code == 503, slow.text
+        assert slow.json()["error"]["code"] == "store_outcome_unknown"
+        assert "same seq" in slow.json()["error"]["message"]
+        again = httpx.post(f"{url}/v1/sessions/step", json=step, timeout=30)
+        assert again.status_code == 200 and again.json()["t"] == 2, again.text
+        last = {"session_id": "slow", "inputs": values[2:].tolist(), "seq": 2}
+        done = httpx.post(f"{url}/v1/sessions/step", json=last, timeout=30).json()
+        assert done["t"] == 3
+    got = [again.json()["outputs"][0]["mean"][0], done["outputs"][0]["mean"][0]]
+    np.testing.assert_allclose(got, offline(values)[1:, 0], atol=1e-5)
+
+
 def test_a_reset_elsewhere_makes_a_cached_copy_stale_even_at_the_same_t(
     redis: RedisServer,
 ) -> None:
