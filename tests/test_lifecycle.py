@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +64,11 @@ def shipped_dir_corrupted(tmp_path: Path) -> Path:
 def test_a_failed_start_exits_non_zero_in_a_few_lines_saying_what_to_do(
     entry: str, failure: str, tmp_path: Path
 ) -> None:
-    command: Callable[[int], list[str]] = (
-        serve_command if entry == "bentoml serve" else lstm_serve_command
-    )
+    entry_command = serve_command if entry == "bentoml serve" else lstm_serve_command
+    extra: list[str] = []
     env: dict[str, str] = {}
     with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server's socket
         holder.bind(("127.0.0.1", 0))
         port = int(holder.getsockname()[1])
         if failure == "unknown model tag":
@@ -79,14 +78,14 @@ def test_a_failed_start_exits_non_zero_in_a_few_lines_saying_what_to_do(
             bad = shipped_dir_corrupted(tmp_path)
             env["LSTM_MODEL_DIR"] = str(bad)
             if entry == "lstm-serve serve":
-                command = lambda p: [*lstm_serve_command(p), "--model-dir", str(bad)]  # noqa: E731
+                extra = ["--model-dir", str(bad)]
             todo = "checkpoint directory"
         else:
             holder.listen()
             todo = "--port 3001"
         if failure != "port taken":
             holder.close()  # the port was only reserved
-        done = run_server_to_exit(env, command=command, port=port)
+        done = run_server_to_exit(env, command=lambda p: [*entry_command(p), *extra], port=port)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
     assert len(output.splitlines()) < 15, output
