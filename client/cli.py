@@ -44,12 +44,15 @@ def serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.model_dir is not None:  # the server imports and serves LSTM_MODEL_DIR's
+        os.environ["LSTM_MODEL_DIR"] = str(args.model_dir.resolve())
+    model_dir = Path(os.environ.get("LSTM_MODEL_DIR") or ROOT / "models" / "acsf1-forecaster")
     if not os.environ.get("LSTM_MODEL_TAG"):
         try:
-            import_checkpoint(args.model_dir)
+            import_checkpoint(model_dir)
         except (CheckpointError, OSError) as e:
             print(
-                f"lstm-serve: cannot import the model in {args.model_dir} ({e}); pass "
+                f"lstm-serve: cannot import the model in {model_dir} ({e}); pass "
                 f"--model-dir a checkpoint directory (model.safetensors + card.json), or run "
                 f"`make train`",
                 file=sys.stderr,
@@ -160,8 +163,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--model-dir",
         type=Path,
-        default=ROOT / "models" / "acsf1-forecaster",
-        help="checkpoint to import and serve when LSTM_MODEL_TAG is unset",
+        help="checkpoint to import and serve when LSTM_MODEL_TAG is unset (default: "
+        "LSTM_MODEL_DIR, else the shipped model)",
     )
     s.set_defaults(run=serve)
 

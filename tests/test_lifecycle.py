@@ -172,3 +172,22 @@ def test_a_retry_after_a_clean_restart_gets_the_same_answer(tmp_path: Path) -> N
         assert metric(url, "lstm_idempotent_replays_total") == 1
         later = post(url, "/v1/sessions/step", {**step, "inputs": [[0.0]]})
         assert later.status_code == 409  # the same seq with other inputs is still refused
+
+
+@pytest.mark.slow
+def test_lstm_serve_serves_the_model_its_model_dir_names(tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import SHIPPED
+
+    other = tmp_path / "other-model"
+    other.mkdir()
+    card = json.loads((SHIPPED / "card.json").read_text())
+    (other / "card.json").write_text(json.dumps({**card, "name": "other-forecaster"}))
+    (other / "model.safetensors").write_bytes((SHIPPED / "model.safetensors").read_bytes())
+
+    def command(port: int) -> list[str]:
+        return [*lstm_serve_command(port), "--model-dir", str(other)]
+
+    with bentoml_server(command=command, log=tmp_path / "log") as url:
+        assert post(url, "/v1/model", {}).json()["name"] == "other-forecaster"
