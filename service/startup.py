@@ -65,6 +65,7 @@ def prepare_arbiter() -> None:
             if run.name.isdigit() and not _alive(int(run.name)):
                 shutil.rmtree(run, ignore_errors=True)
     own = root / str(os.getpid())
+    shutil.rmtree(own, ignore_errors=True)  # a dead process's of the same pid: its note too
     BentoMLContainer.prometheus_multiproc_dir.set(str(own / "metrics"))
     atexit.register(_finish, own)
     sys.excepthook = _explain_start_error
