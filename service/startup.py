@@ -5,8 +5,8 @@ the worker (which imports it again). Left to itself it wipes one Prometheus dire
 BentoML home at every start, so a second server from the same checkout, even one that failed,
 erased the first one's metrics; and a worker that refused to start left the arbiter exiting 0
 after a long traceback. Here each arbiter gets a directory of its own under the BentoML home
-(``lstm_servers/<arbiter pid>/``: the metrics of its workers, and a note when a worker refused
-to start), so the arbiter exits non-zero after a refusal and its metrics are its own.
+(``lstm_servers/<host>-<arbiter pid>/``: the metrics of its workers, and a note when a worker
+refused to start), so the arbiter exits non-zero after a refusal and its metrics are its own.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +42,11 @@ def _runs_root() -> Path:
     return Path(BentoMLContainer.bentoml_home.get()) / RUNS_DIR
 
 
+def _run_name(pid: int) -> str:
+    # The host name too: containers sharing a BentoML home each have their own pid 1.
+    return f"{socket.gethostname()}-{pid}"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -60,11 +66,13 @@ def prepare_arbiter() -> None:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     root = _runs_root()
-    if root.is_dir():  # servers killed with -9 left theirs behind
+    if root.is_dir():  # servers of this host killed with -9 left theirs behind
+        prefix = _run_name(0)[:-1]
         for run in root.iterdir():
-            if run.name.isdigit() and not _alive(int(run.name)):
+            pid = run.name.removeprefix(prefix)
+            if run.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(run, ignore_errors=True)
-    own = root / str(os.getpid())
+    own = root / _run_name(os.getpid())
     shutil.rmtree(own, ignore_errors=True)  # a dead process's of the same pid: its note too
     BentoMLContainer.prometheus_multiproc_dir.set(str(own / "metrics"))
     atexit.register(_finish, own)
@@ -104,7 +112,7 @@ def refuse_in_worker() -> NoReturn:
     would log the exception as a traceback each time; the message has been logged already.
     """
     run = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")).parent
-    if run.name == str(os.getppid()) and run.parent.name == RUNS_DIR:
+    if run.name == _run_name(os.getppid()) and run.parent.name == RUNS_DIR:
         with contextlib.suppress(OSError):
             (run / REFUSED).touch()
     os.kill(os.getppid(), signal.SIGTERM)
