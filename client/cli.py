@@ -25,10 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Import the shipped model into BentoML's store if needed, then run the service."""
+    """Import the shipped model into BentoML's store if needed, then become the server.
+
+    The process is replaced by ``bentoml serve`` (exec), so its pid is the server's: a SIGTERM or
+    Ctrl-C to it stops the whole server cleanly (snapshot written), and its exit code is the
+    server's. A child process would have died alone, leaving the server serving, orphaned.
+    """
+    from model.checkpoint import CheckpointError
     from service.model_registry import import_checkpoint
 
     with socket.socket() as probe:
+        # As the server's own socket does: sockets of a crashed server still in TIME-WAIT (or
+        # FIN-WAIT) then do not block the port, while a listening one still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((args.host, args.port))
         except OSError as e:
@@ -39,8 +48,20 @@ def serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.model_dir is not None:  # the server imports and serves LSTM_MODEL_DIR's
+        os.environ["LSTM_MODEL_DIR"] = str(args.model_dir.resolve())
+    model_dir = Path(os.environ.get("LSTM_MODEL_DIR") or ROOT / "models" / "acsf1-forecaster")
     if not os.environ.get("LSTM_MODEL_TAG"):
-        import_checkpoint(args.model_dir)
+        try:
+            import_checkpoint(model_dir)
+        except (CheckpointError, OSError) as e:
+            print(
+                f"lstm-serve: cannot import the model in {model_dir} ({e}); pass "
+                f"--model-dir a checkpoint directory (model.safetensors + card.json), or run "
+                f"`make train`",
+                file=sys.stderr,
+            )
+            return 2
     bentoml = Path(sys.executable).with_name("bentoml")
     command = [
         str(bentoml),
@@ -51,7 +72,10 @@ def serve(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
-    return subprocess.call(command, cwd=ROOT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(ROOT)
+    os.execv(bentoml, command)
 
 
 class StreamError(Exception):
@@ -232,8 +256,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--model-dir",
         type=Path,
-        default=ROOT / "models" / "acsf1-forecaster",
-        help="checkpoint to import and serve when LSTM_MODEL_TAG is unset",
+        help="checkpoint to import and serve when LSTM_MODEL_TAG is unset (default: "
+        "LSTM_MODEL_DIR, else the shipped model)",
     )
     s.set_defaults(run=serve)
 

@@ -16,7 +16,6 @@ import gc
 import logging
 import os
 import re
-import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -84,11 +83,14 @@ from service.schemas import (
 )
 from service.sessions import Session, SessionStore, StatePool, StoreEvents, StoreLimits
 from service.settings import load_settings
-from service.snapshot import read_snapshot, write_snapshot
+from service.snapshot import read_snapshot, step_from_json, step_to_json, write_snapshot
+from service.startup import in_arbiter, prepare_arbiter, refuse_in_worker
 from service.state_blob import BlobError, SessionState, decode, encode
 from service.stream import StreamEndpoint, StreamLimits
 
 settings = load_settings()  # at import: a bad LSTM_* variable stops the start, named
+if in_arbiter():
+    prepare_arbiter()  # its own metrics directory; a refused start exits non-zero
 log = logging.getLogger("lstm_sessions")
 
 P = ParamSpec("P")
@@ -180,11 +182,11 @@ def enforce_single_worker() -> None:
 
 
 def refuse_to_start(message: str) -> NoReturn:
-    """Stop the whole server with ``message``: under bentoml serve, a worker that only raised
-    would be restarted again and again by the arbiter, so the arbiter is stopped too."""
+    """Stop the whole server with ``message``: under bentoml serve, the worker stops its arbiter
+    and exits, and the arbiter exits non-zero (service.startup); in process, it raises."""
     log.critical(message)
     if bentoml.server_context.worker_index is not None:
-        os.kill(os.getppid(), signal.SIGTERM)
+        refuse_in_worker()
     raise RuntimeError(message)
 
 
@@ -679,9 +681,13 @@ class LSTMSessions:
         """At a clean stop, the embedded store's sessions go to disk, to be restored at start."""
         if settings.snapshot_path is None or settings.redis_url is not None:
             return
-        sessions = [
-            (self._blob_header(s), self.store.pool.read(s.slot)) for s in self.store.sessions()
-        ]
+        sessions = []
+        for session in self.store.sessions():
+            header = self._blob_header(session)
+            recorded = session.recorded_step()
+            if recorded is not None:  # a retry right after the restart is answered from it
+                header["last_step"] = step_to_json(*recorded)
+            sessions.append((header, self.store.pool.read(session.slot)))
         write_snapshot(settings.snapshot_path, sessions)
         log.info("snapshot of %d sessions written to %s", len(sessions), settings.snapshot_path)
 
@@ -788,6 +794,10 @@ class LSTMSessions:
                     created_at=header["created_at"],
                 )
                 session.last_active = header["last_active"]
+                if header.get("last_step") is not None:
+                    step, at = step_from_json(header["last_step"])
+                    if at + settings.replay_window_s > now:  # else the sweep would drop it
+                        session.restore_step(step, at)
                 restored += 1
             log.info("restored %d of %d sessions from %s", restored, len(entries), path)
         except (BlobError, ServiceError, KeyError, TypeError, ValueError) as e:

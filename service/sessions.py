@@ -325,6 +325,17 @@ class Session:
             self._meta.replays.append(now, self)
         self._last_step = pack_step(step, now)
 
+    def recorded_step(self) -> tuple[AppliedStep, float] | None:
+        """The last applied step and when it was recorded (for a snapshot), or None."""
+        return unpack_step(self._last_step) if self._last_step else None
+
+    def restore_step(self, step: AppliedStep, at: float) -> None:
+        """Keep a step recorded at ``at`` (read from a snapshot): the sweep frees it at ``at`` plus
+        the replay window, as if the server had never stopped."""
+        if self._last_step is None:
+            self._meta.replays.append(at, self)
+        self._last_step = pack_step(step, at)
+
     def _live_slot(self) -> int:
         if self.slot < 0:
             raise RuntimeError(f"session {self.id!r} was let go of; look it up again")

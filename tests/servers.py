@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 PROCESS_GROUPS: dict[str, int] = {}  # server URL -> process group, for kill -9 tests
+PROCESSES: dict[str, subprocess.Popen[bytes]] = {}  # server URL -> the process started
 
 
 def kill_hard(url: str) -> None:
@@ -55,6 +56,11 @@ def serve_command(port: int) -> list[str]:
     ]
 
 
+def lstm_serve_command(port: int) -> list[str]:
+    """``lstm-serve serve``, what ``make serve`` runs."""
+    return [sys.executable, "-m", "client.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+
+
 def server_env(env: dict[str, str] | None) -> dict[str, str]:
     """The test's environment for a server: its own snapshot file, bentoml's own metrics dir."""
     snapshot = tempfile.mktemp(prefix="lstm-snapshot-")  # a path the server creates
@@ -74,14 +80,17 @@ def bentoml_server(
     *,
     timeout_s: float = 60.0,
     log: Path | None = None,
+    command: Callable[[int], list[str]] = serve_command,
     port: int | None = None,
     fd_limit: int | None = None,
 ) -> Iterator[str]:
-    """A real server on a free loopback port (or ``port``: a replica restarted where a proxy
+    """A real server on a (free) loopback port (or ``port``: a replica restarted where a proxy
     expects it); yields its base URL once /readyz answers 200.
 
     ``fd_limit``: the server's RLIMIT_NOFILE, soft and hard (lowered only: a test may exhaust it).
     """
+    import psutil
+
     port = port or free_port()
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
 
@@ -92,7 +101,7 @@ def bentoml_server(
             resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
 
     proc = subprocess.Popen(
-        serve_command(port),
+        command(port),
         cwd=ROOT,
         env=server_env(env),
         stdout=out,
@@ -102,6 +111,8 @@ def bentoml_server(
     )
     url = f"http://127.0.0.1:{port}"
     PROCESS_GROUPS[url] = proc.pid
+    PROCESSES[url] = proc
+    workers: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -115,14 +126,13 @@ def bentoml_server(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"bentoml serve not ready within {timeout_s} s")
             time.sleep(0.2)
+        # Taken now: a test may stop the server's first process, which would hide the others.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            workers = psutil.Process(proc.pid).children(recursive=True)
         yield url
     finally:
-        import psutil
-
-        try:
-            workers = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            workers = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            workers += psutil.Process(proc.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # a clean stop: the arbiter stops its workers
         try:
@@ -139,11 +149,14 @@ def bentoml_server(
 
 
 def run_server_to_exit(
-    env: dict[str, str], timeout_s: float = 60
+    env: dict[str, str],
+    timeout_s: float = 60,
+    command: Callable[[int], list[str]] = serve_command,
+    port: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Start a server expected to refuse to start; return how it ended."""
     return subprocess.run(
-        serve_command(free_port()),
+        command(port or free_port()),
         cwd=ROOT,
         env=server_env(env),
         capture_output=True,
