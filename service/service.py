@@ -14,7 +14,6 @@ import binascii
 import functools
 import gc
 import logging
-import os
 import re
 import time
 from collections import Counter
