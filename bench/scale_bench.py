@@ -115,7 +115,7 @@ def measure(n: int, seconds: float) -> dict[str, Any]:
                     return_gates=False,
                 )
                 started = time.perf_counter()
-                await svc._step(body)
+                await svc.engine.step(body)
                 latencies.append(time.perf_counter() - started)
 
         begun = time.perf_counter()

@@ -10,7 +10,6 @@ went stale is told so (``StaleSession``), reloads and recomputes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import secrets
 from typing import Any, Protocol
@@ -28,14 +27,19 @@ from service.errors import (
     StoreUnavailable,
 )
 from service.redis_state import RedisState, Write
-from service.results import Outputs, StepDone
-from service.sessions import AppliedStep, Session, SessionStore
+from service.results import StepDone
+from service.sessions import AppliedStep, Session, SessionStore, step_from_dict, step_to_dict
 from service.state_blob import BlobError, SessionState, decode, encode
 
 
 class Sessions(Protocol):
     store: SessionStore
     persist: Persister | None
+    # True: the pool is the only copy, a session's t is the truth (the embedded store). False:
+    # the pool caches another store's sessions (Redis), so a cached t may lag: a seq that
+    # differs from it is checked against the truth before it is refused, reads verify the
+    # copy, and only the authoritative store's sessions are snapshot at shutdown.
+    authoritative: bool
 
     async def get(self, session_id: str) -> Session: ...
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session: ...
@@ -53,6 +57,7 @@ class LocalSessions:
     """The embedded store: the pool is the only copy."""
 
     persist: Persister | None = None
+    authoritative = True
 
     def __init__(self, store: SessionStore) -> None:
         self.store = store
@@ -85,28 +90,17 @@ class LocalSessions:
 
 
 def encode_last_step(step: AppliedStep) -> bytes:
-    done: StepDone = step.response
-    return json.dumps(
-        {
-            "seq": step.seq,
-            "digest": step.digest.hex(),
-            "t": done.t,
-            "outputs": dataclasses.asdict(done.outputs),
-        }
-    ).encode()
+    return json.dumps(step_to_dict(step)).encode()
 
 
 def decode_last_step(raw: bytes | None) -> AppliedStep | None:
-    if not raw:
-        return None
-    d = json.loads(raw)
-    return AppliedStep(
-        d["seq"], bytes.fromhex(d["digest"]), StepDone(d["t"], Outputs(**d["outputs"]))
-    )
+    return step_from_dict(json.loads(raw)) if raw else None
 
 
 class RedisSessions:
     """Redis holds every session; this process caches the hot ones in its pool."""
+
+    authoritative = False
 
     def __init__(self, store: SessionStore, redis: RedisState, header: dict[str, Any]) -> None:
         self.store = store  # a cache: its "evictions" only drop local copies

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import secrets
 import struct
@@ -20,6 +21,7 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import torch
@@ -114,6 +116,28 @@ class AppliedStep:
     seq: int  # t before the step
     digest: bytes  # of the inputs (16 bytes)
     response: StepDone
+
+
+def step_to_dict(step: AppliedStep) -> dict[str, Any]:
+    """A last applied step as JSON-ready data: how Redis and snapshots keep it (JSON writes the
+    outputs' doubles as the shortest repr that reads back equal: exact)."""
+    return {
+        "seq": step.seq,
+        "digest": step.digest.hex(),
+        "t": step.response.t,
+        "outputs": dataclasses.asdict(step.response.outputs),
+    }
+
+
+def step_from_dict(d: dict[str, Any]) -> AppliedStep:
+    """``step_to_dict``'s value back; KeyError, TypeError or ValueError if it is not one."""
+    outputs = Outputs(**d["outputs"])
+    if not (len(outputs.mean) == len(outputs.std) == len(outputs.anomaly_z) > 0):
+        raise ValueError("a last step's outputs differ in length")
+    digest = bytes.fromhex(d["digest"])
+    if len(digest) != 16:
+        raise ValueError("a last step's digest is not 16 bytes")
+    return AppliedStep(int(d["seq"]), digest, StepDone(int(d["t"]), outputs))
 
 
 # seq, when recorded, digest, t after, T, F; then mean, std and z as doubles (T x F each; a NaN

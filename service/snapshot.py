@@ -11,17 +11,99 @@ JSON keeps the outputs' doubles exact (Python writes the shortest repr that read
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.results import Outputs, StepDone
-from service.sessions import AppliedStep
+from service.errors import ServiceError, TooManySessions, TTLTooLong
+from service.sessions import AppliedStep, Session, SessionStore, step_from_dict, step_to_dict
 from service.state_blob import BlobError, SessionState, decode, encode
 
 MAGIC = b"LSTMSNAP1\n"
+
+
+class SnapshotRefused(Exception):
+    """The snapshot cannot be restored whole; nothing of it was restored."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    sessions: int  # restored
+    expired: int  # skipped: their TTL ran out while the service was down
+
+
+def save_sessions(
+    path: Path, store: SessionStore, header_of: Callable[[Session], dict[str, Any]]
+) -> int:
+    """Every session of ``store`` (its state, ``header_of`` it, its last applied step) into a
+    snapshot at ``path``; how many."""
+    sessions = []
+    for session in store.sessions():
+        header = header_of(session)
+        recorded = session.recorded_step()
+        if recorded is not None:  # a retry right after the restart is answered from it
+            header["last_step"] = step_to_json(*recorded)
+        sessions.append((header, store.pool.read(session.slot)))
+    write_snapshot(path, sessions)
+    return len(sessions)
+
+
+def restore_sessions(
+    path: Path,
+    store: SessionStore,
+    check: Callable[[dict[str, Any], SessionState], None],
+    *,
+    now: float,
+) -> Restored:
+    """The snapshot's sessions back into ``store``, all or nothing.
+
+    Every entry is read and checked (``check``: its model, its shapes; the store's TTL limit and
+    room) before the first is restored, and a restore that fails after all undoes the ones
+    before it: a snapshot is never half restored. SnapshotRefused says why.
+    """
+    try:
+        entries = sorted(read_snapshot(path), key=lambda e: float(e[0]["last_active"]))
+        live = []
+        for header, state in entries:
+            check(header, state)
+            if float(header["last_active"]) + float(header["ttl_s"]) <= now:
+                continue  # expired while the service was down
+            if float(header["ttl_s"]) > store.limits.max_ttl_s:
+                raise TTLTooLong(
+                    f"session {header['session_id']!r} has ttl_s {header['ttl_s']}, over "
+                    f"LSTM_MAX_SESSION_TTL_S = {store.limits.max_ttl_s}"
+                )
+            last = header.get("last_step")
+            live.append((header, state, None if last is None else step_from_json(last)))
+        room = store.limits.max_sessions - len(store)
+        if len(live) > room:
+            raise TooManySessions(
+                f"{len(live)} sessions to restore, room for {room} (LSTM_MAX_SESSIONS)"
+            )
+    except (BlobError, ServiceError, KeyError, TypeError, ValueError) as e:
+        raise SnapshotRefused(str(e)) from e
+    restored: list[Session] = []
+    try:
+        for header, state, last in live:
+            session = store.restore(
+                header["session_id"],
+                state,
+                t=int(header["t"]),
+                ttl_s=float(header["ttl_s"]),
+                created_at=float(header["created_at"]),
+            )
+            restored.append(session)
+            session.last_active = float(header["last_active"])
+            if last is not None and last[1] + store.limits.replay_window_s > now:
+                session.restore_step(*last)
+    except (ServiceError, KeyError, TypeError, ValueError) as e:
+        for session in restored:  # all or nothing
+            store.drop(session)
+        raise SnapshotRefused(str(e)) from e
+    return Restored(len(restored), len(entries) - len(live))
 
 
 def write_snapshot(path: Path, sessions: list[tuple[dict[str, Any], SessionState]]) -> None:
@@ -58,22 +140,9 @@ def read_snapshot(path: Path) -> list[tuple[dict[str, Any], SessionState]]:
 
 def step_to_json(step: AppliedStep, at: float) -> dict[str, Any]:
     """A session's last applied step, recorded at ``at`` (wall clock), as a header's JSON."""
-    return {
-        "seq": step.seq,
-        "digest": step.digest.hex(),
-        "t": step.response.t,
-        "at": at,
-        "outputs": dataclasses.asdict(step.response.outputs),
-    }
+    return {**step_to_dict(step), "at": at}
 
 
 def step_from_json(d: dict[str, Any]) -> tuple[AppliedStep, float]:
     """``step_to_json``'s value back; KeyError, TypeError or ValueError if it is not one."""
-    outputs = Outputs(**d["outputs"])
-    if not (len(outputs.mean) == len(outputs.std) == len(outputs.anomaly_z) > 0):
-        raise ValueError("a last step's outputs differ in length")
-    digest = bytes.fromhex(d["digest"])
-    if len(digest) != 16:
-        raise ValueError("a last step's digest is not 16 bytes")
-    done = StepDone(int(d["t"]), outputs)
-    return AppliedStep(int(d["seq"]), digest, done), float(d["at"])
+    return step_from_dict(d), float(d["at"])

@@ -87,3 +87,28 @@ def decode(blob: bytes) -> tuple[dict[str, Any], SessionState]:
         torch.from_numpy(parts[3].copy()),
     )
     return header, state
+
+
+def check_blob(
+    header: dict[str, Any],
+    state: SessionState,
+    model: tuple[str, str],
+    shape: tuple[int, int],
+    features: int,
+) -> None:
+    """Whether a decoded blob may become a session here: of this ``model`` (name, version), of
+    its ``shape`` (layers, hidden) and ``features``, finite. ModelMismatch or BlobCorrupted."""
+    from service.errors import BlobCorrupted, ModelMismatch
+
+    theirs = (header.get("model"), header.get("model_version"))
+    if theirs != model:
+        raise ModelMismatch(
+            f"the blob belongs to {theirs[0]}:{theirs[1]}; this service runs {model[0]}:{model[1]}",
+            model=model[0],
+            model_version=model[1],
+        )
+    if (tuple(state.h.shape), state.next_mean.shape[0]) != (shape, features):
+        raise BlobCorrupted("the blob's shapes do not match the model's")
+    tensors = (state.h, state.c, state.next_mean, state.next_std)
+    if not all(bool(torch.isfinite(a).all()) for a in tensors):
+        raise BlobCorrupted("the blob was refused: the state holds NaN or infinite values")

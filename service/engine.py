@@ -1,0 +1,449 @@
+"""The session engine: the product's rules, with no web framework in sight.
+
+Step, step_many, forecast, get, reset, delete, export, import and predict, the ``seq`` and
+exactly-once rules, over a ``Sessions`` backend (``service.directory``) and the micro-batcher.
+It returns plain data (a step's reply is JSON-ready; a session is a ``SessionView``) and raises
+the typed errors of ``service.errors``; ``service.service`` turns requests into these calls and
+errors into responses. It is built with its limits and collaborators, and reads no settings.
+
+Every operation on a session holds that session's lock for its whole length, through one
+construct: ``async with engine.locked(session_id) as session``. The only other holder is
+step_many's fast lane, which takes a free session's lock without waiting and frees it in one
+``finally`` once its step is done (``_submit_free`` / ``_finish_jobs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.batcher import MicroBatcher, inputs_digest
+from service.directory import Sessions
+from service.errors import (
+    BlobCorrupted,
+    ChunkTooLong,
+    HorizonTooLong,
+    NoObservations,
+    SeqConflict,
+    ServiceError,
+    StaleSession,
+    TooManyItems,
+    WrongFeatureCount,
+)
+from service.results import Outputs, StepDone
+from service.schemas import SESSION_ID_PATTERN, Step
+from service.sessions import Session
+from service.state_blob import BlobError, SessionState, check_blob, decode, encode
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_chunk: int  # timesteps per step (LSTM_MAX_CHUNK)
+    max_predict_len: int  # timesteps per predict (LSTM_MAX_PREDICT_LEN)
+    max_many: int  # items per step_many (LSTM_MAX_MANY)
+    max_horizon: int  # forecast steps (LSTM_MAX_HORIZON)
+    stale_retries: int = 3  # reload-and-recompute rounds before a contended step gives up
+
+
+@dataclass
+class EngineEvents:
+    """Callbacks for metrics; the engine knows nothing of Prometheus."""
+
+    step_outcomes: Callable[[Counter[str]], None] = lambda tally: None  # outcome -> count
+    replayed: Callable[[], None] = lambda: None
+    seq_conflict: Callable[[], None] = lambda: None
+    sessions: Callable[[int], None] = lambda held: None  # sessions held, after a change
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """A session's public facts, read under its lock."""
+
+    session_id: str
+    t: int
+    created_at: float
+    last_active: float
+    expires_at: float
+    ttl_s: float
+
+    @classmethod
+    def of(cls, session: Session) -> SessionView:
+        return cls(
+            session.id,
+            session.t,
+            session.created_at,
+            session.last_active,
+            session.expires_at,
+            session.ttl_s,
+        )
+
+
+@dataclass(frozen=True)
+class ForecastView:
+    session_id: str
+    t: int
+    means: list[list[float]]  # (horizon, F)
+    stds: list[list[float]]
+
+
+def step_reply(session_id: str, done: StepDone) -> dict[str, Any]:
+    """A step's reply as plain JSON-ready data, shaped as the StepResult schema: the one builder
+    for every transport (HTTP, step_many, the stream) and for replays."""
+    out = done.outputs
+    return {
+        "session_id": session_id,
+        "t": done.t,
+        "outputs": [
+            {"mean": m, "std": s, "anomaly_z": z}
+            for m, s, z in zip(out.mean, out.std, out.anomaly_z, strict=True)
+        ],
+        "gates": out.gates,
+    }
+
+
+@dataclass
+class _Tally:
+    """Step outcomes of one request, reported once (a metric write per item cost more than the
+    item's bookkeeping)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def __call__(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+
+
+class Engine:
+    def __init__(
+        self,
+        sessions: Sessions,
+        batcher: MicroBatcher,
+        *,
+        model: tuple[str, str],
+        n_features: int,
+        limits: EngineLimits,
+        events: EngineEvents | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.store = sessions.store
+        self.batcher = batcher
+        self.model = model  # (name, version): what blobs are bound to
+        self.n_features = n_features
+        self.limits = limits
+        self.events = events or EngineEvents()
+
+    # --- the one way to hold a session -------------------------------------------------------
+
+    @asynccontextmanager
+    async def locked(self, session_id: str, *, verify: bool = False) -> AsyncIterator[Session]:
+        """The session, its lock held (granted in arrival order) until the block ends, however
+        it ends. ``verify``: with a backend that caches (Redis), check the cached copy is the
+        current one first, reloading it if not."""
+        session = await self._acquire(session_id, verify)
+        try:
+            yield session
+        finally:
+            session.release()
+
+    async def _acquire(self, session_id: str, verify: bool) -> Session:
+        # If the copy waited on went away meanwhile (deleted, expired, or dropped as stale in
+        # favour of Redis's), look the id up again: that answers 404 or yields the current copy.
+        while True:
+            session = await self.sessions.get(session_id)
+            await session.acquire()
+            if self.store.peek(session_id) is not session:
+                session.release()
+                continue
+            if not verify or self.sessions.authoritative:
+                return session
+            try:
+                fresh = await self.sessions.current(session)
+            except BaseException:  # Redis down (503) or the request cancelled: never keep it
+                session.release()
+                raise
+            if fresh:
+                return session
+            # Redis moved on (another replica stepped or reset it): drop the copy while we hold
+            # it, so nobody is using it, and load the current one.
+            self.store.drop(session)
+            session.release()
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    async def create(self, session_id: str | None, ttl_s: float | None) -> SessionView:
+        session = await self.sessions.create(session_id, ttl_s)
+        self.events.sessions(len(self.store))
+        return SessionView.of(session)
+
+    async def get(self, session_id: str) -> SessionView:
+        async with self.locked(session_id, verify=True) as session:
+            return SessionView.of(session)
+
+    async def reset(self, session_id: str) -> SessionView:
+        async with self.locked(session_id) as session:
+            await self.sessions.reset(session)
+            return SessionView.of(session)
+
+    async def delete(self, session_id: str) -> str:
+        async with self.locked(session_id) as session:
+            await self.sessions.delete(session)
+        self.events.sessions(len(self.store))
+        return session_id
+
+    async def forecast(self, session_id: str, horizon: int) -> ForecastView:
+        if horizon > self.limits.max_horizon:
+            raise HorizonTooLong(
+                f"horizon {horizon} is over the limit of {self.limits.max_horizon} "
+                f"(LSTM_MAX_HORIZON)",
+                limit=self.limits.max_horizon,
+            )
+        async with self.locked(session_id, verify=True) as session:
+            if session.t == 0:
+                raise NoObservations("the session has seen no value yet: step it first", t=0)
+            await self.sessions.touch(session)
+            means, stds = await self.batcher.forecast(session, horizon)
+            return ForecastView(session.id, session.t, means, stds)
+
+    async def export(self, session_id: str) -> tuple[SessionView, bytes]:
+        """The session and its state as a blob bound to this model version."""
+        async with self.locked(session_id, verify=True) as session:
+            blob = encode(self.store.pool.read(session.slot), self.blob_header(session))
+            return SessionView.of(session), blob
+
+    async def import_blob(
+        self, blob: bytes, session_id: str | None, ttl_s: float | None
+    ) -> SessionView:
+        """A session continuing where an exported one was (under ``session_id``, default the
+        exported id); BlobCorrupted or ModelMismatch, and nothing created, if the blob is not one
+        of this model's."""
+        try:
+            header, state = decode(blob)
+            session_id = session_id or header["session_id"]
+            t = header["t"]
+            if not (isinstance(session_id, str) and re.fullmatch(SESSION_ID_PATTERN, session_id)):
+                raise ValueError(f"session id {session_id!r} does not match {SESSION_ID_PATTERN}")
+            if not (isinstance(t, int) and t >= 0):
+                raise ValueError(f"t must be a non-negative integer, not {t!r}")
+        except (BlobError, ValueError, KeyError) as e:
+            raise BlobCorrupted(f"the blob was refused: {e}") from None
+        self.check_blob(header, state)
+        session = await self.sessions.restore(session_id, state, t, ttl_s)
+        self.events.sessions(len(self.store))
+        return SessionView.of(session)
+
+    def blob_header(self, session: Session) -> dict[str, Any]:
+        """What a session's blob says of it (export, snapshot)."""
+        return {
+            "model": self.model[0],
+            "model_version": self.model[1],
+            "session_id": session.id,
+            "t": session.t,
+            "created_at": session.created_at,
+            "last_active": session.last_active,
+            "ttl_s": session.ttl_s,
+        }
+
+    def check_blob(self, header: dict[str, Any], state: SessionState) -> None:
+        pool = self.store.pool
+        check_blob(header, state, self.model, (pool.h.shape[0], pool.h.shape[2]), self.n_features)
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def inputs(self, rows: list[list[float]], limit: int, setting: str) -> torch.Tensor:
+        """A chunk as a (T, F) tensor, or the error for a chunk too long or too wide."""
+        if len(rows) > limit:
+            raise ChunkTooLong(
+                f"{len(rows)} timesteps is over the limit of {limit} ({setting})", limit=limit
+            )
+        for k, row in enumerate(rows):
+            if len(row) != self.n_features:
+                raise WrongFeatureCount(
+                    f"inputs[{k}] has {len(row)} values; the model takes {self.n_features} "
+                    f"features per timestep",
+                    expected=self.n_features,
+                    got=len(row),
+                )
+        return torch.from_numpy(np.array(rows, dtype=np.float32))
+
+    async def predict(self, rows: list[list[float]], return_gates: bool) -> Outputs:
+        x = self.inputs(rows, self.limits.max_predict_len, "LSTM_MAX_PREDICT_LEN")
+        return await self.batcher.predict(x, return_gates=return_gates)
+
+    async def step(self, body: Step) -> dict[str, Any]:
+        """One step, as its wire reply: the HTTP route and the stream come here."""
+        tally = _Tally()
+        try:
+            return await self._step(body, tally)
+        finally:
+            self.events.step_outcomes(tally.counts)
+
+    async def _step(self, body: Step, count: Callable[[str], None]) -> dict[str, Any]:
+        try:
+            x = self.inputs(body.inputs, self.limits.max_chunk, "LSTM_MAX_CHUNK")
+            for attempt in range(self.limits.stale_retries):
+                async with self.locked(body.session_id) as session:
+                    # A cached copy may lag: doubt it once before refusing a seq.
+                    fresh = attempt > 0 or self.sessions.authoritative
+                    try:
+                        self.store.touch(session)
+                        replay = self._check_seq(session, body, x, fresh, count)
+                        if replay is not None:
+                            return replay
+                        done = await self.batcher.step(session, x, return_gates=body.return_gates)
+                    except StaleSession:
+                        # Another replica moved this session on: drop the stale copy while we
+                        # hold it; the next round reloads it and checks seq against the fresh t.
+                        self.store.drop(session)
+                        continue
+                    self.store.touch(session)
+                    count("applied")
+                    return step_reply(session.id, done)
+            raise StaleSession("the session kept changing under this replica; retry")
+        except ServiceError as e:
+            count(e.code)
+            raise
+
+    def _check_seq(
+        self,
+        session: Session,
+        body: Step,
+        x: torch.Tensor,
+        fresh: bool,
+        count: Callable[[str], None],
+    ) -> dict[str, Any] | None:
+        """None when the step may apply; the last step's reply again for a retry of it; or
+        SeqConflict (StaleSession when a cached copy may be behind)."""
+        if body.seq is None or body.seq == session.t:
+            return None
+        if not fresh:  # the cached copy may lag (or predate a reset): judge by the truth's
+            raise StaleSession("seq differs from a cached t: reload and check again")
+        last = session.last_step
+        if last is not None and body.seq == last.seq and inputs_digest(x) == last.digest:
+            self.events.replayed()
+            count("replayed")
+            reply = step_reply(session.id, last.response)
+            if not body.return_gates:  # the retry's own return_gates decides (issue: ignored)
+                reply["gates"] = None
+            return reply
+        self.events.seq_conflict()
+        raise SeqConflict(
+            f"seq {body.seq} does not match the session's t = {session.t}",
+            t=session.t,
+            seq=body.seq,
+        )
+
+    async def step_many(self, items: list[Step]) -> list[dict[str, Any]]:
+        """Steps of many sessions, each ``{"ok": true, "result"}`` or ``{"ok": false, "error"}``,
+        in the items' order; items of one session apply in the order given."""
+        if len(items) > self.limits.max_many:
+            raise TooManyItems(
+                f"{len(items)} items is over the limit of {self.limits.max_many} (LSTM_MAX_MANY)",
+                limit=self.limits.max_many,
+            )
+        results: list[dict[str, Any]] = [{}] * len(items)
+        by_session: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_session.setdefault(item.session_id, []).append(i)
+        tally = _Tally()
+
+        async def one_session(indices: list[int]) -> None:
+            for i in indices:
+                try:
+                    results[i] = {"ok": True, "result": await self._step(items[i], tally)}
+                except ServiceError as e:
+                    results[i] = {"ok": False, "error": e.body()["error"]}
+
+        # The common case, one item for a session nobody else is stepping, skips a coroutine
+        # and a task per item: it goes to the batcher straight away (an authoritative store
+        # only; with a cache of Redis every item takes the general path, which reconciles stale
+        # copies).
+        fast: list[int] = []
+        general: list[list[int]] = []
+        for indices in by_session.values():
+            if len(indices) == 1 and self.sessions.authoritative:
+                fast.append(indices[0])
+            else:
+                general.append(indices)
+        try:
+            jobs = self._submit_free(items, fast, results, tally, general)
+            # Shielded: the fast lane's locks are freed when its steps are done, even if this
+            # request is cancelled first; and not after the general path's, or two requests
+            # crossing the same sessions would wait on each other.
+            await asyncio.gather(
+                asyncio.shield(self._finish_jobs(jobs, results, tally)),
+                *(one_session(ix) for ix in general),
+            )
+        finally:
+            self.events.step_outcomes(tally.counts)
+        return results
+
+    def _submit_free(
+        self,
+        items: list[Step],
+        indices: list[int],
+        results: list[dict[str, Any]],
+        count: Callable[[str], None],
+        general: list[list[int]],
+    ) -> list[tuple[int, Session, asyncio.Future[StepDone]]]:
+        """Hand the items whose sessions are free to the batcher without waiting, each under its
+        session's lock; answer those refused before the model; pass busy ones to ``general``."""
+        jobs = []
+        for i in indices:
+            item = items[i]
+            try:
+                x = self.inputs(item.inputs, self.limits.max_chunk, "LSTM_MAX_CHUNK")
+                session = self.store.get(item.session_id)
+                if not session.try_acquire():
+                    general.append([i])  # another request holds it: wait in line
+                    continue
+                try:
+                    self.store.touch(session)
+                    replay = self._check_seq(session, item, x, True, count)
+                    if replay is None:
+                        future = self.batcher.submit_step(
+                            session, x, return_gates=item.return_gates
+                        )
+                except BaseException:
+                    session.release()
+                    raise
+                if replay is not None:
+                    session.release()
+                    results[i] = {"ok": True, "result": replay}
+                    continue
+                jobs.append((i, session, future))  # its lock is freed by _finish_jobs
+            except ServiceError as e:
+                count(e.code)
+                results[i] = {"ok": False, "error": e.body()["error"]}
+        return jobs
+
+    async def _finish_jobs(
+        self,
+        jobs: list[tuple[int, Session, asyncio.Future[StepDone]]],
+        results: list[dict[str, Any]],
+        count: Callable[[str], None],
+    ) -> None:
+        """Wait for ``_submit_free``'s jobs, free their sessions, answer them."""
+        try:
+            if jobs:
+                await asyncio.wait([future for _, _, future in jobs])
+        finally:
+            for _, session, _ in jobs:
+                session.release()
+        for i, session, future in jobs:
+            error = future.exception()
+            if isinstance(error, ServiceError):
+                count(error.code)
+                results[i] = {"ok": False, "error": error.body()["error"]}
+            elif error is not None:
+                raise error
+            else:
+                self.store.touch(session)
+                count("applied")
+                results[i] = {"ok": True, "result": step_reply(session.id, future.result())}
