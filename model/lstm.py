@@ -102,9 +102,6 @@ class LSTMCell(nn.Module):
         """The input's share of every pre-activation: (..., input) -> (..., blocks * hidden)."""
         return F.linear(x, self.weight_ih, self.bias)
 
-    def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        return self.step(self.project_input(x), h, c)
-
     def step(
         self,
         x_proj: Tensor,

@@ -14,8 +14,6 @@ import json
 import secrets
 from typing import Any, Protocol
 
-import torch
-
 from service.batcher import Commit, Persister
 from service.errors import (
     ServiceError,
@@ -111,17 +109,6 @@ class RedisSessions:
     def _blob(self, session_id: str, t: int, state: SessionState) -> bytes:
         return encode(state, {**self.header, "session_id": session_id, "t": t})
 
-    def _zero_state(self) -> SessionState:
-        pool = self.store.pool
-        layers, _, hidden = pool.h.shape
-        features = pool.next_mean.shape[1]
-        return SessionState(
-            torch.zeros(layers, hidden),
-            torch.zeros(layers, hidden),
-            torch.zeros(features),
-            torch.ones(features),
-        )
-
     async def get(self, session_id: str) -> Session:
         """The cached copy, or Redis's. A copy may lag Redis: steps find out by their
         compare-and-set; reads check ``current`` under the session's lock (``_lock``)."""
@@ -170,7 +157,7 @@ class RedisSessions:
         try:
             created = await self.redis.create(
                 session.id,
-                self._blob(session.id, 0, self._zero_state()),
+                self._blob(session.id, 0, self.store.pool.zero_state()),
                 session.created_at,
                 session.ttl_s,
                 session.epoch,
@@ -190,7 +177,10 @@ class RedisSessions:
     async def reset(self, session: Session) -> None:
         epoch = secrets.token_hex(8)
         if not await self.redis.reset(
-            session.id, self._blob(session.id, 0, self._zero_state()), session.ttl_s, epoch
+            session.id,
+            self._blob(session.id, 0, self.store.pool.zero_state()),
+            session.ttl_s,
+            epoch,
         ):
             self.store.drop(session)
             raise SessionExpired(

@@ -27,20 +27,12 @@ class InvalidRequest(ServiceError):
     status, code = 422, "invalid_request"
 
 
-class MalformedJSON(ServiceError):
-    status, code = 400, "malformed_json"
-
-
 class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported_media_type"
 
 
 class WrongFeatureCount(ServiceError):
     status, code = 422, "wrong_feature_count"
-
-
-class EmptyChunk(ServiceError):
-    status, code = 422, "empty_chunk"
 
 
 class ChunkTooLong(ServiceError):

@@ -20,4 +20,3 @@ class Outputs:
 class StepDone:
     t: int
     outputs: Outputs
-    replayed: bool = False

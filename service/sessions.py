@@ -78,7 +78,20 @@ class StatePool:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
+    def zero_state(self) -> SessionState:
+        """A new session's state: h = c = 0, and for its first value a forecast of mean 0 and
+        std 1 (no value is scored against it: anomaly_z is null at t = 0)."""
+        layers, _, hidden = self.h.shape
+        features = self.next_mean.shape[1]
+        return SessionState(
+            torch.zeros(layers, hidden),
+            torch.zeros(layers, hidden),
+            torch.zeros(features),
+            torch.ones(features),
+        )
+
     def zero(self, slot: int) -> None:
+        """``zero_state()`` into a slot, in place: every create and reset does this."""
         self.h[:, slot].zero_()
         self.c[:, slot].zero_()
         self.next_mean[slot].zero_()

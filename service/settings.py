@@ -1,8 +1,9 @@
 """Every setting of the service, read once at start-up from ``LSTM_*`` environment variables.
 
 A bad value stops the start with a message naming the variable (pydantic-settings does the
-naming: ``LSTM_MAX_SESSIONS``, say). Only ``service.service`` reads this; the store and the
-batcher get plain values.
+naming: ``LSTM_MAX_SESSIONS``, say). Only ``service.service`` reads this; the engine, the store
+and the batcher get plain values. A limit's ceiling is the schema's (``service.schemas``): one
+definition, so no setting can allow what the wire schema refuses.
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.schemas import (
+    CHUNK_CEILING,
+    HORIZON_CEILING,
+    MANY_CEILING,
+    PREDICT_CEILING,
+    TTL_CEILING,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,14 +43,18 @@ class Settings(BaseSettings):
     )
     max_sessions: int = Field(10_000, ge=1, le=10_000_000)
     session_ttl_s: float = Field(3600.0, gt=0, description="idle time before a session expires")
-    max_session_ttl_s: float = Field(86_400.0, gt=0, description="largest ttl_s a client may ask")
+    max_session_ttl_s: float = Field(
+        86_400.0, gt=0, le=TTL_CEILING, description="largest ttl_s a client may ask"
+    )
     evict_when_full: bool = Field(
         False, description="evict the least recently used idle session instead of answering 429"
     )
-    max_chunk: int = Field(512, ge=1, le=4096, description="timesteps per step request")
-    max_predict_len: int = Field(4096, ge=1, le=100_000, description="timesteps per /v1/predict")
-    max_many: int = Field(1024, ge=1, le=65_536, description="items per step_many request")
-    max_horizon: int = Field(256, ge=1, le=4096)
+    max_chunk: int = Field(512, ge=1, le=CHUNK_CEILING, description="timesteps per step request")
+    max_predict_len: int = Field(
+        4096, ge=1, le=PREDICT_CEILING, description="timesteps per /v1/predict"
+    )
+    max_many: int = Field(1024, ge=1, le=MANY_CEILING, description="items per step_many request")
+    max_horizon: int = Field(256, ge=1, le=HORIZON_CEILING)
     max_streams: int = Field(10_000, ge=1, description="open /v1/stream WebSocket connections")
     stream_idle_s: float = Field(
         300.0, gt=0, description="a /v1/stream connection with no message this long is closed"

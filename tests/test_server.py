@@ -201,6 +201,29 @@ def test_embedded_store_survives_a_clean_restart(tmp_path: Path) -> None:
     assert got == pytest.approx([o["mean"][0] for o in whole["outputs"]], abs=1e-5)
 
 
+def test_a_snapshot_that_does_not_fit_is_restored_not_at_all(tmp_path: Path) -> None:
+    # Restored entry by entry, the first ones stayed live when a later one failed (here: too
+    # many for a lowered LSTM_MAX_SESSIONS) while the log said "not restored", and the sessions
+    # gauge was never set (issue "engine").
+    snapshot = tmp_path / "s.snapshot"
+    env = {"LSTM_SNAPSHOT_PATH": str(snapshot)}
+    with bentoml_server(env) as url:
+        for i in range(3):
+            post(url, "/v1/sessions/create", {"session_id": f"snap-{i}"})
+    assert snapshot.exists()
+    log = tmp_path / "serve.log"
+    with bentoml_server({**env, "LSTM_MAX_SESSIONS": "2"}, log=log) as url:
+        codes = [
+            post(url, "/v1/sessions/get", {"session_id": f"snap-{i}"}).status_code for i in range(3)
+        ]
+        assert codes == [404, 404, 404]
+        assert metric(url, "lstm_sessions_active") == 0
+        assert post(url, "/v1/sessions/create", {"session_id": "fresh"}).status_code == 200
+        assert metric(url, "lstm_sessions_active") == 1
+    assert (tmp_path / "s.snapshot.rejected").exists()  # kept, whole, for a look
+    assert "LSTM_MAX_SESSIONS" in log.read_text()
+
+
 def test_async_client_streams_against_the_real_server(server: str) -> None:
     import asyncio
 
