@@ -233,6 +233,35 @@ def test_a_failing_persister_answers_every_job_and_the_batcher_lives_on() -> Non
     asyncio.run(scenario())
 
 
+def test_a_model_failure_is_logged_once_with_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The batcher turned model exceptions into model_failure answers and logged nothing: a
+    # broken model was invisible in the server's log (issue "engine").
+    model = tiny_model()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("weights on fire")
+
+    model.forward = broken  # type: ignore[method-assign,assignment]
+
+    async def scenario() -> list[object]:
+        store = SessionStore(StatePool(2, 8, 1, 4, "cpu"), StoreLimits(4, 60, 60, False, 10))
+        batcher = MicroBatcher(model, store.pool)
+        sessions = [store.create(f"s{i}") for i in range(3)]
+        x = torch.ones(1, 1)
+        futures = [batcher.submit_step(s, x) for s in sessions]  # queued together: one round
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.close()
+        return list(results)
+
+    with caplog.at_level("WARNING", logger="lstm_sessions.batcher"):
+        results = asyncio.run(scenario())
+    assert all(isinstance(r, ModelFailure) for r in results)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "weights on fire" in str(tracebacks[0].exc_info[1])
+
+
 def test_resets_do_not_grow_the_replay_queue() -> None:
     # Each reset left the session's entry and the next step added another: a session reset every
     # second held 1,800 entries after 30 minutes (issue "engine").

@@ -1,0 +1,288 @@
+"""A batched round's tensor work, apart from the asyncio that schedules it (``service.batcher``).
+
+The jobs a round holds (steps, forecasts, predictions), and ``RoundRunner``: it groups the steps
+of different sessions by chunk length, gathers their states from the pool, runs one batched
+forward per group and writes each job's result onto the job; later it scatters the accepted new
+states back in one operation per group. Nothing here awaits: a round runs on the event loop when
+it is small and in a worker thread when it is not, and the same code serves both.
+
+One failing item fails alone: when a batched forward raises, the exception is logged once, with
+its traceback, and the group's items are run one by one; an item that fails alone gets
+``model_failure``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from model import LSTMForecaster, LSTMState
+from service.errors import ModelFailure
+from service.results import Outputs
+from service.sessions import Session, StatePool
+from service.state_blob import SessionState
+
+log = logging.getLogger("lstm_sessions.batcher")
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True, eq=False)
+class Group:
+    """The new states of one batched forward, kept whole so they scatter in one operation."""
+
+    h: Tensor  # (layers, B, hidden)
+    c: Tensor
+    next_mean: Tensor  # (B, F)
+    next_std: Tensor
+
+
+@dataclass(slots=True)
+class Computed:
+    """A step's outputs and new state (row ``row`` of its group), not yet in the pool."""
+
+    outputs: Outputs
+    group: Group
+    row: int
+
+    def state(self) -> SessionState:
+        g, b = self.group, self.row
+        return SessionState(
+            g.h[:, b].cpu(), g.c[:, b].cpu(), g.next_mean[b].cpu(), g.next_std[b].cpu()
+        )
+
+
+@dataclass
+class BatchObserver:
+    """Callbacks for metrics; the batcher itself knows nothing of Prometheus."""
+
+    batch: Callable[[int], None] = lambda sessions: None
+    queue_wait: Callable[[float], None] = lambda seconds: None
+    model_time: Callable[[float], None] = lambda seconds: None
+    timesteps: Callable[[int], None] = lambda n: None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's share of a round. ``result`` is what the round made of it (a value, or the
+    error to answer); ``settle`` answers the waiting caller, once, and is the only place that
+    does."""
+
+    enqueued: float = field(default_factory=time.perf_counter, init=False)
+    future: asyncio.Future[Any] = field(init=False)
+    result: Any = field(default=None, init=False)
+
+    def settle(self, outcome: Any) -> None:
+        if self.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+    def work(self) -> int:
+        """Session-timesteps this job computes: what a round's time on the loop is measured by."""
+        return 0
+
+
+@dataclass(eq=False)
+class StepJob(Job):
+    session: Session
+    x: Tensor  # (T, F) on the CPU: the worker thread moves it to the device
+    digest: bytes
+    return_gates: bool
+
+    def work(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(eq=False)
+class ForecastJob(Job):
+    session: Session
+    horizon: int
+
+    def work(self) -> int:
+        return self.horizon
+
+
+@dataclass(eq=False)
+class PredictJob(Job):
+    x: Tensor
+    return_gates: bool
+
+    def work(self) -> int:
+        return int(self.x.shape[0])
+
+
+def inputs_digest(x: Tensor) -> bytes:
+    if x.device.type == "cpu" and x.is_contiguous():
+        return hashlib.blake2b(x.numpy().data, digest_size=16).digest()  # no copy
+    return hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+class RoundRunner:
+    """The model and the pool, as a round sees them."""
+
+    def __init__(self, model: LSTMForecaster, pool: StatePool, observer: BatchObserver) -> None:
+        self.model = model.eval()
+        self.pool = pool
+        self.device = pool.h.device
+        self.observer = observer
+
+    def compute(self, batch: list[Job]) -> None:
+        """Each job's ``result``: a step's ``Computed`` (not in the pool yet), a forecast's
+        means and stds, a prediction's ``Outputs``, or the ModelFailure to answer."""
+        groups: dict[tuple[int, bool], list[StepJob]] = defaultdict(list)
+        for job in batch:
+            if isinstance(job, StepJob):
+                groups[(job.x.shape[0], job.return_gates)].append(job)
+        with torch.no_grad():
+            for group in groups.values():
+                for job, out in zip(group, self._isolate(self._steps, group), strict=True):
+                    job.result = out
+            for job in batch:
+                if isinstance(job, ForecastJob):
+                    job.result = self._guard(functools.partial(self._forecast, job))
+                elif isinstance(job, PredictJob):
+                    job.result = self._guard(functools.partial(self._predict, job))
+
+    def scatter(self, accepted: list[tuple[StepJob, Computed]]) -> None:
+        """The accepted steps' new states into the pool: one write per batched forward."""
+        by_group: dict[Group, tuple[list[int], list[int]]] = {}
+        for job, computed in accepted:
+            rows, slots = by_group.setdefault(computed.group, ([], []))
+            rows.append(computed.row)
+            slots.append(job.session.slot)
+        for group, (rows, slots) in by_group.items():
+            h, c, mean, std = group.h, group.c, group.next_mean, group.next_std
+            if len(rows) < mean.shape[0]:  # some were refused: scatter the others' rows only
+                keep = torch.tensor(rows, device=self.device)
+                h, c = h.index_select(1, keep), c.index_select(1, keep)
+                mean, std = mean.index_select(0, keep), std.index_select(0, keep)
+            target = torch.tensor(slots, device=self.device)
+            self.pool.scatter(target, LSTMState(h, c), mean, std)
+
+    def _isolate(self, run: Callable[[list[T]], list[Any]], jobs: list[T]) -> list[Any]:
+        try:
+            return run(jobs)
+        except Exception:
+            log.exception(
+                "a batched forward of %d items failed; running them one by one", len(jobs)
+            )
+            if len(jobs) == 1:
+                return [ModelFailure("the model failed on this input")]
+            return [
+                self._guard(functools.partial(lambda j: run([j])[0], job), quiet=True)
+                for job in jobs
+            ]
+
+    @staticmethod
+    def _guard(fn: Callable[[], Any], *, quiet: bool = False) -> Any:
+        try:
+            return fn()
+        except Exception as e:
+            if quiet:  # its batch's traceback is logged already
+                log.warning("the model failed on one input: %s: %s", type(e).__name__, e)
+            else:
+                log.exception("the model failed on one input")
+            return ModelFailure("the model failed on this input")
+
+    def _steps(self, jobs: list[StepJob]) -> list[Computed]:
+        started = time.perf_counter()
+        slots = torch.tensor([j.session.slot for j in jobs], device=self.device)
+        x = torch.stack([j.x for j in jobs]).to(self.device)  # (B, T, F), off the event loop
+        state = self.pool.gather(slots)
+        prev_mean = self.pool.next_mean.index_select(0, slots)  # (B, F)
+        prev_std = self.pool.next_std.index_select(0, slots)
+        mean, std, new_state, gates = self.model(x, state, return_gates=jobs[0].return_gates)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise FloatingPointError("non-finite model output")
+        # The forecast each value is scored against: the pool's for the first, then the chunk's.
+        before_mean = torch.cat([prev_mean.unsqueeze(1), mean[:, :-1]], dim=1)  # (B, T, F)
+        before_std = torch.cat([prev_std.unsqueeze(1), std[:, :-1]], dim=1)
+        z = (x - before_mean) / before_std
+        self.observer.model_time(time.perf_counter() - started)
+        self.observer.batch(len(jobs))
+        self.observer.timesteps(x.shape[0] * x.shape[1])
+        group = Group(new_state.h, new_state.c, mean[:, -1], std[:, -1])
+        # One conversion per tensor for the whole batch: per-row views and tolist() calls cost
+        # more than the model's step at these sizes.
+        means, stds, zs = mean.tolist(), std.tolist(), z.tolist()
+        gate_lists = self._gate_lists(gates)
+        return [
+            Computed(
+                self._outputs(
+                    means[b],
+                    stds[b],
+                    zs[b],
+                    first_scored=jobs[b].session.t > 0,
+                    gates=gate_lists,
+                    row=b,
+                ),
+                group,
+                b,
+            )
+            for b in range(len(jobs))
+        ]
+
+    def _forecast(self, job: ForecastJob) -> tuple[list[list[float]], list[list[float]]]:
+        slot = torch.tensor([job.session.slot], device=self.device)
+        state = self.pool.gather(slot)
+        means, stds = self.model.rollout(
+            self.pool.next_mean[slot], self.pool.next_std[slot], state, job.horizon
+        )
+        return means[0].tolist(), stds[0].tolist()
+
+    def _predict(self, job: PredictJob) -> Outputs:
+        started = time.perf_counter()
+        x = job.x.unsqueeze(0).to(self.device)  # (1, T, F)
+        mean, std, _, gates = self.model(x, None, return_gates=job.return_gates)
+        z = torch.cat(
+            [torch.full_like(x[:, :1], float("nan")), (x[:, 1:] - mean[:, :-1]) / std[:, :-1]],
+            dim=1,
+        )
+        self.observer.model_time(time.perf_counter() - started)
+        return self._outputs(
+            mean[0].tolist(),
+            std[0].tolist(),
+            z[0].tolist(),
+            first_scored=False,
+            gates=self._gate_lists(gates),
+            row=0,
+        )
+
+    @staticmethod
+    def _gate_lists(gates: Any) -> dict[str, list[Any]] | None:
+        """Each gate's (layers, B, T) trace as nested lists, or None."""
+        if gates is None:
+            return None
+        return {name: getattr(gates, name).tolist() for name in ("forget", "input", "output")}
+
+    @staticmethod
+    def _outputs(
+        mean: list[list[float]],
+        std: list[list[float]],
+        z: list[list[float]],
+        *,
+        first_scored: bool,
+        gates: dict[str, list[Any]] | None,
+        row: int,
+    ) -> Outputs:
+        """Row ``row``'s outputs, from lists of the whole batch's (T, F) rows."""
+        anomaly: list[list[float] | None] = list(z)
+        if not first_scored:
+            anomaly[0] = None
+        gate_rows = None
+        if gates is not None:
+            gate_rows = {name: [layer[row] for layer in trace] for name, trace in gates.items()}
+        return Outputs(mean, std, anomaly, gate_rows)
