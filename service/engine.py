@@ -1,7 +1,8 @@
 """The session engine: the product's rules, with no web framework in sight.
 
 Step, step_many, forecast, get, reset, delete, export, import and predict, the ``seq`` and
-exactly-once rules, over a ``Sessions`` backend (``service.directory``) and the micro-batcher.
+exactly-once rules, over a ``Backend`` (``service.backends``: the embedded store, or Redis with
+this process as a cache) and the micro-batcher.
 It returns plain data (a step's reply is JSON-ready; a session is a ``SessionView``) and raises
 the typed errors of ``service.errors``; ``service.service`` turns requests into these calls and
 errors into responses. It is built with its limits and collaborators, and reads no settings.
@@ -25,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.backends import Backend
 from service.batcher import MicroBatcher, inputs_digest
-from service.directory import Sessions
 from service.errors import (
     BlobCorrupted,
     ChunkTooLong,
@@ -123,7 +124,7 @@ class _Tally:
 class Engine:
     def __init__(
         self,
-        sessions: Sessions,
+        backend: Backend,
         batcher: MicroBatcher,
         *,
         model: tuple[str, str],
@@ -131,8 +132,8 @@ class Engine:
         limits: EngineLimits,
         events: EngineEvents | None = None,
     ) -> None:
-        self.sessions = sessions
-        self.store = sessions.store
+        self.backend = backend
+        self.store = backend.store
         self.batcher = batcher
         self.model = model  # (name, version): what blobs are bound to
         self.n_features = n_features
@@ -156,15 +157,15 @@ class Engine:
         # If the copy waited on went away meanwhile (deleted, expired, or dropped as stale in
         # favour of Redis's), look the id up again: that answers 404 or yields the current copy.
         while True:
-            session = await self.sessions.get(session_id)
+            session = await self.backend.get(session_id)
             await session.acquire()
             if self.store.peek(session_id) is not session:
                 session.release()
                 continue
-            if not verify or self.sessions.authoritative:
+            if not verify or self.backend.authoritative:
                 return session
             try:
-                fresh = await self.sessions.current(session)
+                fresh = await self.backend.current(session)
             except BaseException:  # Redis down (503) or the request cancelled: never keep it
                 session.release()
                 raise
@@ -178,7 +179,7 @@ class Engine:
     # --- sessions ----------------------------------------------------------------------------
 
     async def create(self, session_id: str | None, ttl_s: float | None) -> SessionView:
-        session = await self.sessions.create(session_id, ttl_s)
+        session = await self.backend.create(session_id, ttl_s)
         self.events.sessions(len(self.store))
         return SessionView.of(session)
 
@@ -188,12 +189,12 @@ class Engine:
 
     async def reset(self, session_id: str) -> SessionView:
         async with self.locked(session_id) as session:
-            await self.sessions.reset(session)
+            await self.backend.reset(session)
             return SessionView.of(session)
 
     async def delete(self, session_id: str) -> str:
         async with self.locked(session_id) as session:
-            await self.sessions.delete(session)
+            await self.backend.delete(session)
         self.events.sessions(len(self.store))
         return session_id
 
@@ -207,7 +208,7 @@ class Engine:
         async with self.locked(session_id, verify=True) as session:
             if session.t == 0:
                 raise NoObservations("the session has seen no value yet: step it first", t=0)
-            await self.sessions.touch(session)
+            await self.backend.touch(session)
             means, stds = await self.batcher.forecast(session, horizon)
             return ForecastView(session.id, session.t, means, stds)
 
@@ -234,7 +235,7 @@ class Engine:
         except (BlobError, ValueError, KeyError) as e:
             raise BlobCorrupted(f"the blob was refused: {e}") from None
         self.check_blob(header, state)
-        session = await self.sessions.restore(session_id, state, t, ttl_s)
+        session = await self.backend.restore(session_id, state, t, ttl_s)
         self.events.sessions(len(self.store))
         return SessionView.of(session)
 
@@ -290,7 +291,7 @@ class Engine:
             for attempt in range(self.limits.stale_retries):
                 async with self.locked(body.session_id) as session:
                     # A cached copy may lag: doubt it once before refusing a seq.
-                    fresh = attempt > 0 or self.sessions.authoritative
+                    fresh = attempt > 0 or self.backend.authoritative
                     try:
                         self.store.touch(session)
                         replay = self._check_seq(session, body, x, fresh, count)
@@ -367,7 +368,7 @@ class Engine:
         fast: list[int] = []
         general: list[list[int]] = []
         for indices in by_session.values():
-            if len(indices) == 1 and self.sessions.authoritative:
+            if len(indices) == 1 and self.backend.authoritative:
                 fast.append(indices[0])
             else:
                 general.append(indices)

@@ -36,8 +36,8 @@ from starlette.websockets import WebSocket
 import service.model_registry  # noqa: F401  first: it fixes BENTOML_HOME before anyone reads it
 from model import pick_device
 from service import connections, metrics
+from service.backends import Backend, EmbeddedBackend, RedisBackend
 from service.batcher import BatchObserver, MicroBatcher
-from service.directory import LocalSessions, RedisSessions, Sessions
 from service.engine import Engine, EngineEvents, EngineLimits, SessionView
 from service.errors import BlobCorrupted, ServiceError
 from service.http import ErrorContract, RefusalTracebacks, RequestDeadline
@@ -236,21 +236,21 @@ class LSTMSessions:
         store = SessionStore(
             pool, store_limits(settings, authoritative), events=store_events(authoritative)
         )
-        self.sessions: Sessions
+        self.backend: Backend
         if settings.redis_url is None:
-            self.sessions = LocalSessions(store)
+            self.backend = EmbeddedBackend(store)
         else:
             warn_if_redis_is_down(settings.redis_url)
             redis = RedisState(settings.redis_url, timeout_s=settings.redis_timeout_s)
             header = {"model": self.checkpoint.name, "model_version": self.checkpoint.version}
-            self.sessions = RedisSessions(store, redis, header)
+            self.backend = RedisBackend(store, redis, header)
         self.store = store
         self.batcher = MicroBatcher(
             model,
             pool,
             max_batch=settings.max_batch,
             wait_s=settings.batch_wait_ms / 1000,
-            persist=self.sessions.persist,
+            persist=self.backend.persist,
             inline_work=settings.inline_work,
             observer=BatchObserver(
                 batch=metrics.BATCH_SESSIONS.observe,
@@ -260,7 +260,7 @@ class LSTMSessions:
             ),
         )
         self.engine = Engine(
-            self.sessions,
+            self.backend,
             self.batcher,
             model=(self.checkpoint.name, self.checkpoint.version),
             n_features=config.n_features,
@@ -298,7 +298,7 @@ class LSTMSessions:
 
     async def __is_ready__(self) -> bool:
         self._start_sweeper()
-        ready = await self.sessions.ready()
+        ready = await self.backend.ready()
         metrics.STORE_UP.set(1 if ready else 0)
         return ready
 
@@ -396,7 +396,7 @@ class LSTMSessions:
     @bentoml.on_shutdown
     def _write_snapshot(self) -> None:
         """At a clean stop, the embedded store's sessions go to disk, to be restored at start."""
-        if settings.snapshot_path is None or not self.sessions.authoritative:
+        if settings.snapshot_path is None or not self.backend.authoritative:
             return
         n = save_sessions(settings.snapshot_path, self.store, self.engine.blob_header)
         log.info("snapshot of %d sessions written to %s", n, settings.snapshot_path)
@@ -457,7 +457,7 @@ class LSTMSessions:
         )
 
     async def _check_session(self, session_id: str) -> None:
-        await self.sessions.get(session_id)
+        await self.backend.get(session_id)
 
     def _info(self, view: SessionView) -> SessionInfo:
         name, version = self.engine.model
@@ -488,7 +488,7 @@ class LSTMSessions:
             await asyncio.sleep(settings.sweep_interval_s)
             if self.store.sweep():
                 metrics.SESSIONS_ACTIVE.set(len(self.store))
-            metrics.STORE_UP.set(1 if await self.sessions.ready() else 0)
+            metrics.STORE_UP.set(1 if await self.backend.ready() else 0)
 
 
 cast(Any, LSTMSessions).add_asgi_middleware(

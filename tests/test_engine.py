@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from model import ForecasterConfig, LSTMForecaster
+from service.backends import Backend, EmbeddedBackend, RedisBackend
 from service.batcher import MicroBatcher
-from service.directory import LocalSessions, RedisSessions, Sessions
 from service.engine import Engine, EngineLimits
 from service.errors import (
     ModelMismatch,
@@ -62,12 +62,12 @@ def engines(request: pytest.FixtureRequest) -> Factory:
         pool = StatePool(2, 8, 1, 32, "cpu")
         limits = StoreLimits(32, 60, 60, evict_when_full=not local, tombstones=10 if local else 0)
         store = SessionStore(pool, limits)
-        sessions: Sessions
+        sessions: Backend
         if url is None:
-            sessions = LocalSessions(store)
+            sessions = EmbeddedBackend(store)
         else:
             header = {"model": MODEL[0], "model_version": MODEL[1]}
-            sessions = RedisSessions(store, RedisState(url), header)
+            sessions = RedisBackend(store, RedisState(url), header)
         batcher = MicroBatcher(model, pool, persist=sessions.persist)
         return Engine(
             sessions,
@@ -202,7 +202,7 @@ def test_an_exported_session_continues_elsewhere_exactly(engines: Factory) -> No
 def test_two_replicas_of_redis_step_one_session_exactly(engines: Factory) -> None:
     async def scenario() -> None:
         a, b = engines(), engines()
-        if a.sessions.authoritative:
+        if a.backend.authoritative:
             pytest.skip("replicas share sessions only through Redis")
         sid = (await a.create("shared", None)).session_id
         got = means(await a.step(step(sid, VALUES[:3], seq=0)))
@@ -225,7 +225,7 @@ def test_a_snapshot_is_restored_whole_or_not_at_all(tmp_path: Path) -> None:
     def engine_with(max_sessions: int) -> Engine:
         pool = StatePool(2, 8, 1, max_sessions, "cpu")
         store = SessionStore(pool, StoreLimits(max_sessions, 60, 60, False, 10))
-        sessions = LocalSessions(store)
+        sessions = EmbeddedBackend(store)
         batcher = MicroBatcher(model, pool)
         return Engine(
             sessions, batcher, model=MODEL, n_features=1, limits=EngineLimits(16, 64, 8, 4)

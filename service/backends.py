@@ -1,7 +1,7 @@
 """Where sessions live: in this process only, or in Redis with this process as a cache.
 
-The service talks to one ``Sessions`` object either way. ``LocalSessions`` is the embedded store
-itself. ``RedisSessions`` keeps Redis as the truth and the device pool as a cache of hot
+The engine talks to one ``Backend`` either way. ``EmbeddedBackend`` is the embedded store
+itself. ``RedisBackend`` keeps Redis as the truth and the device pool as a cache of hot
 sessions: a miss loads the session from Redis; every step is persisted with a compare-and-set on
 ``t`` (``service.redis_state``) before its state enters the pool, and a replica whose cached copy
 went stale is told so (``StaleSession``), reloads and recomputes.
@@ -30,7 +30,7 @@ from service.sessions import AppliedStep, Session, SessionStore, step_from_dict,
 from service.state_blob import BlobError, SessionState, decode, encode
 
 
-class Sessions(Protocol):
+class Backend(Protocol):
     store: SessionStore
     persist: Persister | None
     # True: the pool is the only copy, a session's t is the truth (the embedded store). False:
@@ -51,7 +51,7 @@ class Sessions(Protocol):
     ) -> Session: ...
 
 
-class LocalSessions:
+class EmbeddedBackend:
     """The embedded store: the pool is the only copy."""
 
     persist: Persister | None = None
@@ -95,7 +95,7 @@ def decode_last_step(raw: bytes | None) -> AppliedStep | None:
     return step_from_dict(json.loads(raw)) if raw else None
 
 
-class RedisSessions:
+class RedisBackend:
     """Redis holds every session; this process caches the hot ones in its pool."""
 
     authoritative = False
