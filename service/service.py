@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import functools
 import logging
 import time
@@ -362,7 +361,7 @@ class LSTMSessions:
         """A session restored from an exported blob, continuing where it was."""
         try:
             blob = base64.b64decode(body.blob, validate=True)
-        except binascii.Error as e:
+        except ValueError as e:  # binascii.Error, or a character outside ASCII
             raise BlobCorrupted(f"the blob was refused: {e}") from None
         return self._info(await self.engine.import_blob(blob, body.session_id, body.ttl_s))
 
