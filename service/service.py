@@ -168,6 +168,35 @@ def store_events(authoritative: bool) -> StoreEvents:
     )
 
 
+def limits(config: Settings) -> Limits:
+    """The configured limits, as the model card states them."""
+    return Limits(
+        max_chunk=config.max_chunk,
+        max_horizon=config.max_horizon,
+        max_predict_len=config.max_predict_len,
+        max_many=config.max_many,
+        max_sessions=config.max_sessions,
+        max_body_bytes=config.max_body_bytes,
+        session_ttl_s=config.session_ttl_s,
+        max_session_ttl_s=config.max_session_ttl_s,
+        max_abs_value=VALUE_CEILING,
+        max_seq=SEQ_CEILING,
+    )
+
+
+def deployment(config: Settings, n_features: int) -> Deployment:
+    """What the OpenAPI document narrows the schemas to."""
+    return Deployment(
+        n_features=n_features,
+        max_chunk=config.max_chunk,
+        max_predict_len=config.max_predict_len,
+        max_many=config.max_many,
+        max_horizon=config.max_horizon,
+        max_session_ttl_s=config.max_session_ttl_s,
+        max_body_bytes=config.max_body_bytes,
+    )
+
+
 PING_BODY = b'{"ok":true}'
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
@@ -420,16 +449,8 @@ class LSTMSessions:
     @functools.cached_property
     def openapi_json(self) -> bytes:
         """The OpenAPI document of this deployment: its model's width, its limits."""
-        deployment = Deployment(
-            n_features=self.n_features,
-            max_chunk=settings.max_chunk,
-            max_predict_len=settings.max_predict_len,
-            max_many=settings.max_many,
-            max_horizon=settings.max_horizon,
-            max_session_ttl_s=settings.max_session_ttl_s,
-            max_body_bytes=settings.max_body_bytes,
-        )
-        return orjson.dumps(openapi_document(package_version(), deployment))
+        document = openapi_document(package_version(), deployment(settings, self.n_features))
+        return orjson.dumps(document)
 
     def card(self) -> ModelCard:
         card = self.checkpoint.card
@@ -441,18 +462,7 @@ class LSTMSessions:
             config=card["config"],
             normalisation=card["normalisation"],
             metrics=card.get("metrics", {}),
-            limits=Limits(
-                max_chunk=settings.max_chunk,
-                max_horizon=settings.max_horizon,
-                max_predict_len=settings.max_predict_len,
-                max_many=settings.max_many,
-                max_sessions=settings.max_sessions,
-                max_body_bytes=settings.max_body_bytes,
-                session_ttl_s=settings.session_ttl_s,
-                max_session_ttl_s=settings.max_session_ttl_s,
-                max_abs_value=VALUE_CEILING,
-                max_seq=SEQ_CEILING,
-            ),
+            limits=limits(settings),
         )
 
     async def _check_session(self, session_id: str) -> None:
