@@ -35,6 +35,17 @@ def held_out_series() -> list[np.ndarray]:
     return [s for sid, s in zip(data.ids, data.series, strict=True) if sid in wanted]
 
 
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server of the test's own (skipped locally without one, failing under CI)."""
+    from tests.servers import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def asgi_client() -> Iterator[Any]:
     """One in-process app for the whole run: BentoML registers its metrics once per process."""
