@@ -236,9 +236,10 @@ class Slots:
     every lane; an empty lane is dropped with its TTL, and the heaps are rebuilt from the lanes
     when entries of dropped lanes outnumber them, so memory follows the live sessions.
 
-    Measured on the 2-core dev machine (bench/ttl_bench.py, 100k sessions of distinct TTLs): a
-    sweep with nothing to free took 45 ms with one list head looked at per TTL, 0.005 ms with the
-    heaps; 200k distinct-TTL sessions created and deleted kept 21.5 MiB of interned TTLs, now 0.
+    Measured on a 2-core dev machine (``bench/ttl_bench.py``): at 100k sessions of distinct TTLs
+    a sweep took 44 ms looking at every TTL's head, now 0.0005 ms with nothing due and 0.026 ms
+    freeing five; each round of 200k distinct-TTL sessions created and deleted kept 7.6 MiB of
+    interned TTLs for good, now 76 bytes.
     """
 
     def __init__(self, capacity: int, clock: Callable[[], float]) -> None:

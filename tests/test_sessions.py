@@ -458,7 +458,7 @@ def test_a_sweep_with_many_distinct_ttls_looks_only_at_what_expires() -> None:
     clock.now += 2
     for s in sessions[:5]:  # touched: their lanes' keys are now early, corrected lazily
         store.touch(s)
-    clock.now += 8.025  # s0..s2 (TTL 10, 10.01, 10.02) were active at 1000: they expire
+    clock.now += 8.025  # s0..s2 (TTL 10, 10.01, 10.02), active at 1000, would expire now...
     reads.reads = 0
     assert store.sweep() == 0  # ...but they were touched at 1002
     assert reads.reads <= 2 * 5  # one look at each touched lane, none at the 1,995 others
@@ -487,6 +487,7 @@ def check_lanes(store: SessionStore) -> None:
     """Every session in its TTL's lane, lanes linked both ways in order of activity, and each
     lane's one entry in each heap a lower bound of its head's expiry and last activity."""
     meta, seen = store.slots, set()
+    # array.__getitem__: the checks' own reads do not count as the store's (CountingArray)
     for ttl, lane in meta.lanes.items():
         slot, before, last = lane.head, -1, -math.inf
         while slot != -1:
