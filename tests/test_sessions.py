@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import math
 import random
+import tracemalloc
+from array import array
 
 import pytest
 import torch
@@ -15,12 +19,20 @@ from service.errors import (
     SessionEvicted,
     SessionExists,
     SessionExpired,
+    SessionGone,
     SessionNotFound,
     ShuttingDown,
     TooManySessions,
     TTLTooLong,
 )
-from service.sessions import AppliedStep, SessionStore, StatePool, StoreEvents, StoreLimits
+from service.sessions import (
+    AppliedStep,
+    Session,
+    SessionStore,
+    StatePool,
+    StoreEvents,
+    StoreLimits,
+)
 
 
 class Clock:
@@ -338,7 +350,7 @@ def test_expiry_and_eviction_follow_activity_across_ttls_without_scanning() -> N
         store.create(f"new-{i}")
     visited = 0
     store.create("one-more")
-    assert len(store.slots.ends) == 3  # the lists of TTL 5, 50 and the default 10
+    assert len(store.slots.lanes) == 3  # the lists of TTL 5, 50 and the default 10
     assert visited <= 2 * 3  # the sweep and the eviction each look at one head per list
     with pytest.raises(SessionEvicted):  # long-0 (active at 0) is older than short-0 (at 4)
         store.get("long-0")
@@ -447,3 +459,228 @@ def test_replay_records_round_trip_exactly_and_the_queue_compacts() -> None:
         assert queue.first_time() == float(k) and queue.popleft() is session
     assert len(queue) == 1_000 and len(queue.sessions) < 10_000  # the consumed part was dropped
     assert queue.first_time() == 9_000.0
+
+
+class CountingArray(array):  # type: ignore[type-arg]
+    """A copy of ``Slots.last_active`` that counts reads: each is one session looked at."""
+
+    reads = 0
+
+    def __getitem__(self, index: int) -> float:  # type: ignore[override]
+        self.reads += 1
+        return float(super().__getitem__(index))
+
+
+def count_reads(store: SessionStore) -> CountingArray:
+    counted = CountingArray("d", store.slots.last_active)
+    store.slots.last_active = counted
+    return counted
+
+
+def test_a_sweep_with_many_distinct_ttls_looks_only_at_what_expires() -> None:
+    # The sweep looked at the head of every TTL's list each second: 65 ms at 100k distinct
+    # client-chosen TTLs, however few expired (issue 11).
+    clock = Clock()
+    store = make_store(max_sessions=2001, evict=True, clock=clock)
+    sessions = [store.create(f"s{i}", ttl_s=10 + i / 100) for i in range(2000)]
+    reads = count_reads(store)
+    clock.now += 2
+    for s in sessions[:5]:  # touched: their lanes' keys are now early, corrected lazily
+        store.touch(s)
+    clock.now += 8.025  # s0..s2 (TTL 10, 10.01, 10.02), active at 1000, would expire now...
+    reads.reads = 0
+    assert store.sweep() == 0  # ...but they were touched at 1002
+    assert reads.reads <= 2 * 5  # one look at each touched lane, none at the 1,995 others
+    clock.now += 2  # now s0..s2 (touched) and s5..s202 (not touched) have expired
+    reads.reads = 0
+    freed = store.sweep()
+    assert freed == 3 + 198
+    assert reads.reads <= 4 * freed
+    for i in [0, 1, 2, *range(5, 203)]:
+        assert store.peek(f"s{i}") is None
+    for i in [3, 4, *range(203, 2000)]:
+        assert store.peek(f"s{i}") is sessions[i]
+    reads.reads = 0
+    assert store.sweep() == 0 and reads.reads == 0  # nothing due: nothing looked at
+    # Eviction: the least recently active idle session across 1,800 lanes, without scanning them.
+    for i in range(202):
+        store.create(f"n{i}", ttl_s=99)
+    reads.reads = 0
+    store.create("one-more", ttl_s=99)  # full: s203 (active at 1000, untouched) is the oldest
+    with pytest.raises(SessionEvicted):
+        store.get("s203")
+    assert reads.reads <= 8
+
+
+def check_lanes(store: SessionStore) -> None:
+    """Every session in its TTL's lane, lanes linked both ways in order of activity, and each
+    lane's one entry in each heap a lower bound of its head's expiry and last activity."""
+    meta, seen = store.slots, set()
+    # array.__getitem__: the checks' own reads do not count as the store's (CountingArray)
+    for ttl, lane in meta.lanes.items():
+        slot, before, last = lane.head, -1, -math.inf
+        while slot != -1:
+            owner = meta.owner[slot]
+            assert owner is not None and owner.slot == slot and owner.ttl_s == ttl
+            assert meta.prev[slot] == before and array.__getitem__(meta.last_active, slot) >= last
+            seen.add(owner.id)
+            before, last, slot = slot, array.__getitem__(meta.last_active, slot), meta.next[slot]
+        assert lane.tail == before and lane.ttl == ttl
+        head_active = array.__getitem__(meta.last_active, lane.head)
+        assert lane.due is not None and (lane.due, ttl) in meta.expiry
+        assert lane.due <= head_active + ttl
+        assert lane.since is not None and (lane.since, ttl) in meta.recency
+        assert lane.since <= head_active
+    assert seen == {s.id for s in store.sessions()}
+    assert (
+        len(meta.expiry) <= 2 * len(meta.lanes) + 64
+        and len(meta.recency) <= 2 * len(meta.lanes) + 64
+    )
+
+
+def test_expiry_and_eviction_with_many_ttls_agree_with_a_reference_model() -> None:
+    """Random creates, touches, resets, deletes, reads, locks, snapshot-style restores (activity
+    set back) and sweeps on a full store with mostly distinct TTLs: after each, the store holds
+    exactly the sessions a plain model says (which expired, which LRU victim), its lanes and heaps
+    are consistent, and all its sweeps together looked at what expired or changed, not at every
+    lane each time (they looked at every lane's head: about lanes x sweeps)."""
+    rng = random.Random(11)
+    clock = Clock()
+    cap = 30
+    store = make_store(max_sessions=cap, evict=True, clock=clock)
+    reads = count_reads(store)
+    model: dict[str, tuple[float, float]] = {}  # id -> (last_active, ttl)
+    busy: set[str] = set()
+    changes = looked_at = sweeps = 0
+    stats = {"evicted": 0, "lanes": 0, "full": 0}
+
+    def expired_idle(now: float) -> set[str]:
+        return {i for i, (at, ttl) in model.items() if at + ttl <= now and i not in busy}
+
+    def create(sid: str, ttl: float) -> Session | None:
+        now = clock.now
+        if sid in model:
+            at, old_ttl = model[sid]
+            if at + old_ttl > now or sid in busy:
+                with pytest.raises(SessionExists):
+                    store.create(sid, ttl)
+                return None
+            del model[sid]  # expired: the id may be taken again
+        if len(model) >= cap:
+            for gone in expired_idle(now):  # a full store sweeps first...
+                del model[gone]
+        if len(model) >= cap:
+            idle = [i for i in model if i not in busy]
+            if not idle:
+                with pytest.raises(TooManySessions):
+                    store.create(sid, ttl)
+                return None
+            del model[min(idle, key=lambda i: model[i][0])]  # ...then evicts the LRU idle one
+            stats["evicted"] += 1
+        model[sid] = (now, ttl)
+        return store.create(sid, ttl)
+
+    for _ in range(4000):
+        clock.now += rng.choice([0.001, 0.01, 0.05, 0.1])
+        now, op = clock.now, rng.random()
+        live = sorted(model)
+        sid = rng.choice(live) if live and op < 0.6 else f"s{rng.randrange(70)}"
+        ttl = rng.choice([5.0, 20.0]) if rng.random() < 0.3 else round(rng.uniform(1, 30), 2)
+        if op < 0.12 and sid in model:
+            store.touch(store.peek(sid))  # type: ignore[arg-type]
+            model[sid] = (now, model[sid][1])
+        elif op < 0.18 and sid in model:
+            store.reset(store.peek(sid))  # type: ignore[arg-type]
+            model[sid] = (now, model[sid][1])
+        elif op < 0.24 and sid in model:
+            store.delete(store.peek(sid))  # type: ignore[arg-type]
+            del model[sid]
+            busy.discard(sid)
+        elif op < 0.32 and sid in model:
+            session = store.peek(sid)
+            assert session is not None
+            if sid in busy:
+                session.release()
+                busy.discard(sid)
+            else:
+                assert session.try_acquire()
+                busy.add(sid)
+        elif op < 0.40:
+            at, old_ttl = model.get(sid, (math.inf, 0.0))
+            if at + old_ttl <= now and sid not in busy:
+                with pytest.raises(SessionExpired):  # expired on access
+                    store.get(sid)
+                del model[sid]
+            elif sid in model:
+                assert store.get(sid) is store.peek(sid)
+            else:
+                with pytest.raises(SessionGone):
+                    store.get(sid)
+        elif op < 0.45:
+            # A snapshot's session: created, then its last activity set back, no earlier than
+            # its lane's newest session (a snapshot restores oldest first).
+            newest = max((at for at, t in model.values() if t == ttl), default=now - 2 * ttl)
+            session = create(sid, ttl)
+            if session is not None:
+                session.last_active = rng.uniform(newest, now)
+                model[sid] = (session.last_active, ttl)
+        elif op < 0.75:
+            expected = expired_idle(now)
+            busy_expired = sum(at + t <= now for i, (at, t) in model.items() if i in busy)
+            reads.reads = 0
+            assert store.sweep() == len(expected)
+            looked_at += reads.reads - 4 * (len(expected) + busy_expired)
+            sweeps += 1
+            for gone in expected:
+                del model[gone]
+            changes -= 1
+        else:
+            create(sid, ttl)
+        changes += 1
+        assert {s.id for s in store.sessions()} == set(model)
+        for i, (at, _) in model.items():
+            assert array.__getitem__(store.slots.last_active, store.peek(i).slot) == at  # type: ignore[union-attr]
+        check_lanes(store)
+        stats["lanes"] += len(store.slots.lanes)
+        stats["full"] += len(model) == cap
+    # It did exercise what it means to: many sweeps, evictions, full stretches, many lanes.
+    assert sweeps > 1000 and stats["evicted"] > 100 and stats["full"] > 1000
+    assert stats["lanes"] / 4000 > 15
+    assert looked_at <= 2 * changes, (looked_at, changes)
+
+
+def test_a_ttl_is_forgotten_with_the_last_session_that_had_it() -> None:
+    # The store interned every TTL ever asked for: 200k distinct values kept 14.6 MiB with no
+    # session left (issue 11). Now each goes with its lane, by every way a session goes.
+    clock = Clock()
+    store = make_store(max_sessions=1000, evict=True, clock=clock)
+    distinct = iter(range(10**9))
+
+    def one_round() -> None:
+        first = []
+        for i in range(1000):
+            first.append(store.create(f"a{i}", ttl_s=1 + next(distinct) / 1e7))
+            clock.now += 0.0001
+        for i in range(500):  # full: each evicts the least recently used of the first ones
+            store.create(f"b{i}", ttl_s=1 + next(distinct) / 1e7)
+            assert store.peek(f"a{i}") is None
+        for session in first[500:750]:
+            store.delete(session)
+        clock.now += 5
+        for session in first[750:850]:
+            with pytest.raises(SessionExpired):
+                store.get(session.id)  # expired on access
+        assert store.sweep() == 150 + 500
+        assert len(store) == 0 and not store.slots.lanes
+
+    tracemalloc.start()
+    one_round()  # grows the tables to their size (a dict never shrinks)
+    gc.collect()
+    after_first = tracemalloc.get_traced_memory()[0]
+    for _ in range(3):
+        one_round()
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - after_first
+    tracemalloc.stop()
+    assert grown < 3 * 1500 * 4, grown  # under 4 bytes per TTL that came and went (it was ~70)
+    assert len(store.slots.expiry) <= 64 and len(store.slots.recency) <= 64  # the rebuild bound
