@@ -179,6 +179,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer: TimerHandle | None = None
         self._header_bytes = 0  # received since this request began, while its headers are not in
         self._awaiting_headers = True
+        # The request's body is still arriving (its headers are in, its message is not): an
+        # answer sent early (a 413, say) must not make the rest of that body count as headers.
+        self._body_pending = False
         self._refused: TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -274,12 +277,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
         self._awaiting_headers = False
+        self._body_pending = True
         self._header_bytes = 0
         WATCH.waiting.pop(self, None)
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self._body_pending = False
+        super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete:
+            self._idle()  # answered before its body was all in: idle only now
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if not self._body_pending:
+            self._idle()
+
+    def _idle(self) -> None:
         if not self.transport.is_closing() and not self.pipeline:
             # Idle until its next request: a connection to close first when the cap is reached.
             self._awaiting_headers = True

@@ -366,3 +366,52 @@ def test_the_guard_closes_the_oldest_waiting_then_refuses_when_all_are_busy(
         assert not connections.WATCH.waiting
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_body_answered_early_does_not_count_as_the_next_request_s_headers() -> None:
+    """A request refused before its body was read (413 on its content-length) left the rest of
+    that body counted as header bytes, and the connection's next request got 431 (schemathesis
+    found it: a small step_many answered 431 headers_too_large)."""
+    env = {"LSTM_MAX_HEADER_BYTES": "4096", "LSTM_MAX_BODY_BYTES": "10000"}
+    with bentoml_server(env) as url, socket.create_connection(("127.0.0.1", port_of(url))) as s:
+        s.settimeout(10)
+        big = b"0" * 200_000
+        s.sendall(
+            b"POST /v1/sessions/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(big), big)
+        )
+        first = read_response(s)
+        assert first.startswith(b"HTTP/1.1 413"), first[:200]
+        small = b'{"session_id": "nobody", "inputs": [[1.0]]}'
+        s.sendall(
+            b"POST /v1/sessions/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(small), small)
+        )
+        second = read_response(s)
+        assert second.startswith(b"HTTP/1.1 404"), second[:300]
+
+
+def read_response(s: socket.socket) -> bytes:
+    """One HTTP response off ``s`` (headers and a content-length body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        ),
+        0,
+    )
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
