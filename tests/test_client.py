@@ -1,10 +1,16 @@
-"""The Python client against the service in process: sessions, streaming, safe retries."""
+"""The Python client: its shared core against scripted answers (both clients, no server), then
+against the service in process: sessions, streaming, safe retries."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import json
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +18,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from client import APIError, LSTMClient
+from client import APIError, AsyncLSTMClient, AsyncSession, LSTMClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,3 +271,300 @@ def test_cli_stream_refuses_bad_input_in_one_line(
     status, _, err = run_stream([str(source), "--url", server, *options], capsys)
     assert status == code
     assert err.count("\n") == 1 and err.startswith("lstm-serve: ") and says in err, err
+
+
+# --- the shared core: both clients, the same scripted answers, the same requests and results ---
+#
+# No server: httpx.MockTransport answers each request with the next answer of a script. Each
+# scenario is written once against the sync client's API and run twice, through LSTMClient and
+# through AsyncLSTMClient (seen through `Blocking`); the two runs must send the same requests,
+# sleep the same backoffs and end the same way.
+
+Scripted = tuple[int, Any] | type[httpx.TransportError]
+
+
+class Script:
+    """A scripted service: each request gets the next answer (a status and body, or a transport
+    error raised instead of an answer); every request is recorded as (route, X-Session-Id, body)."""
+
+    def __init__(self, answers: list[Scripted]) -> None:
+        self.answers = list(answers)
+        self.sent: list[tuple[str, str | None, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.sent.append((request.url.path, request.headers.get("x-session-id"), body))
+        assert self.answers, f"the client sent more than was scripted: {request.url.path}"
+        answer = self.answers.pop(0)
+        if isinstance(answer, type):
+            raise answer("scripted", request=request)
+        status, reply = answer
+        if isinstance(reply, str):
+            return httpx.Response(status, text=reply)
+        return httpx.Response(status, json=reply)
+
+
+class Blocking:
+    """The async client through the sync client's API: each coroutine is run to its end, an async
+    generator collected into a list, and ``with`` stands for ``async with``."""
+
+    def __init__(self, target: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._target = target
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+
+        def blocking(*args: Any, **kwargs: Any) -> Any:
+            result = value(*args, **kwargs)
+            if inspect.isasyncgen(result):
+                result = collect(result)
+            if inspect.isawaitable(result):
+                result = self._loop.run_until_complete(result)
+            return Blocking(result, self._loop) if isinstance(result, AsyncSession) else result
+
+        return blocking
+
+    def __enter__(self) -> Blocking:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loop.run_until_complete(self._target.__aexit__(*exc))
+
+
+async def collect(items: AsyncIterator[Any]) -> list[Any]:
+    return [item async for item in items]
+
+
+@dataclass
+class Run:
+    """What one client did with a script: its requests, its backoffs, what it returned or raised."""
+
+    sent: list[tuple[str, str | None, Any]]
+    slept: list[float]
+    returned: Any = None
+    raised: tuple[Any, ...] | None = None
+
+
+def run_both(
+    monkeypatch: pytest.MonkeyPatch,
+    answers: list[Scripted],
+    scenario: Callable[[Any], Any],
+    **options: Any,
+) -> Run:
+    """The scenario through both clients; asserts they agree and returns the sync client's run."""
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def async_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(asyncio, "sleep", async_sleep)
+    options = {"backoff_s": 0.01, **options}
+    runs = []
+    for kind in ("sync", "async"):
+        script = Script(answers)
+        slept.clear()
+        loop = asyncio.new_event_loop()
+        transport = httpx.MockTransport(script)
+        if kind == "sync":
+            api: Any = LSTMClient(http=httpx.Client(transport=transport, base_url=BASE), **options)
+        else:
+            http = httpx.AsyncClient(transport=transport, base_url=BASE)
+            api = Blocking(AsyncLSTMClient(http=http, **options), loop)
+        run = Run(script.sent, slept)
+        try:
+            run.returned = scenario(api)
+        except APIError as e:
+            run.raised = (APIError, e.status, e.code, e.message, e.details, e.attempts)
+        except httpx.TransportError as e:
+            run.raised = (type(e), str(e))
+        finally:
+            api.close() if kind == "sync" else api.aclose()
+            loop.close()
+        assert not script.answers, f"{kind}: scripted answers left unused: {script.answers}"
+        runs.append(Run(list(run.sent), list(run.slept), run.returned, run.raised))
+    assert runs[0] == runs[1], "the sync and async clients disagree"
+    return runs[0]
+
+
+BASE = "http://lstm.test"
+OUT = {"mean": [0.1], "std": [1.0], "anomaly_z": None}
+
+
+def step_reply(t: int, n: int) -> tuple[int, dict[str, Any]]:
+    return 200, {"t": t, "outputs": [OUT] * n}
+
+
+def error(status: int, code: str, **details: Any) -> tuple[int, dict[str, Any]]:
+    return status, {"error": {"code": code, "message": f"scripted {code}", **details}}
+
+
+def test_both_clients_resend_a_lost_step_with_the_same_seq_and_advance_t_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def scenario(api: Any) -> Any:
+        with api.session("s1", ttl_s=60) as s:
+            outs = list(s.stream([[[0.1], [0.2]], [[0.3]]]))
+            return s.t, len(outs)
+
+    answers: list[Scripted] = [
+        (200, {"session_id": "s1", "t": 0}),
+        httpx.ReadTimeout,  # the first step reached the server; its answer was lost
+        step_reply(2, 2),
+        step_reply(3, 1),
+        (200, {}),
+    ]
+    run = run_both(monkeypatch, answers, scenario)
+    assert run.returned == (3, 3) and run.raised is None
+    routes = [route for route, _, _ in run.sent]
+    assert routes == ["/v1/sessions/create"] + ["/v1/sessions/step"] * 3 + ["/v1/sessions/delete"]
+    assert {sid for _, sid, _ in run.sent} == {"s1"}  # every call of a session names it
+    assert run.sent[0][2] == {"session_id": "s1", "ttl_s": 60}
+    first, again, then = (body for _, _, body in run.sent[1:4])
+    assert (
+        first
+        == again
+        == {
+            "session_id": "s1",
+            "inputs": [[0.1], [0.2]],
+            "seq": 0,
+            "return_gates": False,
+        }
+    )
+    assert then["seq"] == 2 and then["inputs"] == [[0.3]]
+    assert run.slept == [0.01]
+
+
+def test_both_clients_raise_a_seq_conflict_at_once_and_resync_t_from_info(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def scenario(api: Any) -> Any:
+        s = api.attach("s2")
+        with pytest.raises(APIError) as conflict:
+            s.step([[1.0]], return_gates=True)
+        e = conflict.value
+        seen = (e.status, e.code, e.message, e.details, e.attempts, s.t)
+        s.info()
+        s.step([[1.0]])
+        forecast = s.forecast(2)
+        s.reset()
+        return seen, s.t, forecast, s.keep
+
+    answers: list[Scripted] = [
+        (200, {"session_id": "s2", "t": 5}),
+        error(409, "seq_conflict", t=7),
+        (200, {"session_id": "s2", "t": 7}),
+        step_reply(8, 1),
+        (200, {"forecast": [OUT, OUT]}),
+        (200, {"session_id": "s2", "t": 0}),
+    ]
+    run = run_both(monkeypatch, answers, scenario)
+    seen, t, forecast, keep = run.returned
+    assert seen == (409, "seq_conflict", "scripted seq_conflict", {"t": 7}, 1, 5)
+    assert t == 0 and forecast == {"forecast": [OUT, OUT]} and keep  # attached: kept, no delete
+    bodies = [body for _, _, body in run.sent]
+    assert bodies[1]["seq"] == 5 and bodies[1]["return_gates"] is True
+    assert bodies[3]["seq"] == 7  # after info() resynced t
+    assert bodies[4] == {"session_id": "s2", "horizon": 2}
+    assert [route for route, _, _ in run.sent][-1] == "/v1/sessions/reset"
+    assert run.slept == []  # a conflict is the client's to resolve: never retried
+
+
+@pytest.mark.parametrize(
+    "retried",
+    [error(503, "store_unavailable"), error(502, "bad_gateway"), error(409, "stale_session")],
+)
+def test_both_clients_retry_the_same_answers_with_the_same_backoff(
+    monkeypatch: pytest.MonkeyPatch, retried: Scripted
+) -> None:
+    def scenario(api: Any) -> Any:
+        return api.predict([[0.5]])
+
+    answers: list[Scripted] = [retried, httpx.ConnectError, retried, (200, {"outputs": [OUT]})]
+    run = run_both(monkeypatch, answers, scenario)
+    assert run.returned == {"outputs": [OUT]}
+    assert run.slept == [0.01, 0.02, 0.04]  # doubling from backoff_s
+    assert len({json.dumps(body) for _, _, body in run.sent}) == 1  # the same request each time
+    assert {sid for _, sid, _ in run.sent} == {None}  # predict is of no session: no header
+
+
+def test_both_clients_give_up_after_their_retries_saying_how_many_times_they_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def scenario(api: Any) -> Any:
+        return api.model()
+
+    run = run_both(monkeypatch, [error(503, "shutting_down")] * 3, scenario, retries=2)
+    assert run.raised == (APIError, 503, "shutting_down", "scripted shutting_down", {}, 3)
+    assert run.slept == [0.01, 0.02] and len(run.sent) == 3
+    down = run_both(monkeypatch, [httpx.ConnectError] * 3, scenario, retries=2)
+    assert down.raised == (httpx.ConnectError, "scripted") and len(down.sent) == 3
+
+
+@pytest.mark.parametrize(
+    ("answer", "raised"),
+    [
+        (error(422, "wrong_feature_count", expected=1), ("wrong_feature_count", {"expected": 1})),
+        ((409, "<html>not json</html>"), ("not_json", {})),  # a 409 that is no stale_session
+        ((500, {"error": "boom"}), ("unknown", {})),
+        ((404, ["not", "an", "object"]), ("unknown", {})),
+    ],
+)
+def test_both_clients_read_an_error_answer_into_the_same_api_error_without_retrying(
+    monkeypatch: pytest.MonkeyPatch, answer: Scripted, raised: tuple[str, dict[str, Any]]
+) -> None:
+    def scenario(api: Any) -> Any:
+        return api.call("/v1/sessions/get", {"session_id": "s3"}, "s3")
+
+    run = run_both(monkeypatch, [answer], scenario)
+    assert run.raised is not None
+    status, code, details, attempts = run.raised[1], run.raised[2], run.raised[4], run.raised[5]
+    assert (code, details) == raised and attempts == 1 and len(run.sent) == 1
+    assert status == answer[0]  # type: ignore[index]
+    assert run.sent == [("/v1/sessions/get", "s3", {"session_id": "s3"})]
+
+
+def test_both_clients_take_session_exists_after_a_lost_create_as_the_session_they_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def scenario(api: Any) -> Any:
+        with api.session("s4") as s:
+            made = (s.id, s.t, s.keep)
+        with pytest.raises(APIError) as taken:
+            api.session("s4")  # exists at the first attempt: someone else's, refused
+        return made, taken.value.code, taken.value.attempts
+
+    answers: list[Scripted] = [
+        httpx.ReadTimeout,
+        error(409, "session_exists"),
+        (200, {"session_id": "s4", "t": 0}),
+        error(404, "session_expired"),  # gone before the delete on exit: nothing to do
+        error(409, "session_exists"),
+    ]
+    run = run_both(monkeypatch, answers, scenario)
+    assert run.returned == (("s4", 0, False), "session_exists", 1)
+    routes = [route for route, _, _ in run.sent]
+    assert routes == ["/v1/sessions/create"] * 2 + ["/v1/sessions/get", "/v1/sessions/delete"] + [
+        "/v1/sessions/create"
+    ]
+
+
+def test_both_clients_raise_a_failed_delete_on_exit_other_than_404(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def scenario(api: Any) -> Any:
+        with api.session("s5") as s:
+            s.step([[0.0]])
+
+    answers: list[Scripted] = [
+        (200, {"session_id": "s5", "t": 0}),
+        step_reply(1, 1),
+        error(422, "bad_session_id"),
+    ]
+    run = run_both(monkeypatch, answers, scenario)
+    assert run.raised is not None and run.raised[1:3] == (422, "bad_session_id")
