@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +57,8 @@ class EngineLimits:
 class EngineEvents:
     """Callbacks for metrics; the engine knows nothing of Prometheus."""
 
-    step_outcomes: Callable[[Counter[str]], None] = lambda tally: None  # outcome -> count
+    step_outcome: Callable[[str], None] = lambda outcome: None  # one step's: applied, ..., a code
+    step_outcomes: Callable[[Counter[str]], None] = lambda tally: None  # step_many's, counted
     replayed: Callable[[], None] = lambda: None
     seq_conflict: Callable[[], None] = lambda: None
     sessions: Callable[[int], None] = lambda held: None  # sessions held, after a change
@@ -121,6 +121,23 @@ class _Tally:
         self.counts[outcome] += 1
 
 
+class Locked:
+    """What ``Engine.locked`` returns: a class, not a generator-based context manager, because
+    every step enters one (the generator's machinery cost more than the lock)."""
+
+    __slots__ = ("engine", "session", "session_id", "verify")
+
+    def __init__(self, engine: Engine, session_id: str, verify: bool) -> None:
+        self.engine, self.session_id, self.verify = engine, session_id, verify
+
+    async def __aenter__(self) -> Session:
+        self.session = await self.engine._acquire(self.session_id, self.verify)
+        return self.session
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.session.release()
+
+
 class Engine:
     def __init__(
         self,
@@ -142,16 +159,11 @@ class Engine:
 
     # --- the one way to hold a session -------------------------------------------------------
 
-    @asynccontextmanager
-    async def locked(self, session_id: str, *, verify: bool = False) -> AsyncIterator[Session]:
-        """The session, its lock held (granted in arrival order) until the block ends, however
-        it ends. ``verify``: with a backend that caches (Redis), check the cached copy is the
-        current one first, reloading it if not."""
-        session = await self._acquire(session_id, verify)
-        try:
-            yield session
-        finally:
-            session.release()
+    def locked(self, session_id: str, *, verify: bool = False) -> Locked:
+        """``async with engine.locked(id) as session``: the session, its lock held (granted in
+        arrival order) until the block ends, however it ends. ``verify``: with a backend that
+        caches (Redis), check the cached copy is the current one first, reloading it if not."""
+        return Locked(self, session_id, verify)
 
     async def _acquire(self, session_id: str, verify: bool) -> Session:
         # If the copy waited on went away meanwhile (deleted, expired, or dropped as stale in
@@ -279,11 +291,7 @@ class Engine:
 
     async def step(self, body: Step) -> dict[str, Any]:
         """One step, as its wire reply: the HTTP route and the stream come here."""
-        tally = _Tally()
-        try:
-            return await self._step(body, tally)
-        finally:
-            self.events.step_outcomes(tally.counts)
+        return await self._step(body, self.events.step_outcome)
 
     async def _step(self, body: Step, count: Callable[[str], None]) -> dict[str, Any]:
         try:

@@ -299,6 +299,7 @@ class LSTMSessions:
                 max_horizon=settings.max_horizon,
             ),
             events=EngineEvents(
+                step_outcome=lambda outcome: metrics.STEP_REQUESTS.labels(outcome).inc(),
                 step_outcomes=count_outcomes,
                 replayed=metrics.REPLAYS.inc,
                 seq_conflict=metrics.SEQ_CONFLICTS.inc,
