@@ -286,12 +286,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_pending = False
         super().on_message_complete()
         if self.cycle is not None and self.cycle.response_complete:
-            self._idle()  # answered before its body was all in: idle only now
+            self._disarm_header_timer()  # answered before its body was all in: idle only now
+            self._idle()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self._body_pending:
             self._idle()
+        elif not self.transport.is_closing():
+            # Answered (a 413, a timeout) while the body is still coming: uvicorn reads and drops
+            # the rest, and each chunk cancels its keep-alive timer. Bound it as a connection
+            # waiting for headers is bounded, and let the cap close it first.
+            WATCH.waiting[self] = None
+            if self._header_timer is None:
+                self._arm_header_timer()
 
     def _idle(self) -> None:
         if not self.transport.is_closing() and not self.pipeline:

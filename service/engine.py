@@ -360,7 +360,7 @@ class Engine:
         by_session: dict[str, list[int]] = {}
         for i, item in enumerate(items):
             by_session.setdefault(item.session_id, []).append(i)
-        tally = _Tally()
+        tally = _Tally()  # the general path's; the fast lane reports its own when it is done
 
         async def one_session(indices: list[int]) -> None:
             for i in indices:
@@ -381,12 +381,13 @@ class Engine:
             else:
                 general.append(indices)
         try:
-            jobs = self._submit_free(items, fast, results, tally, general)
-            # Shielded: the fast lane's locks are freed when its steps are done, even if this
-            # request is cancelled first; and not after the general path's, or two requests
-            # crossing the same sessions would wait on each other.
+            fast_tally = _Tally()
+            jobs = self._submit_free(items, fast, results, fast_tally, general)
+            # Shielded: the fast lane's locks are freed (and its outcomes counted) when its steps
+            # are done, even if this request is cancelled first; and not after the general
+            # path's, or two requests crossing the same sessions would wait on each other.
             await asyncio.gather(
-                asyncio.shield(self._finish_jobs(jobs, results, tally)),
+                asyncio.shield(self._finish_jobs(jobs, results, fast_tally)),
                 *(one_session(ix) for ix in general),
             )
         finally:
@@ -436,15 +437,27 @@ class Engine:
         self,
         jobs: list[tuple[int, Session, asyncio.Future[StepDone]]],
         results: list[dict[str, Any]],
-        count: Callable[[str], None],
+        tally: _Tally,
     ) -> None:
-        """Wait for ``_submit_free``'s jobs, free their sessions, answer them."""
+        """Wait for ``_submit_free``'s jobs, free their sessions, answer them, report the fast
+        lane's outcomes (here: a cancelled request's finally comes before they are known)."""
         try:
             if jobs:
                 await asyncio.wait([future for _, _, future in jobs])
         finally:
             for _, session, _ in jobs:
                 session.release()
+        try:
+            self._answer_jobs(jobs, results, tally)
+        finally:
+            self.events.step_outcomes(tally.counts)
+
+    def _answer_jobs(
+        self,
+        jobs: list[tuple[int, Session, asyncio.Future[StepDone]]],
+        results: list[dict[str, Any]],
+        count: Callable[[str], None],
+    ) -> None:
         for i, session, future in jobs:
             error = future.exception()
             if isinstance(error, ServiceError):

@@ -443,6 +443,12 @@ class LSTMSessions:
         log.info("restored %d sessions from %s", done.sessions, path)
         if done.expired:
             log.info("%d sessions of it had expired meanwhile", done.expired)
+        if done.evicted:
+            log.warning(
+                "%d oldest sessions of it not restored: no room (LSTM_MAX_SESSIONS; "
+                "LSTM_EVICT_WHEN_FULL is on)",
+                done.evicted,
+            )
         path.unlink()  # restored: a later crash must not roll sessions back to it
 
     # --- helpers -------------------------------------------------------------------------------

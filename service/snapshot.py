@@ -33,6 +33,7 @@ class SnapshotRefused(Exception):
 class Restored:
     sessions: int  # restored
     expired: int  # skipped: their TTL ran out while the service was down
+    evicted: int = 0  # the oldest, left out for want of room (LSTM_EVICT_WHEN_FULL only)
 
 
 def save_sessions(
@@ -62,7 +63,9 @@ def restore_sessions(
 
     Every entry is read and checked (``check``: its model, its shapes; the store's TTL limit and
     room) before the first is restored, and a restore that fails after all undoes the ones
-    before it: a snapshot is never half restored. SnapshotRefused says why.
+    before it: a snapshot is never half restored. SnapshotRefused says why. The one exception
+    is the one a store that evicts when full makes anyway: too many for its room, the newest
+    that fit come back and ``Restored.evicted`` says how many did not.
     """
     try:
         entries = sorted(read_snapshot(path), key=lambda e: float(e[0]["last_active"]))
@@ -79,10 +82,12 @@ def restore_sessions(
             last = header.get("last_step")
             live.append((header, state, None if last is None else step_from_json(last)))
         room = store.limits.max_sessions - len(store)
-        if len(live) > room:
+        evicted = max(0, len(live) - room)
+        if evicted and not store.limits.evict_when_full:
             raise TooManySessions(
                 f"{len(live)} sessions to restore, room for {room} (LSTM_MAX_SESSIONS)"
             )
+        live = live[evicted:]  # oldest first: with eviction on, the newest that fit come back
     except (BlobError, ServiceError, KeyError, TypeError, ValueError) as e:
         raise SnapshotRefused(str(e)) from e
     restored: list[Session] = []
@@ -103,7 +108,7 @@ def restore_sessions(
         for session in restored:  # all or nothing
             store.drop(session)
         raise SnapshotRefused(str(e)) from e
-    return Restored(len(restored), len(entries) - len(live))
+    return Restored(len(restored), len(entries) - len(live) - evicted, evicted)
 
 
 def write_snapshot(path: Path, sessions: list[tuple[dict[str, Any], SessionState]]) -> None:

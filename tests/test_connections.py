@@ -415,3 +415,32 @@ def read_response(s: socket.socket) -> bytes:
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.slow
+def test_a_body_dripping_after_an_early_answer_is_closed_in_bounded_time() -> None:
+    """Answered early (413 on its content-length), a connection whose body kept dripping was in
+    no deadline and not evictable: each chunk cancelled uvicorn's keep-alive timer, so a few
+    such connections per LSTM_MAX_CONNECTIONS held the server (found in review)."""
+    env = {"LSTM_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "LSTM_MAX_BODY_BYTES": "10000"}
+    with bentoml_server(env) as url, socket.create_connection(("127.0.0.1", port_of(url))) as s:
+        s.sendall(
+            b"POST /v1/sessions/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000\r\n\r\n"
+        )
+        s.settimeout(10)
+        assert read_response(s).startswith(b"HTTP/1.1 413")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < HEADER_TIMEOUT_S + 8:
+            try:
+                s.sendall(b"0" * 100)
+                ready, _, _ = select.select([s], [], [], 0.5)
+                if ready and s.recv(4096) == b"":
+                    closed = True
+                    break
+            except OSError:  # reset: closed
+                closed = True
+                break
+        assert closed, "the server kept a dripping connection open"
+        assert time.monotonic() - started < HEADER_TIMEOUT_S + 8

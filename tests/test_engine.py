@@ -248,3 +248,76 @@ def test_a_snapshot_is_restored_whole_or_not_at_all(tmp_path: Path) -> None:
         assert [(await roomy.get(f"s{i}")).t for i in range(3)] == [1, 2, 3]
 
     run(scenario())
+
+
+def test_a_cancelled_step_many_still_counts_its_fast_lane(tmp_path: Path) -> None:
+    # The request's finally reported its tally before the shielded fast lane had counted its
+    # applied steps: applied steps went uncounted (found in review).
+    from collections import Counter
+
+    from service.engine import EngineEvents
+
+    counted: Counter[str] = Counter()
+    pool = StatePool(2, 8, 1, 8, "cpu")
+    store = SessionStore(pool, StoreLimits(8, 60, 60, False, 10))
+    batcher = MicroBatcher(tiny_model(), pool)
+    slow_compute = batcher.runner.compute
+
+    def compute(batch: list[Any]) -> None:
+        time.sleep(0.3)  # in the worker thread: the request is cancelled meanwhile
+        slow_compute(batch)
+
+    batcher.runner.compute = compute  # type: ignore[method-assign]
+    engine = Engine(
+        EmbeddedBackend(store),
+        batcher,
+        model=MODEL,
+        n_features=1,
+        limits=EngineLimits(16, 64, 8, 4),
+        events=EngineEvents(step_outcomes=counted.update),
+    )
+
+    async def scenario() -> None:
+        for sid in ("c1", "c2", "c3"):
+            await engine.create(sid, None)
+        request = asyncio.ensure_future(
+            engine.step_many([step(sid, [0.5]) for sid in ("c1", "c2", "c3")])
+        )
+        await asyncio.sleep(0.1)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.sleep(0.6)  # the shielded lane finishes
+        assert [(await engine.get(s)).t for s in ("c1", "c2", "c3")] == [1, 1, 1]
+
+    run(scenario())
+    assert counted["applied"] == 3
+
+
+def test_a_store_that_evicts_restores_the_newest_sessions_that_fit(tmp_path: Path) -> None:
+    from service.snapshot import restore_sessions, save_sessions
+
+    def store_of(max_sessions: int, evict: bool) -> Engine:
+        pool = StatePool(2, 8, 1, max_sessions, "cpu")
+        store = SessionStore(pool, StoreLimits(max_sessions, 60, 60, evict, 10))
+        return Engine(
+            EmbeddedBackend(store),
+            MicroBatcher(tiny_model(), pool),
+            model=MODEL,
+            n_features=1,
+            limits=EngineLimits(16, 64, 8, 4),
+        )
+
+    async def scenario() -> None:
+        old = store_of(8, False)
+        for i in range(3):
+            await old.create(f"e{i}", None)
+            await asyncio.sleep(0.01)  # distinct activity times: e0 the oldest
+        path = tmp_path / "s.snapshot"
+        save_sessions(path, old.store, old.blob_header)
+        small = store_of(2, True)
+        done = restore_sessions(path, small.store, small.check_blob, now=time.time())
+        assert (done.sessions, done.evicted) == (2, 1)
+        assert {s.id for s in small.store.sessions()} == {"e1", "e2"}
+
+    run(scenario())
