@@ -6,7 +6,7 @@ export BENTOML_DO_NOT_TRACK := true
 # BentoML's model store: $BENTOML_HOME, else bentoml_home/ in the checkout. Defined once, in
 # service/model_registry.py, which every entry point below goes through.
 
-.PHONY: install serve test test-fast lint train bench import-model clean
+.PHONY: install serve test test-fast lint train bench import-model clean image up down
 
 install: $(STAMP)
 
@@ -55,6 +55,18 @@ bench: $(STAMP)
 	$(PY) bench/model_bench.py --device cpu --block 20 --steps 1 $(BENCH_FLAGS)
 	$(PY) bench/load_bench.py $(BENCH_FLAGS)
 	$(PY) bench/scale_bench.py $(BENCH_FLAGS)
+
+# The Compose stack (docker-compose.yml): docker compose where a Docker engine answers, else
+# podman-compose; offline (no image registry) every image is built here from Debian's packages.
+# See deploy/stack.sh. `make down` keeps the named volume with the sessions (VOLUMES=1 removes it).
+image:
+	deploy/stack.sh image
+
+up:
+	deploy/stack.sh up
+
+down:
+	deploy/stack.sh down $(if $(VOLUMES),--volumes,)
 
 clean:
 	rm -rf $(VENV) bentoml_home .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -187,3 +189,59 @@ def test_nginx_resends_only_read_only_requests_and_forwards_streams() -> None:
     read_timeout = re.search(r"proxy_read_timeout (\d+)s;", stream)
     idle_default = Settings.model_fields["stream_idle_s"].default
     assert read_timeout and int(read_timeout.group(1)) > idle_default
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    """deploy/Dockerfile runs `pip install .`: every package pyproject lists must be in the
+    image's build (a missing `client/` made the image unbuildable before it was ever built)."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    copied = set(re.findall(r"^COPY (\S+)", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE))
+    for package in packages["packages"]:
+        top = package.split(".")[0]
+        assert top in copied, f"deploy/Dockerfile does not copy {top}/ that pip install . needs"
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    for top in {p.split(".")[0] for p in packages["packages"]} | {"models", "deploy/context"}:
+        assert f"!{top}/" in ignored, f".dockerignore keeps {top}/ out of the build context"
+
+
+def test_the_offline_override_swaps_image_names_only() -> None:
+    """deploy/compose.offline.yml may change image names, never the topology."""
+    override = compose("deploy/compose.offline.yml")
+    assert set(override) == {"services"}
+    main = compose()["services"]
+    for name, spec in override["services"].items():
+        assert name in main, f"the override adds a service: {name}"
+        assert set(spec) == {"image"}, f"{name}: the override changes {set(spec) - {'image'}}"
+
+
+def test_grafana_provisioning_is_consistent() -> None:
+    """Grafana is not started offline (no Debian package): its files are checked here instead.
+    The dashboard's panels use the provisioned datasource, and the provider loads a folder that
+    holds the dashboard."""
+    datasources = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    assert datasources["apiVersion"] == 1
+    uids = {d["uid"] for d in datasources["datasources"]}
+    assert all(d["type"] == "prometheus" for d in datasources["datasources"])
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/lstm.yml").read_text())
+    assert provider["apiVersion"] == 1 and provider["providers"][0]["type"] == "file"
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/lstm-sessions.json").read_text())
+    assert dashboard["uid"] and dashboard["panels"]
+
+    def used(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("datasource"), dict):
+                yield node["datasource"]["uid"]
+            for value in node.values():
+                yield from used(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from used(value)
+
+    refs = set(used(dashboard))
+    assert refs and refs <= uids, f"panels use datasources nobody provisions: {refs - uids}"
+    for panel in dashboard["panels"]:
+        assert [t["expr"] for t in panel.get("targets", [])], f"panel {panel.get('title')} is empty"
