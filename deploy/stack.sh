@@ -178,6 +178,9 @@ down() {
   return 0
 }
 
+# Decided once, here: subshells (process substitutions) see the exported answer.
+if offline; then export LSTM_OFFLINE=1; else export LSTM_OFFLINE=0; fi
+
 case "${1:-}" in
   base) if offline; then base_image; fi ;;
   image) build_images ;;
