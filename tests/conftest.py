@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "acsf1-forecaster"
 
 
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    from tests.servers import REPORT
+
+    lines = config.stash.get(REPORT, [])
+    if lines:
+        terminalreporter.section("reported by the tests")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def held_out_series() -> list[np.ndarray]:
     """The shipped model's held-out ACSF1 test appliances, (1460, 1) each."""

@@ -14,12 +14,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 PROCESS_GROUPS: dict[str, int] = {}  # server URL -> process group, for kill -9 tests
 PROCESSES: dict[str, subprocess.Popen[bytes]] = {}  # server URL -> the process started
+
+
+# Lines a test wants in the run's output whatever the capture (the containers' timings, what was
+# not started): conftest prints them in the terminal summary. Here, not in conftest, so that the
+# tests and conftest share one key (conftest is imported under a name of its own).
+REPORT = pytest.StashKey[list[str]]()
 
 
 def kill_hard(url: str) -> None:

@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 
 from tests.proxied import offline, prom_query, stream_messages
-from tests.servers import free_port
-from tests.topology import ROOT
+from tests.servers import REPORT, free_port
+from tests.topology import ROOT, compose
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
@@ -60,6 +60,7 @@ class Stack:
     env: dict[str, str]
     logs: Path
     timings: dict[str, float] = field(default_factory=dict)
+    up_at: float = 0.0
 
     def run(self, *args: str, check: bool = True) -> str:
         done = subprocess.run([self.engine, *args], capture_output=True, text=True, timeout=120)
@@ -110,10 +111,8 @@ class Stack:
 
 
 def report(request: pytest.FixtureRequest, line: str) -> None:
-    """A line in the test run's output whatever the capture mode (timings, what was skipped)."""
-    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
-    if terminal is not None:
-        terminal.write_line(f"[deploy] {line}")
+    """A line in the run's terminal summary, whatever the capture (timings, what was skipped)."""
+    request.config.stash.setdefault(REPORT, []).append(f"[deploy] {line}")
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +147,7 @@ def stack(
         stack.timings["base image"] = time.monotonic() - started
         stack.timings["images"] = stack.make("image", log="image.log")
         stack.timings["up"] = stack.make("up", log="up.log")
+        stack.up_at = time.monotonic()
         grafana_started = bool(stack.run("ps", *stack.label("grafana"), "--format", "{{.Names}}"))
         if not grafana_started:
             note = (
@@ -233,6 +233,23 @@ def test_the_readme_examples_and_the_session_contract_work_through_nginx(
     missing = post(stack, "/v1/sessions/get", {"session_id": "nobody-here"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"
     assert post(stack, "/v1/sessions/get", {"session_id": sid}).json()["t"] == 24
+
+
+def test_every_healthcheck_of_the_compose_file_passes_in_its_container(stack: Stack) -> None:
+    """Each service's compose healthcheck, run in its running container as Docker would run it
+    (podman without systemd never runs them itself, so nothing else would notice a broken one)."""
+    for name, spec in compose()["services"].items():
+        if not stack.run("ps", *stack.label(name), "--format", "{{.Names}}"):
+            continue  # grafana, offline
+        kind, *command = spec["healthcheck"]["test"]
+        assert kind == "CMD", f"{name}: {kind}"
+        done = subprocess.run(
+            [stack.engine, "exec", stack.container(name), *command],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, f"{name}'s healthcheck fails: {done.stdout} {done.stderr}"
 
 
 @dataclass
@@ -428,6 +445,7 @@ def test_prometheus_scrapes_both_replicas_and_alerts_when_one_is_down(stack: Sta
 
 
 def test_make_down_leaves_only_the_named_volume(stack: Stack) -> None:
+    stack.timings["tests"] = time.monotonic() - stack.up_at
     stack.timings["down"] = stack.make("down", log="down.log")
     left = stack.left_behind()
     assert left["containers"] == [] and left["networks"] == [], left
