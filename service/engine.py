@@ -29,6 +29,7 @@ from service.backends import Backend
 from service.batcher import MicroBatcher, inputs_digest
 from service.errors import (
     BlobCorrupted,
+    BlobSignatureInvalid,
     ChunkTooLong,
     HorizonTooLong,
     NoObservations,
@@ -41,7 +42,14 @@ from service.errors import (
 from service.results import Outputs, StepDone
 from service.schemas import SESSION_ID_PATTERN, Step
 from service.sessions import Session
-from service.state_blob import BlobError, SessionState, check_blob, decode, encode
+from service.state_blob import (
+    BlobError,
+    SessionState,
+    SignatureError,
+    check_blob,
+    decode,
+    encode,
+)
 
 
 @dataclass(frozen=True)
@@ -148,8 +156,10 @@ class Engine:
         n_features: int,
         limits: EngineLimits,
         events: EngineEvents | None = None,
+        blob_key: bytes | None = None,
     ) -> None:
         self.backend = backend
+        self.blob_key = blob_key  # LSTM_BLOB_KEY: exports are signed with it, imports need it
         self.store = backend.store
         self.batcher = batcher
         self.model = model  # (name, version): what blobs are bound to
@@ -227,23 +237,25 @@ class Engine:
     async def export(self, session_id: str) -> tuple[SessionView, bytes]:
         """The session and its state as a blob bound to this model version."""
         async with self.locked(session_id, verify=True) as session:
-            blob = encode(self.store.pool.read(session.slot), self.blob_header(session))
+            state = self.store.pool.read(session.slot)
+            blob = encode(state, self.blob_header(session), self.blob_key)
             return SessionView.of(session), blob
 
     async def import_blob(
         self, blob: bytes, session_id: str | None, ttl_s: float | None
     ) -> SessionView:
         """A session continuing where an exported one was (under ``session_id``, default the
-        exported id); BlobCorrupted or ModelMismatch, and nothing created, if the blob is not one
-        of this model's."""
+        exported id); nothing created if the blob is not one of this model's (ModelMismatch), is
+        damaged (BlobCorrupted), not signed with this deployment's key (BlobSignatureInvalid), or
+        holds what no session of this model can (BlobOutOfRange)."""
         try:
-            header, state = decode(blob)
+            header, state = decode(blob, self.blob_key)
             session_id = session_id or header["session_id"]
             t = header["t"]
             if not (isinstance(session_id, str) and re.fullmatch(SESSION_ID_PATTERN, session_id)):
                 raise ValueError(f"session id {session_id!r} does not match {SESSION_ID_PATTERN}")
-            if not (isinstance(t, int) and t >= 0):
-                raise ValueError(f"t must be a non-negative integer, not {t!r}")
+        except SignatureError as e:
+            raise BlobSignatureInvalid(f"the blob was refused: {e}") from None
         except (BlobError, ValueError, KeyError) as e:
             raise BlobCorrupted(f"the blob was refused: {e}") from None
         self.check_blob(header, state)

@@ -101,6 +101,19 @@ class BlobCorrupted(ServiceError):
     status, code = 422, "blob_corrupted"
 
 
+class BlobSignatureInvalid(ServiceError):
+    """An import whose blob is unsigned, or signed with another key, where LSTM_BLOB_KEY is set
+    (or signed where it is not: nothing to check it with)."""
+
+    status, code = 422, "blob_signature_invalid"
+
+
+class BlobOutOfRange(ServiceError):
+    """A blob, intact, whose t or values no session of this model can have."""
+
+    status, code = 422, "blob_out_of_range"
+
+
 class ModelMismatch(ServiceError):
     status, code = 409, "model_mismatch"
 

@@ -140,6 +140,8 @@ OPERATIONS: tuple[Operation, ...] = (
         SessionInfo,
         (
             e.BlobCorrupted,
+            e.BlobSignatureInvalid,
+            e.BlobOutOfRange,
             e.ModelMismatch,
             e.SessionExists,
             e.TTLTooLong,

@@ -292,6 +292,7 @@ class LSTMSessions:
             self.batcher,
             model=(self.checkpoint.name, self.checkpoint.version),
             n_features=config.n_features,
+            blob_key=settings.blob_key.get_secret_value().encode() if settings.blob_key else None,
             limits=EngineLimits(
                 max_chunk=settings.max_chunk,
                 max_predict_len=settings.max_predict_len,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.schemas import (
@@ -117,6 +117,14 @@ class Settings(BaseSettings):
         Path("state/sessions.snapshot"),
         description="where the embedded store writes its sessions at shutdown and reads them at "
         "start; empty: no snapshot",
+    )
+
+    blob_key: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="signs exported session blobs (HMAC-SHA256) and is required to import one: "
+        "a blob made or altered by anyone without the key is refused; at least 32 characters, "
+        "the same on every deployment that exchanges blobs; unset: blobs carry a checksum only",
     )
 
     @field_validator("snapshot_path", mode="before")

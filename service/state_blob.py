@@ -2,17 +2,23 @@
 
 Layout (version 1)::
 
-    b"LSTMSTATE1\\n" | u32 header length | header JSON | float32 payload | SHA-256 of all before
+    b"LSTMSTATE1\\n" | u32 header length | header JSON | float32 payload | digest of all before
 
-The header names the model (name and version) the state belongs to, the shapes, ``t`` and the
-session's times; the payload is h and c (layers x hidden each), then the forecast already made for
-the next value (mean and std, one per feature), little-endian float32. A blob whose checksum
-does not match, or that belongs to another model version, is refused.
+The header names the model (name and version) the state belongs to, the shapes, ``t``, the
+session's times and whether the blob is ``signed``; the payload is h and c (layers x hidden each),
+then the forecast already made for the next value (mean and std, one per feature), little-endian
+float32. The digest is an HMAC-SHA256 under the deployment's key (``LSTM_BLOB_KEY``) when the blob
+is signed, a plain SHA-256 otherwise: the first proves who made the blob, the second only that it
+was not damaged (anyone can compute it for a blob of their own making).
+
+Nothing in a blob is trusted before ``check_blob``: the model version, the shapes, ``t`` and every
+value's range (what the LSTM can produce from its zero state in ``t`` steps).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 from dataclasses import dataclass
@@ -28,6 +34,16 @@ DIGEST = 32
 
 class BlobError(ValueError):
     """A blob that is corrupted, tampered with, or of another format."""
+
+
+class SignatureError(BlobError):
+    """A blob whose signature is missing, wrong, or cannot be checked here."""
+
+
+def digest(body: bytes, key: bytes | None) -> bytes:
+    if key is None:
+        return hashlib.sha256(body).digest()
+    return hmac.new(key, body, hashlib.sha256).digest()
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,8 @@ class SessionState:
         ]
 
 
-def encode(state: SessionState, header: dict[str, Any]) -> bytes:
+def encode(state: SessionState, header: dict[str, Any], key: bytes | None = None) -> bytes:
+    """The blob of ``state``: signed with ``key`` (HMAC-SHA256) if given, else checksummed."""
     arrays = state.arrays()
     full_header = {
         **header,
@@ -54,27 +71,46 @@ def encode(state: SessionState, header: dict[str, Any]) -> bytes:
         "hidden": arrays[0].shape[1],
         "features": arrays[2].shape[0],
         "dtype": "float32",
+        "signed": key is not None,
     }
     head = json.dumps(full_header, sort_keys=True, separators=(",", ":")).encode()
     payload = b"".join(a.astype("<f4").tobytes() for a in arrays)
     body = MAGIC + struct.pack("<I", len(head)) + head + payload
-    return body + hashlib.sha256(body).digest()
+    return body + digest(body, key)
 
 
-def decode(blob: bytes) -> tuple[dict[str, Any], SessionState]:
-    """The header and state of a blob; BlobError if it is not intact."""
+def decode(blob: bytes, key: bytes | None = None) -> tuple[dict[str, Any], SessionState]:
+    """The header and state of a blob; BlobError if it is not intact, SignatureError if ``key``
+    is given and the blob is not signed with it, or the blob is signed and no key is given."""
     if not blob.startswith(MAGIC):
         raise BlobError("not a session state blob (unknown format)")
-    body, digest = blob[:-DIGEST], blob[-DIGEST:]
-    if len(blob) < len(MAGIC) + 4 + DIGEST or hashlib.sha256(body).digest() != digest:
-        raise BlobError("the session state blob is corrupted or was modified (checksum mismatch)")
+    if len(blob) < len(MAGIC) + 4 + DIGEST:
+        raise BlobError("the session state blob is truncated")
+    body, theirs = blob[:-DIGEST], blob[-DIGEST:]
     (head_len,) = struct.unpack_from("<I", body, len(MAGIC))
     start = len(MAGIC) + 4
     try:
+        # Read before it is verified, only to learn which digest to check: JSON, no more.
         header = json.loads(body[start : start + head_len])
+        if not isinstance(header, dict):
+            raise TypeError("the header is not an object")
+        signed = header.get("signed", False)
+    except (ValueError, TypeError) as e:
+        raise BlobError(f"the session state blob has an unreadable header: {e}") from e
+    if signed is not True and key is not None:
+        raise SignatureError("the blob is not signed, and this service accepts signed blobs only")
+    if signed is True and key is None:
+        raise SignatureError("the blob is signed, and this service has no key to check it with")
+    if not hmac.compare_digest(digest(body, key), theirs):
+        if key is not None:
+            raise SignatureError("the blob's signature does not match: forged, or another key's")
+        raise BlobError("the session state blob is corrupted or was modified (checksum mismatch)")
+    try:
         layers, hidden, features = (int(header[k]) for k in ("layers", "hidden", "features"))
     except (ValueError, KeyError, TypeError) as e:
         raise BlobError(f"the session state blob has an unreadable header: {e}") from e
+    if header.get("dtype") != "float32" or min(layers, hidden, features) < 1:
+        raise BlobError("the session state blob's header has impossible shapes or dtype")
     payload = np.frombuffer(body, dtype="<f4", offset=start + head_len)
     sizes = [layers * hidden, layers * hidden, features, features]
     if payload.size != sum(sizes):
@@ -97,8 +133,10 @@ def check_blob(
     features: int,
 ) -> None:
     """Whether a decoded blob may become a session here: of this ``model`` (name, version), of
-    its ``shape`` (layers, hidden) and ``features``, finite. ModelMismatch or BlobCorrupted."""
-    from service.errors import BlobCorrupted, ModelMismatch
+    its ``shape`` (layers, hidden) and ``features``, and within what the model can produce.
+    ModelMismatch, BlobCorrupted, or BlobOutOfRange."""
+    from service.errors import BlobCorrupted, BlobOutOfRange, ModelMismatch
+    from service.schemas import SEQ_CEILING, VALUE_CEILING
 
     theirs = (header.get("model"), header.get("model_version"))
     if theirs != model:
@@ -112,3 +150,16 @@ def check_blob(
     tensors = (state.h, state.c, state.next_mean, state.next_std)
     if not all(bool(torch.isfinite(a).all()) for a in tensors):
         raise BlobCorrupted("the blob was refused: the state holds NaN or infinite values")
+    t = header.get("t")
+    if not (type(t) is int and 0 <= t <= SEQ_CEILING):
+        raise BlobOutOfRange(f"the blob was refused: t must be an integer in [0, {SEQ_CEILING}]")
+    # h = o * tanh(c) lies in [-1, 1]; each step adds i * g, in [-1, 1], to f * c with f in
+    # [0, 1], so after t steps from the zero state |c| <= t. Slack for float32 rounding only.
+    if float(state.h.abs().max()) > 1.0 + 1e-6:
+        raise BlobOutOfRange("the blob was refused: |h| > 1, which no LSTM state reaches")
+    if float(state.c.abs().max()) > t * (1 + 1e-5) + 1e-6:
+        raise BlobOutOfRange(f"the blob was refused: |c| exceeds t = {t}, which no LSTM reaches")
+    if float(state.next_mean.abs().max()) > VALUE_CEILING:
+        raise BlobOutOfRange(f"the blob was refused: a forecast mean beyond {VALUE_CEILING:g}")
+    if not (float(state.next_std.min()) > 0 and float(state.next_std.max()) <= VALUE_CEILING):
+        raise BlobOutOfRange(f"the blob was refused: a forecast std not in (0, {VALUE_CEILING:g}]")
