@@ -269,7 +269,12 @@ class LSTMSessions:
             self.backend = EmbeddedBackend(store)
         else:
             warn_if_redis_is_down(settings.redis_url)
-            redis = RedisState(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            redis = RedisState(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_s,
+                wait_replicas=settings.redis_wait_replicas,
+                wait_timeout_ms=settings.redis_wait_timeout_ms,
+            )
             header = {"model": self.checkpoint.name, "model_version": self.checkpoint.version}
             self.backend = RedisBackend(store, redis, header)
         self.store = store

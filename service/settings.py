@@ -109,10 +109,21 @@ class Settings(BaseSettings):
     tombstones: int = Field(100_000, ge=0, description="expired/evicted ids remembered for 404s")
     redis_url: str | None = Field(
         None,
-        pattern=r"^(redis|rediss|unix)://",
-        description="durable sessions in Redis, shared by replicas; unset: the embedded store",
+        pattern=r"^(redis|rediss|unix|redis\+cluster|rediss\+cluster)://",
+        description="durable sessions in Redis, shared by replicas; "
+        "redis+cluster://host:port,host:port for a Redis Cluster; unset: the embedded store",
     )
     redis_timeout_s: float = Field(1.0, gt=0, le=30, description="per Redis command")
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="a write is answered only once this many Redis replicas have it (WAIT): 1 "
+        "with a replica per master, so a failover loses no acknowledged step; 0: no wait",
+    )
+    redis_wait_timeout_ms: int = Field(
+        500, ge=1, le=60_000, description="how long a write waits for its replicas (503 after)"
+    )
     snapshot_path: Path | None = Field(
         Path("state/sessions.snapshot"),
         description="where the embedded store writes its sessions at shutdown and reads them at "
@@ -126,6 +137,15 @@ class Settings(BaseSettings):
         "a blob made or altered by anyone without the key is refused; at least 32 characters, "
         "the same on every deployment that exchanges blobs; unset: blobs carry a checksum only",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _cluster_url_names_nodes(cls, value: str | None) -> str | None:
+        from service.redis_state import cluster_nodes
+
+        if value is not None:
+            cluster_nodes(value)  # ValueError naming the part that is not host:port
+        return value
 
     @field_validator("snapshot_path", mode="before")
     @classmethod

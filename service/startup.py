@@ -202,9 +202,16 @@ def tune_gc() -> None:
 def warn_if_redis_is_down(url: str) -> None:
     import redis
 
+    from service.redis_state import cluster_nodes
+
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
-    except (redis.RedisError, OSError) as e:
+        nodes = cluster_nodes(url)
+        if nodes is None:
+            redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+        else:  # a cluster is up enough to start on if one of its nodes answers
+            host, port = nodes[0]
+            redis.Redis(host=host, port=port, socket_connect_timeout=1, socket_timeout=1).ping()
+    except (redis.RedisError, OSError, ValueError) as e:
         log.warning(
             "Redis at %s does not answer (%s): steps answer 503 store_unavailable and "
             "/readyz 503 until it does; check that Redis runs and LSTM_REDIS_URL",

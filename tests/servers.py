@@ -238,3 +238,134 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(timeout=15)
             self.proc = None
+
+
+def cluster_ports(n: int) -> list[int]:
+    """Free loopback ports for cluster nodes: each at most 55535, and its cluster bus port (the
+    port + 10000) free too."""
+    import random
+
+    found: list[int] = []
+    while len(found) < n:
+        port = random.randint(20_000, 45_000)
+        if port in found:
+            continue
+        try:
+            for p in (port, port + 10_000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        found.append(port)
+    return found
+
+
+class RedisClusterServers:
+    """A real Redis Cluster on loopback: three masters and three replicas of Debian's
+    redis-server, each its own process (``kill`` one, ``start`` it again: it rejoins)."""
+
+    def __init__(self, directory: Path, node_timeout_ms: int = 1000) -> None:
+        self.binary = need_binary("redis-server")
+        self.cli = need_binary("redis-cli")
+        self.directory = directory
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = cluster_ports(6)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+
+    def start_node(self, port: int) -> None:
+        node_dir = self.directory / str(port)
+        node_dir.mkdir(exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--dir",
+                str(node_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_for(lambda: self.command(port, "PING") == "PONG", f"node {port} to start")
+
+    def command(self, port: int, *args: str) -> str:
+        done = subprocess.run(
+            [self.cli, "-p", str(port), *args], capture_output=True, text=True, timeout=10
+        )
+        return done.stdout.strip()
+
+    @staticmethod
+    def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                if check():
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"waited {timeout_s} s for {what}")
+
+    def start(self) -> None:
+        for port in self.ports:
+            self.start_node(port)
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        done = subprocess.run(
+            [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        self.wait_for(lambda: self.healthy(replicated=True), "the cluster to be ok")
+
+    def healthy(self, replicated: bool = False) -> bool:
+        """Every live node says ok and three live masters serve all the slots; ``replicated``:
+        and each master has a replica in sync (WAIT 1 answers only then)."""
+        live = [p for p, proc in self.procs.items() if proc.poll() is None]
+        if not all("cluster_state:ok" in self.command(p, "CLUSTER", "INFO") for p in live):
+            return False
+        masters = self.masters()
+        if replicated:
+            info = [self.command(p, "INFO", "replication") for p in masters]
+            return len(masters) == 3 and all("state=online" in i for i in info)
+        return len(masters) == 3
+
+    def masters(self) -> list[int]:
+        """The ports of the live masters that hold slots."""
+        found = []
+        asked = next(p for p, proc in self.procs.items() if proc.poll() is None)
+        for line in self.command(asked, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            live = "fail" not in fields[2] and fields[7] == "connected"
+            if "master" in fields[2] and live and len(fields) > 8:
+                found.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
+        return found
+
+    def kill(self, port: int) -> None:
+        self.procs[port].kill()  # SIGKILL: no shutdown, no last write
+        self.procs[port].wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()

@@ -30,7 +30,7 @@ from service.errors import (
 from service.redis_state import RedisState
 from service.schemas import Step
 from service.sessions import SessionStore, StatePool, StoreLimits
-from tests.servers import RedisServer
+from tests.servers import RedisClusterServers, RedisServer
 
 MODEL = ("tiny", "v1")
 
@@ -51,11 +51,23 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 Factory = Callable[[], Engine]
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(scope="module")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    servers = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
+    try:
+        servers.start()
+        yield servers.url
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(params=["local", "redis", "cluster"])
 def engines(request: pytest.FixtureRequest) -> Factory:
-    """Engines on one backend: each call is another replica (on Redis they share its sessions)."""
+    """Engines on one backend: each call is another replica (on Redis they share its sessions);
+    "cluster": a Redis Cluster of three masters, keys hash-tagged per session."""
     local = request.param == "local"
-    url = None if local else request.getfixturevalue("redis_url")
+    fixture = {"redis": "redis_url", "cluster": "redis_cluster_url"}.get(request.param)
+    url = None if fixture is None else request.getfixturevalue(fixture)
     model = tiny_model()
 
     def make() -> Engine:
@@ -199,7 +211,7 @@ def test_an_exported_session_continues_elsewhere_exactly(engines: Factory) -> No
     run(scenario())
 
 
-@pytest.mark.parametrize("engines", ["redis"], indirect=True)  # replicas share only via Redis
+@pytest.mark.parametrize("engines", ["redis", "cluster"], indirect=True)  # shared only via Redis
 def test_two_replicas_of_redis_step_one_session_exactly(engines: Factory) -> None:
     async def scenario() -> None:
         a, b = engines(), engines()
