@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) bench/model_bench.py --device cpu --block 20 --steps 1 $(BENCH_FLAGS)
 	$(PY) bench/load_bench.py $(BENCH_FLAGS)
 	$(PY) bench/scale_bench.py $(BENCH_FLAGS)
+	$(PY) bench/store_bench.py $(BENCH_FLAGS)
 
 # The Compose stack (docker-compose.yml): docker compose where a Docker engine answers, else
 # podman-compose; offline (no image registry) every image is built here from Debian's packages.
