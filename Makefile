@@ -64,10 +64,10 @@ image:
 	deploy/stack.sh image
 
 up:
-	deploy/stack.sh up
+	$(if $(TLS),LSTM_TLS=1 ,)deploy/stack.sh up
 
 down:
-	deploy/stack.sh down $(if $(VOLUMES),--volumes,)
+	$(if $(TLS),LSTM_TLS=1 ,)deploy/stack.sh down $(if $(VOLUMES),--volumes,)
 
 clean:
 	rm -rf $(VENV) bentoml_home .pytest_cache .mypy_cache .ruff_cache

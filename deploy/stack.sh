@@ -17,6 +17,9 @@
 # (deploy/offline.Dockerfile); deploy/compose.offline.yml swaps those image names in and nothing
 # else. Grafana has no Debian package, so offline it is not started (said when it is skipped).
 #
+# TLS at nginx: LSTM_TLS=1 adds docker-compose.tls.yml (certificate and key from LSTM_TLS_DIR,
+# https on LSTM_TLS_PORT, 8443).
+#
 # Settings (environment): COMPOSE_PROJECT_NAME (default lstm-sessions), LSTM_OFFLINE
 # (auto | 1 | 0), LSTM_PUBLIC_PORT / PROMETHEUS_PORT / GRAFANA_PORT (host ports, as in the
 # compose file), REDIS_APPENDFSYNC (everysec; see the compose file), LSTM_UP_TIMEOUT_S (180).
@@ -42,6 +45,7 @@ engine() {
 compose() {
   local files=(-f docker-compose.yml)
   if offline; then files+=(-f deploy/compose.offline.yml); fi
+  if [ "${LSTM_TLS:-0}" = 1 ]; then files+=(-f docker-compose.tls.yml); fi
   if [ "$(engine)" = docker ]; then
     docker compose "${files[@]}" -p "$COMPOSE_PROJECT_NAME" "$@"
   elif command -v podman-compose >/dev/null; then
