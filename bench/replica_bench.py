@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.load_bench import (
+from load_bench import (  # this directory: run as a script, like load_bench
     RUNS,
     SERVER_ENV,
     CpuMeter,
@@ -43,6 +43,7 @@ from bench.load_bench import (
     quantile_ms,
     step_body,
 )
+
 from tests.servers import PROCESS_GROUPS, RedisServer, bentoml_server, free_port
 from tests.topology import render_nginx
 
