@@ -40,11 +40,13 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
+import itertools
 import json
 import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -59,7 +61,7 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.servers import PROCESS_GROUPS, bentoml_server
+from tests.servers import PROCESS_GROUPS, bentoml_server, serve_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -75,6 +77,7 @@ MANY_REQUESTERS = 2
 JSON_HEADERS = {"Content-Type": "application/json"}
 SERVER_ENV = {"LSTM_MAX_SESSIONS": "50000", "LSTM_SNAPSHOT_PATH": ""}
 
+RUNS_MADE = itertools.count()  # fresh session ids for each run of a scenario
 Worker = Coroutine[Any, Any, None]
 MakeWorkers = Callable[[aiohttp.ClientSession, "Window", list[str]], list[Worker]]
 
@@ -449,7 +452,7 @@ class Bench:
         tries: list[Row] = []
         for attempt in range(1 + (BUSY_RETRIES if self.quiet_wait else 0)):
             waited = wait_for_quiet(self.quiet_wait) if self.quiet_wait else 0.0
-            prefix = f"{scenario}-c{concurrency}-{attempt}"
+            prefix = f"{scenario}-c{concurrency}-{attempt}-{next(RUNS_MADE)}"  # rounds repeat
             tries.append(await self.once(scenario, concurrency, limit, make, ids, prefix))
             tries[-1].extra["waited_for_quiet_s"] = waited
             if not is_busy(tries[-1]):
@@ -537,14 +540,25 @@ def skipped(scenario: str, concurrencies: tuple[int, ...], why: str) -> list[Row
     return [Row(scenario, c, note=f"skipped: {why}") for c in concurrencies]
 
 
+def naive_command(port: int) -> list[str]:
+    return [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--port", str(port)]
+
+
 @contextlib.contextmanager
-def server(name: str, env: dict[str, str], log_dir: Path) -> Iterator[tuple[str, ServerCpu]]:
+def server(
+    name: str,
+    env: dict[str, str],
+    log_dir: Path,
+    command: Callable[[int], list[str]] = serve_command,
+) -> Iterator[tuple[str, ServerCpu]]:
     """A server, tried twice: the service may be caught mid-edit by someone working on it."""
     log = log_dir / f"server-{name}.log"
     with contextlib.ExitStack() as stack:
         for attempt in (1, 2):
             try:
-                url = stack.enter_context(bentoml_server({**SERVER_ENV, **env}, log=log))
+                url = stack.enter_context(
+                    bentoml_server({**SERVER_ENV, **env}, log=log, command=command)
+                )
                 break
             except (RuntimeError, TimeoutError) as e:
                 print(f"  server {name} did not start ({e}); log: {log}", flush=True)
@@ -552,6 +566,29 @@ def server(name: str, env: dict[str, str], log_dir: Path) -> Iterator[tuple[str,
                     raise
                 time.sleep(5)
         yield url, ServerCpu(PROCESS_GROUPS[url])
+
+
+def run_side_by_side(runner: asyncio.Runner, opts: Options, log_dir: Path) -> list[Row]:
+    """The HTTP step on our batched server and on the naive one (bench/naive_server.py), both up
+    at once and measured in alternating rounds, so that whatever else loads the machine weighs on
+    both alike; ``--repeat`` rounds, the first server of each round alternating."""
+    rows: list[Row] = []
+    with (
+        server("batched", opts.server_env, log_dir) as (url, cpu),
+        server("naive", {}, log_dir, command=naive_command) as (naive_url, naive_cpu),
+    ):
+        ours = ("http_batched", Bench(url, cpu, opts.warmup, opts.duration, opts.wait_quiet))
+        naive = (
+            "http_naive",
+            Bench(naive_url, naive_cpu, opts.warmup, opts.duration, opts.wait_quiet),
+        )
+        for r in range(opts.repeat):
+            for c in opts.concurrencies:
+                for scenario, bench in (ours, naive) if r % 2 == 0 else (naive, ours):
+                    rows.append(runner.run(bench.http_step(scenario, c)))
+                    rows[-1].extra["round"] = r
+                    print_progress(rows[-1])
+    return rows
 
 
 def run_batched_server(runner: asyncio.Runner, opts: Options, log_dir: Path) -> list[Row]:
@@ -563,8 +600,6 @@ def run_batched_server(runner: asyncio.Runner, opts: Options, log_dir: Path) -> 
             rows.append(runner.run(coro))
             print_progress(rows[-1])
 
-        for c in opts.concurrencies:
-            go(bench.http_step("http_batched", c))
         for path, scenario, make in (
             ("/v1/ping", "ping", bench.ping),
             ("/v1/stream", "websocket", bench.websocket),
@@ -717,6 +752,79 @@ def find(
 
 
 @dataclass
+class Versus:
+    """Our HTTP step against the naive server's at one concurrency: medians over the rounds, and
+    the spread (lowest, highest) of the per-round ratio."""
+
+    concurrency: int
+    rounds: int
+    ours_req_s: float
+    naive_req_s: float
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    ours_p50_ms: float
+    ours_p99_ms: float
+    naive_p50_ms: float
+    naive_p99_ms: float
+
+
+def _med(values: list[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else math.nan
+
+
+def versus(rows: list[Row]) -> list[Versus]:
+    out = []
+    for c in sorted({r.concurrency for r in rows if r.scenario == "http_naive"}):
+        rounds: dict[int, dict[str, Row]] = {}
+        for r in rows:
+            if (
+                r.concurrency == c
+                and r.scenario in ("http_batched", "http_naive")
+                and "round" in r.extra
+                and r.req_s is not None
+            ):
+                rounds.setdefault(r.extra["round"], {})[r.scenario] = r
+        pairs = [(d["http_batched"], d["http_naive"]) for d in rounds.values() if len(d) == 2]
+        if not pairs:
+            continue
+        ratios = [o.req_s / n.req_s for o, n in pairs if o.req_s and n.req_s]
+        out.append(
+            Versus(
+                c,
+                len(pairs),
+                _med([o.req_s for o, _ in pairs]),
+                _med([n.req_s for _, n in pairs]),
+                _med(list(ratios)),
+                min(ratios, default=math.nan),
+                max(ratios, default=math.nan),
+                _med([o.p50_ms for o, _ in pairs]),
+                _med([o.p99_ms for o, _ in pairs]),
+                _med([n.p50_ms for _, n in pairs]),
+                _med([n.p99_ms for _, n in pairs]),
+            )
+        )
+    return out
+
+
+def versus_table(vs: list[Versus]) -> str:
+    lines = [
+        "| clients | ours req/s | naive req/s | ours / naive (spread) | ours p50 / p99 ms "
+        "| naive p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in vs:
+        lines.append(
+            f"| {v.concurrency} | {fmt(v.ours_req_s)} | {fmt(v.naive_req_s)} "
+            f"| {v.ratio:.2f}x ({v.ratio_low:.2f}-{v.ratio_high:.2f}, {v.rounds} rounds) "
+            f"| {fmt(v.ours_p50_ms, 2)} / {fmt(v.ours_p99_ms, 2)} "
+            f"| {fmt(v.naive_p50_ms, 2)} / {fmt(v.naive_p99_ms, 2)} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
 class Target:
     name: str
     measured: str
@@ -739,10 +847,59 @@ def targets(rows: list[Row]) -> list[Target]:
         row = find(rows, scenario, c, history)
         return None if row is None else row.timesteps_s
 
-    batched, ws = find(rows, "http_batched", 64), ts("websocket", 64)
+    ws = ts("websocket", 64)
     many = [r.timesteps_s for r in rows if r.scenario == "step_many" and r.timesteps_s]
-    p99 = None if batched is None else batched.p99_ms
+    vs = {v.concurrency: v for v in versus(rows)}
+    naive_best = max((v.naive_req_s for v in vs.values()), default=None)
+    # the naive server's best HTTP step (1 timestep each): what these are measured against
+    naive_note = f" (naive server's best: {naive_best:,.0f})" if naive_best else ""
+    checks = []
+    for c in (16, 64, 256):
+        v = vs.get(c)
+        checks.append(
+            Target(
+                f"HTTP step at {c} >= 2.0x the naive server (median of the rounds' ratios)",
+                "not measured"
+                if v is None
+                else f"{v.ratio:.2f}x ({v.ratio_low:.2f}-{v.ratio_high:.2f}; "
+                f"{v.ours_req_s:,.0f} / {v.naive_req_s:,.0f} req/s)",
+                None if v is None else v.ratio >= 2.0,
+            )
+        )
+    one = vs.get(1)
+    checks.append(
+        Target(
+            "HTTP step at 1 >= 1.0x the naive server, p50 no higher",
+            "not measured"
+            if one is None
+            else f"{one.ratio:.2f}x, p50 {one.ours_p50_ms:.2f} vs {one.naive_p50_ms:.2f} ms",
+            None if one is None else one.ratio >= 1.0 and one.ours_p50_ms <= one.naive_p50_ms,
+        )
+    )
+    p99 = vs[64].ours_p99_ms if 64 in vs else None
+    checks.append(
+        Target(
+            "HTTP step p99 at 64 < 25 ms",
+            "not measured" if p99 is None else f"{p99:.1f} ms",
+            None if p99 is None else p99 < 25,
+        )
+    )
+    checks.append(
+        Target(
+            "WebSocket at 64 >= 15,000 timesteps/s",
+            "not measured" if ws is None else f"{ws:,.0f} timesteps/s{naive_note}",
+            None if ws is None else ws >= 15_000,
+        )
+    )
+    checks.append(
+        Target(
+            "step_many (best concurrency) >= 50,000 timesteps/s",
+            "not measured" if not many else f"{max(many):,.0f} timesteps/s{naive_note}",
+            None if not many else max(many) >= 50_000,
+        )
+    )
     return [
+        *checks,
         ratio_target(
             "batched HTTP step at 64 >= 1.3x unbatched",
             ts("http_batched", 64),
@@ -755,26 +912,11 @@ def targets(rows: list[Row]) -> list[Target]:
             ts("ping", 64),
             0.85,
         ),
-        Target(
-            "WebSocket at 64 >= 5,000 timesteps/s",
-            "not measured" if ws is None else f"{ws:,.0f} timesteps/s",
-            None if ws is None else ws >= 5000,
-        ),
-        Target(
-            "step_many (best concurrency) >= 20,000 timesteps/s",
-            "not measured" if not many else f"{max(many):,.0f} timesteps/s",
-            None if not many else max(many) >= 20_000,
-        ),
         ratio_target(
             "stateful step >= 10x predict with 256-step history (concurrency 16)",
             ts("http_batched", PREDICT_CONCURRENCY),
             ts("predict", PREDICT_CONCURRENCY, 256),
             10,
-        ),
-        Target(
-            "batched HTTP step p99 at 64 < 50 ms",
-            "not measured" if p99 is None else f"{p99:.1f} ms",
-            None if p99 is None else p99 < 50,
         ),
     ]
 
@@ -800,6 +942,7 @@ def machine() -> dict[str, Any]:
 
 SERIES = {
     "http_batched": "HTTP step, micro-batched",
+    "http_naive": "HTTP step, naive server (FastAPI)",
     "http_unbatched": "HTTP step, batching off",
     "websocket": "WebSocket stream",
     "step_many": "step_many (2 requesters)",
@@ -817,7 +960,11 @@ def plot(rows: list[Row], path: Path) -> None:
 
     fig, (thr, lat, bars) = plt.subplots(1, 3, figsize=(17, 5.2))
     for scenario, label in SERIES.items():
-        points = [r for r in rows if r.scenario == scenario and r.timesteps_s is not None]
+        first: dict[int, Row] = {}  # the first round of a repeated scenario
+        for r in rows:
+            if r.scenario == scenario and r.timesteps_s is not None:
+                first.setdefault(r.concurrency, r)
+        points = sorted(first.values(), key=lambda r: r.concurrency)
         if not points:
             continue
         style = "--" if scenario == "ping" or scenario.startswith("model") else "-"
@@ -864,6 +1011,8 @@ class Options:
     quick: bool
     server_env: dict[str, str]
     wait_quiet: float
+    repeat: int
+    versus_only: bool
 
 
 def parse_args() -> Options:
@@ -893,6 +1042,17 @@ def parse_args() -> Options:
         f"its CPU to fall under {QUIET_PCT:g}%%, and rerun (up to {BUSY_RETRIES} times) a "
         f"scenario during which other processes used over {BUSY_OTHER_PCT:g}%% of a core",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of the side-by-side HTTP step, ours vs the naive server (default 3)",
+    )
+    p.add_argument(
+        "--versus-only",
+        action="store_true",
+        help="only the side-by-side HTTP step (no WebSocket, step_many, predict, floor)",
+    )
     args = p.parse_args()
     server_env = dict(kv.split("=", 1) for kv in args.server_env)
     results = RESULTS if args.record else RUNS
@@ -906,6 +1066,8 @@ def parse_args() -> Options:
         quick=args.quick,
         server_env=server_env,
         wait_quiet=args.wait_quiet,
+        repeat=1 if args.quick else args.repeat,
+        versus_only=args.versus_only,
     )
 
 
@@ -924,12 +1086,18 @@ def main() -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="load-bench-logs-"))
     print(f"{opts.duration:g} s per scenario after {opts.warmup:g} s warm-up; logs in {log_dir}")
     with asyncio.Runner(loop_factory=new_loop) as runner:
-        rows = run_batched_server(runner, opts, log_dir)
-        rows += run_unbatched_server(runner, opts, log_dir)
-    rows += bench_model(opts.concurrencies, opts.duration, opts.wait_quiet)
+        rows = run_side_by_side(runner, opts, log_dir)
+        if not opts.versus_only:
+            rows += run_batched_server(runner, opts, log_dir)
+            rows += run_unbatched_server(runner, opts, log_dir)
+    if not opts.versus_only:
+        rows += bench_model(opts.concurrencies, opts.duration, opts.wait_quiet)
     wall = time.perf_counter() - began
 
     print("\n" + markdown_table(rows))
+    side = versus(rows)
+    print("\n## HTTP step, ours vs the naive server (bench/naive_server.py)\n")
+    print(versus_table(side))
     checks = targets(rows)
     print("\n## targets\n")
     for t in checks:
@@ -945,11 +1113,14 @@ def main() -> int:
             "wait_quiet_s": opts.wait_quiet,
             "server_env": {**SERVER_ENV, **opts.server_env},
             "unbatched_server_env": {"LSTM_MAX_BATCH": "1"},
+            "naive_server": "bench/naive_server.py (FastAPI async def, uvicorn uvloop/httptools)",
+            "versus_rounds": opts.repeat,
             "step_many_requesters": MANY_REQUESTERS,
             "cpu_pct": "% of one core over the measured window",
         },
         "wall_s": wall,
         "rows": [asdict(r) for r in rows],
+        "versus_naive": [asdict(v) for v in side],
         "targets": [{**asdict(t), "verdict": t.verdict} for t in checks],
         "server_logs": str(log_dir),
     }

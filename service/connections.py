@@ -28,6 +28,7 @@ import logging
 import resource
 from asyncio import TimerHandle
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -101,11 +102,13 @@ def fit_to_fd_limit(
     )
 
 
-def install(limits: ConnectionLimits) -> None:
-    """Make uvicorn's default HTTP protocol the guarded one, with ``limits``."""
+def install(limits: ConnectionLimits, front: Callable[[Any], Any] | None = None) -> None:
+    """Make uvicorn's default HTTP protocol the guarded one, with ``limits``; ``front(app)``: the
+    ASGI app that its requests go to, in front of uvicorn's (BentoML's) ``app``."""
     from uvicorn import config
 
     GuardedHttpToolsProtocol.limits = limits
+    GuardedHttpToolsProtocol.front = front
     config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedHttpToolsProtocol"
     config.HTTP_PROTOCOLS["httptools"] = f"{__name__}:GuardedHttpToolsProtocol"
 
@@ -169,9 +172,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     (see the module's docstring)."""
 
     limits: ClassVar[ConnectionLimits | None] = None
+    front: ClassVar[Callable[[Any], Any] | None] = None
+    _fronted: ClassVar[tuple[Any, Any] | None] = None  # (uvicorn's app, the app in front of it)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        front, fronted = GuardedHttpToolsProtocol.front, GuardedHttpToolsProtocol._fronted
+        if front is not None:
+            if fronted is None or fronted[0] is not self.app:  # made once, not per connection
+                fronted = GuardedHttpToolsProtocol._fronted = (self.app, front(self.app))
+            self.app = fronted[1]
         limits = self.limits
         assert limits is not None, "service.connections.install() was not called"
         self.guard = limits

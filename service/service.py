@@ -39,6 +39,7 @@ from service.backends import Backend, EmbeddedBackend, RedisBackend
 from service.batcher import BatchObserver, MicroBatcher
 from service.engine import Engine, EngineEvents, EngineLimits, SessionView
 from service.errors import BlobCorrupted, ServiceError
+from service.fast_routes import FastRoutes
 from service.http import ErrorContract, RefusalTracebacks, RequestDeadline
 from service.openapi import ALLOWED, Deployment, openapi_document
 from service.redis_state import RedisState
@@ -231,6 +232,7 @@ v1_app = Starlette(
 )
 
 SERVICE_NAME = "lstm_sessions"
+TRAFFIC_TIMEOUT_S = 60  # BentoML's traffic timeout: a request's deadline (RequestDeadline)
 
 
 @bentoml.asgi_app(ui_app, path="/ui")
@@ -238,7 +240,7 @@ SERVICE_NAME = "lstm_sessions"
 @bentoml.service(
     name=SERVICE_NAME,
     workers=1,
-    traffic={"timeout": 60},
+    traffic={"timeout": TRAFFIC_TIMEOUT_S},
     logging={"access": {"enabled": settings.access_log}},
     # A span per WebSocket message cost more than the step it traced; the connection is still
     # counted by lstm_streams_open and its steps by lstm_step_requests_total.
@@ -522,11 +524,37 @@ cast(Any, LSTMSessions).add_asgi_middleware(
 )
 RequestDeadline.install()
 RefusalTracebacks.install()
+
+
+async def _fast_step(body: Step) -> Any:
+    return await _current().engine.step(body)
+
+
+async def _fast_step_many(body: StepMany) -> Any:
+    return {"results": await _current().engine.step_many(body.items)}
+
+
+def fast_routes(app: Any) -> FastRoutes:
+    """The hot routes in front of BentoML's stack (service/fast_routes.py): the same bodies,
+    errors and metrics as the handlers above, without BentoML's per-request layers."""
+    return FastRoutes(
+        app,
+        {
+            "/v1/sessions/step": (Step, _fast_step),
+            "/v1/sessions/step_many": (StepMany, _fast_step_many),
+        },
+        max_body_bytes=settings.max_body_bytes,
+        timeout_s=TRAFFIC_TIMEOUT_S,
+        refused_at_edge=count_refused_step,
+    )
+
+
 connections.install(
     connections.fit_to_fd_limit(
         settings.max_connections,
         settings.header_timeout_s,
         settings.max_header_bytes,
         settings.keep_alive_s,
-    )
+    ),
+    front=fast_routes if settings.fast_routes else None,
 )

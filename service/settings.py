@@ -83,6 +83,11 @@ class Settings(BaseSettings):
         description="BentoML's per-request access log; off: it costs CPU on every step",
     )
     max_body_bytes: int = Field(2_000_000, ge=1024)
+    fast_routes: bool = Field(
+        True,
+        description="serve POST /v1/sessions/step and step_many in front of BentoML's "
+        "per-request stack (service/fast_routes.py); false: through it, as every other route",
+    )
     max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")
     torch_threads: int = Field(
         1,
