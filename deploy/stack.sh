@@ -96,11 +96,13 @@ base_image() {
   if image_exists "$BASE_IMAGE"; then return; fi
   command -v debootstrap >/dev/null || die "offline images need debootstrap (apt-get install debootstrap)"
   say "building the Debian 12 base image $BASE_IMAGE with debootstrap (about a minute, once)"
-  local root
+  local root status=0
   root=$(mktemp -d)
-  trap 'rm -rf "$root"' RETURN
-  debootstrap --variant=minbase bookworm "$root" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >/dev/null
-  tar -C "$root" -c . | "$(engine)" import - "$BASE_IMAGE" >/dev/null
+  # No RETURN trap: it would stay set and run again (root unset) when the caller returns.
+  debootstrap --variant=minbase bookworm "$root" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >/dev/null \
+    && tar -C "$root" -c . | "$(engine)" import - "$BASE_IMAGE" >/dev/null || status=$?
+  rm -rf "$root"
+  [ $status = 0 ] || die "building the base image failed ($status)"
 }
 
 build_images() {
@@ -143,11 +145,15 @@ up() {
   local services=()
   if offline; then
     mapfile -t services < <(compose config --services 2>/dev/null || yq_services)
-    local skip
+    local skip name kept=()
     for skip in "${OFFLINE_SKIPPED[@]}"; do
       say "$skip: not started offline (no Debian package, no registry); its provisioning is validated by the tests"
-      services=("${services[@]/$skip/}")
     done
+    for name in "${services[@]}"; do
+      [[ " ${OFFLINE_SKIPPED[*]} " == *" $name "* ]] || kept+=("$name")
+    done
+    [ ${#kept[@]} -gt 0 ] || die "could not list the compose file's services"
+    services=("${kept[@]}")
   fi
   # shellcheck disable=SC2046  # word splitting drops the emptied names
   compose up -d $(printf '%s ' "${services[@]}") >&2
@@ -186,6 +192,7 @@ down() {
 if offline; then export LSTM_OFFLINE=1; else export LSTM_OFFLINE=0; fi
 
 case "${1:-}" in
+  engine) engine ;;  # the engine the other commands use (the tests ask, to use the same)
   base) if offline; then base_image; fi ;;
   image) build_images ;;
   up) up ;;

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from service.rounds import (
 )
 from service.sessions import AppliedStep, Session, StatePool
 from service.state_blob import SessionState
+
+log = logging.getLogger("lstm_sessions.batcher")
 
 __all__ = ["BatchObserver", "Commit", "MicroBatcher", "Persister", "inputs_digest"]
 
@@ -165,6 +168,7 @@ class MicroBatcher:
             try:
                 await self._round(jobs)
             except Exception as e:  # never leave a caller waiting: fail what is unanswered
+                log.exception("a batch round failed; its %d requests answer 500", len(jobs))
                 failure = ModelFailure(f"the batcher failed: {type(e).__name__}")
                 for job in [*jobs, *self._deferred]:
                     job.settle(failure)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,13 @@ def cluster_nodes(url: str) -> list[tuple[str, int]] | None:
     return nodes
 
 
+def _applied(reply: Any) -> bool:
+    """Whether a script's reply says it wrote: CREATE and RESET answer 1, COMMIT {1, t}."""
+    if isinstance(reply, list):
+        return bool(reply) and reply[0] == 1
+    return reply == 1
+
+
 class RedisState:
     def __init__(
         self,
@@ -144,6 +152,8 @@ class RedisState:
             "retry_on_error": [ConnectionError, TimeoutError],
         }
         self.client: Any
+        self._nodes: dict[str, Any] = {}  # cluster: a plain client per master (_node_client)
+        self._node_options = dict(common)
         if nodes is None:
             self.client = aioredis.Redis.from_url(url, **common)
         else:
@@ -154,12 +164,14 @@ class RedisState:
             # The same single retry (common["retry"]): a dead master is given up on (the step
             # answers 503, its client retries with its seq) rather than retried for seconds
             # while its replica takes over.
+            auth: dict[str, Any] = {
+                "ssl": url.startswith("rediss+"),
+                "username": username or None,
+                "password": password or None,
+            }
+            self._node_options.update(auth)
             self.client = RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in nodes],
-                ssl=url.startswith("rediss+"),
-                username=username or None,
-                password=password or None,
-                **common,
+                startup_nodes=[ClusterNode(h, p) for h, p in nodes], **auth, **common
             )
         self._create = self.client.register_script(CREATE)
         self._commit = self.client.register_script(COMMIT)
@@ -170,40 +182,81 @@ class RedisState:
             return [f"lstm:s:{{{session_id}}}", f"lstm:k:{{{session_id}}}"]
         return [f"lstm:s:{session_id}", f"lstm:k:{session_id}"]
 
-    async def _replicated(self, session_ids: list[str]) -> None:
-        """Return once ``wait_replicas`` replicas hold the writes just made to these sessions'
-        keys (one WAIT per node involved), else StoreOutcomeUnknown."""
-        if self.wait_replicas == 0 or not session_ids:
-            return
-        args = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
-        try:
+    def _node_client(self, key: str) -> Any:
+        """A plain client of the master that holds ``key`` (cluster mode), made once per node:
+        a batch's scripts and its WAIT go on one connection of it, in one pipeline, since WAIT
+        counts only the writes made on the connection it is sent on."""
+        node = self.client.get_node_from_key(key)
+        client = self._nodes.get(node.name)
+        if client is None:
+            client = self._nodes[node.name] = aioredis.Redis(
+                host=node.host, port=node.port, **self._node_options
+            )
+        return client
+
+    async def _run(self, calls: list[tuple[str, list[str], list[Arg]]]) -> list[Any]:
+        """Each (sha, keys, args) script call, in one pipeline per master (one connection each),
+        followed there by a WAIT when ``wait_replicas`` is set; the scripts' replies, in order
+        (an error reply as its exception). StoreOutcomeUnknown if a WAIT falls short or one
+        master failed while another took its writes; StoreUnavailable if none took any."""
+        if self.cluster:
+            await self.client.initialize()  # the slot map, on the first call (then a no-op)
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for i, (_, keys, _) in enumerate(calls):
+            client = self._node_client(keys[0]) if self.cluster else self.client
+            groups.setdefault(id(client), (client, []))[1].append(i)
+
+        async def one(client: Any, members: list[int]) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for i in members:
+                sha, keys, args = calls[i]
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            if self.wait_replicas:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            return list(await pipe.execute(raise_on_error=False))
+
+        done = await asyncio.gather(
+            *(one(client, members) for client, members in groups.values()), return_exceptions=True
+        )
+        failed = [d for d in done if isinstance(d, BaseException)]
+        if failed:
             if self.cluster:
-                nodes = {
-                    node.name: node
-                    for node in (
-                        self.client.get_node_from_key(self._keys(s)[0]) for s in session_ids
-                    )
-                }
-                acks = [
-                    await self._call(self.client.execute_command(*args, target_nodes=node))
-                    for node in nodes.values()
-                ]
-            else:
-                acks = [await self._call(self.client.execute_command(*args))]
-        except StoreUnavailable:
-            acks = [0]  # the writes were made: not knowing whether they are replicated is all
-        if min(int(a) for a in acks) < self.wait_replicas:
+                with contextlib.suppress(Exception):  # a master may have moved: learn the map
+                    await self.client.nodes_manager.initialize()
+            if len(failed) < len(done):
+                raise StoreOutcomeUnknown(
+                    f"the session store (Redis) failed on one node ({failed[0]}) while others "
+                    "took their writes; retry with the same seq, which is answered exactly once"
+                )
+            raise failed[0]
+        replies: list[Any] = [None] * len(calls)
+        short = False
+        for (_, members), reply in zip(groups.values(), done, strict=True):
+            assert not isinstance(reply, BaseException)
+            if self.wait_replicas:
+                acks = reply.pop()
+                applied = any(_applied(r) for r in reply)
+                unconfirmed = isinstance(acks, Exception) or int(acks) < self.wait_replicas
+                short = short or (applied and unconfirmed)
+            for i, r in zip(members, reply, strict=True):
+                replies[i] = r
+        if any(isinstance(r, ResponseError) and str(r).startswith("MOVED") for r in replies):
+            with contextlib.suppress(Exception):
+                await self.client.nodes_manager.initialize()
+        if short:
             raise StoreOutcomeUnknown(
                 f"the session store (Redis) applied the write but fewer than "
                 f"LSTM_REDIS_WAIT_REPLICAS={self.wait_replicas} replicas confirmed it within "
                 f"{self.wait_timeout_ms} ms: a failover could lose it; retry with the same seq, "
                 f"which is answered exactly once"
             )
+        return replies
 
     async def _call(self, awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (RedisError, OSError) as e:
+        except (RedisError, OSError, RuntimeError) as e:
+            # RuntimeError: uvloop's answer to a write on a connection whose peer died.
             raise StoreUnavailable(
                 f"the session store (Redis) is unavailable: {e}; nothing was applied, retry "
                 f"when it is back (check that Redis runs and LSTM_REDIS_URL)"
@@ -221,10 +274,20 @@ class RedisState:
         """Store a new session at t = 0; False if the id is taken."""
         ttl_ms = max(1, int(ttl_s * 1000))
         args: list[Arg] = [state, repr(created_at), ttl_ms, ttl_ms + KNOWN_FOR_MS, epoch]
-        created = bool(await self._call(self._create(keys=self._keys(session_id), args=args)))
-        if created:
-            await self._replicated([session_id])
-        return created
+        keys = self._keys(session_id)
+        try:
+            (reply,) = await self._scripts([(self._create, CREATE, keys, args)])
+        except StoreOutcomeUnknown:
+            # Created, not confirmed on a replica: take it back, so that a retry (a create has
+            # no seq) creates it afresh instead of finding it taken.
+            with contextlib.suppress(StoreUnavailable):
+                await self._call(self.client.delete(*keys))
+            raise StoreUnavailable(
+                f"the session store (Redis) did not confirm the new session on "
+                f"LSTM_REDIS_WAIT_REPLICAS={self.wait_replicas} replicas in time; it was not "
+                f"created, retry"
+            ) from None
+        return bool(reply)
 
     async def load(self, session_id: str) -> Stored | None:
         fields = await self._call(self.client.hgetall(self._keys(session_id)[0]))
@@ -248,16 +311,24 @@ class RedisState:
         return bool(await self._call(self.client.exists(self._keys(session_id)[1])))
 
     async def commit(self, writes: list[Write]) -> list[tuple[int, int]]:
-        """Compare-and-set every write in one round trip: (1, t) written, (0, t) stale, (-1, -1)
-        gone, (-2, -2) this write failed in Redis (the others stand).
-
-        The script is called by its SHA straight on the pipeline: through redis-py's Script, a
-        pipeline first asks ``SCRIPT EXISTS`` in a round trip of its own, on every commit. Redis
-        answers NOSCRIPT without running anything when it lost its scripts (a restart): those
-        writes are sent again once the script is loaded.
-        """
+        """Compare-and-set every write in one round trip (one per master on a cluster): (1, t)
+        written, (0, t) stale, (-1, -1) gone, (-2, -2) this write failed in Redis (the others
+        stand)."""
+        calls = []
+        for w in writes:
+            ttl_ms = max(1, int(w.ttl_s * 1000))
+            args: list[Arg] = [
+                w.seq,
+                w.t,
+                w.state,
+                w.last_step,
+                ttl_ms,
+                ttl_ms + KNOWN_FOR_MS,
+                w.epoch,
+            ]
+            calls.append((self._commit, COMMIT, self._keys(w.session_id), args))
         try:
-            replies = await self._call(self._commit_pipeline(writes))
+            replies = await self._scripts(calls)
         except StoreUnavailable as e:
             if not isinstance(e.__cause__, TimeoutError | builtins.TimeoutError):
                 raise
@@ -267,73 +338,36 @@ class RedisState:
                 "the session store (Redis) did not confirm the write in time: the step may have "
                 "been applied; retry it with the same seq, which is answered exactly once"
             ) from None
-        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if lost:
-            await self._call(self.client.script_load(COMMIT))
-            again = await self._call(self._commit_pipeline([writes[i] for i in lost]))
-            for i, reply in zip(lost, again, strict=True):
-                replies[i] = reply
         out = []
         for reply in replies:
             if isinstance(reply, Exception):
                 out.append((-2, -2))
             else:
                 out.append((int(reply[0]), int(reply[1])) if reply[0] != -1 else (-1, -1))
-        written = [w.session_id for w, o in zip(writes, out, strict=True) if o[0] == 1]
-        await self._replicated(written)
         return out
 
-    async def _commit_pipeline(self, writes: list[Write]) -> list[Any]:
-        calls = []
-        for w in writes:
-            ttl_ms = max(1, int(w.ttl_s * 1000))
-            calls.append(
-                (
-                    self._commit.sha,
-                    2,
-                    *self._keys(w.session_id),
-                    w.seq,
-                    w.t,
-                    w.state,
-                    w.last_step,
-                    ttl_ms,
-                    ttl_ms + KNOWN_FOR_MS,
-                    w.epoch,
-                )
+    async def _scripts(self, calls: list[tuple[Any, str, list[str], list[Arg]]]) -> list[Any]:
+        """(script, its source, keys, args) calls through ``_run``, by SHA straight on the
+        pipeline: through redis-py's Script a pipeline first asks ``SCRIPT EXISTS`` in a round trip
+        of its own. Redis answers NOSCRIPT without running anything when it lost its scripts (a
+        restart, a promoted replica): those calls are sent again once the script is loaded."""
+        replies = await self._call(self._run([(s.sha, k, a) for s, _, k, a in calls]))
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:
+            for source in {calls[i][1] for i in lost}:
+                await self._call(self.client.script_load(source))
+            again = await self._call(
+                self._run([(calls[i][0].sha, calls[i][2], calls[i][3]) for i in lost])
             )
-        if self.cluster:
-            return await self._commit_on_cluster(calls)
-        pipe = self.client.pipeline(transaction=False)
-        for args in calls:
-            pipe.evalsha(*args)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def _commit_on_cluster(self, calls: list[tuple[Any, ...]]) -> list[Any]:
-        """The writes at once, each to its slot's master: redis-py's cluster pipeline refuses
-        scripts. A node that fails fails the batch as a pipeline would (503); if writes to other
-        nodes went through meanwhile, it says the outcome is unknown (retries are exactly once)."""
-        replies = await asyncio.gather(
-            *(self.client.evalsha(*args) for args in calls), return_exceptions=True
-        )
-        failed = [
-            r for r in replies if isinstance(r, Exception) and not isinstance(r, ResponseError)
-        ]
-        if failed:
-            if any(not isinstance(r, BaseException) for r in replies):
-                raise StoreOutcomeUnknown(
-                    f"the session store (Redis Cluster) failed on one node ({failed[0]}) while "
-                    "others took their writes; retry with the same seq, answered exactly once"
-                )
-            raise failed[0]
+            for i, reply in zip(lost, again, strict=True):
+                replies[i] = reply
         return list(replies)
 
     async def reset(self, session_id: str, state: bytes, ttl_s: float, epoch: str) -> bool:
         ttl_ms = max(1, int(ttl_s * 1000))
         args: list[Arg] = [state, ttl_ms, epoch]
-        done = bool(await self._call(self._reset(keys=self._keys(session_id), args=args)))
-        if done:
-            await self._replicated([session_id])
-        return done
+        (reply,) = await self._scripts([(self._reset, RESET, self._keys(session_id), args)])
+        return bool(reply)
 
     async def touch(self, session_id: str, ttl_s: float) -> None:
         ttl_ms = max(1, int(ttl_s * 1000))

@@ -152,7 +152,7 @@ class Settings(BaseSettings):
             cluster_nodes(value)  # ValueError naming the part that is not host:port
         return value
 
-    @field_validator("snapshot_path", mode="before")
+    @field_validator("snapshot_path", "blob_key", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

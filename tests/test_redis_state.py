@@ -4,6 +4,7 @@ losing its scripts."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from service.redis_state import RedisState, Write
 from tests.servers import RedisServer
@@ -41,3 +42,62 @@ def test_a_commit_is_one_round_trip_and_survives_a_script_flush(redis: RedisServ
         await state.client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_with_wait_a_write_its_replica_lacks_is_never_confirmed(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """LSTM_REDIS_WAIT_REPLICAS=1 on a master whose replica is frozen (SIGSTOP): no write is
+    answered as confirmed, however the writes share the client's connections (WAIT counts only
+    the writes of the connection it is sent on: it goes in each write's own pipeline), and a
+    create that was not confirmed is taken back, so its retry creates it afresh."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+    import redis as sync_redis
+
+    from service.errors import StoreOutcomeUnknown, StoreUnavailable
+    from tests.servers import free_port, need_binary
+
+    sync_redis.Redis(port=redis.port).config_set("repl-diskless-sync-delay", 0)
+    port = free_port()
+    replica = subprocess.Popen(
+        [need_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--dir", str(tmp_path), "--replicaof", "127.0.0.1", str(redis.port)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import time
+
+        import redis as sync_redis
+
+        master = sync_redis.Redis(port=redis.port)
+        deadline = time.monotonic() + 20
+        while master.info("replication").get("slave0", {}).get("state") != "online":
+            assert time.monotonic() < deadline, "the replica never synced"
+            time.sleep(0.1)
+
+        async def scenario() -> None:
+            state = RedisState(redis.url, wait_replicas=1, wait_timeout_ms=100)
+            ids = [f"w{i}" for i in range(6)]
+            for sid in ids:  # replicated: confirmed
+                assert await state.create(sid, b"blob", 1.0, 60, "e")
+            os.kill(replica.pid, signal.SIGSTOP)
+            writes = [[Write(sid, "e", 0, 1, b"s", b"l", 60)] for sid in ids]
+            outcomes = await asyncio.gather(
+                *(state.commit(w) for w in writes), return_exceptions=True
+            )
+            assert all(isinstance(o, StoreOutcomeUnknown) for o in outcomes), outcomes
+            with pytest.raises(StoreUnavailable, match="not created"):
+                await state.create("fresh", b"blob", 1.0, 60, "e")
+            assert await state.load("fresh") is None  # taken back: a retry can create it
+            os.kill(replica.pid, signal.SIGCONT)
+            assert await state.create("fresh", b"blob", 1.0, 60, "e")
+
+        asyncio.run(scenario())
+    finally:
+        os.kill(replica.pid, signal.SIGCONT)
+        replica.kill()
+        replica.wait()
