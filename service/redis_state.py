@@ -12,11 +12,12 @@ as a hash tag, ``lstm:s:{<id>}`` and ``lstm:k:{<id>}``, so that every script tou
 (two untagged keys answer CROSSSLOT). A single Redis keeps the untagged names, so an existing
 deployment's sessions are found after an upgrade.
 
-Replication: with ``wait_replicas`` > 0, every write (create, step, reset) is followed by a
-``WAIT`` on the node that holds it, and is answered only once that many replicas have it; a
-master killed after answering then loses nothing, since its replica, promoted, has every
-acknowledged write. A WAIT that times out answers ``StoreOutcomeUnknown`` (the write may be lost
-in a failover; a retry with the same seq is applied once).
+Replication: with ``wait_replicas`` > 0, every write (create, step, reset) ends its pipeline with
+a ``WAIT`` on the same connection (WAIT counts only the writes of the connection it is sent on),
+and is answered only once that many replicas have it; a master killed after answering then loses
+nothing, since its replica, promoted, has every acknowledged write. A WAIT that falls short
+answers ``StoreOutcomeUnknown`` for a step (it may be lost in a failover; a retry with the same
+seq is applied once); a create is taken back and answers ``StoreUnavailable``.
 
 Every step is a compare-and-set on ``(epoch, t)`` in a Lua script: the new state is written only
 if the stored session is still the one the step was computed from (same epoch: not reset or
