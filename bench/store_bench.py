@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,43 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.redis_state import RedisState, Write  # noqa: E402
-from tests.servers import RedisClusterServers, free_port, need_binary  # noqa: E402
+from tests.servers import RedisClusterServers, RedisServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "runs" / "bench"
 STATE = b"\x00" * 2560  # about one served session's blob
-
-
-def single_redis(directory: Path, fsync: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            need_binary("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            fsync,
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    RedisClusterServers.wait_for(
-        lambda: (
-            subprocess.run(
-                ["redis-cli", "-p", str(port), "PING"], capture_output=True, text=True
-            ).stdout.strip()
-            == "PONG"
-        ),
-        "redis",
-    )
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 async def one_run(state: RedisState, batch: int, rounds: int, prefix: str) -> list[float]:
@@ -106,16 +73,17 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="store-bench-"))
-    procs = []
+    servers: list[RedisServer] = []
     cluster = RedisClusterServers(tmp / "cluster")
     (tmp / "cluster").mkdir()
     try:
         urls: dict[str, tuple[str, int]] = {}
         for fsync in ("everysec", "always"):
             (tmp / fsync).mkdir()
-            proc, url = single_redis(tmp / fsync, fsync)
-            procs.append(proc)
-            urls[f"redis {fsync}"] = (url, 0)
+            server = RedisServer(tmp / fsync, appendfsync=fsync)
+            server.start()
+            servers.append(server)
+            urls[f"redis {fsync}"] = (server.url, 0)
         cluster.start()
         urls["cluster"] = (cluster.url, 0)
         urls["cluster + WAIT 1"] = (cluster.url, 1)
@@ -131,8 +99,8 @@ def main() -> None:
         asyncio.run(go())
     finally:
         cluster.stop()
-        for proc in procs:
-            proc.kill()
+        for server in servers:
+            server.stop()
 
     table: dict[str, Any] = {}
     base = statistics.median(r["writes_per_s"] for r in runs["redis everysec"])

@@ -189,11 +189,13 @@ def need_binary(name: str) -> str:
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, append-only persistence in ``directory``."""
+    """A real redis-server on a free loopback port, append-only persistence in ``directory``
+    (fsynced as ``appendfsync`` says: always, unless a benchmark compares)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, appendfsync: str = "always") -> None:
         self.binary = need_binary("redis-server")
         self.directory = directory
+        self.appendfsync = appendfsync
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -211,7 +213,7 @@ class RedisServer:
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "always",
+                self.appendfsync,
                 "--dir",
                 str(self.directory),
                 "--protected-mode",
