@@ -41,10 +41,8 @@ from service.errors import (
     UnsupportedMediaType,
     validation_error_body,
 )
-from service.http import log_refusal
+from service.http import Message, Scope, log_refusal
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
 Handler = Callable[[Any], Awaitable[Any]]  # a validated body -> JSON-ready reply
 
