@@ -141,7 +141,7 @@ def stream_csv(args: argparse.Namespace) -> int:
         raise StreamError("--chunk must be at least 1")
     header = csv_header(args)
     try:
-        with LSTMClient(args.url, timeout_s=args.timeout) as probe:
+        with LSTMClient(args.url, timeout_s=args.timeout, api_key=args.api_key) as probe:
             card = probe.model()
     except (httpx.HTTPError, APIError) as e:
         raise StreamError(
@@ -194,7 +194,7 @@ def stream_csv(args: argparse.Namespace) -> int:
         )
         total = sum(len(r) for r in rows.values())
         with (
-            LSTMClient(args.url, timeout_s=args.timeout) as api,
+            LSTMClient(args.url, timeout_s=args.timeout, api_key=args.api_key) as api,
             tqdm(total=total, unit="step", file=sys.stderr, disable=args.quiet) as bar,
         ):
             for series_id, series in rows.items():
@@ -230,6 +230,32 @@ def stream_series(
                 z = o["anomaly_z"] or [""] * len(value)
                 writer.writerow([series_id, time, *value, *o["mean"], *o["std"], *z])
             progress(len(chunk))
+
+
+def keys(args: argparse.Namespace) -> int:
+    """A new key's line appended to the key file (its digest only); the key printed once."""
+    from service.auth import KeyFileError, key_line, new_key, parse_key_file
+
+    try:
+        text = args.file.read_text() if args.file.exists() else ""
+        existing = parse_key_file(text, str(args.file))
+        if any(e.principal.name == args.name for e in existing):
+            raise KeyFileError(f"{args.file} has a key named {args.name!r} already")
+        key = new_key()
+        line = key_line(args.name, args.role, key)
+    except KeyFileError as e:
+        print(f"lstm-serve: {e}", file=sys.stderr)
+        return 2
+    with open(args.file, "a") as f:
+        f.write(line)
+    os.chmod(args.file, 0o600)
+    print(key)
+    print(
+        f"lstm-serve: key {args.name!r} ({args.role}) added to {args.file}; this is the only time "
+        "it is shown. Revoke it by deleting its line.",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def train(args: argparse.Namespace) -> int:
@@ -284,9 +310,23 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the sessions after streaming, each under its series id",
     )
+    st.add_argument(
+        "--api-key",
+        default=os.environ.get("LSTM_API_KEY"),
+        help="the key for a service with LSTM_API_KEYS (default: LSTM_API_KEY)",
+    )
     st.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     st.add_argument("--quiet", action="store_true", help="no progress bar")
     st.set_defaults(run=stream)
+
+    k = sub.add_parser(
+        "keys", help="add an API key to a key file (LSTM_API_KEYS); prints the key once"
+    )
+    k.add_argument("action", choices=["add"], help="add: a new key under NAME")
+    k.add_argument("name", help="the key's name: its sessions' namespace, shown in logs")
+    k.add_argument("--file", type=Path, required=True, help="the key file (created if absent)")
+    k.add_argument("--role", choices=["user", "admin"], default="user")
+    k.set_defaults(run=keys)
 
     b = sub.add_parser(
         "bench", help="bench/model_bench.py (pass its options after --)", add_help=False

@@ -41,7 +41,7 @@ from service.errors import (
 )
 from service.results import Outputs, StepDone
 from service.schemas import SESSION_ID_PATTERN, Step
-from service.sessions import Session
+from service.sessions import Session, public_id
 from service.state_blob import (
     BlobError,
     SessionState,
@@ -205,6 +205,10 @@ class Engine:
         self.events.sessions(len(self.store))
         return SessionView.of(session)
 
+    async def check(self, session_id: str) -> None:
+        """Raises the store's 404 when the session is gone (a stream's check at connect)."""
+        await self.backend.get(session_id)
+
     async def get(self, session_id: str) -> SessionView:
         async with self.locked(session_id, verify=True) as session:
             return SessionView.of(session)
@@ -238,14 +242,17 @@ class Engine:
         """The session and its state as a blob bound to this model version."""
         async with self.locked(session_id, verify=True) as session:
             state = self.store.pool.read(session.slot)
-            blob = encode(state, self.blob_header(session), self.blob_key)
+            # The client's id, not the store's: a tenant's blob does not carry its namespace.
+            header = {**self.blob_header(session), "session_id": public_id(session.id)}
+            blob = encode(state, header, self.blob_key)
             return SessionView.of(session), blob
 
     async def import_blob(
-        self, blob: bytes, session_id: str | None, ttl_s: float | None
+        self, blob: bytes, session_id: str | None, ttl_s: float | None, namespace: str = ""
     ) -> SessionView:
         """A session continuing where an exported one was (under ``session_id``, default the
-        exported id); nothing created if the blob is not one of this model's (ModelMismatch), is
+        exported id, in ``namespace``: a tenant's, service/tenants.py); nothing created if the
+        blob is not one of this model's (ModelMismatch), is
         damaged (BlobCorrupted), not signed with this deployment's key (BlobSignatureInvalid), or
         holds what no session of this model can (BlobOutOfRange)."""
         try:
@@ -259,7 +266,7 @@ class Engine:
         except (BlobError, ValueError, KeyError) as e:
             raise BlobCorrupted(f"the blob was refused: {e}") from None
         self.check_blob(header, state)
-        session = await self.backend.restore(session_id, state, t, ttl_s)
+        session = await self.backend.restore(namespace + session_id, state, t, ttl_s)
         self.events.sessions(len(self.store))
         return SessionView.of(session)
 

@@ -27,6 +27,35 @@ class InvalidRequest(ServiceError):
     status, code = 422, "invalid_request"
 
 
+class ApiKeyMissing(ServiceError):
+    """LSTM_API_KEYS is set and the request has no ``Authorization: Bearer`` header."""
+
+    status, code = 401, "api_key_missing"
+
+
+class ApiKeyMalformed(ServiceError):
+    """An ``Authorization`` header that is not ``Bearer <key>`` with a key of ours' shape."""
+
+    status, code = 401, "api_key_malformed"
+
+
+class ApiKeyInvalid(ServiceError):
+    """A key of the right shape that the key file does not hold: never issued, or revoked (the
+    same answer for both, so a caller cannot tell which)."""
+
+    status, code = 401, "api_key_invalid"
+
+
+class AdminOnly(ServiceError):
+    status, code = 403, "admin_only"
+
+
+class CorsOriginRefused(ServiceError):
+    """A CORS preflight from an origin that LSTM_CORS_ORIGINS does not list."""
+
+    status, code = 403, "cors_origin_refused"
+
+
 class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported_media_type"
 

@@ -246,10 +246,21 @@ def _error_response(description: str, codes: list[str]) -> dict[str, Any]:
     }
 
 
-def _responses(op: Operation, refs: Refs) -> dict[str, Any]:
+KEY_ERRORS: tuple[type[e.ServiceError], ...] = (e.ApiKeyMissing, e.ApiKeyMalformed, e.ApiKeyInvalid)
+SECURITY_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "an API key of LSTM_API_KEYS (`lstm-serve keys add`); each key sees only the "
+    "sessions it created",
+}
+
+
+def _responses(op: Operation, refs: Refs, keys: bool = False) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
     for status, _, edge_codes in EDGE_ERRORS:
         by_status.setdefault(status, []).extend(edge_codes)
+    for error in KEY_ERRORS if keys else ():
+        by_status.setdefault(error.status, []).append(error.code)
     if op.request is not None:
         by_status.setdefault(422, []).extend(SCHEMA_CODES)
     for error in op.errors:
@@ -260,7 +271,7 @@ def _responses(op: Operation, refs: Refs) -> dict[str, Any]:
             "content": {"application/json": {"schema": refs[(op.response, "serialization")]}},
         }
     }
-    words = {**STATUS_WORDS, **{s: d for s, d, _ in EDGE_ERRORS}}
+    words = {**STATUS_WORDS, **{s: d for s, d, _ in EDGE_ERRORS}, 401: "no valid API key"}
     for status in sorted(by_status):
         responses[str(status)] = _error_response(
             words.get(status, "refused"), sorted(set(by_status[status]))
@@ -268,12 +279,12 @@ def _responses(op: Operation, refs: Refs) -> dict[str, Any]:
     return responses
 
 
-def _operation(op: Operation, method: str, refs: Refs) -> dict[str, Any]:
+def _operation(op: Operation, method: str, refs: Refs, keys: bool = False) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "operationId": op.name if method == "post" else f"{op.name}_get",
         "summary": op.summary,
         "tags": ["sessions" if op.path.startswith("/v1/sessions/") else "stateless"],
-        "responses": _responses(op, refs),
+        "responses": _responses(op, refs, keys),
     }
     if op.request is not None:
         doc["requestBody"] = {
@@ -296,6 +307,7 @@ class Deployment:
     max_horizon: int
     max_session_ttl_s: float
     max_body_bytes: int
+    api_keys: bool = False  # LSTM_API_KEYS set: every /v1 route needs a bearer key
 
 
 def _narrow(schemas: dict[str, Any], to: Deployment) -> None:
@@ -355,14 +367,15 @@ def openapi_document(version: str, deployment: Deployment | None = None) -> dict
     defs = schemas.get("$defs", {})
     if deployment is not None:
         _narrow(defs, deployment)
+    keys = deployment is not None and deployment.api_keys
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
-        item = {"post": _operation(op, "post", refs)}
+        item = {"post": _operation(op, "post", refs, keys)}
         if op.name == "create":
             n_features = deployment.n_features if deployment else 1
             item["post"]["responses"]["200"]["links"] = _links(n_features)
         if op.read_only:
-            item["get"] = _operation(op, "get", refs)
+            item["get"] = _operation(op, "get", refs, keys)
         paths[op.path] = item
     for path, (summary, statuses) in HEALTH.items():
         paths[path] = {
@@ -370,6 +383,7 @@ def openapi_document(version: str, deployment: Deployment | None = None) -> dict
                 "operationId": path.strip("/"),
                 "summary": summary,
                 "tags": ["health"],
+                "security": [],  # open with keys on, as the probes and Prometheus need
                 "responses": {
                     str(s): {
                         "description": "OK" if s == 200 else "not ready",
@@ -379,9 +393,13 @@ def openapi_document(version: str, deployment: Deployment | None = None) -> dict
                 },
             }
         }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "lstm-sessions", "version": version, "description": DESCRIPTION},
         "paths": paths,
         "components": {"schemas": defs},
     }
+    if keys:
+        document["components"]["securitySchemes"] = {"apiKey": SECURITY_SCHEME}
+        document["security"] = [{"apiKey": []}]
+    return document

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import functools
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -35,8 +36,10 @@ from starlette.websockets import WebSocket
 import service.model_registry  # noqa: F401  first: it fixes BENTOML_HOME before anyone reads it
 from model import pick_device
 from service import connections, metrics
+from service.auth import ApiKeyGate, admit, caller, websocket_authorization
 from service.backends import Backend, EmbeddedBackend, RedisBackend
 from service.batcher import BatchObserver, MicroBatcher
+from service.cors import Cors
 from service.engine import Engine, EngineEvents, EngineLimits, SessionView
 from service.errors import BlobCorrupted, ServiceError
 from service.fast_routes import FastRoutes
@@ -68,22 +71,28 @@ from service.schemas import (
     StepResult,
 )
 from service.sessions import SessionStore, StatePool, StoreEvents, StoreLimits
-from service.settings import Settings, load_settings
+from service.settings import Settings, cors_origin_list, load_settings
 from service.snapshot import SnapshotRefused, restore_sessions, save_sessions
 from service.startup import (
     enforce_single_worker,
     in_arbiter,
+    load_api_keys,
     load_model,
     package_version,
     prepare_arbiter,
+    serving_host,
     tune_gc,
+    warn_if_open,
     warn_if_redis_is_down,
 )
 from service.stream import StreamEndpoint, StreamLimits
+from service.tenants import TenantSessions
 
 settings = load_settings()  # at import: a bad LSTM_* variable stops the start, named
+api_keys = load_api_keys(settings.api_keys)
 if in_arbiter():
     prepare_arbiter()  # its own metrics directory; a refused start exits non-zero
+    warn_if_open(serving_host(sys.argv), api_keys)
 log = logging.getLogger("lstm_sessions")
 
 P = ParamSpec("P")
@@ -195,6 +204,7 @@ def deployment(config: Settings, n_features: int) -> Deployment:
         max_horizon=config.max_horizon,
         max_session_ttl_s=config.max_session_ttl_s,
         max_body_bytes=config.max_body_bytes,
+        api_keys=config.api_keys is not None,
     )
 
 
@@ -316,8 +326,7 @@ class LSTMSessions:
         )
         self.streams = StreamEndpoint(
             StreamLimits(settings.max_streams, settings.stream_idle_s, settings.max_body_bytes),
-            step=self.engine.step,
-            check_session=self._check_session,
+            admit=self._stream_sessions,
             opened=metrics.STREAMS_OPEN.set,
             refused=lambda code: metrics.STEP_REQUESTS.labels(code).inc(),
         )
@@ -345,12 +354,12 @@ class LSTMSessions:
     async def create(self, body: CreateSession, /) -> SessionInfo:
         """Open a session at t = 0, with a client-chosen or random id."""
         self._start_sweeper()
-        return self._info(await self.engine.create(body.session_id, body.ttl_s))
+        return self._info(await self._sessions().create(body.session_id, body.ttl_s))
 
     @route("/v1/sessions/step", Step)
     async def step(self, body: Step, /) -> StepResult:
         """Feed a chunk of T timesteps; get the forecast and anomaly score after each."""
-        return StepResult.model_validate(await self.engine.step(body))
+        return StepResult.model_validate(await self._sessions().step(body))
 
     @route("/v1/sessions/step_many", StepMany)
     async def step_many(self, body: StepMany, /) -> StepManyResult:
@@ -360,34 +369,34 @@ class LSTMSessions:
         together. Results come back in the order of the items. The reply is serialised straight
         from plain data: building a pydantic model per item cost more than the step itself.
         """
-        return fast_json({"results": await self.engine.step_many(body.items)})
+        return fast_json({"results": await self._sessions().step_many(body.items)})
 
     @route("/v1/sessions/forecast", Forecast)
     async def forecast(self, body: Forecast, /) -> ForecastResult:
         """Forecast ``horizon`` future steps from the current state, without changing it."""
-        f = await self.engine.forecast(body.session_id, body.horizon)
+        f = await self._sessions().forecast(body.session_id, body.horizon)
         steps = [ForecastStep(mean=m, std=s) for m, s in zip(f.means, f.stds, strict=True)]
         return ForecastResult(session_id=f.session_id, t=f.t, forecast=steps)
 
     @route("/v1/sessions/get", SessionRef)
     async def get(self, body: SessionRef, /) -> SessionInfo:
         """A session's t and times."""
-        return self._info(await self.engine.get(body.session_id))
+        return self._info(await self._sessions().get(body.session_id))
 
     @route("/v1/sessions/reset", SessionRef)
     async def reset(self, body: SessionRef, /) -> SessionInfo:
         """Back to a zero state at t = 0."""
-        return self._info(await self.engine.reset(body.session_id))
+        return self._info(await self._sessions().reset(body.session_id))
 
     @route("/v1/sessions/delete", SessionRef)
     async def delete(self, body: SessionRef, /) -> Deleted:
         """Free a session and its state."""
-        return Deleted(session_id=await self.engine.delete(body.session_id), deleted=True)
+        return Deleted(session_id=await self._sessions().delete(body.session_id), deleted=True)
 
     @route("/v1/sessions/export", SessionRef)
     async def export(self, body: SessionRef, /) -> Exported:
         """The session's state as a blob another deployment of the same model can import."""
-        view, blob = await self.engine.export(body.session_id)
+        view, blob = await self._sessions().export(body.session_id)
         name, version = self.engine.model
         blob64 = base64.b64encode(blob).decode()
         return Exported(
@@ -401,7 +410,7 @@ class LSTMSessions:
             blob = base64.b64decode(body.blob, validate=True)
         except ValueError as e:  # binascii.Error, or a character outside ASCII
             raise BlobCorrupted(f"the blob was refused: {e}") from None
-        return self._info(await self.engine.import_blob(blob, body.session_id, body.ttl_s))
+        return self._info(await self._sessions().import_blob(blob, body.session_id, body.ttl_s))
 
     # --- stateless ----------------------------------------------------------------------------
 
@@ -480,8 +489,17 @@ class LSTMSessions:
             limits=limits(settings),
         )
 
-    async def _check_session(self, session_id: str) -> None:
-        await self.backend.get(session_id)
+    def _sessions(self) -> Engine | TenantSessions:
+        """The engine as this request's caller sees it: with API keys, the key's namespace."""
+        principal = caller.get()
+        return self.engine if principal is None else TenantSessions(self.engine, principal.name)
+
+    def _stream_sessions(self, ws: WebSocket) -> Engine | TenantSessions:
+        """A WebSocket's caller (its key checked as an HTTP request's is) and what it steps."""
+        if api_keys is None:
+            return self.engine
+        principal = admit(api_keys, "/v1/stream", websocket_authorization(ws.scope))
+        return TenantSessions(self.engine, principal.name)
 
     def _info(self, view: SessionView) -> SessionInfo:
         name, version = self.engine.model
@@ -527,11 +545,11 @@ RefusalTracebacks.install()
 
 
 async def _fast_step(body: Step) -> Any:
-    return await _current().engine.step(body)
+    return await _current()._sessions().step(body)
 
 
 async def _fast_step_many(body: StepMany) -> Any:
-    return {"results": await _current().engine.step_many(body.items)}
+    return {"results": await _current()._sessions().step_many(body.items)}
 
 
 def fast_routes(app: Any) -> FastRoutes:
@@ -549,6 +567,18 @@ def fast_routes(app: Any) -> FastRoutes:
     )
 
 
+def front(app: Any) -> Any:
+    """What every HTTP request meets first, outermost first: CORS (a preflight is answered
+    before any key is asked for), the API-key gate, the fast routes, then BentoML's stack."""
+    if settings.fast_routes:
+        app = fast_routes(app)
+    if api_keys is not None:
+        app = ApiKeyGate(app, api_keys, refused=count_refused_step)
+    if cors_origin_list(settings.cors_origins):
+        app = Cors(app, cors_origin_list(settings.cors_origins))
+    return app
+
+
 connections.install(
     connections.fit_to_fd_limit(
         settings.max_connections,
@@ -556,5 +586,5 @@ connections.install(
         settings.max_header_bytes,
         settings.keep_alive_s,
     ),
-    front=fast_routes if settings.fast_routes else None,
+    front=front,
 )

@@ -47,6 +47,19 @@ def new_session_id() -> str:
     return secrets.token_hex(16)
 
 
+TENANT_SEPARATOR = "/"  # outside SESSION_ID_PATTERN: a scoped id never equals a client's id
+
+
+def scoped_id(tenant: str, session_id: str) -> str:
+    """The store's id of a tenant's session (service/tenants.py)."""
+    return f"{tenant}{TENANT_SEPARATOR}{session_id}"
+
+
+def public_id(session_id: str) -> str:
+    """The client's id of a store id: the id itself when it is not scoped."""
+    return session_id.rpartition(TENANT_SEPARATOR)[2]
+
+
 class StatePool:
     """Preallocated tensors, one row (slot) per session: (layers, capacity, hidden) and more."""
 

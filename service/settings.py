@@ -8,6 +8,7 @@ definition, so no setting can allow what the wire schema refuses.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -143,6 +144,19 @@ class Settings(BaseSettings):
         "the same on every deployment that exchanges blobs; unset: blobs carry a checksum only",
     )
 
+    api_keys: Path | None = Field(
+        None,
+        description="a file of named API keys, stored hashed (`lstm-serve keys add`): every "
+        "route but health, metrics and the docs then needs `Authorization: Bearer <key>`, and "
+        "each key sees only the sessions it created; re-read when it changes (a key removed is "
+        "revoked within a second); unset: no keys (a warning at start off loopback)",
+    )
+    cors_origins: str = Field(
+        "",
+        description="comma-separated origins a browser page may call the API from "
+        "(https://app.example.com); empty: none (same-origin pages only)",
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _cluster_url_names_nodes(cls, value: str | None) -> str | None:
@@ -152,7 +166,15 @@ class Settings(BaseSettings):
             cluster_nodes(value)  # ValueError naming the part that is not host:port
         return value
 
-    @field_validator("snapshot_path", "blob_key", mode="before")
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: str) -> str:
+        for origin in cors_origin_list(value):
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?|\*", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]) or '*'")
+        return value
+
+    @field_validator("snapshot_path", "blob_key", "api_keys", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -162,6 +184,10 @@ class Settings(BaseSettings):
         if self.session_ttl_s > self.max_session_ttl_s:
             raise ValueError("LSTM_SESSION_TTL_S must not exceed LSTM_MAX_SESSION_TTL_S")
         return self
+
+
+def cors_origin_list(value: str) -> list[str]:
+    return [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
 
 
 def load_settings() -> Settings:
