@@ -422,3 +422,41 @@ def test_cors_allows_only_the_listed_origin(keyed: Any) -> None:
     # A 401 carries it too, so the page can read why it was refused.
     denied = httpx.post(url + "/v1/model", headers={"origin": "https://app.example"}, timeout=10)
     assert denied.status_code == 401 and "access-control-allow-origin" in denied.headers
+
+
+def test_the_cli_adds_a_key_once_and_prints_it_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.cli import main
+
+    path = tmp_path / "keys"
+    assert main(["keys", "add", "alice", "--file", str(path)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key not in path.read_text()
+    assert ApiKeys(path).authenticate(f"Bearer {key}") == auth.Principal("alice", "user")
+    assert main(["keys", "add", "alice", "--file", str(path), "--role", "admin"]) == 2
+    assert "has a key named 'alice' already" in capsys.readouterr().err
+    assert main(["keys", "add", "ops", "--file", str(path), "--role", "admin"]) == 0
+    assert len(ApiKeys(path)) == 2 and path.stat().st_mode & 0o077 == 0
+
+
+def test_the_client_sends_its_key_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.client import LSTMClient
+
+    seen: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"name": "m"})
+
+    key = new_key()
+    transport = httpx.MockTransport(answer)
+    with LSTMClient(api_key=key, http=httpx.Client(transport=transport, base_url="http://x")) as c:
+        c.model()
+    monkeypatch.setenv("LSTM_API_KEY", key)
+    with LSTMClient(http=httpx.Client(transport=transport, base_url="http://x")) as c:
+        c.model()
+    monkeypatch.delenv("LSTM_API_KEY")
+    with LSTMClient(http=httpx.Client(transport=transport, base_url="http://x")) as c:
+        c.model()
+    assert seen == [f"Bearer {key}", f"Bearer {key}", None]
