@@ -59,15 +59,15 @@ bench: $(STAMP)
 
 # The Compose stack (docker-compose.yml): docker compose where a Docker engine answers, else
 # podman-compose; offline (no image registry) every image is built here from Debian's packages.
-# See deploy/stack.sh. `make down` keeps the named volume with the sessions (VOLUMES=1 removes it).
+# See deploy/stack.sh. TLS=1: https at nginx; KEYS=keys.txt: API keys. `make down` keeps the named volume with the sessions (VOLUMES=1 removes it).
 image:
 	deploy/stack.sh image
 
 up:
-	$(if $(TLS),LSTM_TLS=1 ,)deploy/stack.sh up
+	$(if $(TLS),LSTM_TLS=1 ,)$(if $(KEYS),LSTM_KEYS_FILE=$(KEYS) ,)deploy/stack.sh up
 
 down:
-	$(if $(TLS),LSTM_TLS=1 ,)deploy/stack.sh down $(if $(VOLUMES),--volumes,)
+	$(if $(TLS),LSTM_TLS=1 ,)$(if $(KEYS),LSTM_KEYS_FILE=$(KEYS) ,)deploy/stack.sh down $(if $(VOLUMES),--volumes,)
 
 clean:
 	rm -rf $(VENV) bentoml_home .pytest_cache .mypy_cache .ruff_cache

@@ -232,6 +232,38 @@ def stream_series(
             progress(len(chunk))
 
 
+def models(args: argparse.Namespace) -> int:
+    """One admin call on the model versions; prints the versions held after it."""
+    import httpx
+
+    if args.action != "list" and not args.tag:
+        print(f"lstm-serve: models {args.action} needs a tag (name:version)", file=sys.stderr)
+        return 2
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    route = "/v1/admin/models" + ("" if args.action == "list" else f"/{args.action}")
+    body = {} if args.action == "list" else {"tag": args.tag}
+    try:
+        answer = httpx.post(args.url + route, json=body, headers=headers, timeout=120)
+    except httpx.HTTPError as e:
+        print(f"lstm-serve: {args.url} failed ({e}): is the service running?", file=sys.stderr)
+        return 1
+    reply = answer.json()
+    if answer.status_code != 200:
+        error = reply.get("error", {})
+        print(
+            f"lstm-serve: {answer.status_code} {error.get('code')}: {error.get('message')}",
+            file=sys.stderr,
+        )
+        return 2 if answer.status_code < 500 else 1
+    if args.action == "unload":
+        print(f"unloaded {reply['tag']}")
+        return 0
+    for model in reply["models"]:
+        mark = "*" if model["active"] else " "
+        print(f"{mark} {model['tag']}  sessions={model['sessions']}  device={model['device']}")
+    return 0
+
+
 def keys(args: argparse.Namespace) -> int:
     """A new key's line appended to the key file (its digest only); the key printed once."""
     from service.auth import KeyFileError, key_line, new_key, parse_key_file
@@ -246,9 +278,8 @@ def keys(args: argparse.Namespace) -> int:
     except KeyFileError as e:
         print(f"lstm-serve: {e}", file=sys.stderr)
         return 2
-    with open(args.file, "a") as f:
+    with open(args.file, "a") as f:  # digests only: the file is not a secret
         f.write(line)
-    os.chmod(args.file, 0o600)
     print(key)
     print(
         f"lstm-serve: key {args.name!r} ({args.role}) added to {args.file}; this is the only time "
@@ -318,6 +349,19 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     st.add_argument("--quiet", action="store_true", help="no progress bar")
     st.set_defaults(run=stream)
+
+    m = sub.add_parser(
+        "models", help="the service's model versions: list, load, activate, unload (admin)"
+    )
+    m.add_argument("action", choices=["list", "load", "activate", "unload"])
+    m.add_argument("tag", nargs="?", help="name:version in BentoML's model store (not for list)")
+    m.add_argument("--url", default="http://127.0.0.1:3000", help="the service's base URL")
+    m.add_argument(
+        "--api-key",
+        default=os.environ.get("LSTM_API_KEY"),
+        help="an admin key, for a service with LSTM_API_KEYS (default: LSTM_API_KEY)",
+    )
+    m.set_defaults(run=models)
 
     k = sub.add_parser(
         "keys", help="add an API key to a key file (LSTM_API_KEYS); prints the key once"

@@ -20,6 +20,7 @@ from service.errors import (
     SessionExists,
     SessionExpired,
     SessionNotFound,
+    SessionOnOtherVersion,
     StaleSession,
     StoreCorrupted,
     StoreUnavailable,
@@ -137,12 +138,12 @@ class RedisBackend:
         cached = self.store.peek(session_id)
         if cached is not None:  # another request loaded it while this one waited on Redis
             return cached
-        if (header.get("model"), header.get("model_version")) != (
-            self.header["model"],
-            self.header["model_version"],
-        ):
-            raise SessionNotFound(
-                f"session {session_id!r} belongs to another model version", session_id=session_id
+        theirs = (header.get("model"), header.get("model_version"))
+        if theirs != (self.header["model"], self.header["model_version"]):
+            raise SessionOnOtherVersion(
+                f"no session {session_id!r} on this model version",
+                model=(str(theirs[0]), str(theirs[1])),
+                session_id=session_id,
             )
         session = self.store.restore(
             session_id, state, t=stored.t, ttl_s=stored.ttl_s, created_at=stored.created_at

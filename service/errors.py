@@ -114,6 +114,15 @@ class SessionEvicted(SessionGone):
     status, code = 404, "session_evicted"
 
 
+class SessionOnOtherVersion(SessionNotFound):
+    """The stored session is on another model version than the engine that looked: the one
+    that holds it (service/versions.py) answers instead; with none loaded, a plain 404."""
+
+    def __init__(self, message: str, *, model: tuple[str, str], **details: Any) -> None:
+        super().__init__(message, **details)
+        self.model = model
+
+
 class SessionExists(ServiceError):
     status, code = 409, "session_exists"
 
@@ -145,6 +154,24 @@ class BlobOutOfRange(ServiceError):
 
 class ModelMismatch(ServiceError):
     status, code = 409, "model_mismatch"
+
+
+class VersionNotLoaded(ServiceError):
+    status, code = 404, "model_version_not_loaded"
+
+
+class VersionActive(ServiceError):
+    status, code = 409, "model_version_active"
+
+
+class VersionInUse(ServiceError):
+    status, code = 409, "model_version_in_use"
+
+
+class VersionNotFound(ServiceError):
+    """A tag BentoML's model store does not hold (or whose checkpoint is refused)."""
+
+    status, code = 404, "model_not_in_store"
 
 
 class TooManySessions(ServiceError):

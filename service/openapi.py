@@ -20,6 +20,7 @@ from pydantic.json_schema import models_json_schema
 
 from service import errors as e
 from service.schemas import (
+    ActivateModel,
     CreateSession,
     Deleted,
     ErrorBody,
@@ -27,7 +28,9 @@ from service.schemas import (
     Forecast,
     ForecastResult,
     ImportSession,
+    LoadedModels,
     ModelCard,
+    ModelRef,
     Predict,
     PredictResult,
     SessionInfo,
@@ -36,6 +39,7 @@ from service.schemas import (
     StepMany,
     StepManyResult,
     StepResult,
+    Unloaded,
 )
 
 
@@ -166,6 +170,38 @@ OPERATIONS: tuple[Operation, ...] = (
         read_only=True,
     ),
     Operation(
+        "/v1/admin/models",
+        "admin_models",
+        "The loaded model versions: which is active, how many sessions are on each",
+        None,
+        LoadedModels,
+        read_only=True,
+    ),
+    Operation(
+        "/v1/admin/models/load",
+        "admin_load",
+        "Load a version from BentoML's model store beside the others (not active yet)",
+        ModelRef,
+        LoadedModels,
+        (e.VersionNotFound, e.ModelMismatch),
+    ),
+    Operation(
+        "/v1/admin/models/activate",
+        "admin_activate",
+        "Make a loaded version the one new sessions are created on",
+        ActivateModel,
+        LoadedModels,
+        (e.VersionNotLoaded,),
+    ),
+    Operation(
+        "/v1/admin/models/unload",
+        "admin_unload",
+        "Unload a version that is not active and that no session is on",
+        ModelRef,
+        Unloaded,
+        (e.VersionNotLoaded, e.VersionActive, e.VersionInUse),
+    ),
+    Operation(
         "/v1/ping",
         "ping",
         "Does nothing: the server's own cost per request",
@@ -261,6 +297,8 @@ def _responses(op: Operation, refs: Refs, keys: bool = False) -> dict[str, Any]:
         by_status.setdefault(status, []).extend(edge_codes)
     for error in KEY_ERRORS if keys else ():
         by_status.setdefault(error.status, []).append(error.code)
+    if keys and op.path.startswith("/v1/admin/"):
+        by_status.setdefault(e.AdminOnly.status, []).append(e.AdminOnly.code)
     if op.request is not None:
         by_status.setdefault(422, []).extend(SCHEMA_CODES)
     for error in op.errors:
@@ -271,7 +309,12 @@ def _responses(op: Operation, refs: Refs, keys: bool = False) -> dict[str, Any]:
             "content": {"application/json": {"schema": refs[(op.response, "serialization")]}},
         }
     }
-    words = {**STATUS_WORDS, **{s: d for s, d, _ in EDGE_ERRORS}, 401: "no valid API key"}
+    words = {
+        **STATUS_WORDS,
+        **{s: d for s, d, _ in EDGE_ERRORS},
+        401: "no valid API key",
+        403: "the key's role may not call this route",
+    }
     for status in sorted(by_status):
         responses[str(status)] = _error_response(
             words.get(status, "refused"), sorted(set(by_status[status]))
@@ -279,11 +322,17 @@ def _responses(op: Operation, refs: Refs, keys: bool = False) -> dict[str, Any]:
     return responses
 
 
+def _tag(path: str) -> str:
+    if path.startswith("/v1/sessions/"):
+        return "sessions"
+    return "admin" if path.startswith("/v1/admin/") else "stateless"
+
+
 def _operation(op: Operation, method: str, refs: Refs, keys: bool = False) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "operationId": op.name if method == "post" else f"{op.name}_get",
         "summary": op.summary,
-        "tags": ["sessions" if op.path.startswith("/v1/sessions/") else "stateless"],
+        "tags": [_tag(op.path)],
         "responses": _responses(op, refs, keys),
     }
     if op.request is not None:

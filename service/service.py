@@ -34,14 +34,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 import service.model_registry  # noqa: F401  first: it fixes BENTOML_HOME before anyone reads it
-from model import pick_device
+from model import Checkpoint, pick_device
 from service import connections, metrics
 from service.auth import ApiKeyGate, admit, caller, websocket_authorization
 from service.backends import Backend, EmbeddedBackend, RedisBackend
 from service.batcher import BatchObserver, MicroBatcher
 from service.cors import Cors
 from service.engine import Engine, EngineEvents, EngineLimits, SessionView
-from service.errors import BlobCorrupted, ServiceError
+from service.errors import BlobCorrupted, ServiceError, VersionNotFound
 from service.fast_routes import FastRoutes
 from service.http import ErrorContract, RefusalTracebacks, RequestDeadline
 from service.openapi import ALLOWED, Deployment, openapi_document
@@ -50,6 +50,7 @@ from service.results import Outputs
 from service.schemas import (
     SEQ_CEILING,
     VALUE_CEILING,
+    ActivateModel,
     CreateSession,
     Deleted,
     Exported,
@@ -59,7 +60,10 @@ from service.schemas import (
     Gates,
     ImportSession,
     Limits,
+    LoadedModel,
+    LoadedModels,
     ModelCard,
+    ModelRef,
     Predict,
     PredictResult,
     SessionInfo,
@@ -69,6 +73,7 @@ from service.schemas import (
     StepManyResult,
     StepOutput,
     StepResult,
+    Unloaded,
 )
 from service.sessions import SessionStore, StatePool, StoreEvents, StoreLimits
 from service.settings import Settings, cors_origin_list, load_settings
@@ -87,6 +92,7 @@ from service.startup import (
 )
 from service.stream import StreamEndpoint, StreamLimits
 from service.tenants import TenantSessions
+from service.versions import Version, Versions
 
 settings = load_settings()  # at import: a bad LSTM_* variable stops the start, named
 api_keys = load_api_keys(settings.api_keys)
@@ -231,6 +237,10 @@ async def _ping_get(request: Request) -> Response:
     return Response(PING_BODY, media_type="application/json")
 
 
+async def _admin_models_get(request: Request) -> Response:
+    return Response(_current()._loaded().model_dump_json(), media_type="application/json")
+
+
 # /v1/stream, and GET (and HEAD) for the read-only routes whose POST BentoML serves. BentoML mounts
 # this passively: it claims only these paths and methods, so a POST still reaches BentoML's route.
 v1_app = Starlette(
@@ -238,6 +248,7 @@ v1_app = Starlette(
         WebSocketRoute("/stream", _stream),
         Route("/model", _model_get, methods=["GET"]),
         Route("/ping", _ping_get, methods=["GET"]),
+        Route("/admin/models", _admin_models_get, methods=["GET"]),
     ]
 )
 
@@ -263,67 +274,28 @@ class LSTMSessions:
         if torch.device(self.device).type == "cpu" and settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.checkpoint = load_model(settings.model_tag, settings.model_dir, self.device)
-        model, config = self.checkpoint.model, self.checkpoint.model.config
+        config = self.checkpoint.model.config
         self.n_features = config.n_features
-        pool = StatePool(
-            config.num_layers,
-            config.hidden_size,
-            config.n_features,
-            settings.max_sessions,
-            self.device,
-        )
         authoritative = settings.redis_url is None
-        store = SessionStore(
-            pool, store_limits(settings, authoritative), events=store_events(authoritative)
-        )
-        self.backend: Backend
-        if settings.redis_url is None:
-            self.backend = EmbeddedBackend(store)
-        else:
+        self.redis: RedisState | None = None
+        if settings.redis_url is not None:
             warn_if_redis_is_down(settings.redis_url)
-            redis = RedisState(
+            self.redis = RedisState(
                 settings.redis_url,
                 timeout_s=settings.redis_timeout_s,
                 wait_replicas=settings.redis_wait_replicas,
                 wait_timeout_ms=settings.redis_wait_timeout_ms,
             )
-            header = {"model": self.checkpoint.name, "model_version": self.checkpoint.version}
-            self.backend = RedisBackend(store, redis, header)
-        self.store = store
-        self.batcher = MicroBatcher(
-            model,
-            pool,
-            max_batch=settings.max_batch,
-            wait_s=settings.batch_wait_ms / 1000,
-            persist=self.backend.persist,
-            inline_work=settings.inline_work,
-            observer=BatchObserver(
-                batch=metrics.BATCH_SESSIONS.observe,
-                queue_wait=metrics.QUEUE_WAIT.observe,
-                model_time=metrics.MODEL_STEP.observe,
-                timesteps=metrics.TIMESTEPS.inc,
-            ),
+        first = self._build_version(self.checkpoint)
+        # The version started with: its store is the one the snapshot holds.
+        self.engine = first.engine
+        self.backend, self.store, self.batcher = (
+            first.engine.backend,
+            first.engine.store,
+            first.engine.batcher,
         )
-        self.engine = Engine(
-            self.backend,
-            self.batcher,
-            model=(self.checkpoint.name, self.checkpoint.version),
-            n_features=config.n_features,
-            blob_key=settings.blob_key.get_secret_value().encode() if settings.blob_key else None,
-            limits=EngineLimits(
-                max_chunk=settings.max_chunk,
-                max_predict_len=settings.max_predict_len,
-                max_many=settings.max_many,
-                max_horizon=settings.max_horizon,
-            ),
-            events=EngineEvents(
-                step_outcome=lambda outcome: metrics.STEP_REQUESTS.labels(outcome).inc(),
-                step_outcomes=count_outcomes,
-                replayed=metrics.REPLAYS.inc,
-                seq_conflict=metrics.SEQ_CONFLICTS.inc,
-                sessions=metrics.SESSIONS_ACTIVE.set,
-            ),
-        )
+        self.versions = Versions(first, loader=self._load_version)
+        pool, store = self.store.pool, self.store
         self.streams = StreamEndpoint(
             StreamLimits(settings.max_streams, settings.stream_idle_s, settings.max_body_bytes),
             admit=self._stream_sessions,
@@ -341,6 +313,91 @@ class LSTMSessions:
         metrics.SESSIONS_ACTIVE.set(len(store))
         log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
         tune_gc()
+
+    def _build_version(self, checkpoint: Checkpoint) -> Version:
+        """A model version's engine: its pool, store, backend and micro-batcher."""
+        model, config = checkpoint.model, checkpoint.model.config
+        pool = StatePool(
+            config.num_layers,
+            config.hidden_size,
+            config.n_features,
+            settings.max_sessions,
+            self.device,
+        )
+        authoritative = self.redis is None
+        store = SessionStore(
+            pool, store_limits(settings, authoritative), events=store_events(authoritative)
+        )
+        backend: Backend
+        if self.redis is None:
+            backend = EmbeddedBackend(store)
+        else:
+            header = {"model": checkpoint.name, "model_version": checkpoint.version}
+            backend = RedisBackend(store, self.redis, header)
+        batcher = MicroBatcher(
+            model,
+            pool,
+            max_batch=settings.max_batch,
+            wait_s=settings.batch_wait_ms / 1000,
+            persist=backend.persist,
+            inline_work=settings.inline_work,
+            observer=BatchObserver(
+                batch=metrics.BATCH_SESSIONS.observe,
+                queue_wait=metrics.QUEUE_WAIT.observe,
+                model_time=metrics.MODEL_STEP.observe,
+                timesteps=metrics.TIMESTEPS.inc,
+            ),
+        )
+        engine = Engine(
+            backend,
+            batcher,
+            model=(checkpoint.name, checkpoint.version),
+            n_features=config.n_features,
+            blob_key=settings.blob_key.get_secret_value().encode() if settings.blob_key else None,
+            limits=EngineLimits(
+                max_chunk=settings.max_chunk,
+                max_predict_len=settings.max_predict_len,
+                max_many=settings.max_many,
+                max_horizon=settings.max_horizon,
+            ),
+            events=EngineEvents(
+                step_outcome=lambda outcome: metrics.STEP_REQUESTS.labels(outcome).inc(),
+                step_outcomes=count_outcomes,
+                replayed=metrics.REPLAYS.inc,
+                seq_conflict=metrics.SEQ_CONFLICTS.inc,
+                sessions=lambda _: self._count_sessions(),
+            ),
+        )
+        return Version(
+            f"{checkpoint.name}:{checkpoint.version}",
+            engine,
+            str(self.device),
+            close=batcher.close,
+        )
+
+    def _load_version(self, tag: str) -> Version:
+        """A version from BentoML's store (in a thread: ``Versions.load``)."""
+        from bentoml.exceptions import BentoMLException
+
+        from model import CheckpointError
+        from service.model_registry import load_from_store
+
+        try:
+            checkpoint = load_from_store(tag, device=str(self.device))
+        except (BentoMLException, CheckpointError, OSError) as e:
+            raise VersionNotFound(
+                f"model {tag!r} cannot be loaded from the model store ({e}); import it with "
+                f"`python -m service.model_registry import DIR`",
+                tag=tag,
+            ) from None
+        version = self._build_version(checkpoint)
+        log.info("loaded %s beside %s", version.tag, ", ".join(self.versions.held))
+        return version
+
+    def _count_sessions(self) -> None:
+        versions = getattr(self, "versions", None)
+        total = versions.total_sessions() if versions is not None else len(self.store)
+        metrics.SESSIONS_ACTIVE.set(total)
 
     async def __is_ready__(self) -> bool:
         self._start_sweeper()
@@ -397,7 +454,7 @@ class LSTMSessions:
     async def export(self, body: SessionRef, /) -> Exported:
         """The session's state as a blob another deployment of the same model can import."""
         view, blob = await self._sessions().export(body.session_id)
-        name, version = self.engine.model
+        name, version = view.model
         blob64 = base64.b64encode(blob).decode()
         return Exported(
             session_id=view.session_id, t=view.t, model=name, model_version=version, blob=blob64
@@ -412,12 +469,60 @@ class LSTMSessions:
             raise BlobCorrupted(f"the blob was refused: {e}") from None
         return self._info(await self._sessions().import_blob(blob, body.session_id, body.ttl_s))
 
+    # --- admin: model versions (behind the admin role with API keys: service/auth.py) ---------
+
+    @bentoml.api(route="/v1/admin/models")
+    async def admin_models(self) -> LoadedModels:
+        """The loaded model versions: which is active, how many sessions are on each."""
+        return self._loaded()
+
+    @route("/v1/admin/models/load", ModelRef)
+    async def admin_load(self, body: ModelRef, /) -> LoadedModels:
+        """Load a version from BentoML's model store beside the others (not active yet)."""
+        await self.versions.load(body.tag)
+        self._count_sessions()
+        return self._loaded()
+
+    @route("/v1/admin/models/activate", ActivateModel)
+    async def admin_activate(self, body: ActivateModel, /) -> LoadedModels:
+        """Make a loaded version the one new sessions are created on."""
+        version = await self.versions.activate(await self._resolve(body.tag))
+        log.info("model %s is active", version.tag)
+        return self._loaded()
+
+    @route("/v1/admin/models/unload", ModelRef)
+    async def admin_unload(self, body: ModelRef, /) -> Unloaded:
+        """Unload a version no session is on (and that is not active)."""
+        tag = await self._resolve(body.tag)
+        await self.versions.unload(tag)
+        log.info("model %s unloaded", tag)
+        return Unloaded(tag=tag, unloaded=True)
+
+    async def _resolve(self, tag: str) -> str:
+        """A tag as the versions hold it: ``name`` (or ``name:latest``) is the store's latest."""
+        if tag in self.versions.held or (":" in tag and not tag.endswith(":latest")):
+            return tag
+        from bentoml.exceptions import BentoMLException
+
+        try:
+            return str(await asyncio.to_thread(lambda: bentoml.models.get(tag).tag))
+        except BentoMLException:
+            return tag  # not in the store: the versions answer model_version_not_loaded
+
+    def _loaded(self) -> LoadedModels:
+        return LoadedModels(
+            models=[
+                LoadedModel(**{**m, "loaded_at": _iso(m["loaded_at"])})
+                for m in self.versions.models()
+            ]
+        )
+
     # --- stateless ----------------------------------------------------------------------------
 
     @route("/v1/predict", Predict)
     async def predict(self, body: Predict, /) -> PredictResult:
         """A whole sequence in, the outputs after every timestep out; no session involved."""
-        out = await self.engine.predict(body.inputs, body.return_gates)
+        out = await self.versions.predict(body.inputs, body.return_gates)
         return PredictResult(
             outputs=self._outputs(out), gates=Gates(**out.gates) if out.gates else None
         )
@@ -489,20 +594,22 @@ class LSTMSessions:
             limits=limits(settings),
         )
 
-    def _sessions(self) -> Engine | TenantSessions:
-        """The engine as this request's caller sees it: with API keys, the key's namespace."""
+    def _sessions(self) -> Versions | TenantSessions:
+        """The sessions as this request's caller sees them: with API keys, the key's namespace."""
         principal = caller.get()
-        return self.engine if principal is None else TenantSessions(self.engine, principal.name)
+        if principal is None:
+            return self.versions
+        return TenantSessions(self.versions, principal.name)
 
-    def _stream_sessions(self, ws: WebSocket) -> Engine | TenantSessions:
+    def _stream_sessions(self, ws: WebSocket) -> Versions | TenantSessions:
         """A WebSocket's caller (its key checked as an HTTP request's is) and what it steps."""
         if api_keys is None:
-            return self.engine
+            return self.versions
         principal = admit(api_keys, "/v1/stream", websocket_authorization(ws.scope))
-        return TenantSessions(self.engine, principal.name)
+        return TenantSessions(self.versions, principal.name)
 
     def _info(self, view: SessionView) -> SessionInfo:
-        name, version = self.engine.model
+        name, version = view.model
         return SessionInfo(
             session_id=view.session_id,
             model=name,
@@ -528,8 +635,9 @@ class LSTMSessions:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(settings.sweep_interval_s)
-            if self.store.sweep():
-                metrics.SESSIONS_ACTIVE.set(len(self.store))
+            swept = [v.engine.store.sweep() for v in list(self.versions.held.values())]
+            if any(swept):
+                self._count_sessions()
             metrics.STORE_UP.set(1 if await self.backend.ready() else 0)
 
 

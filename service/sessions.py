@@ -695,6 +695,10 @@ class SessionStore:
     def peek(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
+    def knows(self, session_id: str) -> bool:
+        """Whether the id is held here, or was (expired or evicted, and still remembered)."""
+        return session_id in self._sessions or session_id in self._gone
+
     def drop(self, session: Session) -> None:
         """Forget a cached session without counting it anywhere (durable mode: Redis has it)."""
         if self._sessions.get(session.id) is session:

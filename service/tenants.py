@@ -18,12 +18,13 @@ from service.engine import Engine, ForecastView, SessionView
 from service.errors import ServiceError
 from service.schemas import Step
 from service.sessions import new_session_id, public_id, scoped_id
+from service.versions import Versions
 
 
 class TenantSessions:
-    """The ``Engine``'s session calls, each in ``tenant``'s namespace."""
+    """The session calls of an ``Engine`` (or of ``Versions``), each in ``tenant``'s namespace."""
 
-    def __init__(self, engine: Engine, tenant: str) -> None:
+    def __init__(self, engine: Engine | Versions, tenant: str) -> None:
         self.engine, self.tenant = engine, tenant
         self._mark = f"'{tenant}/"  # how a scoped id shows in an error's message (its repr)
 
