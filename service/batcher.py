@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -34,6 +34,7 @@ from service.errors import ModelFailure, ShuttingDown
 from service.results import Outputs, StepDone
 from service.rounds import (
     BatchObserver,
+    BurnInJob,
     Computed,
     ForecastJob,
     Job,
@@ -115,6 +116,14 @@ class MicroBatcher:
 
     async def predict(self, x: Tensor, *, return_gates: bool = False) -> Outputs:
         return await self._submit(PredictJob(x, return_gates))
+
+    async def burn_in(self, x: Tensor) -> SessionState:
+        """The state after ``x`` (k, F) from a zero state, batched with the round's other work:
+        a migration's replay (its result carries ``x`` as its window)."""
+        result = await self._submit(BurnInJob(x))
+        if isinstance(result, BaseException):
+            raise result
+        return cast(SessionState, result)
 
     async def close(self) -> None:
         """Stop the worker, leaving no caller waiting: every job not answered yet (queued,
@@ -221,10 +230,9 @@ class MicroBatcher:
             for job in steps:
                 c: Computed = job.result
                 t = job.session.t
+                state = c.state(job.session.slot)
                 commits.append(
-                    Commit(
-                        job.session, t, t + len(c.outputs.mean), c.state(), job.digest, c.outputs
-                    )
+                    Commit(job.session, t, t + len(c.outputs.mean), state, job.digest, c.outputs)
                 )
             verdicts = await self.persist(commits)
         accepted = [(job, job.result) for job, v in zip(steps, verdicts, strict=True) if v is None]

@@ -168,6 +168,14 @@ class VersionInUse(ServiceError):
     status, code = 409, "model_version_in_use"
 
 
+class MigrationImpossible(ServiceError):
+    """The session cannot move to the other version: it kept no inputs to replay (a window of
+    0, or a blob from before windows), the versions take different features, or the store
+    cannot do it (Redis: not yet)."""
+
+    status, code = 409, "migration_impossible"
+
+
 class VersionNotFound(ServiceError):
     """A tag BentoML's model store does not hold (or whose checkpoint is refused)."""
 

@@ -29,6 +29,7 @@ from service.schemas import (
     ForecastResult,
     ImportSession,
     LoadedModels,
+    Migrate,
     ModelCard,
     ModelRef,
     Predict,
@@ -152,6 +153,14 @@ OPERATIONS: tuple[Operation, ...] = (
             e.TooManySessions,
             *STORE,
         ),
+    ),
+    Operation(
+        "/v1/sessions/migrate",
+        "migrate",
+        "Move a session to another loaded model version by replaying its kept inputs",
+        Migrate,
+        SessionInfo,
+        (*GONE, e.MigrationImpossible, e.VersionNotLoaded, e.ModelFailure, *STORE),
     ),
     Operation(
         "/v1/predict",

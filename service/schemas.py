@@ -98,9 +98,17 @@ class ModelRef(Request):
 
 class ActivateModel(Request):
     tag: ModelTag
-    migrate: Literal["none"] = Field(
-        "none", description="none: sessions stay on the version they are on; new ones get this"
+    migrate: Literal["none", "on_next_step", "now"] = Field(
+        "none",
+        description="the other versions' sessions: none, they stay where they are (migrate "
+        "one with /v1/sessions/migrate); on_next_step, each moves at its next call; now, all "
+        "move in the background, a batch at a time",
     )
+
+
+class Migrate(Request):
+    session_id: SessionId
+    to: ModelTag | None = Field(None, description="a loaded version; default: the active one")
 
 
 class StreamMessage(Request):

@@ -62,6 +62,7 @@ from service.schemas import (
     Limits,
     LoadedModel,
     LoadedModels,
+    Migrate,
     ModelCard,
     ModelRef,
     Predict,
@@ -92,7 +93,7 @@ from service.startup import (
 )
 from service.stream import StreamEndpoint, StreamLimits
 from service.tenants import TenantSessions
-from service.versions import Version, Versions
+from service.versions import Version, VersionEvents, Versions
 
 settings = load_settings()  # at import: a bad LSTM_* variable stops the start, named
 api_keys = load_api_keys(settings.api_keys)
@@ -154,6 +155,12 @@ def count_outcomes(tally: Counter[str]) -> None:
     """A request's step outcomes, one metric write per outcome (not per item)."""
     for outcome, n in tally.items():
         metrics.STEP_REQUESTS.labels(outcome).inc(n)
+
+
+def count_migration(outcome: str, seconds: float) -> None:
+    metrics.MIGRATIONS.labels(outcome).inc()
+    if outcome == "migrated":
+        metrics.MIGRATION_SECONDS.observe(seconds)
 
 
 def count_refused_step(path: str, code: str) -> None:
@@ -273,6 +280,7 @@ class LSTMSessions:
         self.device = pick_device(settings.device)
         if torch.device(self.device).type == "cpu" and settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        self._model_labels: set[tuple[str, str]] = set()  # lstm_model_sessions' label values
         self.checkpoint = load_model(settings.model_tag, settings.model_dir, self.device)
         config = self.checkpoint.model.config
         self.n_features = config.n_features
@@ -294,7 +302,11 @@ class LSTMSessions:
             first.engine.store,
             first.engine.batcher,
         )
-        self.versions = Versions(first, loader=self._load_version)
+        self.versions = Versions(
+            first,
+            loader=self._load_version,
+            events=VersionEvents(migrated=count_migration, sessions=self._count_sessions),
+        )
         pool, store = self.store.pool, self.store
         self.streams = StreamEndpoint(
             StreamLimits(settings.max_streams, settings.stream_idle_s, settings.max_body_bytes),
@@ -310,7 +322,7 @@ class LSTMSessions:
         ).set(1)
         if settings.snapshot_path is not None and authoritative:
             self._restore_snapshot(settings.snapshot_path)
-        metrics.SESSIONS_ACTIVE.set(len(store))
+        self._count_sessions()
         log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
         tune_gc()
 
@@ -323,6 +335,7 @@ class LSTMSessions:
             config.n_features,
             settings.max_sessions,
             self.device,
+            window=settings.migration_window,
         )
         authoritative = self.redis is None
         store = SessionStore(
@@ -395,9 +408,21 @@ class LSTMSessions:
         return version
 
     def _count_sessions(self) -> None:
-        versions = getattr(self, "versions", None)
-        total = versions.total_sessions() if versions is not None else len(self.store)
-        metrics.SESSIONS_ACTIVE.set(total)
+        versions: Versions | None = getattr(self, "versions", None)
+        if versions is None:  # the first version, being built
+            metrics.SESSIONS_ACTIVE.set(len(self.store))
+            return
+        metrics.SESSIONS_ACTIVE.set(versions.total_sessions())
+        shown = {
+            (v.tag, "true" if v is versions.active else "false"): v.sessions
+            for v in versions.held.values()
+        }
+        # A multiprocess gauge cannot drop a label: one no longer true reads 0.
+        for labels in self._model_labels - shown.keys():
+            metrics.MODEL_SESSIONS.labels(*labels).set(0)
+        for labels, sessions in shown.items():
+            metrics.MODEL_SESSIONS.labels(*labels).set(sessions)
+        self._model_labels |= shown.keys()
 
     async def __is_ready__(self) -> bool:
         self._start_sweeper()
@@ -469,6 +494,13 @@ class LSTMSessions:
             raise BlobCorrupted(f"the blob was refused: {e}") from None
         return self._info(await self._sessions().import_blob(blob, body.session_id, body.ttl_s))
 
+    @route("/v1/sessions/migrate", Migrate)
+    async def migrate(self, body: Migrate, /) -> SessionInfo:
+        """Move a session to another loaded model version (default: the active one) by
+        replaying its kept inputs; t and seq carry on."""
+        to = await self._resolve(body.to) if body.to else None
+        return self._info(await self._sessions().migrate(body.session_id, to))
+
     # --- admin: model versions (behind the admin role with API keys: service/auth.py) ---------
 
     @bentoml.api(route="/v1/admin/models")
@@ -485,9 +517,10 @@ class LSTMSessions:
 
     @route("/v1/admin/models/activate", ActivateModel)
     async def admin_activate(self, body: ActivateModel, /) -> LoadedModels:
-        """Make a loaded version the one new sessions are created on."""
-        version = await self.versions.activate(await self._resolve(body.tag))
-        log.info("model %s is active", version.tag)
+        """Make a loaded version the one new sessions are created on; migrate the others'."""
+        version = await self.versions.activate(await self._resolve(body.tag), body.migrate)
+        log.info("model %s is active (migrate: %s)", version.tag, body.migrate)
+        self._count_sessions()
         return self._loaded()
 
     @route("/v1/admin/models/unload", ModelRef)

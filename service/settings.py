@@ -21,6 +21,7 @@ from service.schemas import (
     PREDICT_CEILING,
     TTL_CEILING,
 )
+from service.state_blob import WINDOW_CEILING
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,6 +145,14 @@ class Settings(BaseSettings):
         "the same on every deployment that exchanges blobs; unset: blobs carry a checksum only",
     )
 
+    migration_window: int = Field(
+        256,
+        ge=0,
+        le=WINDOW_CEILING,
+        description="each session keeps its last this many inputs (with its state: the pool, "
+        "snapshots, Redis, blobs), so it can move to another model version by replaying them; "
+        "0: none kept, sessions cannot migrate",
+    )
     api_keys: Path | None = Field(
         None,
         description="a file of named API keys, stored hashed (`lstm-serve keys add`): every "

@@ -105,6 +105,12 @@ class TenantSessions:
                     error["session_id"] = public_id(error["session_id"])
         return results
 
+    async def migrate(self, session_id: str, to: str | None) -> SessionView:
+        if not isinstance(self.engine, Versions):  # pragma: no cover - the service uses Versions
+            raise TypeError("migration needs the service's versions")
+        with self._own_ids():
+            return self._view(await self.engine.migrate(scoped_id(self.tenant, session_id), to))
+
     async def check(self, session_id: str) -> None:
         """Raises the store's 404 when the session is gone (the stream's check at connect)."""
         await self.get(session_id)

@@ -25,8 +25,11 @@ from typing import Any, TypeVar
 
 from service.engine import Engine, ForecastView, SessionView
 from service.errors import (
+    MigrationImpossible,
     ModelMismatch,
+    ServiceError,
     SessionExists,
+    SessionGone,
     SessionOnOtherVersion,
     VersionActive,
     VersionInUse,
@@ -57,29 +60,53 @@ async def _nothing() -> None:
 
 
 T = TypeVar("T")
+MIGRATE_BATCH = 64  # sessions migrated at once by activate(..., "now"): one batcher round's worth
+
+
+@dataclass
+class VersionEvents:
+    """Callbacks for metrics: a migration's outcome ("migrated" or the error code) and time."""
+
+    migrated: Callable[[str, float], None] = lambda outcome, seconds: None
+    sessions: Callable[[], None] = lambda: None  # sessions moved between versions
+
+
 Loader = Callable[[str], Version]  # a tag -> its version, built (blocking: run in a thread)
 
 
 class Versions:
     """The session calls of ``Engine``, over every loaded version; and the admin calls."""
 
-    def __init__(self, first: Version, loader: Loader) -> None:
+    def __init__(self, first: Version, loader: Loader, events: VersionEvents | None = None) -> None:
         self.loader = loader
+        self.events = events or VersionEvents()
         self.held: dict[str, Version] = {first.tag: first}
         self.active = first
+        self.lazy = False  # activate(..., "on_next_step"): a call migrates its session first
+        self.background: asyncio.Task[None] | None = None  # activate(..., "now")'s migrations
         self._changing = asyncio.Lock()  # one load/activate/unload at a time
 
     # --- which version ------------------------------------------------------------------------
 
     def of(self, session_id: str) -> Engine:
-        """The engine of the version that holds (or remembers) the session; else the active."""
+        """The engine of the version that holds the session (or, gone, remembers it); else the
+        active one."""
         active = self.active.engine
-        if len(self.held) == 1 or active.store.knows(session_id):
+        if len(self.held) == 1 or active.store.peek(session_id) is not None:
             return active
+        for version in self.held.values():
+            if version.engine.store.peek(session_id) is not None:
+                return version.engine
         for version in self.held.values():
             if version.engine.store.knows(session_id):
                 return version.engine
         return active
+
+    def _live(self, session_id: str) -> Engine | None:
+        for version in self.held.values():
+            if version.engine.store.peek(session_id) is not None:
+                return version.engine
+        return None
 
     @property
     def model(self) -> tuple[str, str]:
@@ -98,15 +125,29 @@ class Versions:
         return await self.active.engine.create(session_id, ttl_s)
 
     async def _on(self, session_id: str, call: Callable[[Engine], Awaitable[T]]) -> T:
-        """``call`` on the session's version. With Redis a session this replica has not cached
-        is found on the version it was stored by (``SessionOnOtherVersion``)."""
+        """``call`` on the session's version (after migrating it, when activate asked for
+        ``on_next_step``). With Redis a session this replica has not cached is found on the
+        version it was stored by (``SessionOnOtherVersion``); a call that waited while its
+        session migrated follows it to its new version."""
+        engine = self.of(session_id)
+        if self.lazy and engine is not self.active.engine and engine.store.peek(session_id):
+            try:
+                await self._migrate(engine, self.active.engine, session_id, quiet=True)
+                engine = self.active.engine
+            except MigrationImpossible:
+                pass  # it stays where it is, and is served there
         try:
-            return await call(self.of(session_id))
+            return await call(engine)
         except SessionOnOtherVersion as e:
             for version in self.held.values():
                 if version.engine.model == e.model:
                     return await call(version.engine)
             raise
+        except SessionGone:
+            moved = self._live(session_id)
+            if moved is None or moved is engine:
+                raise
+            return await call(moved)
 
     async def check(self, session_id: str) -> None:
         await self._on(session_id, lambda engine: engine.check(session_id))
@@ -151,6 +192,11 @@ class Versions:
     async def step_many(self, items: list[Step]) -> list[dict[str, Any]]:
         if len(self.held) == 1:
             return await self.active.engine.step_many(items)
+        if self.lazy:
+            ids = {item.session_id for item in items}
+            await asyncio.gather(
+                *(self._migrate_if_behind(sid) for sid in ids), return_exceptions=True
+            )
         by_engine: dict[int, tuple[Engine, list[int]]] = {}
         for i, item in enumerate(items):
             engine = self.of(item.session_id)
@@ -168,6 +214,90 @@ class Versions:
 
     async def predict(self, rows: list[list[float]], return_gates: bool) -> Outputs:
         return await self.active.engine.predict(rows, return_gates)
+
+    # --- migration ------------------------------------------------------------------------------
+
+    async def migrate(self, session_id: str, to: str | None = None) -> SessionView:
+        """Move a session to version ``to`` (default: the active one) by replaying its kept
+        inputs through it; ``t``, its seq and its replay record carry on unchanged."""
+        target = (self._held(to) if to else self.active).engine
+        source = self._live(session_id)
+        if source is None or source is target:
+            return await self._on(session_id, lambda engine: engine.get(session_id))
+        return await self._migrate(source, target, session_id)
+
+    async def _migrate_if_behind(self, session_id: str) -> None:
+        source = self._live(session_id)
+        if source is not None and source is not self.active.engine:
+            await self._migrate(source, self.active.engine, session_id, quiet=True)
+
+    async def _migrate(
+        self, source: Engine, target: Engine, session_id: str, *, quiet: bool = False
+    ) -> SessionView:
+        started = time.perf_counter()
+        try:
+            view = await self._move(source, target, session_id)
+        except SessionGone:
+            if quiet:  # deleted or expired meanwhile: the call that follows answers it
+                return await self.active.engine.get(session_id)
+            raise
+        except ServiceError as e:
+            self.events.migrated(e.code, time.perf_counter() - started)
+            raise
+        self.events.migrated("migrated", time.perf_counter() - started)
+        return view
+
+    async def _move(self, source: Engine, target: Engine, session_id: str) -> SessionView:
+        if not source.backend.authoritative:
+            raise MigrationImpossible(
+                "sessions in Redis cannot migrate yet: they stay on their version (unload it "
+                "once they are gone)",
+                session_id=session_id,
+            )
+        if source.n_features != target.n_features:
+            raise MigrationImpossible(
+                f"model {target.model[0]}:{target.model[1]} takes {target.n_features} features, "
+                f"the session's takes {source.n_features}",
+                session_id=session_id,
+            )
+        async with source.locked(session_id) as session:
+            if source.store.peek(session_id) is not session:  # pragma: no cover - locked() says
+                raise SessionGone(f"no session {session_id!r}", session_id=session_id)
+            state = source.store.pool.read(session.slot)
+            kept = state.window_rows()
+            if session.t > 0 and kept == 0:
+                raise MigrationImpossible(
+                    f"session {session_id!r} kept no inputs to replay (LSTM_MIGRATION_WINDOW "
+                    f"is 0, or it came from a blob without them): it stays on "
+                    f"{source.model[0]}:{source.model[1]}",
+                    session_id=session_id,
+                )
+            if kept:
+                assert state.window is not None
+                replayed = await target.batcher.burn_in(state.window)
+            else:
+                replayed = target.store.pool.zero_state()
+            moved = await target.backend.restore(session_id, replayed, session.t, session.ttl_s)
+            moved.created_at = session.created_at
+            moved.last_step = session.last_step  # a retry of the last step is answered again
+            await source.backend.delete(session)
+        self.events.sessions()
+        return SessionView.of(moved, target.model)
+
+    async def _migrate_all(self, to: Engine) -> None:
+        """Every session of every other version onto ``to``, a batch at a time, through the
+        batcher: ``activate(..., migrate="now")``'s background work."""
+        for version in list(self.held.values()):
+            engine = version.engine
+            if engine is to:
+                continue
+            ids = [s.id for s in engine.store.sessions()]
+            for start in range(0, len(ids), MIGRATE_BATCH):
+                batch = ids[start : start + MIGRATE_BATCH]
+                await asyncio.gather(
+                    *(self._migrate(engine, to, sid, quiet=True) for sid in batch),
+                    return_exceptions=True,
+                )
 
     # --- admin ----------------------------------------------------------------------------------
 
@@ -216,9 +346,17 @@ class Versions:
             self.held[version.tag] = version
             return version
 
-    async def activate(self, tag: str) -> Version:
+    async def activate(self, tag: str, migrate: str = "none") -> Version:
+        """``tag`` becomes the version new sessions go to; the others' sessions move to it
+        ``now`` (in the background, in batches through the batcher), on their next call
+        (``on_next_step``), or not at all (``none``: until ``migrate`` is called for one)."""
         async with self._changing:
             self.active = self._held(tag)
+            self.lazy = migrate == "on_next_step"
+            if migrate == "now":
+                self.background = asyncio.get_running_loop().create_task(
+                    self._migrate_all(self.active.engine), name="migrate-all"
+                )
             return self.active
 
     async def unload(self, tag: str) -> None:
