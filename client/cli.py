@@ -274,12 +274,18 @@ def keys(args: argparse.Namespace) -> int:
         if any(e.principal.name == args.name for e in existing):
             raise KeyFileError(f"{args.file} has a key named {args.name!r} already")
         key = new_key()
-        line = key_line(args.name, args.role, key)
-    except KeyFileError as e:
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += key_line(args.name, args.role, key)
+        parse_key_file(text, str(args.file))  # what a server will read
+    except (KeyFileError, OSError) as e:
         print(f"lstm-serve: {e}", file=sys.stderr)
         return 2
-    with open(args.file, "a") as f:  # digests only: the file is not a secret
-        f.write(line)
+    # Written whole and renamed into place: a server re-reading it never sees half a line.
+    # Digests only: the file is not a secret.
+    partial = args.file.with_name(args.file.name + ".new")
+    partial.write_text(text)
+    partial.replace(args.file)
     print(key)
     print(
         f"lstm-serve: key {args.name!r} ({args.role}) added to {args.file}; this is the only time "

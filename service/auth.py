@@ -12,10 +12,12 @@ Keys are random (32 bytes), so one SHA-256 is enough (a password would need a sl
 presented key's digest is compared with every stored one in constant time (``hmac.compare_digest``,
 no early exit), and no key, hashed or not, is ever logged.
 
-A key's sessions are its own: the engine sees them under ``<key name>/<id>`` (``/`` is outside the
-session-id pattern, so a scoped id never collides with a client's), through
+A key's sessions are its own: the engine sees them under ``<key name>/<id>`` (``/`` is outside
+the session-id pattern, so a scoped id never collides with a client's), through
 ``service.tenants.TenantSessions``. Another key's call on the same id is a call on another
 session: it answers what an unknown session answers, and a create of a taken id creates its own.
+Sessions belong to the key's *name*: a key rotated under the same name keeps them, so never give
+a revoked name to another party.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ROLES = ("user", "admin")
 RELOAD_EVERY_S = 1.0  # how stale the key file may be: a revoked key works at most this long
 WS_SUBPROTOCOL_PREFIX = "bearer."
-# Open with keys on: the probes, Prometheus, the documents and the page's static files (the page
-# then asks for a key); nothing here reads or changes a session.
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/docs"})
+# Open with keys on: the probes, Prometheus, the documents (BentoML's Swagger page at /, which a
+# browser opens without a header, and its /docs.json) and the page's static files (the page then
+# asks for a key); nothing here reads or changes a session.
+OPEN_PATHS = frozenset({"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json"})
 OPEN_PREFIXES = ("/ui", "/static_content/")
 ADMIN_PREFIX = "/v1/admin/"
 
@@ -115,6 +118,8 @@ def parse_key_file(text: str, where: str = "LSTM_API_KEYS") -> list[KeyEntry]:
             raise KeyFileError(f"{where} line {n}: the digest is not 64 hex digits")
         if name in names:
             raise KeyFileError(f"{where} line {n}: the name {name!r} is taken by an earlier line")
+        if any(e.digest.hex() == digest for e in entries):
+            raise KeyFileError(f"{where} line {n}: the same key as an earlier line")
         names.add(name)
         entries.append(KeyEntry(Principal(name, role), bytes.fromhex(digest)))
     return entries
@@ -141,39 +146,45 @@ class ApiKeys:
     def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.path, self.clock = path, clock
         try:
-            self._stamp = self._file_stamp()
-            self._entries = parse_key_file(path.read_text())
+            self._text = path.read_text()
         except OSError as e:
             raise KeyFileError(f"LSTM_API_KEYS: cannot read {path}: {e.strerror}") from None
+        self._entries = parse_key_file(self._text)
         self._checked = clock()
-
-    def _file_stamp(self) -> tuple[int, int, int]:
-        st = self.path.stat()
-        return st.st_mtime_ns, st.st_size, st.st_ino
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def _refresh(self) -> None:
+        """Re-read the file (a few hundred bytes) at most once a second and compare contents: a
+        key replaced in place with the file's size and time kept is seen too."""
         now = self.clock()
         if now - self._checked < RELOAD_EVERY_S:
             return
         self._checked = now
+        reason: Exception
         try:
-            stamp = self._file_stamp()
-            if stamp == self._stamp:
+            text = self.path.read_text()
+        except OSError as e:
+            text, reason = "", e
+        else:
+            if text == self._text:
                 return
-            entries = parse_key_file(self.path.read_text())
-        except (OSError, KeyFileError) as e:
-            # Keep serving the keys last read rather than lock everyone out on a bad edit.
-            log.error(
-                "LSTM_API_KEYS %s was not re-read (%s): the keys read before still hold",
-                self.path,
-                e,
-            )
-            return
-        self._stamp, self._entries = stamp, entries
-        log.info("LSTM_API_KEYS re-read: %d keys", len(entries))
+            try:
+                self._entries, self._text = parse_key_file(text), text
+                log.info("LSTM_API_KEYS re-read: %d keys", len(self._entries))
+                return
+            except KeyFileError as e:
+                reason = e
+        # A bad edit keeps the keys read before, not to lock everyone out, but fails closed for
+        # removals: a key whose digest is no longer in the file is revoked all the same.
+        self._entries = [e for e in self._entries if e.digest.hex() in text]
+        log.error(
+            "LSTM_API_KEYS %s was not re-read (%s): the keys read before still hold, but for "
+            "those no longer in it",
+            self.path,
+            reason,
+        )
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller of a request with this ``Authorization`` value, or the 401 to answer."""
@@ -239,7 +250,7 @@ class ApiKeyGate:
         self.app, self.keys, self.refused = app, keys, refused
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or is_open(scope["path"]) or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         try:

@@ -27,10 +27,10 @@ class Cors:
     def __init__(self, app: Any, origins: list[str]) -> None:
         self.app = app
         self.any = "*" in origins
-        self.origins = {o.encode() for o in origins if o != "*"}
+        self.origins = {o.lower().encode() for o in origins if o != "*"}
 
     def _allowed(self, origin: bytes) -> bool:
-        return self.any or origin in self.origins
+        return self.any or origin.lower() in self.origins
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -80,3 +80,23 @@ class Cors:
     @staticmethod
     def _allow(origin: bytes) -> list[tuple[bytes, bytes]]:
         return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+
+
+def check_ws_origin(scope: dict[str, Any] | Any, origins: list[str]) -> None:
+    """A WebSocket from a browser page is its origin's: browsers send ``Origin`` and apply no
+    CORS to WebSockets, so a page anywhere could stream into a session. One with an ``Origin``
+    that is neither the service's own (its ``Host``) nor listed is refused (403, close 4403);
+    clients that are not browsers send none."""
+    headers = dict(scope.get("headers", ()))
+    origin = headers.get(b"origin")
+    if origin is None or "*" in origins:
+        return
+    text = origin.decode("latin-1").rstrip("/")
+    host = headers.get(b"host", b"").decode("latin-1")
+    if text.split("://", 1)[-1].lower() == host.lower() or text.lower() in (
+        o.lower() for o in origins
+    ):
+        return
+    raise CorsOriginRefused(
+        f"a stream from origin {text!r} is refused: not this service's, nor in LSTM_CORS_ORIGINS"
+    )

@@ -39,9 +39,9 @@ from service import connections, metrics
 from service.auth import ApiKeyGate, admit, caller, websocket_authorization
 from service.backends import Backend, EmbeddedBackend, RedisBackend
 from service.batcher import BatchObserver, MicroBatcher
-from service.cors import Cors
+from service.cors import Cors, check_ws_origin
 from service.engine import Engine, EngineEvents, EngineLimits, SessionView
-from service.errors import BlobCorrupted, ServiceError, VersionNotFound
+from service.errors import ApiKeyMissing, BlobCorrupted, ServiceError, VersionNotFound
 from service.fast_routes import FastRoutes
 from service.http import ErrorContract, RefusalTracebacks, RequestDeadline
 from service.openapi import ALLOWED, Deployment, openapi_document
@@ -92,7 +92,7 @@ from service.startup import (
     warn_if_redis_is_down,
 )
 from service.stream import StreamEndpoint, StreamLimits
-from service.tenants import TenantSessions
+from service.tenants import KeyedStream, TenantSessions
 from service.versions import Version, VersionEvents, Versions
 
 settings = load_settings()  # at import: a bad LSTM_* variable stops the start, named
@@ -307,7 +307,7 @@ class LSTMSessions:
             loader=self._load_version,
             events=VersionEvents(migrated=count_migration, sessions=self._count_sessions),
         )
-        pool, store = self.store.pool, self.store
+        pool = self.store.pool
         self.streams = StreamEndpoint(
             StreamLimits(settings.max_streams, settings.stream_idle_s, settings.max_body_bytes),
             admit=self._stream_sessions,
@@ -628,18 +628,28 @@ class LSTMSessions:
         )
 
     def _sessions(self) -> Versions | TenantSessions:
-        """The sessions as this request's caller sees them: with API keys, the key's namespace."""
+        """The sessions as this request's caller sees them: with API keys, the key's namespace
+        (never the whole store: a request the gate did not admit reaches nothing)."""
         principal = caller.get()
-        if principal is None:
-            return self.versions
-        return TenantSessions(self.versions, principal.name)
+        if principal is not None:
+            return TenantSessions(self.versions, principal.name)
+        if api_keys is not None:
+            raise ApiKeyMissing("this service needs an API key (the request was not admitted)")
+        return self.versions
 
-    def _stream_sessions(self, ws: WebSocket) -> Versions | TenantSessions:
-        """A WebSocket's caller (its key checked as an HTTP request's is) and what it steps."""
+    def _stream_sessions(self, ws: WebSocket) -> Versions | KeyedStream:
+        """A WebSocket's caller (its key checked as an HTTP request's is, and again at every
+        message) and what it steps. A page of another origin is refused (browsers apply no CORS
+        to WebSockets): an ``Origin`` must be the service's own or in LSTM_CORS_ORIGINS."""
+        check_ws_origin(ws.scope, cors_origin_list(settings.cors_origins))
         if api_keys is None:
             return self.versions
-        principal = admit(api_keys, "/v1/stream", websocket_authorization(ws.scope))
-        return TenantSessions(self.versions, principal.name)
+        authorization = websocket_authorization(ws.scope)
+        principal = admit(api_keys, "/v1/stream", authorization)
+        return KeyedStream(
+            TenantSessions(self.versions, principal.name),
+            recheck=lambda: admit(api_keys, "/v1/stream", authorization),
+        )
 
     def _info(self, view: SessionView) -> SessionInfo:
         name, version = view.model

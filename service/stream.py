@@ -101,6 +101,11 @@ class StreamEndpoint:
         offered = ws.scope.get("subprotocols", ())
         await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         session_id = ws.query_params.get("session_id", "")
+        try:  # who is calling, before anything else is told (even whether the service is full)
+            sessions = self.admit(ws)
+        except ServiceError as e:
+            await self._close_with(ws, e)
+            return
         if self.open >= self.limits.max_streams:
             full = TooManyStreams(
                 f"{self.open} streams are open, the limit (LSTM_MAX_STREAMS)",
@@ -112,7 +117,6 @@ class StreamEndpoint:
         self.opened(self.open)
         try:
             try:
-                sessions = self.admit(ws)
                 if not re.fullmatch(SESSION_ID_PATTERN, session_id):
                     raise InvalidRequest(
                         f"the query parameter session_id must match {SESSION_ID_PATTERN}"
@@ -157,10 +161,10 @@ class StreamEndpoint:
                 return
             try:
                 reply = await sessions.step(parse_message(raw, session_id))
-            except SessionGone as e:
-                await self._close_with(ws, e)
-                return
             except ServiceError as e:
+                if isinstance(e, SessionGone) or e.status in (401, 403):  # gone, or the key is
+                    await self._close_with(ws, e)
+                    return
                 await ws.send_text(error_text(e.status, e.body()))
                 continue
             except MessageRefused as e:

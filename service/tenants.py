@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from service.engine import Engine, ForecastView, SessionView
@@ -114,3 +114,18 @@ class TenantSessions:
     async def check(self, session_id: str) -> None:
         """Raises the store's 404 when the session is gone (the stream's check at connect)."""
         await self.get(session_id)
+
+
+class KeyedStream:
+    """A WebSocket's sessions, its key checked again at every message: a key revoked while
+    its stream is open stops being served at the next message (401, then close 4401)."""
+
+    def __init__(self, sessions: TenantSessions, recheck: Callable[[], object]) -> None:
+        self.sessions, self.recheck = sessions, recheck
+
+    async def step(self, body: Step) -> dict[str, Any]:
+        self.recheck()
+        return await self.sessions.step(body)
+
+    async def check(self, session_id: str) -> None:
+        await self.sessions.check(session_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,33 @@ def test_keys_are_checked_and_a_removed_line_revokes_its_key(tmp_path: Path) -> 
     now[0] += auth.RELOAD_EVERY_S
     with pytest.raises(ApiKeyInvalid):
         keys.authenticate(f"Bearer {bob}")
-    # A bad edit keeps the keys read before rather than locking everyone out.
-    path.write_text("garbage\n")
+    # A bad edit keeps the keys read before rather than lock everyone out, but for the keys
+    # whose lines it removed: revocation still works in a file broken elsewhere.
+    carol = new_key()
+    path.write_text(key_line("alice", "user", alice) + key_line("carol", "user", carol))
+    now[0] += auth.RELOAD_EVERY_S
+    assert keys.authenticate(f"Bearer {carol}").name == "carol"
+    path.write_text(key_line("alice", "user", alice) + "garbage\n")
     now[0] += auth.RELOAD_EVERY_S
     assert keys.authenticate(f"Bearer {alice}").name == "alice"
+    with pytest.raises(ApiKeyInvalid):
+        keys.authenticate(f"Bearer {carol}")
+    # A key replaced in place, the file's size and times kept, is seen: contents are compared.
+    dave = new_key()
+    text = key_line("alice", "user", dave)
+    stat = path.stat()
+    path.write_text(text)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    now[0] += auth.RELOAD_EVERY_S
+    assert keys.authenticate(f"Bearer {dave}").name == "alice"
+    with pytest.raises(ApiKeyInvalid):
+        keys.authenticate(f"Bearer {alice}")
+
+
+def test_two_names_for_one_key_are_refused() -> None:
+    key = new_key()
+    with pytest.raises(KeyFileError, match="same key"):
+        parse_key_file(key_line("a", "user", key) + key_line("b", "admin", key))
 
 
 def test_a_websocket_key_comes_from_its_header_or_a_bearer_subprotocol() -> None:
@@ -193,12 +217,13 @@ def test_two_keys_each_have_their_own_session_of_one_id() -> None:
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A server with three keys (alice and bob users, ops admin) and one allowed CORS origin."""
     where = tmp_path_factory.mktemp("keyed")
-    keys = {"alice": new_key(), "bob": new_key(), "ops": new_key()}
+    keys = {"alice": new_key(), "bob": new_key(), "ops": new_key(), "eve": new_key()}
     path = where / "keys"
     path.write_text(
         key_line("alice", "user", keys["alice"])
         + key_line("bob", "user", keys["bob"])
         + key_line("ops", "admin", keys["ops"])
+        + key_line("eve", "user", keys["eve"])
     )
     env = {
         "LSTM_API_KEYS": str(path),
@@ -239,7 +264,7 @@ def test_with_keys_every_route_but_health_metrics_and_docs_needs_one(keyed: Any)
         if path.startswith("/v1/"):
             assert "api_key_invalid" in item["post"]["responses"]["401"]["description"], path
     admin = httpx.post(url + "/v1/admin/models", headers=as_(keys["ops"]), timeout=10)
-    assert admin.status_code == 404  # the admin role passes the gate; no admin route exists yet
+    assert admin.status_code == 200 and admin.json()["models"][0]["active"], admin.text
     assert httpx.get(url + "/v1/model", headers=as_(keys["bob"]), timeout=10).status_code == 200
 
 
@@ -298,6 +323,28 @@ def test_the_bad_input_table_for_keys_and_blobs(keyed: Any) -> None:
             "session_not_found",
         ),
         ("user on an admin route", other("/v1/admin/models", {}, bob), 403, "admin_only"),
+        (
+            "a step whose body has no Content-Type (a cross-origin simple request)",
+            httpx.post(
+                url + "/v1/sessions/step",
+                content=json.dumps(step),
+                headers=as_(keys["alice"]),
+                timeout=10,
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "a delete whose body has no Content-Type",
+            httpx.post(
+                url + "/v1/sessions/delete",
+                content=json.dumps({"session_id": sid}),
+                headers=as_(keys["alice"]),
+                timeout=10,
+            ),
+            415,
+            "unsupported_media_type",
+        ),
         (
             "replayed blob",
             alice.post("/v1/sessions/import", json={"blob": blob}),
@@ -365,7 +412,7 @@ def test_the_bad_input_table_for_keys_and_blobs(keyed: Any) -> None:
 
 @pytest.mark.slow
 def test_the_stream_takes_a_key_by_header_or_browser_subprotocol(keyed: Any) -> None:
-    url, keys, _, _ = keyed
+    url, keys, path, _ = keyed
     alice = httpx.Client(base_url=url, headers=as_(keys["alice"]), timeout=10)
     assert alice.post("/v1/sessions/create", json={"session_id": "ws-1"}).status_code == 200
     ws_url = url.replace("http", "ws") + "/v1/stream?session_id=ws-1"
@@ -383,10 +430,40 @@ def test_the_stream_takes_a_key_by_header_or_browser_subprotocol(keyed: Any) -> 
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv()
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+    # A key revoked while its stream is open is refused at the stream's next message.
+    eve = httpx.Client(base_url=url, headers=as_(keys["eve"]), timeout=10)
+    assert eve.post("/v1/sessions/create", json={"session_id": "ws-eve"}).status_code == 200
+    eve_url = ws_url.replace("ws-1", "ws-eve")
+    with connect(eve_url, additional_headers=as_(keys["eve"])) as ws:
+        ws.send(json.dumps({"inputs": [[0.1]], "seq": 0}))
+        assert json.loads(ws.recv())["t"] == 1
+        path.write_text(
+            "".join(line for line in path.read_text().splitlines(True) if "eve" not in line)
+        )
+        time.sleep(auth.RELOAD_EVERY_S + 0.3)
+        ws.send(json.dumps({"inputs": [[0.2]], "seq": 1}))
+        assert json.loads(ws.recv())["error"]["code"] == "api_key_invalid"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+    # A browser page of another origin cannot stream (no CORS for WebSockets); the service's own
+    # origin and the listed one can.
+    with connect(
+        ws_url, additional_headers={**as_(keys["alice"]), "origin": "https://evil.example"}
+    ) as ws:
+        assert json.loads(ws.recv())["error"]["code"] == "cors_origin_refused"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+    for origin in ("https://app.example", url):
+        with connect(ws_url, additional_headers={**as_(keys["alice"]), "origin": origin}) as ws:
+            t = alice.post("/v1/sessions/get", json={"session_id": "ws-1"}).json()["t"]
+            ws.send(json.dumps({"inputs": [[0.3]], "seq": t}))
+            assert json.loads(ws.recv())["t"] == t + 1, origin
     # Another key's stream of the id is a stream of its own, unknown, session.
     with connect(ws_url, additional_headers=as_(keys["ops"])) as ws:
         assert json.loads(ws.recv())["error"]["code"] == "session_not_found"
-    assert alice.post("/v1/sessions/get", json={"session_id": "ws-1"}).json()["t"] == 2
+    assert alice.post("/v1/sessions/get", json={"session_id": "ws-1"}).json()["t"] == 4
 
 
 @pytest.mark.slow
@@ -438,6 +515,12 @@ def test_the_cli_adds_a_key_once_and_prints_it_once(
     assert "has a key named 'alice' already" in capsys.readouterr().err
     assert main(["keys", "add", "ops", "--file", str(path), "--role", "admin"]) == 0
     assert len(ApiKeys(path)) == 2
+    capsys.readouterr()
+    # A file whose last line has no newline (written by hand) gets a whole new line.
+    path.write_text(path.read_text().rstrip("\n"))
+    assert main(["keys", "add", "bob", "--file", str(path)]) == 0
+    bob = capsys.readouterr().out.strip()
+    assert ApiKeys(path).authenticate(f"Bearer {bob}").name == "bob" and len(ApiKeys(path)) == 3
 
 
 def test_the_client_sends_its_key_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
