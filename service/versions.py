@@ -37,7 +37,7 @@ from service.errors import (
 )
 from service.results import Outputs
 from service.schemas import Step
-from service.state_blob import BlobError, decode
+from service.state_blob import BlobError, decode, encode
 
 
 @dataclass(eq=False)
@@ -170,19 +170,43 @@ class Versions:
     async def import_blob(
         self, blob: bytes, session_id: str | None, ttl_s: float | None, namespace: str = ""
     ) -> SessionView:
-        """Into the version the blob belongs to, when it is loaded; else the active version
-        answers (``model_mismatch``)."""
+        """Into the version the blob belongs to, when it is loaded; a blob of a version not
+        loaded migrates into the active one by replaying its window (``migration_impossible``
+        when it has none, or other features)."""
         target = self.active.engine
-        if len(self.held) > 1:
-            try:
-                header = decode(blob, target.blob_key)[0]
-            except BlobError:
-                header = {}  # the engine's own decode answers the refusal
-            theirs = (header.get("model"), header.get("model_version"))
-            for version in self.held.values():
-                if version.engine.model == theirs:
-                    target = version.engine
-        return await target.import_blob(blob, session_id, ttl_s, namespace)
+        try:
+            header, state = decode(blob, target.blob_key)
+        except BlobError:  # the engine's own decode answers the refusal
+            return await target.import_blob(blob, session_id, ttl_s, namespace)
+        theirs = (header.get("model"), header.get("model_version"))
+        for version in self.held.values():
+            if version.engine.model == theirs:
+                return await version.engine.import_blob(blob, session_id, ttl_s, namespace)
+        t = header.get("t")
+        if state.next_mean.shape[0] != target.n_features:
+            raise MigrationImpossible(
+                f"the blob is of {theirs[0]}:{theirs[1]} with {state.next_mean.shape[0]} "
+                f"features; {target.model[0]}:{target.model[1]} takes {target.n_features}"
+            )
+        if not (type(t) is int and t >= 0) or (t > 0 and state.window_rows() == 0):
+            raise MigrationImpossible(
+                f"the blob is of {theirs[0]}:{theirs[1]}, which is not loaded, and keeps no "
+                f"inputs to replay through {target.model[0]}:{target.model[1]}"
+            )
+        started = time.perf_counter()
+        assert state.window is not None or t == 0
+        replayed = (
+            await target.batcher.burn_in(state.window)
+            if state.window is not None
+            else target.store.pool.zero_state()
+        )
+        # Re-encoded as the active version's own blob (signed with this deployment's key, the
+        # original having passed it), so every check of an import still runs on the result.
+        mine = {**header, "model": target.model[0], "model_version": target.model[1]}
+        own = encode(replayed, mine, target.blob_key)
+        view = await target.import_blob(own, session_id, ttl_s, namespace)
+        self.events.migrated("migrated", time.perf_counter() - started)
+        return view
 
     async def step(self, body: Step) -> dict[str, Any]:
         if len(self.held) == 1:  # the common case: no closure per step

@@ -145,7 +145,10 @@ def test_a_session_with_no_window_cannot_migrate_and_stays_served() -> None:
         await versions.load("m:v2")
         with pytest.raises(MigrationImpossible, match="kept no inputs"):
             await versions.migrate("old", "m:v2")
-        assert (await versions.migrate("fresh", "m:v2")).model == ("m", "v2")  # t = 0: nothing to replay
+        assert (await versions.migrate("fresh", "m:v2")).model == (
+            "m",
+            "v2",
+        )  # t = 0: nothing to replay
         await versions.activate("m:v2", "on_next_step")
         stays = await versions.step(step("old", VALUES[3:4], seq=3))
         assert (stays["model_version"], stays["t"]) == ("v1", 4)
@@ -189,5 +192,33 @@ def test_a_step_waiting_on_a_migrating_session_follows_it() -> None:
         )
         assert moved.model == ("m", "v2")
         assert stepped["t"] == 8 and (await versions.get("s")).t == 8
+
+    run(scenario())
+
+
+def test_a_blob_of_a_version_not_loaded_migrates_on_import() -> None:
+    async def scenario() -> None:
+        v1_net, v2_net = model(8, 2, 0), model(4, 1, 5)
+        old = engine(v1_net, "v1", 8)  # another deployment, on the old version
+        await old.create("s", None)
+        await old.step(step("s", VALUES[:12], seq=0))
+        _, blob = await old.export("s")
+        here = engine(v2_net, "v2", 8)
+        versions = Versions(
+            Version("m:v2", here, "cpu"), loader=lambda tag: Version(tag, here, "cpu")
+        )
+        moved = await versions.import_blob(blob, None, None)
+        assert (moved.model, moved.t, moved.session_id) == (("m", "v2"), 12, "s")
+        _, expected = offline(v2_net, VALUES[4:12])
+        state = here.store.pool.read(here.store.get("s").slot)
+        torch.testing.assert_close(state.h, expected.h[:, 0], atol=1e-6, rtol=0)
+        # A blob that kept no inputs cannot migrate: a coded refusal, nothing created.
+        bare = engine(v1_net, "v1", 0)
+        await bare.create("b", None)
+        await bare.step(step("b", VALUES[:3], seq=0))
+        _, no_window = await bare.export("b")
+        with pytest.raises(MigrationImpossible, match="keeps no inputs"):
+            await versions.import_blob(no_window, None, None)
+        assert here.store.peek("b") is None
 
     run(scenario())
