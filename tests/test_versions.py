@@ -4,6 +4,7 @@ which version answered; a version with sessions on it, or the active one, cannot
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 import pytest
@@ -175,8 +177,6 @@ def test_on_redis_a_replica_finds_a_cold_session_on_the_version_that_stored_it(
 ) -> None:
     """Two versions over one Redis: a session this replica has not cached, stored by v1 while v2
     is active, is answered by v1 (the backend says which version holds it), never a 404."""
-    import asyncio
-
     from service.backends import RedisBackend
     from service.batcher import MicroBatcher
     from service.engine import Engine, EngineLimits
@@ -196,9 +196,7 @@ def test_on_redis_a_replica_finds_a_cold_session_on_the_version_that_stored_it(
             model = (
                 tiny_model()
                 if hidden == 8
-                else LSTMForecaster(
-                    ForecasterConfig(hidden_size=hidden, num_layers=1)
-                )
+                else LSTMForecaster(ForecasterConfig(hidden_size=hidden, num_layers=1))
             )
             pool = StatePool(model.config.num_layers, hidden, 1, 8, "cpu")
             store = SessionStore(pool, StoreLimits(8, 60, 60, evict_when_full=True, tombstones=0))
@@ -232,3 +230,124 @@ def test_on_redis_a_replica_finds_a_cold_session_on_the_version_that_stored_it(
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+WINDOW = 16  # small, so that replays start from a window shorter than the history
+STEPS = 40
+
+
+async def stream_one(
+    url: str,
+    sid: str,
+    values: np.ndarray,
+    websocket: bool,
+    replies: list[dict[str, Any]],
+    progress: list[int],
+) -> None:
+    """One value a step, with its seq; every reply kept. Any failed request fails the test."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/sessions/create", json={"session_id": sid}) as r:
+            assert r.status == 200, await r.text()
+        if websocket:
+            async with http.ws_connect(
+                f"{url.replace('http', 'ws')}/v1/stream?session_id={sid}"
+            ) as ws:
+                for t in range(len(values)):
+                    await ws.send_json({"inputs": values[t : t + 1].tolist(), "seq": t})
+                    reply = await ws.receive_json()
+                    assert "error" not in reply, (sid, t, reply)
+                    replies.append(reply)
+                    progress.append(1)
+                    await asyncio.sleep(0.005)
+        else:
+            for t in range(len(values)):
+                body = {"session_id": sid, "inputs": values[t : t + 1].tolist(), "seq": t}
+                async with http.post(f"{url}/v1/sessions/step", json=body) as r:
+                    reply = await r.json()
+                    assert r.status == 200, (sid, t, reply)
+                replies.append(reply)
+                progress.append(1)
+                await asyncio.sleep(0.005)
+
+
+def expected_means(net: LSTMForecaster, values: np.ndarray, start: int, first: int) -> list[float]:
+    """``net`` over values[start:], from a zero state: its means from index ``first`` on."""
+    with torch.no_grad():
+        out = net.eval()(torch.from_numpy(values[start:])[None])
+    return out.mean[0, first - start :, 0].tolist()
+
+
+@pytest.fixture(scope="module")
+def windowed(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, str, str, LSTMForecaster]]:
+    where = tmp_path_factory.mktemp("windowed")
+    home = where / "home"
+    env = {"BENTOML_HOME": str(home), "LSTM_MIGRATION_WINDOW": str(WINDOW)}
+    with bentoml_server(env) as url:
+        v1_tag = post(url, "/v1/admin/models").json()["models"][0]["tag"]
+        model = second_version(where / "v2")
+        v2_tag = import_into(home, where / "v2")
+        assert post(url, "/v1/admin/models/load", {"tag": v2_tag}).status_code == 200
+        yield url, v1_tag, v2_tag, model
+
+
+@pytest.mark.parametrize("mode", ["none", "on_next_step", "now"])
+def test_fifty_sessions_stream_through_an_activation(
+    windowed: tuple[str, str, str, LSTMForecaster], held_out_series: list[np.ndarray], mode: str
+) -> None:
+    """50 sessions (half HTTP, half WebSocket) stream while the other version is activated with
+    ``mode``: no request fails, every reply names its version, and each session's outputs are
+    its first version's over its whole history until it moved, then the new version's over the
+    window it moved with and the inputs that followed."""
+    url, v1_tag, v2_tag, v2_model = windowed
+    active = next(m["tag"] for m in post(url, "/v1/admin/models").json()["models"] if m["active"])
+    other = v2_tag if active == v1_tag else v1_tag
+    nets = {v1_tag.split(":")[1]: load_checkpoint(SHIPPED).model, v2_tag.split(":")[1]: v2_model}
+    before, after = active.split(":")[1], other.split(":")[1]
+    plans = {
+        f"{mode}-{i}": held_out_series[i % len(held_out_series)][i : i + STEPS] for i in range(50)
+    }
+    replies: dict[str, list[dict[str, Any]]] = {sid: [] for sid in plans}
+    progress: list[int] = []
+
+    async def main() -> None:
+        streams = [
+            asyncio.ensure_future(stream_one(url, sid, v, i % 2 == 1, replies[sid], progress))
+            for i, (sid, v) in enumerate(plans.items())
+        ]
+        while len(progress) < 50 * STEPS // 3 and not any(s.done() for s in streams):
+            await asyncio.sleep(0.02)
+        async with (
+            __import__("aiohttp").ClientSession() as http,
+            http.post(f"{url}/v1/admin/models/activate", json={"tag": other, "migrate": mode}) as r,
+        ):
+            assert r.status == 200, await r.text()
+        await asyncio.gather(*streams)
+
+    asyncio.run(main())
+    moved = 0
+    for sid, values in plans.items():
+        versions = [r["model_version"] for r in replies[sid]]
+        assert set(versions) <= {before, after}, (sid, versions)
+        k = versions.index(after) if after in versions else len(versions)
+        assert versions == [before] * k + [after] * (len(versions) - k), (sid, versions)
+        means = [r["outputs"][0]["mean"][0] for r in replies[sid]]
+        np.testing.assert_allclose(
+            means[:k], expected_means(nets[before], values, 0, 0)[:k], atol=1e-5, err_msg=sid
+        )
+        if k < len(values):
+            moved += 1
+            tail = expected_means(nets[after], values, max(0, k - WINDOW), k)
+            np.testing.assert_allclose(means[k:], tail, atol=1e-5, err_msg=sid)
+    if mode == "none":
+        assert moved == 0
+    else:
+        assert moved == 50, moved
+    # New sessions go to the version just activated; the streamed ones are cleaned up.
+    assert (
+        post(url, "/v1/sessions/create", {"session_id": f"{mode}-new"}).json()["model_version"]
+        == after
+    )
+    for sid in [*plans, f"{mode}-new"]:
+        assert post(url, "/v1/sessions/delete", {"session_id": sid}).status_code == 200
