@@ -122,7 +122,13 @@ def test_alerts_and_dashboard_use_metrics_that_exist() -> None:
         unknown = used - ours - bentoml_names
         assert not unknown, f"{source} uses metrics nobody exports: {sorted(unknown)}"
     names = {r["alert"] for g in yaml.safe_load(alerts)["groups"] for r in g["rules"]}
-    assert names == {"LSTMReplicaDown", "LSTMStepErrorRate", "LSTMStepLatencyP99", "LSTMRedisDown"}
+    assert names == {
+        "LSTMReplicaDown",
+        "LSTMStepErrorRate",
+        "LSTMStepLatencyP99",
+        "LSTMRedisDown",
+        "LSTMSessionsOnInactiveVersion",
+    }
 
 
 def test_promtool_accepts_the_config_and_rules(tmp_path: Path) -> None:
