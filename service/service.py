@@ -41,6 +41,7 @@ from service.engine import Engine, EngineEvents, EngineLimits, SessionView
 from service.errors import BlobCorrupted, ServiceError
 from service.fast_routes import FastRoutes
 from service.http import ErrorContract, RefusalTracebacks, RequestDeadline
+from service.journal import StoreFiles
 from service.openapi import ALLOWED, Deployment, openapi_document
 from service.redis_state import RedisState
 from service.results import Outputs
@@ -69,7 +70,7 @@ from service.schemas import (
 )
 from service.sessions import SessionStore, StatePool, StoreEvents, StoreLimits
 from service.settings import Settings, load_settings
-from service.snapshot import SnapshotRefused, restore_sessions, save_sessions
+from service.snapshot import SnapshotRefused
 from service.startup import (
     enforce_single_worker,
     in_arbiter,
@@ -267,8 +268,17 @@ class LSTMSessions:
             pool, store_limits(settings, authoritative), events=store_events(authoritative)
         )
         self.backend: Backend
+        self.files: StoreFiles | None = None
         if settings.redis_url is None:
-            self.backend = EmbeddedBackend(store)
+            if settings.snapshot_path is not None:
+                self.files = StoreFiles(
+                    settings.snapshot_path,
+                    settings.journal,
+                    settings.journal_max_bytes,
+                    model=(self.checkpoint.name, self.checkpoint.version),
+                    header_of=lambda session: self.engine.blob_header(session),
+                )
+            self.backend = EmbeddedBackend(store, self.files)
         else:
             warn_if_redis_is_down(settings.redis_url)
             redis = RedisState(
@@ -327,8 +337,8 @@ class LSTMSessions:
         metrics.MODEL_INFO.labels(
             self.checkpoint.name, self.checkpoint.version, str(self.device)
         ).set(1)
-        if settings.snapshot_path is not None and authoritative:
-            self._restore_snapshot(settings.snapshot_path)
+        if self.files is not None:
+            self._recover(self.files)
         metrics.SESSIONS_ACTIVE.set(len(store))
         log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
         tune_gc()
@@ -432,32 +442,41 @@ class LSTMSessions:
 
     @bentoml.on_shutdown
     def _write_snapshot(self) -> None:
-        """At a clean stop, the embedded store's sessions go to disk, to be restored at start."""
-        if settings.snapshot_path is None or not self.backend.authoritative:
+        """At a clean stop, the embedded store's sessions go to its snapshot (and its journal
+        goes), to be restored at start."""
+        if self.files is None:
             return
-        n = save_sessions(settings.snapshot_path, self.store, self.engine.blob_header)
-        log.info("snapshot of %d sessions written to %s", n, settings.snapshot_path)
+        n = self.files.close()
+        log.info("snapshot of %d sessions written to %s", n, self.files.snapshot)
 
-    def _restore_snapshot(self, path: Path) -> None:
-        if not path.exists():
-            return
+    def _recover(self, files: StoreFiles) -> None:
+        """The snapshot and the journal after it (a crash's), restored all or nothing; then
+        the journal starts afresh from what was restored."""
         try:
-            done = restore_sessions(path, self.store, self.engine.check_blob, now=time.time())
+            done = files.recover(self.store, self.engine.check_blob, now=time.time())
         except SnapshotRefused as e:
-            rejected = path.with_name(path.name + ".rejected")
-            path.replace(rejected)
-            log.error("snapshot %s not restored, none of it (%s); kept as %s", path, e, rejected)
-            return
-        log.info("restored %d sessions from %s", done.sessions, path)
-        if done.expired:
-            log.info("%d sessions of it had expired meanwhile", done.expired)
-        if done.evicted:
-            log.warning(
-                "%d oldest sessions of it not restored: no room (LSTM_MAX_SESSIONS; "
-                "LSTM_EVICT_WHEN_FULL is on)",
-                done.evicted,
+            log.error(
+                "snapshot %s and its journal not restored, none of it (%s); kept as ….rejected",
+                files.snapshot,
+                e,
             )
-        path.unlink()  # restored: a later crash must not roll sessions back to it
+            done = None
+        if done is not None:
+            log.info(
+                "restored %d sessions from %s and %d journal records after it",
+                done.restored.sessions,
+                files.snapshot,
+                done.groups,
+            )
+            if done.restored.expired:
+                log.info("%d sessions of it had expired meanwhile", done.restored.expired)
+            if done.restored.evicted:
+                log.warning(
+                    "%d oldest sessions of it not restored: no room (LSTM_MAX_SESSIONS; "
+                    "LSTM_EVICT_WHEN_FULL is on)",
+                    done.restored.evicted,
+                )
+        files.open(self.store)
 
     # --- helpers -------------------------------------------------------------------------------
 

@@ -1,0 +1,731 @@
+"""The embedded store's write-ahead journal: what a kill -9 of the worker would otherwise lose.
+
+Without Redis the pool is the only copy of every session. The snapshot (``service.snapshot``)
+holds them as of its writing; the journal beside it holds every change since, appended before
+anyone is told of it:
+
+    state/sessions.snapshot             the sessions as of the last compaction
+    state/sessions.snapshot.journal.7   every change since, in order
+
+A journal file is a sequence of records, each ``u32 length | u32 CRC-32 | payload``, the CRC over
+the length's four bytes and the payload. The first record is the file's header (JSON: the model
+and the state's shapes). Every other record is one commit group, written by one ``write(2)``:
+a batch round's steps, or one create, import, reset or delete. Each entry in a group is::
+
+    b"P" | u16 id length | id | i64 t | f64 ttl_s | f64 created_at | f64 last_active | state
+    b"S" | u16 id length | id | i64 t | f64 last_active | u32 n | state | n bytes of last step
+    b"D" | u16 id length | id
+
+``P`` (put) is a session created or imported, whole; ``S`` a step, or a reset (t 0, the zero
+state, no last step); ``D`` a delete. ``state`` is h, c, the next value's mean and std as
+little-endian float32 (the layout of a state blob's payload, ``service.state_blob``), and the last
+step is ``sessions.pack_step``'s record: a retry after a restart is answered from it, once.
+
+Reading stops at the first record that is short or whose CRC does not match: a crash mid-append
+leaves a torn last record, which is dropped whole (the round it held was never answered), never
+half applied. Every entry sets what it names (nothing is a delta), so replaying a journal twice
+gives what replaying it once gives: a crash between writing a new snapshot and removing the
+journals it holds loses nothing and doubles nothing.
+
+Compaction: once a journal outgrows ``LSTM_JOURNAL_MAX_BYTES`` (and the snapshot), the sessions
+are captured on the event loop (one copy of their pool rows), a new journal is opened for what
+follows, and the snapshot of the capture is written in a thread; only once it is renamed in are
+the journals before it removed. At a clean stop the snapshot is written and the journals removed.
+
+Modes (``LSTM_JOURNAL``): ``fsync``, each group is on the disk (fdatasync, in a thread, shared by
+the groups that wait on it) before anyone is answered: survives a power loss. ``write``, each
+group is in the kernel (one write) before anyone is answered: survives a kill of the process, not
+of the machine. ``off``: no journal; the snapshot is written at a clean stop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from service.errors import ServiceError, ShuttingDown, StoreUnavailable
+from service.results import StepDone
+from service.sessions import AppliedStep, Session, SessionStore, pack_step, unpack_step
+from service.snapshot import (
+    Restored,
+    SnapshotRefused,
+    fsync_dir,
+    read_snapshot,
+    restore_entries,
+    save_sessions,
+    step_to_json,
+    write_snapshot,
+)
+from service.state_blob import BlobError, SessionState
+
+if TYPE_CHECKING:
+    from service.batcher import Commit
+
+log = logging.getLogger("lstm_sessions.journal")
+
+FORMAT = "lstm-journal-1"
+_FRAME = struct.Struct("<II")  # length, CRC-32 of (length, payload)
+_LENGTH = struct.Struct("<I")
+_ID = struct.Struct("<cH")
+_PUT = struct.Struct("<qddd")  # t, ttl_s, created_at, last_active
+_STEP = struct.Struct("<qdI")  # t, last_active, length of the last step's record
+PUT, STEP, DELETE = b"P", b"S", b"D"
+
+
+class JournalMode(StrEnum):
+    FSYNC = "fsync"  # on the disk before an answer: survives a power loss
+    WRITE = "write"  # in the kernel before an answer: survives a crash of the process
+    OFF = "off"  # the snapshot at a clean stop only
+
+
+# --- the format ---------------------------------------------------------------------------------
+
+
+def frame(payload: bytes) -> bytes:
+    """One record: its length, its checksum, its payload."""
+    length = _LENGTH.pack(len(payload))
+    return _FRAME.pack(len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
+
+
+def read_records(data: bytes) -> tuple[list[bytes], int]:
+    """The intact records of a journal file, and how many bytes after them were dropped: a
+    torn last record (a crash mid-append) or a damaged one, and everything after it."""
+    records, offset = [], 0
+    view = memoryview(data)
+    while offset + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, offset)
+        end = offset + _FRAME.size + length
+        if end > len(data):
+            break
+        payload = view[offset + _FRAME.size : end]
+        if zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length))) != crc:
+            break
+        records.append(bytes(payload))
+        offset = end
+    return records, len(data) - offset
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The shapes of a state, and so the size of its bytes in an entry."""
+
+    layers: int
+    hidden: int
+    features: int
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * (2 * self.layers * self.hidden + 2 * self.features)
+
+    def to_bytes(self, state: SessionState) -> bytes:
+        return b"".join(a.astype("<f4").tobytes() for a in state.arrays())
+
+    def from_bytes(self, raw: bytes) -> SessionState:
+        values = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        lh, f = self.layers * self.hidden, self.features
+        h, c, mean, std = np.split(values, [lh, 2 * lh, 2 * lh + f])
+        shape = (self.layers, self.hidden)
+        return SessionState(
+            torch.from_numpy(h.reshape(shape).copy()),
+            torch.from_numpy(c.reshape(shape).copy()),
+            torch.from_numpy(mean.copy()),
+            torch.from_numpy(std.copy()),
+        )
+
+
+def _head(kind: bytes, session_id: str) -> tuple[bytes, bytes]:
+    raw = session_id.encode()
+    return _ID.pack(kind, len(raw)), raw
+
+
+def put_entry(session: Session, state: bytes) -> bytes:
+    head, raw = _head(PUT, session.id)
+    fields = _PUT.pack(session.t, session.ttl_s, session.created_at, session.last_active)
+    return head + raw + fields + state
+
+
+def step_entry(session_id: str, t: int, at: float, state: bytes, record: bytes) -> bytes:
+    head, raw = _head(STEP, session_id)
+    return head + raw + _STEP.pack(t, at, len(record)) + state + record
+
+
+def delete_entry(session_id: str) -> bytes:
+    head, raw = _head(DELETE, session_id)
+    return head + raw
+
+
+@dataclass
+class Replayed:
+    """A session as the snapshot and the journal records so far leave it."""
+
+    header: dict[str, Any]  # a snapshot entry's header: model, session_id, t, times, ttl_s
+    state: SessionState | bytes  # bytes: an entry's, decoded once replay is done
+    record: bytes | None = None  # the journal's last step (pack_step); None: the header's, if any
+
+
+def apply_group(
+    payload: bytes, sessions: dict[str, Replayed], layout: StateLayout, model: dict[str, str]
+) -> None:
+    """One commit group's entries onto ``sessions``. A step or reset of a session not there is
+    skipped: only a journal replayed again over the snapshot that holds it has one (the session
+    was deleted later in that same journal)."""
+    offset, size = 0, layout.nbytes
+    while offset < len(payload):
+        kind, n = _ID.unpack_from(payload, offset)
+        offset += _ID.size
+        session_id = payload[offset : offset + n].decode()
+        offset += n
+        if kind == PUT:
+            t, ttl_s, created_at, last_active = _PUT.unpack_from(payload, offset)
+            offset += _PUT.size
+            header = {
+                **model,
+                "session_id": session_id,
+                "t": t,
+                "ttl_s": ttl_s,
+                "created_at": created_at,
+                "last_active": last_active,
+            }
+            sessions[session_id] = Replayed(header, payload[offset : offset + size])
+            offset += size
+        elif kind == STEP:
+            t, last_active, record_len = _STEP.unpack_from(payload, offset)
+            offset += _STEP.size
+            state = payload[offset : offset + size]
+            offset += size
+            record = payload[offset : offset + record_len]
+            offset += record_len
+            entry = sessions.get(session_id)
+            if entry is not None:
+                entry.header["t"], entry.header["last_active"] = t, last_active
+                entry.header.pop("last_step", None)
+                entry.state, entry.record = state, record or None
+        elif kind == DELETE:
+            sessions.pop(session_id, None)
+        else:
+            raise BlobError(f"a journal entry of unknown kind {kind!r}")
+    if offset != len(payload):
+        raise BlobError("a journal record's entries overrun it")
+
+
+def journal_header(model: tuple[str, str], layout: StateLayout) -> bytes:
+    return json.dumps(
+        {
+            "format": FORMAT,
+            "model": model[0],
+            "model_version": model[1],
+            "layers": layout.layers,
+            "hidden": layout.hidden,
+            "features": layout.features,
+        },
+        sort_keys=True,
+    ).encode()
+
+
+@dataclass
+class Replay:
+    """What reading a journal file found."""
+
+    groups: int = 0
+    dropped_bytes: int = 0  # a torn (or damaged) last record, and whatever followed it
+
+
+def replay_file(data: bytes, sessions: dict[str, Replayed], layout: StateLayout) -> Replay:
+    """A journal file's groups onto ``sessions``; BlobError if it is not one (a file whose
+    header record is torn holds nothing: it was created, then the process died)."""
+    records, dropped = read_records(data)
+    if not records:
+        return Replay(0, dropped)
+    try:
+        header = json.loads(records[0])
+        shapes = (int(header["layers"]), int(header["hidden"]), int(header["features"]))
+        model = {"model": str(header["model"]), "model_version": str(header["model_version"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise BlobError(f"not a session journal: {e}") from e
+    if header.get("format") != FORMAT:
+        raise BlobError(f"not a session journal (format {header.get('format')!r})")
+    if shapes != (layout.layers, layout.hidden, layout.features):
+        raise BlobError(f"the journal holds states of shape {shapes}, not this model's")
+    for payload in records[1:]:
+        apply_group(payload, sessions, layout, model)
+    return Replay(len(records) - 1, dropped)
+
+
+# --- one journal file ----------------------------------------------------------------------------
+
+
+class JournalFile:
+    """One journal file, open for appending: the one owner of its descriptor (``with``, or
+    ``close``). Each ``append`` is one record and one ``write(2)``; ``sync`` waits until the disk
+    has everything up to an offset, one fdatasync serving every group that waits on it."""
+
+    def __init__(self, path: Path, header: bytes, *, fsync: bool) -> None:
+        self.path = path
+        self.fsync = fsync
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        self.size = 0
+        self._synced = 0
+        self._sync_lock: asyncio.Lock | None = None
+        self.broken = False  # a failed write could not be taken back: nothing more is appended
+        try:
+            self.append(frame(header))
+            if fsync:
+                os.fdatasync(self._fd)
+                fsync_dir(path.parent)
+                self._synced = self.size
+        except BaseException:
+            self.close()
+            raise
+
+    def append(self, record: bytes) -> int:
+        """Write one framed record; the file's size after it. On an error the file is cut back
+        to where it was (a half-written record would hide every later one), or, failing that,
+        marked broken."""
+        if self.broken or self._fd < 0:
+            raise OSError(f"the journal {self.path} is closed or could not be written")
+        start = self.size
+        view = memoryview(record)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                self.broken = True
+            raise
+        self.size = start + len(record)
+        return self.size
+
+    async def sync(self, upto: int) -> None:
+        """In fsync mode, return once the disk holds the file up to ``upto``: in a thread, so
+        the loop keeps filling the next batch meanwhile; whoever waits while one runs is
+        covered by the next (group commit). A no-op in write mode."""
+        if not self.fsync or self._synced >= upto:
+            return
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()
+        async with self._sync_lock:
+            if self._synced >= upto:  # the fdatasync we waited behind covered us
+                return
+            target, fd = self.size, self._fd
+            try:
+                await asyncio.to_thread(os.fdatasync, fd)
+            except OSError:
+                self.broken = True  # what the kernel held may be gone: trust nothing after
+                raise
+            self._synced = max(self._synced, target)
+
+    def close(self) -> None:
+        """Close the file; in fsync mode after a last fdatasync, so whoever still waits on
+        ``sync`` finds its groups on the disk."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                if self.fsync and self._synced < self.size and not self.broken:
+                    os.fdatasync(fd)
+                    self._synced = self.size
+            finally:
+                os.close(fd)
+
+    async def aclose(self) -> None:
+        """``close`` once no ``sync`` of it is running (its thread holds the descriptor)."""
+        if self._sync_lock is None:
+            self.close()
+            return
+        async with self._sync_lock:
+            self.close()
+
+    def __enter__(self) -> JournalFile:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+# --- the store's files --------------------------------------------------------------------------
+
+
+@dataclass
+class Recovery:
+    """What a start found on disk and restored."""
+
+    restored: Restored
+    journals: int = 0  # journal files replayed
+    groups: int = 0  # commit groups replayed from them
+    dropped_bytes: int = 0  # torn or damaged last records dropped
+
+
+@dataclass
+class _Capture:
+    """The sessions as of one instant, copied on the loop, written to a snapshot in a thread."""
+
+    headers: list[dict[str, Any]]
+    steps: list[tuple[AppliedStep, float] | None]
+    h: torch.Tensor  # (layers, N, hidden), on the CPU
+    c: torch.Tensor
+    mean: torch.Tensor  # (N, F)
+    std: torch.Tensor
+    through: int  # the last journal generation this capture holds
+
+    def entries(self) -> list[tuple[dict[str, Any], SessionState]]:
+        out = []
+        for i, header in enumerate(self.headers):
+            step = self.steps[i]
+            if step is not None:
+                header["last_step"] = step_to_json(*step)
+            state = SessionState(self.h[:, i], self.c[:, i], self.mean[i], self.std[i])
+            out.append((header, state))
+        return out
+
+
+class StoreFiles:
+    """The embedded store on disk: its snapshot, its journal beside it, and their compaction.
+
+    Built with the snapshot's path, the mode, the compaction limit, the model (name, version)
+    states belong to, and ``header_of`` (a session's snapshot header: ``Engine.blob_header``).
+    ``recover`` at start, then ``open``; while serving, ``commit`` is the batcher's persist hook
+    and ``created``/``reset``/``deleted`` journal the rest; ``close`` at a clean stop.
+    """
+
+    def __init__(
+        self,
+        snapshot: Path,
+        mode: JournalMode | str,
+        max_bytes: int,
+        *,
+        model: tuple[str, str],
+        header_of: Callable[[Session], dict[str, Any]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.snapshot = snapshot
+        self.mode = JournalMode(mode)
+        self.max_bytes = max_bytes
+        self.model = model
+        self.header_of = header_of
+        self.clock = clock
+        self.store: SessionStore | None = None
+        self.layout: StateLayout | None = None
+        self._file: JournalFile | None = None
+        self._generation = 0
+        self._zero: bytes = b""
+        self._round_open = False  # a round's group is appended, its states not yet in the pool
+        self._compaction: asyncio.Task[None] | None = None
+        self._snapshot_lock = threading.Lock()  # one snapshot written at a time
+        self._snapshot_bytes = 0
+        self._closed = False
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    @property
+    def journalled(self) -> bool:
+        return self.mode is not JournalMode.OFF
+
+    @property
+    def healthy(self) -> bool:
+        return self._file is None or not self._file.broken
+
+    # --- start ----------------------------------------------------------------------------------
+
+    def journals(self) -> list[tuple[int, Path]]:
+        """The journal files beside the snapshot, oldest first."""
+        pattern = re.compile(re.escape(self.snapshot.name) + r"\.journal\.(\d+)")
+        found = []
+        if self.snapshot.parent.is_dir():
+            for path in self.snapshot.parent.iterdir():
+                match = pattern.fullmatch(path.name)
+                if match:
+                    found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def recover(
+        self,
+        store: SessionStore,
+        check: Callable[[dict[str, Any], SessionState], None],
+        *,
+        now: float,
+    ) -> Recovery | None:
+        """The snapshot and the journals after it, into ``store``, all or nothing; None if there
+        was neither. SnapshotRefused, with the files kept aside as ``….rejected``, if they
+        cannot be restored whole (another model's, a bad entry, no room)."""
+        self._bind(store)
+        assert self.layout is not None
+        journals = self.journals()
+        self._generation = max((g for g, _ in journals), default=0)
+        if not self.snapshot.exists() and not journals:
+            return None
+        recovery = Recovery(Restored(0, 0))
+        try:
+            sessions: dict[str, Replayed] = {}
+            if self.snapshot.exists():
+                for header, state in read_snapshot(self.snapshot):
+                    sessions[str(header["session_id"])] = Replayed(header, state)
+            for _, path in journals:
+                found = replay_file(path.read_bytes(), sessions, self.layout)
+                recovery.journals += 1
+                recovery.groups += found.groups
+                recovery.dropped_bytes += found.dropped_bytes
+                if found.dropped_bytes:
+                    log.warning(
+                        "%s: %d bytes of a torn last record dropped (a crash mid-write: never "
+                        "answered)",
+                        path,
+                        found.dropped_bytes,
+                    )
+            entries = [self._entry(e) for e in sessions.values()]
+        except (BlobError, KeyError, TypeError, ValueError, UnicodeDecodeError, struct.error) as e:
+            self._reject(journals)
+            raise SnapshotRefused(str(e)) from e
+        try:
+            recovery.restored = restore_entries(entries, store, check, now=now)
+        except SnapshotRefused:
+            self._reject(journals)
+            raise
+        return recovery
+
+    def open(self, store: SessionStore) -> None:
+        """Start serving from what ``store`` holds: with a journal, a new journal file, then a
+        snapshot of the store (the recovered sessions' new base), then the old files removed;
+        without one, the old files removed (a later crash must not roll sessions back to them).
+        """
+        self._bind(store)
+        old = self.journals()
+        if self.journalled:
+            self._open_next()
+            self._write_base(self._capture(), through=self._generation - 1)
+        else:
+            for _, path in old:
+                path.unlink()
+            self.snapshot.unlink(missing_ok=True)
+
+    def _bind(self, store: SessionStore) -> None:
+        self.store = store
+        pool = store.pool
+        self.layout = StateLayout(pool.h.shape[0], pool.h.shape[2], pool.next_mean.shape[1])
+        self._zero = self.layout.to_bytes(pool.zero_state())
+
+    def _entry(self, replayed: Replayed) -> tuple[dict[str, Any], SessionState]:
+        assert self.layout is not None
+        header, state = replayed.header, replayed.state
+        if isinstance(state, bytes):
+            state = self.layout.from_bytes(state)
+        if replayed.record is not None:
+            header["last_step"] = step_to_json(*unpack_step(replayed.record))
+        return header, state
+
+    def _reject(self, journals: list[tuple[int, Path]]) -> None:
+        for path in [self.snapshot, *(p for _, p in journals)]:
+            if path.exists():
+                path.replace(path.with_name(path.name + ".rejected"))
+
+    # --- while serving -------------------------------------------------------------------------
+
+    async def commit(self, commits: list[Commit]) -> list[BaseException | None]:
+        """The batcher's persist hook: a round's steps as one group, appended (and in fsync
+        mode on the disk) before any of them is answered; each None, or the error to answer."""
+        failure = self._writable()
+        if failure is not None:
+            return [failure] * len(commits)
+        assert self._file is not None and self.layout is not None
+        at = self.clock()
+        rows: dict[Any, np.ndarray] = {}
+        parts = []
+        for c in commits:
+            group = c.computed.group
+            batch = rows.get(group)
+            if batch is None:
+                batch = rows[group] = _state_rows(group)
+            record = pack_step(AppliedStep(c.seq, c.digest, StepDone(c.t, c.computed.outputs)), at)
+            parts.append(step_entry(c.session.id, c.t, at, batch[c.computed.row].tobytes(), record))
+        error = await self._append(b"".join(parts), round_open=True)
+        return [error] * len(commits)
+
+    async def created(self, session: Session, state: SessionState | None = None) -> None:
+        """A session created (the zero state) or imported (``state``), already in the store."""
+        failure = self._writable()
+        if failure is not None:
+            raise failure
+        assert self.layout is not None
+        raw = self._zero if state is None else self.layout.to_bytes(state)
+        error = await self._append(put_entry(session, raw))
+        if error is not None:
+            raise error
+
+    async def reset(self, session: Session, apply: Callable[[], None]) -> None:
+        """A reset (t 0, the zero state, no last step), journalled, then ``apply``-ed, then (fsync
+        mode) on the disk; nothing is reset if it cannot be journalled."""
+        failure = self._writable()
+        if failure is not None:
+            raise failure
+        entry = step_entry(session.id, 0, self.clock(), self._zero, b"")
+        error = await self._append(entry, then=apply)
+        if error is not None:
+            raise error
+
+    async def deleted(self, session: Session, apply: Callable[[], None]) -> None:
+        """A delete, journalled, then ``apply``-ed, then (fsync mode) on the disk; nothing is
+        deleted if it cannot be journalled."""
+        failure = self._writable()
+        if failure is not None:
+            raise failure
+        error = await self._append(delete_entry(session.id), then=apply)
+        if error is not None:
+            raise error
+
+    def _writable(self) -> ServiceError | None:
+        if self._closed or self._file is None:
+            return ShuttingDown("the service is stopping: retry the request (with the same seq)")
+        self._maybe_compact()
+        if self._file.broken:
+            return StoreUnavailable("the session journal cannot be written (see the server log)")
+        return None
+
+    async def _append(
+        self, payload: bytes, *, round_open: bool = False, then: Callable[[], None] | None = None
+    ) -> ServiceError | None:
+        assert self._file is not None
+        file = self._file
+        try:
+            end = file.append(frame(payload))
+        except OSError as e:
+            log.error("the session journal %s could not be written: %s", file.path, e)
+            return StoreUnavailable("the session journal cannot be written (see the server log)")
+        if then is not None:
+            then()
+        if round_open:
+            self._round_open = True
+        try:
+            await file.sync(end)
+        except OSError as e:
+            log.error("the session journal %s could not be synced: %s", file.path, e)
+            return StoreUnavailable("the session journal cannot be written (see the server log)")
+        finally:
+            if round_open:
+                self._round_open = False
+        return None
+
+    def _maybe_compact(self) -> None:
+        """Start a compaction when the journal outgrew its limit (and the snapshot) or broke;
+        never while a round's group is appended and its states not yet in the pool (the capture
+        would miss them while the journal holding them goes)."""
+        file = self._file
+        if file is None or self._round_open or self._compaction is not None:
+            return
+        if not file.broken and file.size < max(self.max_bytes, self._snapshot_bytes):
+            return
+        try:
+            capture = self._capture()
+            through = self._generation
+            self._open_next()
+        except OSError as e:
+            log.error("a new session journal could not be opened: %s", e)
+            return
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self._write_base, capture, through), name="journal-compaction"
+        )
+        self._compaction = task
+        task.add_done_callback(self._compacted)
+
+    def _compacted(self, task: asyncio.Task[None]) -> None:
+        self._compaction = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a compaction of the session journal failed: %s", task.exception())
+
+    def _open_next(self) -> None:
+        assert self.layout is not None
+        self._generation += 1
+        path = self.snapshot.with_name(f"{self.snapshot.name}.journal.{self._generation}")
+        self.snapshot.parent.mkdir(parents=True, exist_ok=True)
+        new = JournalFile(
+            path, journal_header(self.model, self.layout), fsync=self.mode is JournalMode.FSYNC
+        )
+        old, self._file = self._file, new
+        if old is not None:  # once no fdatasync of it is running: one may be, for a create
+            retire = asyncio.get_running_loop().create_task(old.aclose())
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
+
+    def _capture(self) -> _Capture:
+        """Every session as it stands, on the loop: one copy of their rows of the pool."""
+        assert self.store is not None
+        sessions = self.store.sessions()
+        pool = self.store.pool
+        slots = torch.tensor([s.slot for s in sessions], dtype=torch.long, device=pool.h.device)
+        return _Capture(
+            [self.header_of(s) for s in sessions],
+            [s.recorded_step() for s in sessions],
+            pool.h.index_select(1, slots).cpu(),
+            pool.c.index_select(1, slots).cpu(),
+            pool.next_mean.index_select(0, slots).cpu(),
+            pool.next_std.index_select(0, slots).cpu(),
+            self._generation,
+        )
+
+    def _write_base(self, capture: _Capture, through: int) -> None:
+        """The capture as the snapshot, then the journals it holds (up to ``through``) gone."""
+        with self._snapshot_lock:
+            write_snapshot(self.snapshot, capture.entries())
+            self._snapshot_bytes = self.snapshot.stat().st_size
+            for generation, path in self.journals():
+                if generation <= through:
+                    path.unlink(missing_ok=True)
+
+    # --- stop ----------------------------------------------------------------------------------
+
+    def close(self) -> int:
+        """At a clean stop: every session into the snapshot, the journals removed, the journal
+        closed (a later write is refused ``shutting_down``); how many sessions were written."""
+        assert self.store is not None
+        self._closed = True
+        with self._snapshot_lock:  # after a compaction still writing, never before it
+            n = save_sessions(self.snapshot, self.store, self.header_of)
+            if self._file is not None:
+                self._file.close()
+            for _, path in self.journals():
+                path.unlink(missing_ok=True)
+        return n
+
+
+def _state_rows(group: Any) -> np.ndarray:
+    """A batch's new states, one row each in a state's byte layout (h, c, mean, std), made in
+    one conversion: per-row tensor views cost more than the batch's step."""
+    batch = group.next_mean.shape[0]
+    rows = torch.cat(
+        [
+            group.h.permute(1, 0, 2).reshape(batch, -1),
+            group.c.permute(1, 0, 2).reshape(batch, -1),
+            group.next_mean,
+            group.next_std,
+        ],
+        dim=1,
+    )
+    return rows.to("cpu", torch.float32).numpy().astype("<f4", copy=False)
+
+
+__all__ = [
+    "JournalFile",
+    "JournalMode",
+    "Recovery",
+    "StateLayout",
+    "StoreFiles",
+    "frame",
+    "read_records",
+    "replay_file",
+]

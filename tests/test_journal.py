@@ -1,0 +1,301 @@
+"""The embedded store's write-ahead journal (service/journal.py): its format (round trip, a torn
+tail, a checksum mismatch), and an engine on it "crashed" (its files read by a new one without a
+clean stop): every answered change back, a retry answered once, compaction, a refused write."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model import ForecasterConfig, LSTMForecaster
+from service.backends import EmbeddedBackend
+from service.batcher import MicroBatcher
+from service.engine import Engine, EngineLimits
+from service.errors import SessionNotFound, ShuttingDown, StoreUnavailable
+from service.journal import StoreFiles, frame, read_records
+from service.schemas import Step
+from service.sessions import SessionStore, StatePool, StoreLimits
+from service.snapshot import SnapshotRefused, read_snapshot
+
+MODEL = ("tiny", "v1")
+VALUES = [0.3, -0.5, 1.7, -0.6, -0.6, 1.7, 0.2, 0.0, -1.1, 2.4, 0.8, -0.3]
+
+
+# --- the format ---------------------------------------------------------------------------------
+
+
+def test_records_read_back_as_written() -> None:
+    payloads = [b"", b"x", bytes(range(256)) * 40, b"last"]
+    data = b"".join(frame(p) for p in payloads)
+    assert read_records(data) == (payloads, 0)
+
+
+def test_a_torn_last_record_is_dropped_whole_at_every_cut() -> None:
+    intact = [b"first group", b"second group"]
+    last = frame(b"the round a crash cut short")
+    head = b"".join(frame(p) for p in intact)
+    for cut in range(1, len(last)):
+        records, dropped = read_records(head + last[:cut])
+        assert (records, dropped) == (intact, cut)
+
+
+@pytest.mark.parametrize("where", ["length", "checksum", "payload"])
+def test_a_checksum_mismatch_drops_that_record_and_all_after_it(where: str) -> None:
+    records = [frame(p) for p in (b"kept", b"damaged record", b"after it")]
+    damaged = bytearray(records[1])
+    damaged[{"length": 0, "checksum": 5, "payload": 12}[where]] ^= 0x01
+    data = records[0] + bytes(damaged) + records[2]
+    kept, dropped = read_records(data)
+    assert kept == [b"kept"]
+    assert dropped == len(damaged) + len(records[2])
+
+
+# --- an engine on a journal --------------------------------------------------------------------
+
+
+def tiny_model() -> LSTMForecaster:
+    torch.manual_seed(0)
+    return LSTMForecaster(ForecasterConfig(("v",), hidden_size=8, num_layers=2)).eval()
+
+
+class Server:
+    """An engine on the embedded store with its files at ``path``, as the service wires it."""
+
+    def __init__(self, path: Path, mode: str, max_bytes: int = 1 << 20) -> None:
+        pool = StatePool(2, 8, 1, 16, "cpu")
+        self.store = SessionStore(pool, StoreLimits(16, 60, 60, False, 10))
+        self.files = StoreFiles(
+            path, mode, max_bytes, model=MODEL, header_of=lambda s: self.engine.blob_header(s)
+        )
+        backend = EmbeddedBackend(self.store, self.files)
+        batcher = MicroBatcher(tiny_model(), pool, persist=backend.persist)
+        self.engine = Engine(
+            backend, batcher, model=MODEL, n_features=1, limits=EngineLimits(16, 64, 8, 4)
+        )
+        self.recovery = self.files.recover(self.store, self.engine.check_blob, now=time.time())
+        self.files.open(self.store)
+
+    def state(self, sid: str) -> list[torch.Tensor]:
+        s = self.store.peek(sid)
+        assert s is not None
+        state = self.store.pool.read(s.slot)
+        return [state.h, state.c, state.next_mean, state.next_std]
+
+
+def step(sid: str, rows: list[float], seq: int | None) -> Step:
+    return Step(session_id=sid, inputs=[[v] for v in rows], seq=seq)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["write", "fsync"])
+def test_a_crash_loses_no_answered_change_and_a_retry_is_answered_once(
+    tmp_path: Path, mode: str
+) -> None:
+    path = tmp_path / "s.snapshot"
+    before = Server(path, mode)
+    assert before.recovery is None  # nothing on disk yet
+
+    async def serve() -> dict[str, Any]:
+        e = before.engine
+        for sid in ("a", "b", "gone", "zeroed"):
+            await e.create(sid, None)
+        replies = {}
+        for t in range(0, 6, 2):  # a, b and zeroed stepped; b's steps in one step_many
+            replies["a"] = await e.step(step("a", VALUES[t : t + 2], seq=t))
+            many = await e.step_many([step("b", VALUES[t : t + 2], t), step("zeroed", [0.1], None)])
+            replies["b"] = many[0]["result"]
+        await e.step(step("gone", [0.5], seq=0))
+        await e.delete("gone")
+        await e.reset("zeroed")
+        blob = (await e.export("a"))[1]
+        await e.import_blob(blob, "copy", None)
+        return replies
+
+    replies = run(serve())
+    # no clean stop: the next server reads what the journal holds
+    after = Server(path, mode)
+    assert after.recovery is not None and after.recovery.restored.sessions == 4
+    assert {s.id for s in after.store.sessions()} == {"a", "b", "copy", "zeroed"}
+    for sid in ("a", "b"):
+        assert same(after.state(sid), before.state(sid))
+        assert after.store.get(sid).t == 6
+    assert same(after.state("copy"), before.state("a"))
+    assert after.store.get("zeroed").t == 0 and after.store.get("zeroed").last_step is None
+
+    async def retry() -> None:
+        e = after.engine
+        again = await e.step(step("a", VALUES[4:6], seq=4))  # its answer was lost in the crash
+        assert again == replies["a"]
+        assert e.store.get("a").t == 6  # answered again, not applied again
+        with pytest.raises(SessionNotFound):
+            await e.get("gone")
+        # and on: the restored state continues as if there had been no crash
+        on = await e.step(step("b", VALUES[6:9], seq=6))
+        whole = await e.predict([[v] for v in VALUES[:9]], False)
+        got = [o["mean"][0] for o in on["outputs"]]
+        assert got == pytest.approx([m[0] for m in whole.mean[6:9]], abs=1e-5)
+
+    run(retry())
+
+
+def test_a_round_cut_short_by_the_crash_is_not_applied_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write")
+
+    async def serve() -> None:
+        e = server.engine
+        for sid in ("p", "q"):
+            await e.create(sid, None)
+        await e.step_many([step("p", VALUES[:3], 0), step("q", VALUES[:2], 0)])
+        await e.step_many([step("p", VALUES[3:4], 3), step("q", VALUES[2:4], 2)])  # torn
+
+    run(serve())
+    [(_, journal)] = server.files.journals()
+    with journal.open("r+b") as f:  # the crash came in the middle of the last round's write
+        f.truncate(journal.stat().st_size - 7)
+    after = Server(path, "write")
+    assert after.recovery is not None and after.recovery.dropped_bytes > 0
+    assert (after.store.get("p").t, after.store.get("q").t) == (3, 2)  # the round before it
+
+
+def test_compaction_moves_the_journal_into_the_snapshot_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write", max_bytes=4096)  # a few rounds a journal
+    first = server.files.journals()[0][0]
+
+    async def serve() -> None:
+        e = server.engine
+        for sid in ("m", "n"):
+            await e.create(sid, None)
+        for t in range(len(VALUES)):
+            await e.step_many([step("m", VALUES[t : t + 1], t), step("n", [0.2], t)])
+            await asyncio.sleep(0)  # a compaction's snapshot is written in a thread
+        while server.files._compaction is not None:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the old journal's descriptor closes
+
+    run(serve())
+    journals = server.files.journals()
+    assert [g for g, _ in journals] != [first] and len(journals) == 1  # rotated, old ones gone
+    assert {h["session_id"] for h, _ in read_snapshot(path)} == {"m", "n"}
+    after = Server(path, "write", max_bytes=4096)
+    assert after.store.get("m").t == after.store.get("n").t == len(VALUES)
+    assert same(after.state("m"), server.state("m"))
+    assert same(after.state("n"), server.state("n"))
+
+
+def test_replaying_a_journal_twice_gives_what_once_gives(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write")
+
+    async def serve() -> None:
+        e = server.engine
+        for sid in ("x", "y"):
+            await e.create(sid, None)
+        await e.step(step("x", VALUES[:4], 0))
+        await e.step(step("y", VALUES[:2], 0))
+        await e.delete("y")
+
+    run(serve())
+    [(generation, journal)] = server.files.journals()
+    copy = journal.read_bytes()
+    once = Server(path, "write")  # recovers, writes a snapshot holding it all, drops the journal
+    path.with_name(f"{path.name}.journal.{generation}").write_bytes(copy)  # as if not dropped
+    twice = Server(path, "write")
+    assert {s.id for s in twice.store.sessions()} == {s.id for s in once.store.sessions()} == {"x"}
+    assert same(twice.state("x"), once.state("x")) and twice.store.get("x").t == 4
+
+
+def test_a_journal_of_another_model_is_refused_whole_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write")
+
+    async def serve() -> None:
+        await server.engine.create("kept", None)
+        await server.engine.step(step("kept", VALUES[:2], 0))
+
+    run(serve())
+    [(_, journal)] = server.files.journals()
+    raw = journal.read_bytes()
+    records, _ = read_records(raw)
+    other = records[0].replace(b'"v1"', b'"v2"')  # the header of another model version
+    journal.write_bytes(b"".join(frame(r) for r in [other, *records[1:]]))
+    with pytest.raises(SnapshotRefused, match="v2"):
+        Server(path, "write")
+    assert journal.with_name(journal.name + ".rejected").exists()
+    assert not journal.exists()
+
+
+def test_a_write_that_fails_answers_503_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = Server(tmp_path / "s.snapshot", "write")
+    real_write = os.write
+    failing = {"left": 1}
+
+    def write(fd: int, data: Any) -> int:
+        if failing["left"]:
+            failing["left"] -= 1
+            real_write(fd, bytes(data)[:5])  # half a record reaches the file, then the disk fills
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    async def serve() -> None:
+        e = server.engine
+        await e.create("full", None)
+        monkeypatch.setattr(os, "write", write)
+        with pytest.raises(StoreUnavailable):
+            await e.step(step("full", VALUES[:2], 0))
+        assert e.store.get("full").t == 0  # not applied
+        assert (await e.step(step("full", VALUES[:2], 0)))["t"] == 2  # the retry lands
+
+    run(serve())
+    after = Server(tmp_path / "s.snapshot", "write")  # the half record was cut back off
+    assert after.store.get("full").t == 2
+    assert same(after.state("full"), server.state("full"))
+
+
+def test_a_clean_stop_leaves_the_snapshot_alone_and_refuses_later_steps(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+
+    async def serve() -> None:
+        await server.engine.create("z", None)
+        await server.engine.step(step("z", VALUES[:3], 0))
+        assert server.files.close() == 1
+        with pytest.raises(ShuttingDown):
+            await server.engine.step(step("z", VALUES[3:4], 3))
+
+    run(serve())
+    assert server.files.journals() == []
+    assert [h["t"] for h, _ in read_snapshot(path)] == [3]
+    assert Server(path, "fsync").store.get("z").t == 3
+
+
+def test_off_writes_no_journal_and_the_snapshot_at_a_clean_stop_only(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "off")
+    assert server.engine.backend.persist is None  # the batcher does no work for it
+
+    async def serve() -> None:
+        await server.engine.create("o", None)
+        await server.engine.step(step("o", VALUES[:3], 0))
+
+    run(serve())
+    assert server.files.journals() == [] and not path.exists()
+    server.files.close()
+    assert Server(path, "off").store.get("o").t == 3
