@@ -299,3 +299,128 @@ def test_off_writes_no_journal_and_the_snapshot_at_a_clean_stop_only(tmp_path: P
     assert server.files.journals() == [] and not path.exists()
     server.files.close()
     assert Server(path, "off").store.get("o").t == 3
+
+
+# --- a real server, killed -------------------------------------------------------------------
+
+
+def pids_on_port(port: int) -> set[int]:
+    """Every process listening on ``port``: psutil's system-wide table names one process per
+    socket, and the arbiter and its worker share theirs."""
+    import contextlib
+
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            for c in proc.net_connections("tcp"):
+                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN:
+                    found.add(proc.pid)
+    return found
+
+
+def kill_port(port: int) -> None:
+    """kill -9 of every process holding the server's port: its arbiter and its worker."""
+    import signal
+
+    pids = pids_on_port(port)
+    assert len(pids) >= 2, f"{pids} hold the port, not an arbiter and its worker"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pids_on_port(port):
+        assert time.monotonic() < deadline, "the killed server still holds its port"
+        time.sleep(0.05)
+
+
+async def stream_through_crashes(
+    http: Any, url: str, sid: str, values: Any, sizes: list[int], acked: list[int]
+) -> tuple[list[float], int]:
+    """Step one session by HTTP with seq, each step resent (same seq) until answered 200; the
+    outputs of every step, and how many sends went unanswered."""
+    import aiohttp
+
+    means: list[float] = []
+    t = retries = 0
+    for size in sizes:
+        body = {"session_id": sid, "inputs": values[t : t + size].tolist(), "seq": t}
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                async with http.post(f"{url}/v1/sessions/step", json=body) as r:
+                    reply = await r.json()
+                    if r.status == 200:
+                        break
+                    assert r.status == 503, reply  # stopping: the only refusal a retry cures
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            retries += 1
+            assert time.monotonic() < deadline, f"{sid}: seq {t} never landed"
+            await asyncio.sleep(0.1)
+        t += size
+        assert reply["t"] == t, reply  # never lost (a lower t), never applied twice (higher)
+        means += [o["mean"][0] for o in reply["outputs"]]
+        acked.append(t)
+    return means, retries
+
+
+@pytest.mark.slow
+def test_kill_9_three_times_loses_no_acknowledged_step(
+    tmp_path: Path, held_out_series: list[Any]
+) -> None:
+    import contextlib
+
+    import aiohttp
+    import httpx
+    import numpy as np
+
+    from tests.proxied import offline
+    from tests.servers import bentoml_server, free_port
+    from tests.test_durable import slices
+
+    snapshot = tmp_path / "s.snapshot"
+    env = {"LSTM_SNAPSHOT_PATH": str(snapshot)}  # LSTM_JOURNAL: the default, write
+    plans = slices(held_out_series, 20, 12, seed=3)
+    port = free_port()
+    kills_at = (40, 100, 160)  # acknowledged steps, of 20 x 12
+    with contextlib.ExitStack() as servers:
+        url = servers.enter_context(bentoml_server(env, port=port))
+        for i in range(len(plans)):
+            assert httpx.post(f"{url}/v1/sessions/create", json={"session_id": f"k{i}"}).is_success
+        assert [p.name for p in tmp_path.iterdir() if ".journal." in p.name], "no journal"
+        acked: list[int] = []
+        killed: list[int] = []
+
+        def restart() -> None:
+            servers.enter_context(bentoml_server(env, port=port))
+
+        async def killer() -> None:
+            for at in kills_at:
+                while len(acked) < at:
+                    await asyncio.sleep(0.005)
+                kill_port(port)
+                killed.append(len(acked))
+                await asyncio.to_thread(restart)
+
+        async def main() -> list[tuple[list[float], int]]:
+            timeout = aiohttp.ClientTimeout(total=10)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                kills = asyncio.ensure_future(killer())
+                streams = await asyncio.gather(
+                    *(
+                        stream_through_crashes(http, url, f"k{i}", v, s, acked)
+                        for i, (v, s) in enumerate(plans)
+                    )
+                )
+                await kills
+                return streams
+
+        results = asyncio.run(main())
+        assert len(killed) == 3 and all(a < 240 for a in killed), killed
+        assert sum(retries for _, retries in results) >= 3  # the kills did hit clients
+        for i, (values, _) in enumerate(plans):  # the last server holds every step, once
+            info = httpx.post(f"{url}/v1/sessions/get", json={"session_id": f"k{i}"}).json()
+            assert info["t"] == len(values)
+    for (values, _), (means, _) in zip(plans, results, strict=True):
+        np.testing.assert_allclose(means, offline(values)[:, 0], atol=1e-5)
