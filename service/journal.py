@@ -432,6 +432,9 @@ class StoreFiles:
         self._snapshot_lock = threading.Lock()  # one snapshot written at a time
         self._snapshot_bytes = 0
         self._closed = False
+        # A journal broke (a failed fdatasync): writes wait for the compaction it started, so
+        # nothing is answered on top of a journal whose last records may be gone.
+        self._unsafe = False
         self._retiring: set[asyncio.Task[None]] = set()
 
     @property
@@ -440,7 +443,7 @@ class StoreFiles:
 
     @property
     def healthy(self) -> bool:
-        return self._file is None or not self._file.broken
+        return not self._unsafe and (self._file is None or not self._file.broken)
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -593,7 +596,7 @@ class StoreFiles:
         if self._closed or self._file is None:
             return ShuttingDown("the service is stopping: retry the request (with the same seq)")
         self._maybe_compact()
-        if self._file.broken:
+        if self._file.broken or self._unsafe:
             return StoreUnavailable("the session journal cannot be written (see the server log)")
         return None
 
@@ -628,7 +631,8 @@ class StoreFiles:
         file = self._file
         if file is None or self._round_open or self._compaction is not None:
             return
-        if not file.broken and file.size < max(self.max_bytes, self._snapshot_bytes):
+        force = file.broken or self._unsafe
+        if not force and file.size < max(self.max_bytes, self._snapshot_bytes):
             return
         try:
             capture = self._capture()
@@ -637,6 +641,7 @@ class StoreFiles:
         except OSError as e:
             log.error("a new session journal could not be opened: %s", e)
             return
+        self._unsafe = force
         task = asyncio.get_running_loop().create_task(
             asyncio.to_thread(self._write_base, capture, through), name="journal-compaction"
         )
@@ -645,8 +650,14 @@ class StoreFiles:
 
     def _compacted(self, task: asyncio.Task[None]) -> None:
         self._compaction = None
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             log.error("a compaction of the session journal failed: %s", task.exception())
+            return
+        if self._unsafe:
+            log.warning("the session journal works again: a new snapshot holds what was answered")
+        self._unsafe = False
 
     def _open_next(self) -> None:
         assert self.layout is not None

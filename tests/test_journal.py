@@ -269,6 +269,42 @@ def test_a_write_that_fails_answers_503_and_changes_nothing(
     assert same(after.state("full"), server.state("full"))
 
 
+def test_a_failed_fsync_refuses_writes_until_a_new_snapshot_holds_what_was_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+    real_fdatasync = os.fdatasync
+    failing = {"left": 1}
+
+    def fdatasync(fd: int) -> None:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+
+    async def serve() -> None:
+        e = server.engine
+        await e.create("io", None)
+        await e.step(step("io", VALUES[:2], 0))
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        with pytest.raises(StoreUnavailable):
+            await e.step(step("io", VALUES[2:4], 2))
+        assert e.store.get("io").t == 2
+        with pytest.raises(StoreUnavailable):  # refused while the new snapshot is written
+            await e.step(step("io", VALUES[2:4], 2))
+        assert not await e.backend.ready()
+        while server.files._compaction is not None:
+            await asyncio.sleep(0.01)
+        assert await e.backend.ready()
+        assert (await e.step(step("io", VALUES[2:4], 2)))["t"] == 4
+
+    run(serve())
+    after = Server(path, "fsync")
+    assert after.store.get("io").t == 4
+    assert same(after.state("io"), server.state("io"))
+
+
 def test_a_clean_stop_leaves_the_snapshot_alone_and_refuses_later_steps(tmp_path: Path) -> None:
     path = tmp_path / "s.snapshot"
     server = Server(path, "fsync")
