@@ -152,6 +152,23 @@ def test_a_crash_loses_no_answered_change_and_a_retry_is_answered_once(
     run(retry())
 
 
+def test_a_step_that_returned_its_gates_is_answered_again_with_them(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    before = Server(path, "write")
+    body = Step(session_id="g", inputs=[[v] for v in VALUES[:3]], seq=0, return_gates=True)
+
+    async def serve() -> dict[str, Any]:
+        await before.engine.create("g", None)
+        return dict(await before.engine.step(body))
+
+    first = run(serve())
+    assert first["gates"] is not None
+    after = Server(path, "write")
+    again = run(after.engine.step(body))
+    assert again == first and after.store.get("g").t == 3
+    assert same(after.state("g"), before.state("g"))
+
+
 def test_a_round_cut_short_by_the_crash_is_not_applied_at_all(tmp_path: Path) -> None:
     path = tmp_path / "s.snapshot"
     server = Server(path, "write")
