@@ -681,6 +681,20 @@ class JournalCost:
     ratio_high: float
     p99_ms: float
     off_p99_ms: float
+    # The server's CPU per applied timestep (us), and its ratio to off's: steadier than
+    # throughput on a machine others share, since what they take slows both alike.
+    cpu_us: float
+    off_cpu_us: float
+    cpu_ratio: float
+    cpu_ratio_low: float
+    cpu_ratio_high: float
+
+
+def cpu_us(row: Row) -> float | None:
+    """The server's CPU per applied timestep, in microseconds."""
+    if not row.timesteps_s or row.server_cpu_pct is None:
+        return None
+    return row.server_cpu_pct / 100 / row.timesteps_s * 1e6
 
 
 def journal_costs(rows: list[Row]) -> list[JournalCost]:
@@ -696,6 +710,8 @@ def journal_costs(rows: list[Row]) -> list[JournalCost]:
             if not pairs:
                 continue
             ratios = [m.timesteps_s / o.timesteps_s for m, o in pairs]  # type: ignore[operator]
+            cpus = [(cpu_us(m), cpu_us(o)) for m, o in pairs]
+            cpu_ratios = [m / o for m, o in cpus if m and o]
             out.append(
                 JournalCost(
                     scenario,
@@ -709,6 +725,11 @@ def journal_costs(rows: list[Row]) -> list[JournalCost]:
                     max(ratios),
                     _med([m.p99_ms for m, _ in pairs]),
                     _med([o.p99_ms for _, o in pairs]),
+                    _med([m for m, _ in cpus]),
+                    _med([o for _, o in cpus]),
+                    _med(list(cpu_ratios)),
+                    min(cpu_ratios, default=math.nan),
+                    max(cpu_ratios, default=math.nan),
                 )
             )
     return out
@@ -717,14 +738,16 @@ def journal_costs(rows: list[Row]) -> list[JournalCost]:
 def journal_table(costs: list[JournalCost]) -> str:
     lines = [
         "| case | LSTM_JOURNAL | timesteps/s | off: timesteps/s | vs off (spread) | p99 ms "
-        "| off: p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "| off: p99 ms | server CPU us / timestep | off: us | vs off (spread) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k in costs:
         lines.append(
             f"| {k.scenario} at {k.concurrency} | {k.mode} | {fmt(k.timesteps_s)} "
             f"| {fmt(k.off_timesteps_s)} | {k.ratio:.2f}x ({k.ratio_low:.2f}-{k.ratio_high:.2f}, "
-            f"{k.rounds} rounds) | {fmt(k.p99_ms, 1)} | {fmt(k.off_p99_ms, 1)} |"
+            f"{k.rounds} rounds) | {fmt(k.p99_ms, 1)} | {fmt(k.off_p99_ms, 1)} "
+            f"| {fmt(k.cpu_us, 1)} | {fmt(k.off_cpu_us, 1)} "
+            f"| {k.cpu_ratio:.2f}x ({k.cpu_ratio_low:.2f}-{k.cpu_ratio_high:.2f}) |"
         )
     return "\n".join(lines)
 
