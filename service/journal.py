@@ -77,7 +77,6 @@ from service.snapshot import (
     restore_entries,
     save_sessions,
     step_to_json,
-    write_snapshot,
 )
 from service.state_blob import BlobError, SessionState
 
@@ -94,7 +93,7 @@ _ID = struct.Struct("<cH")
 _PUT = struct.Struct("<qddd")  # t, ttl_s, created_at, last_active
 _STEP = struct.Struct("<qdI")  # t, last_active, length of the last step's record
 _ROUND = struct.Struct("<cIIId")  # kind, steps, T, F, when
-ROUND, PUT, STEP, DELETE = b"R", b"P", b"S", b"D"
+ROUND, PUT, STEP, DELETE, BASE = b"R", b"P", b"S", b"D", b"B"
 
 
 class JournalMode(StrEnum):
@@ -310,10 +309,11 @@ def apply_group(
         raise BlobError("a journal record's entries overrun it")
 
 
-def journal_header(model: tuple[str, str], layout: StateLayout) -> bytes:
+def journal_header(model: tuple[str, str], layout: StateLayout, *, base: bool = False) -> bytes:
     return json.dumps(
         {
             "format": FORMAT,
+            "base": base,
             "model": model[0],
             "model_version": model[1],
             "layers": layout.layers,
@@ -322,6 +322,21 @@ def journal_header(model: tuple[str, str], layout: StateLayout) -> bytes:
         },
         sort_keys=True,
     ).encode()
+
+
+def _check_header(record: bytes, layout: StateLayout, *, base: bool) -> dict[str, str]:
+    """A file's header record checked against the layout; the model its states belong to."""
+    try:
+        header = json.loads(record)
+        shapes = (int(header["layers"]), int(header["hidden"]), int(header["features"]))
+        model = {"model": str(header["model"]), "model_version": str(header["model_version"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise BlobError(f"not a session journal: {e}") from e
+    if header.get("format") != FORMAT or bool(header.get("base")) != base:
+        raise BlobError(f"not a session journal {'base' if base else 'file'}")
+    if shapes != (layout.layers, layout.hidden, layout.features):
+        raise BlobError(f"the journal holds states of shape {shapes}, not this model's")
+    return model
 
 
 @dataclass
@@ -338,16 +353,7 @@ def replay_file(data: bytes, sessions: dict[str, Replayed], layout: StateLayout)
     records, dropped = read_records(data)
     if not records:
         return Replay(0, dropped)
-    try:
-        header = json.loads(records[0])
-        shapes = (int(header["layers"]), int(header["hidden"]), int(header["features"]))
-        model = {"model": str(header["model"]), "model_version": str(header["model_version"])}
-    except (ValueError, KeyError, TypeError) as e:
-        raise BlobError(f"not a session journal: {e}") from e
-    if header.get("format") != FORMAT:
-        raise BlobError(f"not a session journal (format {header.get('format')!r})")
-    if shapes != (layout.layers, layout.hidden, layout.features):
-        raise BlobError(f"the journal holds states of shape {shapes}, not this model's")
+    model = _check_header(records[0], layout, base=False)
     for payload in records[1:]:
         apply_group(payload, sessions, layout, model)
     return Replay(len(records) - 1, dropped)
@@ -460,27 +466,87 @@ class Recovery:
     dropped_bytes: int = 0  # torn or damaged last records dropped
 
 
+_BASE = struct.Struct("<cI")  # kind, sessions
+
+
 @dataclass
 class _Capture:
-    """The sessions as of one instant, copied on the loop, written to a snapshot in a thread."""
+    """Every session as of one instant, copied on the loop (its bookkeeping by whole arrays,
+    its states by one copy of their pool rows), written as a base in a thread: a few
+    microseconds a session, where a snapshot's blobs cost a hundred (JSON, a digest each)."""
 
-    headers: list[dict[str, Any]]
-    steps: list[tuple[AppliedStep, float] | None]
-    h: torch.Tensor  # (layers, N, hidden), on the CPU
-    c: torch.Tensor
-    mean: torch.Tensor  # (N, F)
-    std: torch.Tensor
-    through: int  # the last journal generation this capture holds
+    ids: list[bytes]
+    records: list[bytes]  # each session's last step, packed (sessions.pack_step); b"": none
+    t: np.ndarray  # int64
+    ttl_s: np.ndarray  # float64
+    created_at: np.ndarray
+    last_active: np.ndarray
+    states: np.ndarray  # (N, state floats), float32 in a state's byte layout
 
-    def entries(self) -> list[tuple[dict[str, Any], SessionState]]:
-        out = []
-        for i, header in enumerate(self.headers):
-            step = self.steps[i]
-            if step is not None:
-                header["last_step"] = step_to_json(*step)
-            state = SessionState(self.h[:, i], self.c[:, i], self.mean[i], self.std[i])
-            out.append((header, state))
-        return out
+    def payload(self) -> bytes:
+        """``b"B" | u32 n | n x u16 id length | ids | n x i64 t | n x f64 ttl_s, created_at,
+        last_active | n x state | n x u32 record length | records``."""
+        return b"".join(
+            [
+                _BASE.pack(BASE, len(self.ids)),
+                np.array([len(i) for i in self.ids], dtype="<u2").tobytes(),
+                *self.ids,
+                self.t.astype("<i8").tobytes(),
+                self.ttl_s.astype("<f8").tobytes(),
+                self.created_at.astype("<f8").tobytes(),
+                self.last_active.astype("<f8").tobytes(),
+                self.states.astype("<f4", copy=False).tobytes(),
+                np.array([len(r) for r in self.records], dtype="<u4").tobytes(),
+                *self.records,
+            ]
+        )
+
+
+def read_base(data: bytes, layout: StateLayout) -> dict[str, Replayed]:
+    """A base file's sessions; BlobError if it is not one whole (it is written under another
+    name and renamed, so a crash never leaves half of one)."""
+    records, dropped = read_records(data)
+    if len(records) != 2 or dropped:
+        raise BlobError("a base of the session journal is damaged")
+    model = _check_header(records[0], layout, base=True)
+    payload = records[1]
+    kind, n = _BASE.unpack_from(payload)
+    if kind != BASE:
+        raise BlobError("a base of the session journal holds no sessions")
+    offset = _BASE.size
+    lengths = np.frombuffer(payload, "<u2", n, offset).tolist()
+    offset += 2 * n
+    ids = []
+    for length in lengths:
+        ids.append(payload[offset : offset + length].decode())
+        offset += length
+    t = np.frombuffer(payload, "<i8", n, offset).tolist()
+    offset += 8 * n
+    ttl, created, active = (
+        np.frombuffer(payload, "<f8", n, offset + 8 * n * k).tolist() for k in range(3)
+    )
+    offset += 24 * n
+    size = layout.nbytes
+    states = payload[offset : offset + n * size]
+    offset += n * size
+    record_lengths = np.frombuffer(payload, "<u4", n, offset).tolist()
+    offset += 4 * n
+    sessions = {}
+    for i, session_id in enumerate(ids):
+        record = payload[offset : offset + record_lengths[i]]
+        offset += record_lengths[i]
+        header = {
+            **model,
+            "session_id": session_id,
+            "t": t[i],
+            "ttl_s": ttl[i],
+            "created_at": created[i],
+            "last_active": active[i],
+        }
+        sessions[session_id] = Replayed(header, states[i * size : (i + 1) * size], record or None)
+    if offset != len(payload):
+        raise BlobError("a base of the session journal has trailing bytes")
+    return sessions
 
 
 class StoreFiles:
@@ -515,8 +581,8 @@ class StoreFiles:
         self._zero: bytes = b""
         self._round_open = False  # a round's group is appended, its states not yet in the pool
         self._compaction: asyncio.Task[None] | None = None
-        self._snapshot_lock = threading.Lock()  # one snapshot written at a time
-        self._snapshot_bytes = 0
+        self._snapshot_lock = threading.Lock()  # one snapshot or base written at a time
+        self._base_bytes = 0
         self._closed = False
         # A journal broke (a failed fdatasync): writes wait for the compaction it started, so
         # nothing is answered on top of a journal whose last records may be gone.
@@ -535,7 +601,15 @@ class StoreFiles:
 
     def journals(self) -> list[tuple[int, Path]]:
         """The journal files beside the snapshot, oldest first."""
-        pattern = re.compile(re.escape(self.snapshot.name) + r"\.journal\.(\d+)")
+        return self._numbered("journal")
+
+    def bases(self) -> list[tuple[int, Path]]:
+        """The bases beside the snapshot (every session as of the start of the journal of the
+        same number), oldest first."""
+        return self._numbered("base")
+
+    def _numbered(self, kind: str) -> list[tuple[int, Path]]:
+        pattern = re.compile(re.escape(self.snapshot.name) + rf"\.{kind}\.(\d+)")
         found = []
         if self.snapshot.parent.is_dir():
             for path in self.snapshot.parent.iterdir():
@@ -556,17 +630,23 @@ class StoreFiles:
         cannot be restored whole (another model's, a bad entry, no room)."""
         self._bind(store)
         assert self.layout is not None
-        journals = self.journals()
-        self._generation = max((g for g, _ in journals), default=0)
-        if not self.snapshot.exists() and not journals:
+        journals, bases = self.journals(), self.bases()
+        self._generation = max((g for g, _ in journals + bases), default=0)
+        if not self.snapshot.exists() and not journals and not bases:
             return None
         recovery = Recovery(Restored(0, 0))
         try:
             sessions: dict[str, Replayed] = {}
-            if self.snapshot.exists():
+            since = 0
+            if bases:  # the newest base holds everything before its journal: the snapshot too
+                since, newest = bases[-1]
+                sessions = read_base(newest.read_bytes(), self.layout)
+            elif self.snapshot.exists():
                 for header, state in read_snapshot(self.snapshot):
                     sessions[str(header["session_id"])] = Replayed(header, state)
-            for _, path in journals:
+            for generation, path in journals:
+                if generation < since:
+                    continue  # held by the base (its removal was cut short)
                 found = replay_file(path.read_bytes(), sessions, self.layout)
                 recovery.journals += 1
                 recovery.groups += found.groups
@@ -580,12 +660,12 @@ class StoreFiles:
                     )
             entries = [self._entry(e) for e in sessions.values()]
         except (BlobError, KeyError, TypeError, ValueError, UnicodeDecodeError, struct.error) as e:
-            self._reject(journals)
+            self._reject(journals + bases)
             raise SnapshotRefused(str(e)) from e
         try:
             recovery.restored = restore_entries(entries, store, check, now=now)
         except SnapshotRefused:
-            self._reject(journals)
+            self._reject(journals + bases)
             raise
         return recovery
 
@@ -595,12 +675,12 @@ class StoreFiles:
         without one, the old files removed (a later crash must not roll sessions back to them).
         """
         self._bind(store)
-        old = self.journals()
         if self.journalled:
+            capture = self._capture()
             self._open_next()
-            self._write_base(self._capture(), through=self._generation - 1)
+            self._write_base(capture, self._generation)
         else:
-            for _, path in old:
+            for _, path in self.journals() + self.bases():
                 path.unlink()
             self.snapshot.unlink(missing_ok=True)
 
@@ -619,8 +699,8 @@ class StoreFiles:
             header["last_step"] = step_to_json(*unpack_step(replayed.record))
         return header, state
 
-    def _reject(self, journals: list[tuple[int, Path]]) -> None:
-        for path in [self.snapshot, *(p for _, p in journals)]:
+    def _reject(self, files: list[tuple[int, Path]]) -> None:
+        for path in [self.snapshot, *(p for _, p in files)]:
             if path.exists():
                 path.replace(path.with_name(path.name + ".rejected"))
 
@@ -723,18 +803,18 @@ class StoreFiles:
         if file is None or self._round_open or self._compaction is not None:
             return
         force = file.broken or self._unsafe
-        if not force and file.size < max(self.max_bytes, self._snapshot_bytes):
+        if not force and file.size < max(self.max_bytes, self._base_bytes):
             return
         try:
             capture = self._capture()
-            through = self._generation
             self._open_next()
         except OSError as e:
             log.error("a new session journal could not be opened: %s", e)
             return
         self._unsafe = force
         task = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(self._write_base, capture, through), name="journal-compaction"
+            asyncio.to_thread(self._write_base, capture, self._generation),
+            name="journal-compaction",
         )
         self._compaction = task
         task.add_done_callback(self._compacted)
@@ -765,29 +845,48 @@ class StoreFiles:
             retire.add_done_callback(self._retiring.discard)
 
     def _capture(self) -> _Capture:
-        """Every session as it stands, on the loop: one copy of their rows of the pool."""
+        """Every session as it stands, on the loop: their bookkeeping by whole arrays, their
+        states by one copy of their rows of the pool."""
         assert self.store is not None
         sessions = self.store.sessions()
-        pool = self.store.pool
-        slots = torch.tensor([s.slot for s in sessions], dtype=torch.long, device=pool.h.device)
+        pool, meta = self.store.pool, self.store.slots
+        index = np.array([s.slot for s in sessions], dtype=np.int64)
+        slots = torch.from_numpy(index).to(pool.h.device)
         return _Capture(
-            [self.header_of(s) for s in sessions],
-            [s.recorded_step() for s in sessions],
-            pool.h.index_select(1, slots).cpu(),
-            pool.c.index_select(1, slots).cpu(),
-            pool.next_mean.index_select(0, slots).cpu(),
-            pool.next_std.index_select(0, slots).cpu(),
-            self._generation,
+            [s.id.encode() for s in sessions],
+            [s.step_record() or b"" for s in sessions],
+            np.frombuffer(meta.t, dtype=np.int64)[index],
+            np.array([s.ttl_s for s in sessions], dtype=np.float64),
+            np.frombuffer(meta.created_at, dtype=np.float64)[index],
+            np.frombuffer(meta.last_active, dtype=np.float64)[index],
+            _rows(
+                pool.h.index_select(1, slots),
+                pool.c.index_select(1, slots),
+                pool.next_mean.index_select(0, slots),
+                pool.next_std.index_select(0, slots),
+            ),
         )
 
-    def _write_base(self, capture: _Capture, through: int) -> None:
-        """The capture as the snapshot, then the journals it holds (up to ``through``) gone."""
+    def _write_base(self, capture: _Capture, generation: int) -> None:
+        """The capture as base ``generation`` (written aside, then renamed in), then what it
+        holds removed: older bases and journals, and the snapshot."""
+        assert self.layout is not None
         with self._snapshot_lock:
-            write_snapshot(self.snapshot, capture.entries())
-            self._snapshot_bytes = self.snapshot.stat().st_size
-            for generation, path in self.journals():
-                if generation <= through:
-                    path.unlink(missing_ok=True)
+            path = self.snapshot.with_name(f"{self.snapshot.name}.base.{generation}")
+            tmp = path.with_name(path.name + ".tmp")
+            header = journal_header(self.model, self.layout, base=True)
+            data = frame(header) + frame(capture.payload())
+            with tmp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+            fsync_dir(path.parent)
+            self._base_bytes = len(data)
+            for older, file in self.journals() + self.bases():
+                if older < generation:
+                    file.unlink(missing_ok=True)
+            self.snapshot.unlink(missing_ok=True)
 
     # --- stop ----------------------------------------------------------------------------------
 
@@ -800,7 +899,9 @@ class StoreFiles:
             n = save_sessions(self.snapshot, self.store, self.header_of)
             if self._file is not None:
                 self._file.close()
-            for _, path in self.journals():
+            # Bases first, oldest first: cut short, what is left is a base with the journals
+            # after it, or the snapshot with journals it holds already (replayed again: no change)
+            for _, path in self.bases() + self.journals():
                 path.unlink(missing_ok=True)
         return n
 
@@ -808,17 +909,16 @@ class StoreFiles:
 def _state_rows(group: Group) -> np.ndarray:
     """A batch's new states, one row each in a state's byte layout (h, c, mean, std), made in
     one conversion: per-row tensor views cost more than the batch's step."""
-    batch = group.next_mean.shape[0]
+    return _rows(group.h, group.c, group.next_mean, group.next_std)
+
+
+def _rows(h: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    """States (h, c as (layers, N, hidden); mean, std as (N, F)) as N rows of float32."""
+    n, lh = mean.shape[0], h.shape[0] * h.shape[2]
     rows = torch.cat(
-        [
-            group.h.permute(1, 0, 2).reshape(batch, -1),
-            group.c.permute(1, 0, 2).reshape(batch, -1),
-            group.next_mean,
-            group.next_std,
-        ],
-        dim=1,
+        [h.permute(1, 0, 2).reshape(n, lh), c.permute(1, 0, 2).reshape(n, lh), mean, std], dim=1
     )
-    return rows.to("cpu", torch.float32).numpy().astype("<f4", copy=False)
+    return rows.to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
 
 
 __all__ = [

@@ -206,16 +206,17 @@ def test_compaction_moves_the_journal_into_the_snapshot_and_loses_nothing(tmp_pa
         await asyncio.sleep(0.01)  # the old journal's descriptor closes
 
     run(serve())
-    journals = server.files.journals()
+    journals, bases = server.files.journals(), server.files.bases()
     assert [g for g, _ in journals] != [first] and len(journals) == 1  # rotated, old ones gone
-    assert {h["session_id"] for h, _ in read_snapshot(path)} == {"m", "n"}
+    assert [g for g, _ in bases] == [g for g, _ in journals]  # the base its journal follows
+    assert not path.exists()  # the base holds what the snapshot held
     after = Server(path, "write", max_bytes=4096)
     assert after.store.get("m").t == after.store.get("n").t == len(VALUES)
     assert same(after.state("m"), server.state("m"))
     assert same(after.state("n"), server.state("n"))
 
 
-def test_replaying_a_journal_twice_gives_what_once_gives(tmp_path: Path) -> None:
+def test_a_journal_the_base_holds_already_is_not_replayed(tmp_path: Path) -> None:
     path = tmp_path / "s.snapshot"
     server = Server(path, "write")
 
@@ -230,11 +231,42 @@ def test_replaying_a_journal_twice_gives_what_once_gives(tmp_path: Path) -> None
     run(serve())
     [(generation, journal)] = server.files.journals()
     copy = journal.read_bytes()
-    once = Server(path, "write")  # recovers, writes a snapshot holding it all, drops the journal
-    path.with_name(f"{path.name}.journal.{generation}").write_bytes(copy)  # as if not dropped
+    once = Server(path, "write")  # recovers, writes a base holding it all, drops the journal
+    assert once.files.bases()[0][0] > generation
+    journal.write_bytes(copy)  # the crash came between the base's rename and this removal
     twice = Server(path, "write")
+    assert twice.recovery is not None and twice.recovery.journals == 1  # the base's own only
     assert {s.id for s in twice.store.sessions()} == {s.id for s in once.store.sessions()} == {"x"}
     assert same(twice.state("x"), once.state("x")) and twice.store.get("x").t == 4
+
+
+def test_a_journal_replayed_again_over_the_snapshot_holding_it_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write")
+
+    async def serve() -> bytes:
+        e = server.engine
+        for sid in ("x", "y", "z"):
+            await e.create(sid, None)
+        await e.step(step("x", VALUES[:4], 0))
+        await e.step(step("y", VALUES[:2], 0))
+        await e.delete("y")
+        await e.reset("z")
+        [(_, journal)] = server.files.journals()
+        kept = journal.read_bytes()
+        server.files.close()  # the snapshot holds it all; the journal is removed
+        assert not journal.exists()
+        journal.write_bytes(kept)  # the crash came between the snapshot and that removal
+        return kept
+
+    run(serve())
+    again = Server(path, "write")
+    assert again.recovery is not None and again.recovery.groups > 0  # it was replayed
+    assert {s.id for s in again.store.sessions()} == {"x", "z"}
+    assert same(again.state("x"), server.state("x")) and again.store.get("x").t == 4
+    assert again.store.get("z").t == 0
 
 
 def test_a_journal_of_another_model_is_refused_whole_and_kept(tmp_path: Path) -> None:
