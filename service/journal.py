@@ -1,11 +1,14 @@
 """The embedded store's write-ahead journal: what a kill -9 of the worker would otherwise lose.
 
-Without Redis the pool is the only copy of every session. The snapshot (``service.snapshot``)
-holds them as of its writing; the journal beside it holds every change since, appended before
-anyone is told of it:
+Without Redis the pool is the only copy of every session. A base (or, after a clean stop, the
+snapshot, ``service.snapshot``) holds them as of its writing; the journal of the same number
+holds every change since, appended before anyone is told of it:
 
-    state/sessions.snapshot             the sessions as of the last compaction
+    state/sessions.snapshot             the sessions at the last clean stop (per-session blobs)
+    state/sessions.snapshot.base.7      the sessions when journal 7 began (one columnar record)
     state/sessions.snapshot.journal.7   every change since, in order
+
+A start reads the newest base (else the snapshot) and replays the journals from its number on.
 
 A journal file is a sequence of records, each ``u32 length | u32 CRC-32 | payload``, the CRC over
 the length's four bytes and the payload. The first record is the file's header (JSON: the model
@@ -31,13 +34,15 @@ no anomaly score for its first value, as its answer had none.
 Reading stops at the first record that is short or whose CRC does not match: a crash mid-append
 leaves a torn last record, which is dropped whole (the round it held was never answered), never
 half applied. Every entry sets what it names (nothing is a delta), so replaying a journal twice
-gives what replaying it once gives: a crash between writing a new snapshot and removing the
-journals it holds loses nothing and doubles nothing.
+gives what replaying it once gives: a crash between writing the snapshot at a clean stop and
+removing the journals it holds loses nothing and doubles nothing.
 
-Compaction: once a journal outgrows ``LSTM_JOURNAL_MAX_BYTES`` (and the snapshot), the sessions
-are captured on the event loop (one copy of their pool rows), a new journal is opened for what
-follows, and the snapshot of the capture is written in a thread; only once it is renamed in are
-the journals before it removed. At a clean stop the snapshot is written and the journals removed.
+Compaction: once a journal outgrows ``LSTM_JOURNAL_MAX_BYTES`` (and the base), the sessions are
+captured on the event loop (their bookkeeping by whole arrays, their states by one copy of their
+pool rows), a new journal is opened for what follows, and the capture is written as that
+journal's base in a thread (written aside, renamed in); only then are older bases, journals and
+the snapshot removed. A start writes a base of what it restored the same way. At a clean stop the
+snapshot is written, then the bases and journals removed (bases first).
 
 Modes (``LSTM_JOURNAL``): ``fsync``, each group is on the disk (fdatasync, in a thread, shared by
 the groups that wait on it) before anyone is answered: survives a power loss. ``write``, each
@@ -827,7 +832,7 @@ class StoreFiles:
             log.error("a compaction of the session journal failed: %s", task.exception())
             return
         if self._unsafe:
-            log.warning("the session journal works again: a new snapshot holds what was answered")
+            log.warning("the session journal works again: a new base holds what was answered")
         self._unsafe = False
 
     def _open_next(self) -> None:

@@ -145,8 +145,8 @@ class Settings(BaseSettings):
     journal_max_bytes: int = Field(
         64 * 2**20,
         ge=2**16,
-        description="the journal is compacted into the snapshot once it is this large and "
-        "larger than the snapshot",
+        description="the journal is compacted (a new base of every session, a new journal) once "
+        "it is this large and larger than the last base",
     )
 
     blob_key: SecretStr | None = Field(

@@ -1,5 +1,5 @@
-"""The embedded store's snapshot: every live session written at shutdown (and whenever its
-journal, ``service.journal``, is compacted into it), read back at start.
+"""The embedded store's snapshot: every live session written at shutdown, read back at start
+(with the journal after it, ``service.journal``, replayed over it).
 
 A snapshot file is ``b"LSTMSNAP1\\n"``, a u32 count, then each session as a u32 length and a
 state blob (``service.state_blob``: checksummed, no pickle). It is written to a temporary file
