@@ -675,10 +675,9 @@ class StoreFiles:
         return recovery
 
     def open(self, store: SessionStore) -> None:
-        """Start serving from what ``store`` holds: with a journal, a new journal file, then a
-        snapshot of the store (the recovered sessions' new base), then the old files removed;
-        without one, the old files removed (a later crash must not roll sessions back to them).
-        """
+        """Start serving from what ``store`` holds: with a journal, a new journal file and its
+        base (what was restored), then the old files removed; without one, the old files
+        removed (a later crash must not roll sessions back to them)."""
         self._bind(store)
         if self.journalled:
             capture = self._capture()

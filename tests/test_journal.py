@@ -216,6 +216,44 @@ def test_compaction_moves_the_journal_into_the_snapshot_and_loses_nothing(tmp_pa
     assert same(after.state("n"), server.state("n"))
 
 
+def test_no_compaction_captures_a_round_written_but_not_yet_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fsync mode on a slow disk: a create arrives while a round waits on its fdatasync. A
+    # compaction started then would capture the pool without that round's states and remove the
+    # journal holding them.
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        time.sleep(0.05)
+        real_fdatasync(fd)
+
+    async def serve() -> None:
+        e = server.engine
+        await e.create("a", None)
+        monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+
+        async def create_meanwhile() -> None:
+            await asyncio.sleep(0.02)  # the round's fdatasync is under way
+            server.files.max_bytes, server.files._base_bytes = 1, 0  # from now on, compact
+            await e.create("c", None)
+            assert server.files._compaction is None  # not while the round is not applied
+
+        await asyncio.gather(e.step(step("a", VALUES[:3], 0)), create_meanwhile())
+        await e.create("d", None)  # a compaction may start now: the round is in the pool
+        while server.files._compaction is not None:
+            await asyncio.sleep(0.01)
+
+    run(serve())
+    assert len(server.files.bases()) == 1 and server.files.bases()[0][0] > 1  # it compacted
+    after = Server(path, "fsync")
+    assert after.store.get("a").t == 3
+    assert same(after.state("a"), server.state("a"))
+    assert {s.id for s in after.store.sessions()} == {"a", "c", "d"}
+
+
 def test_a_journal_the_base_holds_already_is_not_replayed(tmp_path: Path) -> None:
     path = tmp_path / "s.snapshot"
     server = Server(path, "write")
