@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) bench/model_bench.py $(BENCH_FLAGS)
 	$(PY) bench/model_bench.py --device cpu --block 20 --steps 1 $(BENCH_FLAGS)
 	$(PY) bench/load_bench.py $(BENCH_FLAGS)
+	$(PY) bench/load_bench.py --journal $(BENCH_FLAGS)
 	$(PY) bench/scale_bench.py $(BENCH_FLAGS)
 	$(PY) bench/store_bench.py $(BENCH_FLAGS)
 

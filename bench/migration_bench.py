@@ -39,7 +39,9 @@ RUNS = ROOT / "runs" / "bench"
 WINDOWS = (16, 64, 256, 1024)
 
 
-def forecasts_after(new: LSTMForecaster, history: np.ndarray, future: np.ndarray, w: int | None) -> np.ndarray:
+def forecasts_after(
+    new: LSTMForecaster, history: np.ndarray, future: np.ndarray, w: int | None
+) -> np.ndarray:
     """The new model's one-step means for ``future`` after a replay of the last ``w`` inputs of
     ``history`` (None: all of it), in raw units."""
     kept = history if w is None else history[-w:]
@@ -68,7 +70,8 @@ def main() -> None:
     series = [s for sid, s in zip(data.ids, data.series, strict=True) if str(sid) in wanted]
     norm = new_model.normalisation
     mean, std = np.array(norm.mean, dtype=np.float32), np.array(norm.std, dtype=np.float32)
-    rows: dict[str, list[float]] = {str(w): [] for w in WINDOWS} | {"full": []}
+    keys = [*(str(w) for w in WINDOWS), "full"]
+    rows: dict[str, list[float]] = {k: [] for k in keys}
     first: dict[str, list[float]] = {k: [] for k in rows}
     times: dict[str, list[float]] = {k: [] for k in rows}
     for values in series:
@@ -87,8 +90,13 @@ def main() -> None:
             first[key].append(float(err[:10].mean()))
     full = statistics.fmean(rows["full"])
     table: list[dict[str, Any]] = []
-    print(f"{len(rows['full'])} held-out appliances, migrated at t = {args.at}, next {args.horizon} steps")
-    print(f"{'window':>8} {'MSE':>8} {'vs full':>8} {'first 10':>9} {'vs full':>8} {'replay ms':>10}")
+    print(
+        f"{len(rows['full'])} held-out appliances, migrated at t = {args.at}, "
+        f"next {args.horizon} steps"
+    )
+    print(
+        f"{'window':>8} {'MSE':>8} {'vs full':>8} {'first 10':>9} {'vs full':>8} {'replay ms':>10}"
+    )
     for key in rows:
         mse, head = statistics.fmean(rows[key]), statistics.fmean(first[key])
         entry = {

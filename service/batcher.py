@@ -58,9 +58,17 @@ class Commit:
     session: Session
     seq: int  # t before the step: the persister applies it only if the stored t is still this
     t: int
-    state: SessionState
     digest: bytes
-    outputs: Outputs
+    computed: Computed  # its outputs, and its new state as a row of its batch (Computed.group)
+
+    @property
+    def state(self) -> SessionState:
+        """The new state, its window too (read from the pool, where it is not yet)."""
+        return self.computed.state(self.session.slot)
+
+    @property
+    def outputs(self) -> Outputs:
+        return self.computed.outputs
 
 
 Persister = Callable[[list[Commit]], Awaitable[list[BaseException | None]]]
@@ -230,10 +238,7 @@ class MicroBatcher:
             for job in steps:
                 c: Computed = job.result
                 t = job.session.t
-                state = c.state(job.session.slot)
-                commits.append(
-                    Commit(job.session, t, t + len(c.outputs.mean), state, job.digest, c.outputs)
-                )
+                commits.append(Commit(job.session, t, t + len(c.outputs.mean), job.digest, c))
             verdicts = await self.persist(commits)
         accepted = [(job, job.result) for job, v in zip(steps, verdicts, strict=True) if v is None]
         self.runner.scatter(accepted)

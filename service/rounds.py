@@ -45,6 +45,11 @@ class Group:
     c: Tensor
     next_mean: Tensor  # (B, F)
     next_std: Tensor
+    # The outputs as computed, (B, T, F) each, before they became each step's lists: a journal
+    # (service/journal.py) writes a whole batch's from these at once.
+    mean: Tensor | None = None
+    std: Tensor | None = None
+    z: Tensor | None = None
     x: Tensor | None = None  # (B, T, F): the chunks, for the sessions' windows
     pool: StatePool | None = None  # where they will go (a state for Redis: window_of)
 
@@ -242,7 +247,7 @@ class RoundRunner:
         self.observer.model_time(time.perf_counter() - started)
         self.observer.batch(len(jobs))
         self.observer.timesteps(x.shape[0] * x.shape[1])
-        group = Group(new_state.h, new_state.c, mean[:, -1], std[:, -1], x, self.pool)
+        group = Group(new_state.h, new_state.c, mean[:, -1], std[:, -1], mean, std, z, x, self.pool)
         # One conversion per tensor for the whole batch: per-row views and tolist() calls cost
         # more than the model's step at these sizes.
         means, stds, zs = mean.tolist(), std.tolist(), z.tolist()

@@ -44,6 +44,7 @@ from service.engine import Engine, EngineEvents, EngineLimits, SessionView
 from service.errors import ApiKeyMissing, BlobCorrupted, ServiceError, VersionNotFound
 from service.fast_routes import FastRoutes
 from service.http import ErrorContract, RefusalTracebacks, RequestDeadline
+from service.journal import StoreFiles
 from service.openapi import ALLOWED, Deployment, openapi_document
 from service.redis_state import RedisState
 from service.results import Outputs
@@ -78,7 +79,7 @@ from service.schemas import (
 )
 from service.sessions import SessionStore, StatePool, StoreEvents, StoreLimits
 from service.settings import Settings, cors_origin_list, load_settings
-from service.snapshot import SnapshotRefused, restore_sessions, save_sessions
+from service.snapshot import SnapshotRefused
 from service.startup import (
     enforce_single_worker,
     in_arbiter,
@@ -284,8 +285,8 @@ class LSTMSessions:
         self.checkpoint = load_model(settings.model_tag, settings.model_dir, self.device)
         config = self.checkpoint.model.config
         self.n_features = config.n_features
-        authoritative = settings.redis_url is None
         self.redis: RedisState | None = None
+        self.files: StoreFiles | None = None  # the embedded store's snapshot and journal
         if settings.redis_url is not None:
             warn_if_redis_is_down(settings.redis_url)
             self.redis = RedisState(
@@ -294,7 +295,7 @@ class LSTMSessions:
                 wait_replicas=settings.redis_wait_replicas,
                 wait_timeout_ms=settings.redis_wait_timeout_ms,
             )
-        first = self._build_version(self.checkpoint)
+        first = self._build_version(self.checkpoint, durable=True)
         # The version started with: its store is the one the snapshot holds.
         self.engine = first.engine
         self.backend, self.store, self.batcher = (
@@ -320,14 +321,15 @@ class LSTMSessions:
         metrics.MODEL_INFO.labels(
             self.checkpoint.name, self.checkpoint.version, str(self.device)
         ).set(1)
-        if settings.snapshot_path is not None and authoritative:
-            self._restore_snapshot(settings.snapshot_path)
+        if self.files is not None:
+            self._recover(self.files)
         self._count_sessions()
         log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
         tune_gc()
 
-    def _build_version(self, checkpoint: Checkpoint) -> Version:
-        """A model version's engine: its pool, store, backend and micro-batcher."""
+    def _build_version(self, checkpoint: Checkpoint, durable: bool = False) -> Version:
+        """A model version's engine: its pool, store, backend and micro-batcher; ``durable``:
+        with the snapshot and journal (the version the server started with)."""
         model, config = checkpoint.model, checkpoint.model.config
         pool = StatePool(
             config.num_layers,
@@ -343,7 +345,18 @@ class LSTMSessions:
         )
         backend: Backend
         if self.redis is None:
-            backend = EmbeddedBackend(store)
+            files = None
+            if durable and settings.snapshot_path is not None:
+                # The version started with keeps the snapshot and the journal (its store is the
+                # one a restart restores).
+                files = self.files = StoreFiles(
+                    settings.snapshot_path,
+                    settings.journal,
+                    settings.journal_max_bytes,
+                    model=(checkpoint.name, checkpoint.version),
+                    header_of=lambda session: engine.blob_header(session),
+                )
+            backend = EmbeddedBackend(store, files)
         else:
             header = {"model": checkpoint.name, "model_version": checkpoint.version}
             backend = RedisBackend(store, self.redis, header)
@@ -579,32 +592,41 @@ class LSTMSessions:
 
     @bentoml.on_shutdown
     def _write_snapshot(self) -> None:
-        """At a clean stop, the embedded store's sessions go to disk, to be restored at start."""
-        if settings.snapshot_path is None or not self.backend.authoritative:
+        """At a clean stop, the embedded store's sessions go to its snapshot (and its journal
+        goes), to be restored at start."""
+        if self.files is None:
             return
-        n = save_sessions(settings.snapshot_path, self.store, self.engine.blob_header)
-        log.info("snapshot of %d sessions written to %s", n, settings.snapshot_path)
+        n = self.files.close()
+        log.info("snapshot of %d sessions written to %s", n, self.files.snapshot)
 
-    def _restore_snapshot(self, path: Path) -> None:
-        if not path.exists():
-            return
+    def _recover(self, files: StoreFiles) -> None:
+        """The snapshot and the journal after it (a crash's), restored all or nothing; then
+        the journal starts afresh from what was restored."""
         try:
-            done = restore_sessions(path, self.store, self.engine.check_blob, now=time.time())
+            done = files.recover(self.store, self.engine.check_blob, now=time.time())
         except SnapshotRefused as e:
-            rejected = path.with_name(path.name + ".rejected")
-            path.replace(rejected)
-            log.error("snapshot %s not restored, none of it (%s); kept as %s", path, e, rejected)
-            return
-        log.info("restored %d sessions from %s", done.sessions, path)
-        if done.expired:
-            log.info("%d sessions of it had expired meanwhile", done.expired)
-        if done.evicted:
-            log.warning(
-                "%d oldest sessions of it not restored: no room (LSTM_MAX_SESSIONS; "
-                "LSTM_EVICT_WHEN_FULL is on)",
-                done.evicted,
+            log.error(
+                "snapshot %s and its journal not restored, none of it (%s); kept as ….rejected",
+                files.snapshot,
+                e,
             )
-        path.unlink()  # restored: a later crash must not roll sessions back to it
+            done = None
+        if done is not None:
+            log.info(
+                "restored %d sessions from %s and %d journal records after it",
+                done.restored.sessions,
+                files.snapshot,
+                done.groups,
+            )
+            if done.restored.expired:
+                log.info("%d sessions of it had expired meanwhile", done.restored.expired)
+            if done.restored.evicted:
+                log.warning(
+                    "%d oldest sessions of it not restored: no room (LSTM_MAX_SESSIONS; "
+                    "LSTM_EVICT_WHEN_FULL is on)",
+                    done.restored.evicted,
+                )
+        files.open(self.store)
 
     # --- helpers -------------------------------------------------------------------------------
 

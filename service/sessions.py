@@ -542,6 +542,11 @@ class Session:
         """The last applied step and when it was recorded (for a snapshot), or None."""
         return unpack_step(self._last_step) if self._last_step else None
 
+    def step_record(self) -> bytes | None:
+        """``recorded_step`` still packed (``unpack_step`` reads it), or None: a compaction
+        copies it on the event loop and reads it in a thread."""
+        return self._last_step or None
+
     def restore_step(self, step: AppliedStep, at: float) -> None:
         """Keep a step recorded at ``at`` (read from a snapshot): the sweep frees it at ``at`` plus
         the replay window, as if the server had never stopped."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -134,7 +135,20 @@ class Settings(BaseSettings):
     snapshot_path: Path | None = Field(
         Path("state/sessions.snapshot"),
         description="where the embedded store writes its sessions at shutdown and reads them at "
-        "start; empty: no snapshot",
+        "start, its journal beside it; empty: no snapshot and no journal",
+    )
+    journal: Literal["fsync", "write", "off"] = Field(
+        "write",
+        description="the embedded store's write-ahead journal beside the snapshot, each change "
+        "in it before it is answered: fsync, on the disk (survives a power loss); write, in the "
+        "kernel (survives a crash or kill -9 of the process); off, none (a kill -9 loses every "
+        "session since the last start)",
+    )
+    journal_max_bytes: int = Field(
+        64 * 2**20,
+        ge=2**16,
+        description="the journal is compacted (a new base of every session, a new journal) once "
+        "it is this large and larger than the last base",
     )
 
     blob_key: SecretStr | None = Field(

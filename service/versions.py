@@ -182,6 +182,8 @@ class Versions:
         for version in self.held.values():
             if version.engine.model == theirs:
                 return await version.engine.import_blob(blob, session_id, ttl_s, namespace)
+        if theirs[0] != target.model[0]:  # another model altogether: model_mismatch
+            return await target.import_blob(blob, session_id, ttl_s, namespace)
         t = header.get("t")
         if state.next_mean.shape[0] != target.n_features:
             raise MigrationImpossible(
