@@ -101,6 +101,12 @@ _ROUND = struct.Struct("<cIIId")  # kind, steps, T, F, when
 ROUND, PUT, STEP, DELETE, BASE = b"R", b"P", b"S", b"D", b"B"
 
 
+# A snapshot's entries, those of another version moved to this one (a restart with a new model).
+Migrator = Callable[
+    [list[tuple[dict[str, Any], SessionState]]], list[tuple[dict[str, Any], SessionState]]
+]
+
+
 class JournalMode(StrEnum):
     FSYNC = "fsync"  # on the disk before an answer: survives a power loss
     WRITE = "write"  # in the kernel before an answer: survives a crash of the process
@@ -629,10 +635,13 @@ class StoreFiles:
         check: Callable[[dict[str, Any], SessionState], None],
         *,
         now: float,
+        migrate: Migrator | None = None,
     ) -> Recovery | None:
         """The snapshot and the journals after it, into ``store``, all or nothing; None if there
         was neither. SnapshotRefused, with the files kept aside as ``….rejected``, if they
-        cannot be restored whole (another model's, a bad entry, no room)."""
+        cannot be restored whole (another model's, a bad entry, no room). ``migrate``: the
+        entries of a snapshot of another version (a restart with a new model), moved to this
+        one, each by its window (those that cannot move are left out: it says which)."""
         self._bind(store)
         assert self.layout is not None
         journals, bases = self.journals(), self.bases()
@@ -664,6 +673,8 @@ class StoreFiles:
                         found.dropped_bytes,
                     )
             entries = [self._entry(e) for e in sessions.values()]
+            if migrate is not None and not bases and not journals:
+                entries = migrate(entries)
         except (BlobError, KeyError, TypeError, ValueError, UnicodeDecodeError, struct.error) as e:
             self._reject(journals + bases)
             raise SnapshotRefused(str(e)) from e

@@ -147,6 +147,28 @@ class BurnInJob(Job):
         return int(self.x.shape[0])
 
 
+def replay(
+    model: LSTMForecaster, windows: list[Tensor], device: torch.device
+) -> list[SessionState]:
+    """The states ``model`` reaches over each window (k, F) from a zero state, windows of one
+    length at a time in one batched forward: a migration's replay. Each state keeps its window."""
+    out: list[SessionState | None] = [None] * len(windows)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, w in enumerate(windows):
+        by_length[w.shape[0]].append(i)
+    with torch.no_grad():
+        for indices in by_length.values():
+            x = torch.stack([windows[i] for i in indices]).to(device)  # (B, k, F)
+            mean, std, state, _ = model(x, None)
+            if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+                raise FloatingPointError("non-finite model output")
+            h, c = state.h.cpu(), state.c.cpu()
+            last_mean, last_std = mean[:, -1].cpu(), std[:, -1].cpu()
+            for b, i in enumerate(indices):
+                out[i] = SessionState(h[:, b], c[:, b], last_mean[b], last_std[b], windows[i].cpu())
+    return [s for s in out if s is not None]
+
+
 def inputs_digest(x: Tensor) -> bytes:
     if x.device.type == "cpu" and x.is_contiguous():
         return hashlib.blake2b(x.numpy().data, digest_size=16).digest()  # no copy
@@ -270,20 +292,7 @@ class RoundRunner:
 
     def _burn_in(self, jobs: list[BurnInJob]) -> list[SessionState]:
         """One batched forward over kept inputs of one length, from zero states."""
-        x = torch.stack([j.x for j in jobs]).to(self.device)  # (B, k, F)
-        mean, std, state, _ = self.model(x, None)
-        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-            raise FloatingPointError("non-finite model output")
-        h, c, last_mean, last_std = (
-            state.h.cpu(),
-            state.c.cpu(),
-            mean[:, -1].cpu(),
-            std[:, -1].cpu(),
-        )
-        return [
-            SessionState(h[:, b], c[:, b], last_mean[b], last_std[b], jobs[b].x.cpu())
-            for b in range(len(jobs))
-        ]
+        return replay(self.model, [j.x for j in jobs], self.device)
 
     def _forecast(self, job: ForecastJob) -> tuple[list[list[float]], list[list[float]]]:
         slot = torch.tensor([job.session.slot], device=self.device)

@@ -48,6 +48,7 @@ from service.journal import StoreFiles
 from service.openapi import ALLOWED, Deployment, openapi_document
 from service.redis_state import RedisState
 from service.results import Outputs
+from service.rounds import replay
 from service.schemas import (
     SEQ_CEILING,
     VALUE_CEILING,
@@ -92,6 +93,7 @@ from service.startup import (
     warn_if_open,
     warn_if_redis_is_down,
 )
+from service.state_blob import SessionState
 from service.stream import StreamEndpoint, StreamLimits
 from service.tenants import KeyedStream, TenantSessions
 from service.versions import Version, VersionEvents, Versions
@@ -599,11 +601,59 @@ class LSTMSessions:
         n = self.files.close()
         log.info("snapshot of %d sessions written to %s", n, self.files.snapshot)
 
+    def _migrate_snapshot(
+        self, entries: list[tuple[dict[str, Any], SessionState]]
+    ) -> list[tuple[dict[str, Any], SessionState]]:
+        """A restart with a new model: the snapshot's sessions of another version of this model
+        move to it by replaying their windows (one batched forward per window length); one with
+        no window and t > 0 cannot, and answers ``migration_impossible`` from then on."""
+        name, version = self.engine.model
+        moving = [
+            i
+            for i, (header, state) in enumerate(entries)
+            if header.get("model") == name and header.get("model_version") != version
+        ]
+        if not moving:
+            return entries
+        kept = [e for i, e in enumerate(entries) if i not in set(moving)]
+        replayable: list[int] = []
+        lost: list[int] = []
+        for i in moving:
+            header, state = entries[i]
+            (replayable if state.window_rows() or header.get("t") == 0 else lost).append(i)
+        with_window = [i for i in replayable if entries[i][1].window_rows()]
+        windows = [entries[i][1].window for i in with_window]
+        states = replay(
+            self.checkpoint.model, [w for w in windows if w is not None], torch.device(self.device)
+        )
+        moved = dict(zip(with_window, states, strict=True))
+        for i in replayable:
+            header, _ = entries[i]
+            state = moved.get(i) or self.store.pool.zero_state()
+            kept.append(({**header, "model_version": version}, state))
+        for i in lost:
+            self.store.remember_gone(str(entries[i][0]["session_id"]), "unmigratable")
+        metrics.MIGRATIONS.labels("migrated").inc(len(replayable))
+        if lost:
+            metrics.MIGRATIONS.labels("migration_impossible").inc(len(lost))
+        log.warning(
+            "the snapshot's %d sessions of %s (other versions) moved to %s:%s by replaying their "
+            "windows; %d kept no inputs and could not (they answer migration_impossible)",
+            len(replayable),
+            name,
+            name,
+            version,
+            len(lost),
+        )
+        return kept
+
     def _recover(self, files: StoreFiles) -> None:
         """The snapshot and the journal after it (a crash's), restored all or nothing; then
         the journal starts afresh from what was restored."""
         try:
-            done = files.recover(self.store, self.engine.check_blob, now=time.time())
+            done = files.recover(
+                self.store, self.engine.check_blob, now=time.time(), migrate=self._migrate_snapshot
+            )
         except SnapshotRefused as e:
             log.error(
                 "snapshot %s and its journal not restored, none of it (%s); kept as ….rejected",

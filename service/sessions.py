@@ -30,6 +30,7 @@ from torch import Tensor
 
 from model import LSTMState
 from service.errors import (
+    MigrationImpossible,
     SessionEvicted,
     SessionExists,
     SessionExpired,
@@ -711,6 +712,12 @@ class SessionStore:
                 raise SessionExpired(
                     f"session {session_id!r} expired after its TTL", session_id=session_id
                 )
+            if reason == "unmigratable":
+                raise MigrationImpossible(
+                    f"session {session_id!r} was on another model version, kept no inputs to "
+                    f"replay through this one, and could not be restored after the restart",
+                    session_id=session_id,
+                )
             if reason == "evicted":
                 raise SessionEvicted(
                     f"session {session_id!r} was evicted to make room", session_id=session_id
@@ -737,6 +744,12 @@ class SessionStore:
 
     def peek(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
+
+    def remember_gone(self, session_id: str, reason: str) -> None:
+        """A session that is not here, and why (``get`` answers with it)."""
+        self._gone[session_id] = reason
+        while len(self._gone) > self.limits.tombstones:
+            self._gone.popitem(last=False)
 
     def knows(self, session_id: str) -> bool:
         """Whether the id is held here, or was (expired or evicted, and still remembered)."""

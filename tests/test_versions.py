@@ -351,3 +351,52 @@ def test_fifty_sessions_stream_through_an_activation(
     )
     for sid in [*plans, f"{mode}-new"]:
         assert post(url, "/v1/sessions/delete", {"session_id": sid}).status_code == 200
+
+
+def test_a_restart_with_a_new_model_migrates_the_snapshot_by_replay(
+    tmp_path: Path, held_out_series: list[np.ndarray]
+) -> None:
+    """LSTM_MODEL_TAG changed between a clean stop and the next start: the snapshot's sessions
+    continue on the new version (t kept; outputs the new model's over the window and what
+    follows); without a window they cannot, and say so (409 migration_impossible, not a 404)."""
+    home = tmp_path / "home"
+    v2_model = second_version(tmp_path / "v2")
+    v2_tag = import_into(home, tmp_path / "v2")
+    values = held_out_series[3][:40].astype(np.float32)
+    for window, sid in ((WINDOW, "kept"), (0, "bare")):
+        env = {
+            "BENTOML_HOME": str(home),
+            "LSTM_SNAPSHOT_PATH": str(tmp_path / f"{sid}.snapshot"),
+            "LSTM_MIGRATION_WINDOW": str(window),
+        }
+        with bentoml_server(env) as url:
+            v1 = post(url, "/v1/sessions/create", {"session_id": sid}).json()["model_version"]
+            post(url, "/v1/sessions/create", {"session_id": f"{sid}-empty"})
+            first = post(
+                url,
+                "/v1/sessions/step",
+                {"session_id": sid, "inputs": values[:30].tolist(), "seq": 0},
+            )
+            assert first.status_code == 200
+        with bentoml_server({**env, "LSTM_MODEL_TAG": v2_tag}) as url:
+            got = post(url, "/v1/sessions/get", {"session_id": f"{sid}-empty"}).json()
+            assert (got["model_version"], got["t"]) == (v2_tag.split(":")[1], 0), got  # t 0 moves
+            if window:
+                info = post(url, "/v1/sessions/get", {"session_id": sid}).json()
+                assert (info["model_version"], info["t"]) == (v2_tag.split(":")[1], 30), info
+                rest = post(
+                    url,
+                    "/v1/sessions/step",
+                    {"session_id": sid, "inputs": values[30:].tolist(), "seq": 30},
+                ).json()
+                means = [o["mean"][0] for o in rest["outputs"]]
+                np.testing.assert_allclose(
+                    means, expected_means(v2_model, values, 30 - WINDOW, 30), atol=1e-5
+                )
+                assert v1 != rest["model_version"]
+            else:
+                refused = post(
+                    url, "/v1/sessions/step", {"session_id": sid, "inputs": [[0.1]], "seq": 30}
+                )
+                assert refused.status_code == 409, refused.text
+                assert refused.json()["error"]["code"] == "migration_impossible"
