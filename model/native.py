@@ -1,0 +1,292 @@
+"""The serving engine of the stacked LSTM: its inference forward as one native call on the CPU.
+
+``StackedLSTM`` (model/lstm.py) is the reference and the training path; it runs a Python loop of
+torch ops per timestep, and each op's dispatch costs more than the arithmetic at the served sizes.
+``NativeLSTM`` runs the same equations (model/native_lstm.cpp: the time loop, the matrix products
+and the gates, every variant) in one call per chunk, and answers exactly what the eager stack
+answers: outputs and final state, to float32 rounding (tests/test_native.py holds it to 1e-6).
+
+Whatever it cannot do it hands to the eager stack, so a caller never has to ask: gate traces,
+autograd, a module in training mode (dropout), another device or dtype. The source is compiled on
+first use with the C++ compiler found on the machine (``CXX``, else ``g++``, else ``c++``) and the
+library cached by a hash of the source, the flags, the compiler and the CPU
+(``$LSTM_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/lstm-sessions``, else ``~/.cache/lstm-sessions``),
+so a start after the first loads it in milliseconds. No compiler, no engine: ``NativeUnavailable``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.lstm import VARIANTS, GateTrace, LSTMState, StackedLSTM
+
+SOURCE = Path(__file__).with_name("native_lstm.cpp")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+ENGINES = ("eager", "native")
+
+
+class NativeUnavailable(RuntimeError):
+    """The native engine cannot run here: no compiler, a failed build, or a failed self-check."""
+
+
+class StackEngine(Protocol):
+    """What runs a stack's forward: ``StackedLSTM`` itself, or an engine standing in for it."""
+
+    def __call__(
+        self, x: Tensor, state: LSTMState | None = None, *, return_gates: bool = False
+    ) -> tuple[Tensor, LSTMState, GateTrace | None]: ...
+
+
+def cache_dir() -> Path:
+    if explicit := os.environ.get("LSTM_NATIVE_CACHE"):
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lstm-sessions"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and (path := shutil.which(name)):
+            return path
+    raise NativeUnavailable("no C++ compiler found (CXX, g++, c++): the native engine needs one")
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native builds for them, so they are part of the key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+def library() -> ctypes.CDLL:
+    """The built kernel, compiled once per source, flags, compiler and CPU, then cached."""
+    global _library
+    with _lock:
+        if _library is None:
+            _library = _load(_build())
+        return _library
+
+
+def _build() -> Path:
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, check=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeUnavailable(f"the C++ compiler {compiler} does not run: {e}") from e
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS).encode(), version, _cpu_flags().encode()])
+    ).hexdigest()[:24]
+    target = cache_dir() / f"native_lstm-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: a concurrent start never loads half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        try:
+            subprocess.run(
+                [compiler, *FLAGS, "-o", str(built), str(SOURCE)],
+                capture_output=True,
+                check=True,
+                timeout=300,
+            )
+        except subprocess.CalledProcessError as e:
+            raise NativeUnavailable(
+                f"building {SOURCE.name} failed: {e.stderr.decode(errors='replace')[-2000:]}"
+            ) from e
+        except (OSError, subprocess.SubprocessError) as e:
+            raise NativeUnavailable(f"building {SOURCE.name} failed: {e}") from e
+        os.replace(built, target)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during each call
+    ptr, i = ctypes.c_void_p, ctypes.c_int
+    lib.lstm_forward.argtypes = [i, i, i, i, i, i, *([ptr] * 12)]
+    lib.lstm_forward.restype = i
+    lib.lstm_vector_width.restype = i
+    return lib
+
+
+class NativeLSTM:
+    """``StackedLSTM``'s inference forward in one native call; the eager stack for the rest.
+
+    The weights are packed (transposed, each gate block padded to the vector width) when the
+    engine is built: an engine serves the weights it was built from. Build another after
+    changing them.
+    """
+
+    def __init__(self, stack: StackedLSTM) -> None:
+        self.stack = stack
+        self.lib = library()
+        width = int(self.lib.lstm_vector_width())
+        H = stack.hidden_size
+        self.hidden = H
+        self.padded = -(-H // width) * width  # Hp
+        self.variant = VARIANTS.index(stack.variant)
+        self.blocks = 3 if stack.variant == "coupled" else 4
+        self.device = stack.cells[0].weight_hh.device
+        self._pack()
+        self.self_check()
+
+    def _pack(self) -> None:
+        H, Hp, G = self.hidden, self.padded, self.blocks
+
+        def gate_padded(w: Tensor) -> Tensor:
+            """(G * H, ...) -> (G * Hp, ...): each gate block zero-padded to Hp rows."""
+            blocks = w.detach().float().reshape(G, H, *w.shape[1:])
+            return F.pad(blocks.movedim(1, -1), (0, Hp - H)).movedim(-1, 1).reshape(G * Hp, -1)
+
+        w_ih, w_hh, bias, peephole = [], [], [], []
+        for k, cell in enumerate(self.stack.cells):
+            wi = gate_padded(cell.weight_ih)  # (G * Hp, K)
+            if k > 0:  # the layer below's output is padded to Hp: zero rows for its padding
+                wi = F.pad(wi, (0, Hp - H))
+            wh = F.pad(gate_padded(cell.weight_hh), (0, Hp - H))  # (G * Hp, Hp)
+            w_ih.append(wi.t().contiguous().cpu())  # (K, G * Hp)
+            w_hh.append(wh.t().contiguous().cpu())  # (Hp, G * Hp)
+            bias.append(gate_padded(cell.bias.unsqueeze(1)).reshape(-1).contiguous().cpu())
+            if self.variant == VARIANTS.index("peephole"):
+                peephole.append(F.pad(cell.peephole.detach().float(), (0, Hp - H)).contiguous().cpu())
+        packed = [*w_ih, *w_hh, *bias, *peephole]
+        self._packed = packed  # keeps the memory the pointer arrays point into alive
+        layers = self.stack.num_layers
+
+        def pointers(ts: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+            return (ctypes.c_void_p * layers)(*[t.data_ptr() for t in ts] if ts else [])
+
+        self._w_ih, self._w_hh, self._bias = pointers(w_ih), pointers(w_hh), pointers(bias)
+        self._peephole = pointers(peephole)
+
+    def handles(self, x: Tensor, return_gates: bool) -> bool:
+        """Whether this call runs natively; the eager stack answers every other."""
+        return (
+            not return_gates
+            and x.device.type == "cpu"
+            and self.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not self.stack.training
+            and not (torch.is_grad_enabled() and (x.requires_grad or self._needs_grad()))
+            and x.dim() == 3
+            and x.shape[0] > 0
+            and x.shape[1] > 0
+            and x.shape[2] == self.stack.input_size
+        )
+
+    def _needs_grad(self) -> bool:
+        return any(p.requires_grad for p in self.stack.parameters())
+
+    def __call__(
+        self, x: Tensor, state: LSTMState | None = None, *, return_gates: bool = False
+    ) -> tuple[Tensor, LSTMState, GateTrace | None]:
+        if not self.handles(x, return_gates):
+            return self.stack(x, state, return_gates=return_gates)
+        out, new_state = self.forward(x, state)
+        return out, new_state, None
+
+    def forward(self, x: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
+        """(B, T, input) float32 CPU -> outputs (B, T, hidden) and the final state."""
+        B, T, _ = x.shape
+        L, H, Hp, N = self.stack.num_layers, self.hidden, self.padded, self.blocks * self.padded
+        x = x.contiguous()
+        if state is None:
+            h0 = c0 = torch.zeros(L, B, Hp)
+        else:
+            h0, c0 = (self._state_in(s, B) for s in state)
+        hn, cn = torch.empty(L, B, Hp), torch.empty(L, B, Hp)
+        xproj = torch.empty(B * T, N)
+        outs = torch.empty(2, B, T, Hp)
+        gates = torch.empty(4, N)
+        status = self.lib.lstm_forward(
+            L,
+            B,
+            T,
+            x.shape[2],
+            Hp,
+            self.variant,
+            x.data_ptr(),
+            self._w_ih,
+            self._w_hh,
+            self._bias,
+            self._peephole,
+            h0.data_ptr(),
+            c0.data_ptr(),
+            hn.data_ptr(),
+            cn.data_ptr(),
+            xproj.data_ptr(),
+            outs.data_ptr(),
+            gates.data_ptr(),
+        )
+        if status:
+            raise RuntimeError(f"lstm_forward refused its arguments (status {status})")
+        out = outs[(L - 1) % 2]
+        if Hp != H:
+            return out[..., :H], LSTMState(hn[..., :H], cn[..., :H])
+        return out, LSTMState(hn, cn)
+
+    def _state_in(self, s: Tensor, batch: int) -> Tensor:
+        expected = (self.stack.num_layers, batch, self.hidden)
+        if tuple(s.shape) != expected:
+            raise ValueError(f"state of shape {tuple(s.shape)}, expected {expected}")
+        s = s.to(torch.float32).contiguous()
+        return F.pad(s, (0, self.padded - self.hidden)) if self.padded != self.hidden else s
+
+    @torch.no_grad()
+    def self_check(self, atol: float = 1e-5) -> None:
+        """The engine against the eager stack on a small random input, before it serves."""
+        if self.device.type != "cpu":
+            return
+        generator = torch.Generator().manual_seed(0)
+        L, H = self.stack.num_layers, self.hidden
+        x = torch.randn(3, 5, self.stack.input_size, generator=generator)
+        state = LSTMState(
+            torch.randn(L, 3, H, generator=generator), torch.randn(L, 3, H, generator=generator)
+        )
+        was_training = self.stack.training
+        self.stack.eval()
+        try:
+            ref_out, ref_state, _ = self.stack(x, state)
+        finally:
+            self.stack.train(was_training)
+        out, new_state = self.forward(x, state)
+        worst = max(
+            (out - ref_out).abs().max().item(),
+            (new_state.h - ref_state.h).abs().max().item(),
+            (new_state.c - ref_state.c).abs().max().item(),
+        )
+        if not worst <= atol:
+            raise NativeUnavailable(f"the native engine differs from the eager stack by {worst}")
+
+
+def build_engine(name: str, stack: StackedLSTM) -> StackEngine:
+    """The engine called ``name`` for ``stack``: ``eager`` (the stack itself) or ``native``."""
+    if name == "eager":
+        return stack
+    if name == "native":
+        return NativeLSTM(stack)
+    raise ValueError(f"unknown engine {name!r}; expected one of {ENGINES}")
