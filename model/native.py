@@ -127,7 +127,7 @@ def _build() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during each call
     ptr, i = ctypes.c_void_p, ctypes.c_int
-    lib.lstm_forward.argtypes = [i, i, i, i, i, i, *([ptr] * 12)]
+    lib.lstm_forward.argtypes = [i, i, i, i, i, i, *([ptr] * 10)]
     lib.lstm_forward.restype = i
     lib.lstm_vector_width.restype = i
     return lib
@@ -144,10 +144,10 @@ class NativeLSTM:
     def __init__(self, stack: StackedLSTM) -> None:
         self.stack = stack
         self.lib = library()
-        width = int(self.lib.lstm_vector_width())
+        self.width = int(self.lib.lstm_vector_width())
         H = stack.hidden_size
         self.hidden = H
-        self.padded = -(-H // width) * width  # Hp
+        self.padded = -(-H // self.width) * self.width  # Hp
         self.variant = VARIANTS.index(stack.variant)
         self.blocks = 3 if stack.variant == "coupled" else 4
         self.device = stack.cells[0].weight_hh.device
@@ -157,10 +157,15 @@ class NativeLSTM:
     def _pack(self) -> None:
         H, Hp, G = self.hidden, self.padded, self.blocks
 
+        width = self.width
+
         def gate_padded(w: Tensor) -> Tensor:
-            """(G * H, ...) -> (G * Hp, ...): each gate block zero-padded to Hp rows."""
-            blocks = w.detach().float().reshape(G, H, *w.shape[1:])
-            return F.pad(blocks.movedim(1, -1), (0, Hp - H)).movedim(-1, 1).reshape(G * Hp, -1)
+            """(G * H, K) -> (G * Hp, K), rows in the kernel's order: for each group of ``width``
+            hidden units, its G gates' rows side by side; zero rows for the padding units."""
+            blocks = w.detach().float().reshape(G, H, -1)
+            blocks = F.pad(blocks.movedim(1, -1), (0, Hp - H)).movedim(-1, 1)  # (G, Hp, K)
+            grouped = blocks.reshape(G, Hp // width, width, -1).transpose(0, 1)  # (Hp/w, G, w, K)
+            return grouped.reshape(G * Hp, -1)
 
         w_ih, w_hh, bias, peephole = [], [], [], []
         for k, cell in enumerate(self.stack.cells):
@@ -212,16 +217,14 @@ class NativeLSTM:
     def forward(self, x: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         """(B, T, input) float32 CPU -> outputs (B, T, hidden) and the final state."""
         B, T, _ = x.shape
-        L, H, Hp, N = self.stack.num_layers, self.hidden, self.padded, self.blocks * self.padded
+        L, H, Hp = self.stack.num_layers, self.hidden, self.padded
         x = x.contiguous()
         if state is None:
             h0 = c0 = torch.zeros(L, B, Hp)
         else:
             h0, c0 = (self._state_in(s, B) for s in state)
-        hn, cn = torch.empty(L, B, Hp), torch.empty(L, B, Hp)
-        xproj = torch.empty(B * T, N)
-        outs = torch.empty(2, B, T, Hp)
-        gates = torch.empty(4, N)
+        out = torch.empty(B, T, Hp)
+        hn, cn = torch.empty(2, L, B, Hp).unbind(0)
         status = self.lib.lstm_forward(
             L,
             B,
@@ -236,15 +239,12 @@ class NativeLSTM:
             self._peephole,
             h0.data_ptr(),
             c0.data_ptr(),
+            out.data_ptr(),
             hn.data_ptr(),
             cn.data_ptr(),
-            xproj.data_ptr(),
-            outs.data_ptr(),
-            gates.data_ptr(),
         )
         if status:
             raise RuntimeError(f"lstm_forward refused its arguments (status {status})")
-        out = outs[(L - 1) % 2]
         if Hp != H:
             return out[..., :H], LSTMState(hn[..., :H], cn[..., :H])
         return out, LSTMState(hn, cn)

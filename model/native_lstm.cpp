@@ -12,10 +12,18 @@
 
 #include <cstdint>
 #include <cstring>
+#include <new>
+#include <vector>
 
 namespace {
 
-constexpr int kWidth = 8;
+#if defined(LSTM_WIDTH)
+constexpr int kWidth = LSTM_WIDTH;
+#elif defined(__AVX512F__)
+constexpr int kWidth = 16;  // a zmm register
+#else
+constexpr int kWidth = 8;  // a ymm register (two xmm without AVX)
+#endif
 typedef float vf __attribute__((vector_size(kWidth * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kWidth * sizeof(int32_t))));
 
@@ -103,35 +111,86 @@ void gemm(int M, int K, int N, const float* A, long lda, const float* Wt, const 
 
 enum Variant { kStandard = 0, kPeephole = 1, kCoupled = 2 };
 
-// One timestep's gates for one row: pre-activations g (G * Hp) -> new c (in place) and h.
-void cell_row(int variant, int Hp, const float* g, const float* peephole, float* c, float* h) {
-    for (int j = 0; j < Hp; j += kWidth) {
-        const vf c_prev = load(c + j);
+// One timestep of MR rows for one group of kWidth hidden units: the recurrent product of the
+// group's gate columns (G vectors: i, f, g, o, or f, g, o when coupled) in registers, then the
+// cell. h_prev: MR rows, stride ld_h; xp: the rows' projected inputs at this group, stride ld_x;
+// c: the rows' cell state at this group, stride Hp, updated in place; h: the new h, stride ld_o.
+template <int MR, int V>
+inline void cell_block(int Hp, const float* h_prev, long ld_h, const float* Wt, long ldw,
+                       const float* xp, long ld_x, const float* peephole, float* c, float* h,
+                       long ld_o) {
+    constexpr int G = V == kCoupled ? 3 : 4;
+    vf acc[MR][G];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) acc[r][g] = load(xp + r * ld_x + g * kWidth);
+    for (int k = 0; k < Hp; ++k) {
+        vf w[G];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) w[g] = load(Wt + k * ldw + g * kWidth);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+            const vf a = splat(h_prev[r * ld_h + k]);
+#pragma GCC unroll 4
+            for (int g = 0; g < G; ++g) acc[r][g] += a * w[g];
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+        const vf c_prev = load(c + r * Hp);
         vf forget_gate, input_gate, candidate, o_pre;
-        if (variant == kCoupled) {
-            forget_gate = sigmoid_v(load(g + j));
+        if constexpr (V == kCoupled) {
+            forget_gate = sigmoid_v(acc[r][0]);
             input_gate = 1.0f - forget_gate;
-            candidate = tanh_v(load(g + Hp + j));
-            o_pre = load(g + 2 * Hp + j);
+            candidate = tanh_v(acc[r][1]);
+            o_pre = acc[r][2];
         } else {
-            vf i_pre = load(g + j), f_pre = load(g + Hp + j);
-            if (variant == kPeephole) {
-                i_pre += load(peephole + j) * c_prev;
-                f_pre += load(peephole + Hp + j) * c_prev;
+            vf i_pre = acc[r][0], f_pre = acc[r][1];
+            if constexpr (V == kPeephole) {
+                i_pre += load(peephole) * c_prev;
+                f_pre += load(peephole + Hp) * c_prev;
             }
             input_gate = sigmoid_v(i_pre);
             forget_gate = sigmoid_v(f_pre);
-            candidate = tanh_v(load(g + 2 * Hp + j));
-            o_pre = load(g + 3 * Hp + j);
+            candidate = tanh_v(acc[r][2]);
+            o_pre = acc[r][3];
         }
         const vf c_new = forget_gate * c_prev + input_gate * candidate;
-        if (variant == kPeephole) o_pre += load(peephole + 2 * Hp + j) * c_new;
-        store(c + j, c_new);
-        store(h + j, sigmoid_v(o_pre) * tanh_v(c_new));
+        if constexpr (V == kPeephole) o_pre += load(peephole + 2 * Hp) * c_new;
+        store(c + r * Hp, c_new);
+        store(h + r * ld_o, sigmoid_v(o_pre) * tanh_v(c_new));
     }
 }
 
-constexpr int kRowBlock = 4;  // rows whose gates are computed, then used, while in L1
+constexpr int kRowBlock = 4;
+
+// One layer's time loop over its projected inputs xproj (B, T, N).
+template <int V>
+void time_loop(int B, int T, int Hp, const float* xproj, const float* w_hh, const float* peephole,
+               const float* h0, float* c, float* out) {
+    constexpr int G = V == kCoupled ? 3 : 4;
+    const long N = static_cast<long>(G) * Hp, ld_o = static_cast<long>(T) * Hp;
+    for (int t = 0; t < T; ++t) {
+        // h_{t-1}: the layer's output at t - 1, or h0 at t = 0.
+        const float* h_prev = t ? out + static_cast<long>(t - 1) * Hp : h0;
+        const long ld_h = t ? ld_o : Hp;
+        for (int u = 0; u < Hp; u += kWidth) {  // a group of hidden units: its weights stay in L1
+            const float* Wt = w_hh + static_cast<long>(u) * G;
+            const float* xp = xproj + static_cast<long>(t) * N + static_cast<long>(u) * G;
+            const float* p = peephole ? peephole + u : nullptr;
+            int b = 0;
+            for (; b + kRowBlock <= B; b += kRowBlock)
+                cell_block<kRowBlock, V>(Hp, h_prev + b * ld_h, ld_h, Wt, N, xp + b * T * N, T * N,
+                                         p, c + static_cast<long>(b) * Hp + u,
+                                         out + b * ld_o + static_cast<long>(t) * Hp + u, ld_o);
+            for (; b < B; ++b)
+                cell_block<1, V>(Hp, h_prev + b * ld_h, ld_h, Wt, N, xp + b * T * N, T * N, p,
+                                 c + static_cast<long>(b) * Hp + u,
+                                 out + b * ld_o + static_cast<long>(t) * Hp + u, ld_o);
+        }
+    }
+}
 
 }  // namespace
 
@@ -139,45 +198,56 @@ extern "C" {
 
 int lstm_vector_width() { return kWidth; }
 
-// The stack's forward from (h0, c0) over x (B, T, in0). Each layer projects its whole input in
-// one product (with the bias), then runs its time loop: the recurrent product and the cell, a
-// block of rows at a time. Layer outputs (B, T, Hp) alternate between the two halves of `outs`;
-// the last layer's is the stack's output. hn, cn: (layers, B, Hp); h0/c0 the same shape.
-// Scratch: xproj (B * T, G * Hp), gates (kRowBlock, G * Hp).
+// Scratch up to this many floats (4 MiB) stays with the thread between calls; a larger chunk's
+// is freed when its call returns, so one long request does not pin its memory for good.
+constexpr size_t kKeepFloats = size_t{1} << 20;
+
+// The stack's forward from (h0, c0) over x (B, T, in0), the outputs of the last layer into out
+// (B, T, Hp), its final state into hn, cn (layers, B, Hp; h0, c0 the same shape). Each layer
+// projects its whole input in one product (with the bias), then runs its time loop. Columns are
+// grouped by hidden units: column (u * G + g) + lane is gate g of unit u + lane (u a multiple of
+// the width). Layers below the last write to out or to scratch, alternately, so the last one
+// writes out. Returns 0, or non-zero for arguments it refuses or memory it cannot have.
 int lstm_forward(int layers, int B, int T, int in0, int Hp, int variant, const float* x,
                  const float* const* w_ih, const float* const* w_hh, const float* const* bias,
-                 const float* const* peephole, const float* h0, const float* c0, float* hn,
-                 float* cn, float* xproj, float* outs, float* gates) {
+                 const float* const* peephole, const float* h0, const float* c0, float* out,
+                 float* hn, float* cn) {
     if (layers < 1 || B < 1 || T < 1 || in0 < 1 || Hp < 1 || Hp % kWidth) return 1;
     if (variant < kStandard || variant > kCoupled) return 2;
     const int N = (variant == kCoupled ? 3 : 4) * Hp;
     const long state = static_cast<long>(B) * Hp;
-    const long out_half = static_cast<long>(B) * T * Hp;
+    const size_t rows = static_cast<size_t>(B) * T;
+    const size_t need = rows * N + (layers > 1 ? rows * Hp : 0);
+    thread_local std::vector<float> kept;
+    std::vector<float> once;
+    float* scratch;
+    try {
+        std::vector<float>& buffer = need <= kKeepFloats ? kept : once;
+        if (buffer.size() < need) buffer.resize(need);
+        scratch = buffer.data();
+    } catch (const std::bad_alloc&) {
+        return 3;
+    }
+    float* xproj = scratch;  // (B * T, N)
+    float* mid = scratch + rows * N;  // (B, T, Hp): a layer's output below the last
     const float* in = x;
     int K = in0;
     for (int l = 0; l < layers; ++l) {
-        float* out = outs + (l % 2) * out_half;
+        float* dst = (layers - 1 - l) % 2 ? mid : out;
         float* c = cn + l * state;
         std::memcpy(c, c0 + l * state, state * sizeof(float));
         gemm(B * T, K, N, in, K, w_ih[l], bias[l], 0, xproj, N);  // (B*T, G*Hp)
-        for (int t = 0; t < T; ++t) {
-            for (int b = 0; b < B; b += kRowBlock) {
-                const int m = B - b < kRowBlock ? B - b : kRowBlock;
-                // h_{t-1} of row b: the layer's output at t - 1, or h0 at t = 0.
-                const float* h_prev = t ? out + (static_cast<long>(b) * T + t - 1) * Hp
-                                        : h0 + l * state + static_cast<long>(b) * Hp;
-                const long ld_h = t ? static_cast<long>(T) * Hp : Hp;
-                gemm(m, Hp, N, h_prev, ld_h, w_hh[l], xproj + (static_cast<long>(b) * T + t) * N,
-                     static_cast<long>(T) * N, gates, N);
-                for (int r = 0; r < m; ++r)
-                    cell_row(variant, Hp, gates + r * N, peephole[l], c + (b + r) * Hp,
-                             out + ((static_cast<long>(b) + r) * T + t) * Hp);
-            }
-        }
+        const float* h = h0 + l * state;
+        if (variant == kStandard)
+            time_loop<kStandard>(B, T, Hp, xproj, w_hh[l], nullptr, h, c, dst);
+        else if (variant == kPeephole)
+            time_loop<kPeephole>(B, T, Hp, xproj, w_hh[l], peephole[l], h, c, dst);
+        else
+            time_loop<kCoupled>(B, T, Hp, xproj, w_hh[l], nullptr, h, c, dst);
         for (int b = 0; b < B; ++b)
             std::memcpy(hn + l * state + static_cast<long>(b) * Hp,
-                        out + (static_cast<long>(b) * T + T - 1) * Hp, Hp * sizeof(float));
-        in = out;
+                        dst + (static_cast<long>(b) * T + T - 1) * Hp, Hp * sizeof(float));
+        in = dst;
         K = Hp;
     }
     return 0;
