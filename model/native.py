@@ -159,23 +159,21 @@ class NativeLSTM:
 
         width = self.width
 
-        def gate_padded(w: Tensor) -> Tensor:
-            """(G * H, K) -> (G * Hp, K), rows in the kernel's order: for each group of ``width``
-            hidden units, its G gates' rows side by side; zero rows for the padding units."""
-            blocks = w.detach().float().reshape(G, H, -1)
+        def grouped(w: Tensor, k_pad: int = 0) -> Tensor:
+            """(G * H, K) -> (Hp / width, G, width, K + k_pad): for each group of ``width``
+            hidden units, its G gates' rows; zeros for the padding units and inputs."""
+            blocks = F.pad(w.detach().float().reshape(G, H, -1), (0, k_pad))
             blocks = F.pad(blocks.movedim(1, -1), (0, Hp - H)).movedim(-1, 1)  # (G, Hp, K)
-            grouped = blocks.reshape(G, Hp // width, width, -1).transpose(0, 1)  # (Hp/w, G, w, K)
-            return grouped.reshape(G * Hp, -1)
+            return blocks.reshape(G, Hp // width, width, -1).transpose(0, 1)
 
         w_ih, w_hh, bias, peephole = [], [], [], []
         for k, cell in enumerate(self.stack.cells):
-            wi = gate_padded(cell.weight_ih)  # (G * Hp, K)
-            if k > 0:  # the layer below's output is padded to Hp: zero rows for its padding
-                wi = F.pad(wi, (0, Hp - H))
-            wh = F.pad(gate_padded(cell.weight_hh), (0, Hp - H))  # (G * Hp, Hp)
-            w_ih.append(wi.t().contiguous().cpu())  # (K, G * Hp)
-            w_hh.append(wh.t().contiguous().cpu())  # (Hp, G * Hp)
-            bias.append(gate_padded(cell.bias.unsqueeze(1)).reshape(-1).contiguous().cpu())
+            # The layer below's output is padded to Hp: zero weights for its padding.
+            wi = grouped(cell.weight_ih, Hp - H if k > 0 else 0)
+            w_ih.append(wi.reshape(G * Hp, -1).t().contiguous().cpu())  # (K, G * Hp)
+            wh = grouped(cell.weight_hh, Hp - H)  # (Hp / width, G, width, Hp)
+            w_hh.append(wh.permute(0, 3, 1, 2).contiguous().cpu())  # (Hp / width, Hp, G, width)
+            bias.append(grouped(cell.bias.unsqueeze(1)).reshape(-1).contiguous().cpu())
             if self.variant == VARIANTS.index("peephole"):
                 peephole.append(F.pad(cell.peephole.detach().float(), (0, Hp - H)).contiguous().cpu())
         packed = [*w_ih, *w_hh, *bias, *peephole]

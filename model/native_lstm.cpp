@@ -90,23 +90,33 @@ inline void block(int K, const float* A, long lda, const float* Wt, long ldw, co
 
 constexpr int kNV = 4;  // vectors of columns per block
 
-// MR rows of C = Ci + A @ Wt, all N columns (N a multiple of the vector width).
-template <int MR>
-void rows(int K, int N, const float* A, long lda, const float* Wt, const float* Ci, long ldci,
-          float* C, long ldc) {
-    int n = 0;
-    for (; n + kNV * kWidth <= N; n += kNV * kWidth)
-        block<MR, kNV>(K, A, lda, Wt + n, N, Ci + n, ldci, C + n, ldc);
-    for (; n < N; n += kWidth) block<MR, 1>(K, A, lda, Wt + n, N, Ci + n, ldci, C + n, ldc);
-}
-
-// C (M, N) = Ci + A (M, K) @ Wt (K, N), row strides lda, ldci, ldc.
+// C (M, N) = Ci + A (M, K) @ Wt (K, N), row strides lda, ldci, ldc. Column blocks outside,
+// rows inside: a block of Wt's columns stays in cache while every row passes through it.
 void gemm(int M, int K, int N, const float* A, long lda, const float* Wt, const float* Ci,
           long ldci, float* C, long ldc) {
-    int m = 0;
-    for (; m + 4 <= M; m += 4)
-        rows<4>(K, N, A + m * lda, lda, Wt, Ci + m * ldci, ldci, C + m * ldc, ldc);
-    for (; m < M; ++m) rows<1>(K, N, A + m * lda, lda, Wt, Ci + m * ldci, ldci, C + m * ldc, ldc);
+    constexpr int NB = kNV * kWidth;
+    for (int n = 0; n < N; n += NB) {
+        const bool full = n + NB <= N;
+        int m = 0;
+        for (; m + 4 <= M; m += 4) {
+            const float *a = A + m * lda, *ci = Ci + m * ldci + n;
+            float* c = C + m * ldc + n;
+            if (full)
+                block<4, kNV>(K, a, lda, Wt + n, N, ci, ldci, c, ldc);
+            else
+                for (int v = 0; v < N - n; v += kWidth)
+                    block<4, 1>(K, a, lda, Wt + n + v, N, ci + v, ldci, c + v, ldc);
+        }
+        for (; m < M; ++m) {
+            const float *a = A + m * lda, *ci = Ci + m * ldci + n;
+            float* c = C + m * ldc + n;
+            if (full)
+                block<1, kNV>(K, a, lda, Wt + n, N, ci, ldci, c, ldc);
+            else
+                for (int v = 0; v < N - n; v += kWidth)
+                    block<1, 1>(K, a, lda, Wt + n + v, N, ci + v, ldci, c + v, ldc);
+        }
+    }
 }
 
 enum Variant { kStandard = 0, kPeephole = 1, kCoupled = 2 };
@@ -176,16 +186,16 @@ void time_loop(int B, int T, int Hp, const float* xproj, const float* w_hh, cons
         const float* h_prev = t ? out + static_cast<long>(t - 1) * Hp : h0;
         const long ld_h = t ? ld_o : Hp;
         for (int u = 0; u < Hp; u += kWidth) {  // a group of hidden units: its weights stay in L1
-            const float* Wt = w_hh + static_cast<long>(u) * G;
+            const float* Wt = w_hh + static_cast<long>(u) * Hp * G;  // (Hp, G * kWidth)
             const float* xp = xproj + static_cast<long>(t) * N + static_cast<long>(u) * G;
             const float* p = peephole ? peephole + u : nullptr;
             int b = 0;
             for (; b + kRowBlock <= B; b += kRowBlock)
-                cell_block<kRowBlock, V>(Hp, h_prev + b * ld_h, ld_h, Wt, N, xp + b * T * N, T * N,
+                cell_block<kRowBlock, V>(Hp, h_prev + b * ld_h, ld_h, Wt, G * kWidth, xp + b * T * N, T * N,
                                          p, c + static_cast<long>(b) * Hp + u,
                                          out + b * ld_o + static_cast<long>(t) * Hp + u, ld_o);
             for (; b < B; ++b)
-                cell_block<1, V>(Hp, h_prev + b * ld_h, ld_h, Wt, N, xp + b * T * N, T * N, p,
+                cell_block<1, V>(Hp, h_prev + b * ld_h, ld_h, Wt, G * kWidth, xp + b * T * N, T * N, p,
                                  c + static_cast<long>(b) * Hp + u,
                                  out + b * ld_o + static_cast<long>(t) * Hp + u, ld_o);
         }
@@ -206,7 +216,8 @@ constexpr size_t kKeepFloats = size_t{1} << 20;
 // (B, T, Hp), its final state into hn, cn (layers, B, Hp; h0, c0 the same shape). Each layer
 // projects its whole input in one product (with the bias), then runs its time loop. Columns are
 // grouped by hidden units: column (u * G + g) + lane is gate g of unit u + lane (u a multiple of
-// the width). Layers below the last write to out or to scratch, alternately, so the last one
+// the width). w_hh is blocked by those groups: (Hp / width, Hp, G * width), each group's weights
+// contiguous, so a step streams them in order. Layers below the last write to out or to scratch, alternately, so the last one
 // writes out. Returns 0, or non-zero for arguments it refuses or memory it cannot have.
 int lstm_forward(int layers, int B, int T, int in0, int Hp, int variant, const float* x,
                  const float* const* w_ih, const float* const* w_hh, const float* const* bias,
