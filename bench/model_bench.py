@@ -114,7 +114,7 @@ def onnx_bytes(module: nn.Module, args: tuple[Any, ...], dynamic_time: bool) -> 
         torch.onnx.export(
             module,
             args,
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects
             input_names=["x", "h0", "c0"],
             output_names=["y", "hn", "cn"],
             dynamic_axes=axes,
@@ -197,7 +197,9 @@ class Models:
             if have("onnxruntime"):
                 for steps in CANDIDATE_STEPS:  # our loop unrolls: one graph per chunk length
                     xs = torch.zeros(1, steps, input_size)
-                    model = onnx_bytes(Tuple2Stack(self.ours).eval(), (xs, h0, h0), dynamic_time=False)
+                    model = onnx_bytes(
+                        Tuple2Stack(self.ours).eval(), (xs, h0, h0), dynamic_time=False
+                    )
                     self.ours_in_ort[steps] = ort_session(model)
 
     def contenders(self, x: torch.Tensor, state: LSTMState) -> dict[str, Callable[[], Any]]:

@@ -35,7 +35,7 @@ from model.lstm import VARIANTS, GateTrace, LSTMState, StackedLSTM
 
 SOURCE = Path(__file__).with_name("native_lstm.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-ENGINES = ("eager", "native")
+ENGINES = ("auto", "eager", "native")
 
 
 class NativeUnavailable(RuntimeError):
@@ -103,7 +103,12 @@ def _build() -> Path:
     target = cache_dir() / f"native_lstm-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(target.parent, os.W_OK):
+            raise PermissionError(f"{target.parent} is not writable")
+    except OSError:  # no writable cache (a read-only home): this process builds its own copy
+        target = Path(tempfile.mkdtemp(prefix="lstm-native-")) / target.name
     # Built beside the target and renamed into place: a concurrent start never loads half a file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
@@ -175,7 +180,9 @@ class NativeLSTM:
             w_hh.append(wh.permute(0, 3, 1, 2).contiguous().cpu())  # (Hp / width, Hp, G, width)
             bias.append(grouped(cell.bias.unsqueeze(1)).reshape(-1).contiguous().cpu())
             if self.variant == VARIANTS.index("peephole"):
-                peephole.append(F.pad(cell.peephole.detach().float(), (0, Hp - H)).contiguous().cpu())
+                peephole.append(
+                    F.pad(cell.peephole.detach().float(), (0, Hp - H)).contiguous().cpu()
+                )
         packed = [*w_ih, *w_hh, *bias, *peephole]
         self._packed = packed  # keeps the memory the pointer arrays point into alive
         layers = self.stack.num_layers
@@ -282,9 +289,22 @@ class NativeLSTM:
 
 
 def build_engine(name: str, stack: StackedLSTM) -> StackEngine:
-    """The engine called ``name`` for ``stack``: ``eager`` (the stack itself) or ``native``."""
+    """The engine called ``name`` for ``stack``: ``eager`` (the stack itself), ``native``
+    (``NativeUnavailable`` when it cannot run here), or ``auto``: native where it can run (a CPU,
+    float32, a compiler, its self-check passed), else eager."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; expected one of {ENGINES}")
     if name == "eager":
         return stack
-    if name == "native":
+    native_here = stack.cells[0].weight_hh.device.type == "cpu"
+    native_here = native_here and stack.cells[0].weight_hh.dtype == torch.float32
+    if name == "native" and not native_here:
+        raise NativeUnavailable("the native engine runs float32 models on a CPU only")
+    if not native_here:
+        return stack
+    try:
         return NativeLSTM(stack)
-    raise ValueError(f"unknown engine {name!r}; expected one of {ENGINES}")
+    except NativeUnavailable:
+        if name == "native":
+            raise
+        return stack

@@ -74,6 +74,7 @@ from service.startup import (
     enforce_single_worker,
     in_arbiter,
     load_model,
+    model_engine,
     package_version,
     prepare_arbiter,
     tune_gc,
@@ -287,6 +288,7 @@ class LSTMSessions:
             wait_s=settings.batch_wait_ms / 1000,
             persist=self.backend.persist,
             inline_work=settings.inline_work,
+            stack_engine=model_engine(settings.model_engine, model),
             observer=BatchObserver(
                 batch=metrics.BATCH_SESSIONS.observe,
                 queue_wait=metrics.QUEUE_WAIT.observe,

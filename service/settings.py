@@ -9,6 +9,7 @@ definition, so no setting can allow what the wire schema refuses.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -89,6 +90,12 @@ class Settings(BaseSettings):
         "per-request stack (service/fast_routes.py); false: through it, as every other route",
     )
     max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")
+    model_engine: Literal["auto", "eager", "native"] = Field(
+        "auto",
+        description="what runs the LSTM stack's forward: native (model/native.py, one C++ call "
+        "per chunk, built at start with the machine's C++ compiler and cached; CPU, float32), "
+        "eager (the reference StackedLSTM), or auto: native where it can run, else eager",
+    )
     torch_threads: int = Field(
         1,
         ge=0,
