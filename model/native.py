@@ -156,6 +156,8 @@ class NativeLSTM:
         self.variant = VARIANTS.index(stack.variant)
         self.blocks = 3 if stack.variant == "coupled" else 4
         self.device = stack.cells[0].weight_hh.device
+        self.on_cpu = self.device.type == "cpu"
+        self.input_size = stack.input_size
         self._pack()
         self.self_check()
 
@@ -197,15 +199,14 @@ class NativeLSTM:
         """Whether this call runs natively; the eager stack answers every other."""
         return (
             not return_gates
-            and x.device.type == "cpu"
-            and self.device.type == "cpu"
-            and x.dtype == torch.float32
+            and x.is_cpu
+            and self.on_cpu
+            and x.dtype is torch.float32
+            and x.dim() == 3
+            and x.shape[2] == self.input_size
+            and x.numel() > 0
             and not self.stack.training
             and not (torch.is_grad_enabled() and (x.requires_grad or self._needs_grad()))
-            and x.dim() == 3
-            and x.shape[0] > 0
-            and x.shape[1] > 0
-            and x.shape[2] == self.stack.input_size
         )
 
     def _needs_grad(self) -> bool:
@@ -223,13 +224,14 @@ class NativeLSTM:
         """(B, T, input) float32 CPU -> outputs (B, T, hidden) and the final state."""
         B, T, _ = x.shape
         L, H, Hp = self.stack.num_layers, self.hidden, self.padded
-        x = x.contiguous()
+        if not x.is_contiguous():
+            x = x.contiguous()
         if state is None:
             h0 = c0 = torch.zeros(L, B, Hp)
         else:
-            h0, c0 = (self._state_in(s, B) for s in state)
+            h0, c0 = self._state_in(state.h, B), self._state_in(state.c, B)
         out = torch.empty(B, T, Hp)
-        hn, cn = torch.empty(2, L, B, Hp).unbind(0)
+        hn, cn = torch.empty(L, B, Hp), torch.empty(L, B, Hp)
         status = self.lib.lstm_forward(
             L,
             B,
@@ -256,9 +258,10 @@ class NativeLSTM:
 
     def _state_in(self, s: Tensor, batch: int) -> Tensor:
         expected = (self.stack.num_layers, batch, self.hidden)
-        if tuple(s.shape) != expected:
+        if s.shape != expected:
             raise ValueError(f"state of shape {tuple(s.shape)}, expected {expected}")
-        s = s.to(torch.float32).contiguous()
+        if s.dtype is not torch.float32 or not s.is_cpu or not s.is_contiguous():
+            s = s.to("cpu", torch.float32).contiguous()
         return F.pad(s, (0, self.padded - self.hidden)) if self.padded != self.hidden else s
 
     @torch.no_grad()
