@@ -76,19 +76,18 @@ def _cpu_flags() -> str:
 
 
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
+_libraries: dict[tuple[str, ...], ctypes.CDLL] = {}
 
 
-def library() -> ctypes.CDLL:
+def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     """The built kernel, compiled once per source, flags, compiler and CPU, then cached."""
-    global _library
     with _lock:
-        if _library is None:
-            _library = _load(_build())
-        return _library
+        if flags not in _libraries:
+            _libraries[flags] = _load(_build(flags))
+        return _libraries[flags]
 
 
-def _build() -> Path:
+def _build(flags: tuple[str, ...] = FLAGS) -> Path:
     compiler = _compiler()
     source = SOURCE.read_bytes()
     try:
@@ -98,7 +97,7 @@ def _build() -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"the C++ compiler {compiler} does not run: {e}") from e
     key = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), version, _cpu_flags().encode()])
+        b"\0".join([source, " ".join(flags).encode(), version, _cpu_flags().encode()])
     ).hexdigest()[:24]
     target = cache_dir() / f"native_lstm-{key}.so"
     if target.exists():
@@ -114,7 +113,7 @@ def _build() -> Path:
         built = Path(tmp) / target.name
         try:
             subprocess.run(
-                [compiler, *FLAGS, "-o", str(built), str(SOURCE)],
+                [compiler, *flags, "-o", str(built), str(SOURCE)],
                 capture_output=True,
                 check=True,
                 timeout=300,
@@ -146,9 +145,9 @@ class NativeLSTM:
     changing them.
     """
 
-    def __init__(self, stack: StackedLSTM) -> None:
+    def __init__(self, stack: StackedLSTM, lib: ctypes.CDLL | None = None) -> None:
         self.stack = stack
-        self.lib = library()
+        self.lib = library() if lib is None else lib
         self.width = int(self.lib.lstm_vector_width())
         H = stack.hidden_size
         self.hidden = H

@@ -251,3 +251,27 @@ def test_on_cuda_auto_is_eager_and_native_is_refused() -> None:
     assert build_engine("auto", stack) is stack
     with pytest.raises(NativeUnavailable):
         build_engine("native", stack)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("-mno-avx512f",), ("-mno-avx",)],
+    ids=["avx2-geometry", "sse-only"],
+)
+@pytest.mark.parametrize("variant", ["standard", "peephole", "coupled"])
+def test_builds_for_smaller_vector_units_equal_eager(flags: tuple[str, ...], variant: str) -> None:
+    """The kernel as a CPU without AVX-512 (8-wide vectors, 3-row blocks), or without AVX at all,
+    builds it: -march=native picks the geometry, so this machine's build alone would not test it."""
+    lib = native.library((*native.FLAGS, *flags))
+    assert lib.lstm_vector_width() == 8
+    for i, h, layers in [(1, 64, 2), (3, 13, 3)]:
+        stack = make(variant, i, h, layers)
+        engine = NativeLSTM(stack, lib)
+        x = torch.randn(7, 9, i)
+        state = served_state(stack, 7)
+        with torch.no_grad():
+            out, new_state, _ = engine(x, state)
+            ref, ref_state, _ = stack(x, state)
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(new_state.h, ref_state.h, atol=ATOL, rtol=0)
+        torch.testing.assert_close(new_state.c, ref_state.c, atol=ATOL, rtol=0)
