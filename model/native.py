@@ -9,9 +9,9 @@ answers: outputs and final state, to float32 rounding (tests/test_native.py hold
 Whatever it cannot do it hands to the eager stack, so a caller never has to ask: gate traces,
 autograd, a module in training mode (dropout), another device or dtype. The source is compiled on
 first use with the C++ compiler found on the machine (``CXX``, else ``g++``, else ``c++``) and the
-library cached by a hash of the source, the flags, the compiler and the CPU
-(``$LSTM_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/lstm-sessions``, else ``~/.cache/lstm-sessions``),
-so a start after the first loads it in milliseconds. No compiler, no engine: ``NativeUnavailable``.
+library cached by a hash of the source, the flags, the compiler and the CPU (in the directory the
+caller names, else ``$XDG_CACHE_HOME/lstm-sessions`` or ``~/.cache/lstm-sessions``), so a start
+after the first loads it in milliseconds. No compiler, no engine: ``NativeUnavailable``.
 """
 
 from __future__ import annotations
@@ -50,9 +50,7 @@ class StackEngine(Protocol):
     ) -> tuple[Tensor, LSTMState, GateTrace | None]: ...
 
 
-def cache_dir() -> Path:
-    if explicit := os.environ.get("LSTM_NATIVE_CACHE"):
-        return Path(explicit)
+def default_cache() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "lstm-sessions"
 
@@ -79,15 +77,16 @@ _lock = threading.Lock()
 _libraries: dict[tuple[str, ...], ctypes.CDLL] = {}
 
 
-def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
-    """The built kernel, compiled once per source, flags, compiler and CPU, then cached."""
+def library(flags: tuple[str, ...] = FLAGS, cache: Path | None = None) -> ctypes.CDLL:
+    """The built kernel, compiled once per source, flags, compiler and CPU into ``cache``
+    (default: ``default_cache()``), then loaded from there."""
     with _lock:
         if flags not in _libraries:
-            _libraries[flags] = _load(_build(flags))
+            _libraries[flags] = _load(_build(flags, cache))
         return _libraries[flags]
 
 
-def _build(flags: tuple[str, ...] = FLAGS) -> Path:
+def _build(flags: tuple[str, ...] = FLAGS, cache: Path | None = None) -> Path:
     compiler = _compiler()
     source = SOURCE.read_bytes()
     try:
@@ -99,7 +98,7 @@ def _build(flags: tuple[str, ...] = FLAGS) -> Path:
     key = hashlib.sha256(
         b"\0".join([source, " ".join(flags).encode(), version, _cpu_flags().encode()])
     ).hexdigest()[:24]
-    target = cache_dir() / f"native_lstm-{key}.so"
+    target = (cache or default_cache()) / f"native_lstm-{key}.so"
     if target.exists():
         return target
     try:
@@ -290,7 +289,7 @@ class NativeLSTM:
             raise NativeUnavailable(f"the native engine differs from the eager stack by {worst}")
 
 
-def build_engine(name: str, stack: StackedLSTM) -> StackEngine:
+def build_engine(name: str, stack: StackedLSTM, cache: Path | None = None) -> StackEngine:
     """The engine called ``name`` for ``stack``: ``eager`` (the stack itself), ``native``
     (``NativeUnavailable`` when it cannot run here), or ``auto``: native where it can run (a CPU,
     float32, a compiler, its self-check passed), else eager."""
@@ -305,7 +304,7 @@ def build_engine(name: str, stack: StackedLSTM) -> StackEngine:
     if not native_here:
         return stack
     try:
-        return NativeLSTM(stack)
+        return NativeLSTM(stack, library(cache=cache))
     except NativeUnavailable:
         if name == "native":
             raise

@@ -288,7 +288,7 @@ class LSTMSessions:
             wait_s=settings.batch_wait_ms / 1000,
             persist=self.backend.persist,
             inline_work=settings.inline_work,
-            stack_engine=model_engine(settings.model_engine, model),
+            stack_engine=model_engine(settings.model_engine, model, settings.native_cache_dir),
             observer=BatchObserver(
                 batch=metrics.BATCH_SESSIONS.observe,
                 queue_wait=metrics.QUEUE_WAIT.observe,

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
         "per chunk, built at start with the machine's C++ compiler and cached; CPU, float32), "
         "eager (the reference StackedLSTM), or auto: native where it can run, else eager",
     )
+    native_cache_dir: Path | None = Field(
+        None,
+        description="where the native engine's compiled kernel is kept between starts; unset: "
+        "$XDG_CACHE_HOME/lstm-sessions, else ~/.cache/lstm-sessions",
+    )
     torch_threads: int = Field(
         1,
         ge=0,
@@ -159,7 +164,7 @@ class Settings(BaseSettings):
             cluster_nodes(value)  # ValueError naming the part that is not host:port
         return value
 
-    @field_validator("snapshot_path", "blob_key", mode="before")
+    @field_validator("snapshot_path", "blob_key", "native_cache_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -188,14 +188,14 @@ def load_model(tag: str | None, model_dir: Path, device: str) -> Checkpoint:
         refuse_to_start(f"the stored model {tag!r} is unusable: {e}")
 
 
-def model_engine(name: str, model: LSTMForecaster) -> StackEngine:
+def model_engine(name: str, model: LSTMForecaster, cache: Path | None = None) -> StackEngine:
     """The engine the batcher runs the stack with (``LSTM_MODEL_ENGINE``), built and checked
     against the eager stack before the service is ready. ``native`` asked for and unable to run
     stops the start; ``auto`` then serves eager and says why."""
     started = time.perf_counter()
     on_cpu = model.input_mean.device.type == "cpu"
     try:
-        engine = build_engine("native" if name == "auto" and on_cpu else name, model.lstm)
+        engine = build_engine("native" if name == "auto" and on_cpu else name, model.lstm, cache)
     except NativeUnavailable as e:
         if name == "native":
             refuse_to_start(f"LSTM_MODEL_ENGINE=native: {e}; set LSTM_MODEL_ENGINE=auto or eager")

@@ -212,34 +212,32 @@ def test_auto_is_native_on_a_float32_cpu_and_eager_otherwise() -> None:
 def test_the_build_is_cached_by_source_and_compiler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LSTM_NATIVE_CACHE", str(tmp_path))
-    first = native._build()
+    first = native._build(cache=tmp_path)
     assert first.parent == tmp_path and first.exists()
     built_at = first.stat().st_mtime_ns
-    assert native._build() == first and first.stat().st_mtime_ns == built_at  # not rebuilt
+    again = native._build(cache=tmp_path)
+    assert again == first and first.stat().st_mtime_ns == built_at  # not rebuilt
     changed = tmp_path / "native_lstm.cpp"
     changed.write_text(native.SOURCE.read_text() + "\n// another source, another library\n")
     monkeypatch.setattr(native, "SOURCE", changed)
-    assert native._build() != first
+    assert native._build(cache=tmp_path) != first
 
 
 def test_no_compiler_means_native_is_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LSTM_NATIVE_CACHE", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     with pytest.raises(NativeUnavailable, match="no C\\+\\+ compiler"):
-        native._build()
+        native._build(cache=tmp_path)
 
 
 def test_a_failed_build_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LSTM_NATIVE_CACHE", str(tmp_path))
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCE", broken)
     with pytest.raises(NativeUnavailable, match=r"building broken\.cpp failed"):
-        native._build()
+        native._build(cache=tmp_path)
     assert not list(tmp_path.glob("*.so"))
 
 
@@ -275,3 +273,34 @@ def test_builds_for_smaller_vector_units_equal_eager(flags: tuple[str, ...], var
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
         torch.testing.assert_close(new_state.h, ref_state.h, atol=ATOL, rtol=0)
         torch.testing.assert_close(new_state.c, ref_state.c, atol=ATOL, rtol=0)
+
+
+def test_an_unusable_cache_builds_a_private_copy(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    built = native._build(cache=blocker / "cache")  # cannot be a directory
+    assert built.exists() and not built.is_relative_to(blocker)
+    stack = make("standard", 1, 8, 1)
+    engine = NativeLSTM(stack, native._load(built))  # its constructor's self-check passed
+    x = torch.randn(2, 3, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x)[0], stack(x)[0], atol=ATOL, rtol=0)
+
+
+def test_the_service_start_falls_back_on_auto_and_refuses_on_native(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.startup import model_engine
+
+    model = LSTMForecaster(ForecasterConfig(hidden_size=8, num_layers=2)).eval()
+    assert isinstance(model_engine("auto", model), NativeLSTM)
+    assert model_engine("eager", model) is model.lstm
+    # A machine without a compiler (and nothing built in this process yet):
+    monkeypatch.setattr(native, "_libraries", {})
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with caplog.at_level("WARNING", logger="lstm_sessions"):
+        assert model_engine("auto", model) is model.lstm
+    assert "model engine: eager, the native engine cannot run here: no C++ compiler" in caplog.text
+    with pytest.raises(RuntimeError, match="LSTM_MODEL_ENGINE=native: no C\\+\\+ compiler"):
+        model_engine("native", model)
