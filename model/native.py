@@ -222,13 +222,14 @@ class NativeLSTM:
         """(B, T, input) float32 CPU -> outputs (B, T, hidden) and the final state."""
         B, T, _ = x.shape
         L, H, Hp = self.stack.num_layers, self.hidden, self.padded
-        if not x.is_contiguous():
+        x = x.transpose(0, 1)  # (T, B, input): the kernel runs time-major
+        if not x.is_contiguous():  # a copy unless B or T is 1
             x = x.contiguous()
         if state is None:
             h0 = c0 = torch.zeros(L, B, Hp)
         else:
             h0, c0 = self._state_in(state.h, B), self._state_in(state.c, B)
-        out = torch.empty(B, T, Hp)
+        out = torch.empty(T, B, Hp)
         hn, cn = torch.empty(L, B, Hp), torch.empty(L, B, Hp)
         status = self.lib.lstm_forward(
             L,
@@ -250,6 +251,7 @@ class NativeLSTM:
         )
         if status:
             raise RuntimeError(f"lstm_forward refused its arguments (status {status})")
+        out = out.transpose(0, 1)  # (B, T, Hp), a view
         if Hp != H:
             return out[..., :H], LSTMState(hn[..., :H], cn[..., :H])
         return out, LSTMState(hn, cn)

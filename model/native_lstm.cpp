@@ -184,31 +184,30 @@ inline void cell_block(int Hp, const float* h_prev, long ld_h, const float* Wt, 
     }
 }
 
-constexpr int kRowBlock = kRows;
-
-// One layer's time loop over its projected inputs xproj (B, T, N).
+// Timesteps [t0, t1) of one layer, from their projected inputs xproj ((t1 - t0), B, N). Time-major
+// rows: the B rows a step reads (h at t - 1) and writes (h at t) are contiguous, never a stride
+// of T rows (a power-of-two stride put every row of a batch in the same cache set).
 template <int V>
-void time_loop(int B, int T, int Hp, const float* xproj, const float* w_hh, const float* peephole,
-               const float* h0, float* c, float* out) {
+void time_loop(int B, int t0, int t1, int Hp, const float* xproj, const float* w_hh,
+               const float* peephole, const float* h0, float* c, float* out) {
     constexpr int G = V == kCoupled ? 3 : 4;
-    const long N = static_cast<long>(G) * Hp, ld_o = static_cast<long>(T) * Hp;
-    for (int t = 0; t < T; ++t) {
-        // h_{t-1}: the layer's output at t - 1, or h0 at t = 0.
-        const float* h_prev = t ? out + static_cast<long>(t - 1) * Hp : h0;
-        const long ld_h = t ? ld_o : Hp;
+    const long N = static_cast<long>(G) * Hp, step = static_cast<long>(B) * Hp;
+    for (int t = t0; t < t1; ++t) {
+        // h_{t-1}: the layer's output at t - 1, or h0 at t = 0; both (B, Hp).
+        const float* h_prev = t ? out + (t - 1) * step : h0;
+        float* h_out = out + t * step;
+        const float* xp_t = xproj + (t - t0) * B * N;
         for (int u = 0; u < Hp; u += kWidth) {  // a group of hidden units: its weights stay in L1
             const float* Wt = w_hh + static_cast<long>(u) * Hp * G;  // (Hp, G * kWidth)
-            const float* xp = xproj + static_cast<long>(t) * N + static_cast<long>(u) * G;
+            const float* xp = xp_t + static_cast<long>(u) * G;
             const float* p = peephole ? peephole + u : nullptr;
             int b = 0;
-            for (; b + kRowBlock <= B; b += kRowBlock)
-                cell_block<kRowBlock, V>(Hp, h_prev + b * ld_h, ld_h, Wt, G * kWidth, xp + b * T * N, T * N,
-                                         p, c + static_cast<long>(b) * Hp + u,
-                                         out + b * ld_o + static_cast<long>(t) * Hp + u, ld_o);
+            for (; b + kRows <= B; b += kRows)
+                cell_block<kRows, V>(Hp, h_prev + b * Hp, Hp, Wt, G * kWidth, xp + b * N, N, p,
+                                     c + b * Hp + u, h_out + b * Hp + u, Hp);
             for (; b < B; ++b)
-                cell_block<1, V>(Hp, h_prev + b * ld_h, ld_h, Wt, G * kWidth, xp + b * T * N, T * N, p,
-                                 c + static_cast<long>(b) * Hp + u,
-                                 out + b * ld_o + static_cast<long>(t) * Hp + u, ld_o);
+                cell_block<1, V>(Hp, h_prev + b * Hp, Hp, Wt, G * kWidth, xp + b * N, N, p,
+                                 c + b * Hp + u, h_out + b * Hp + u, Hp);
         }
     }
 }
@@ -222,14 +221,18 @@ int lstm_vector_width() { return kWidth; }
 // Scratch up to this many floats (4 MiB) stays with the thread between calls; a larger chunk's
 // is freed when its call returns, so one long request does not pin its memory for good.
 constexpr size_t kKeepFloats = size_t{1} << 20;
+// Inputs are projected a block of timesteps at a time, at most this many floats (1 MiB), so the
+// projections a step reads are still in L2.
+constexpr long kBlockFloats = long{1} << 18;
 
-// The stack's forward from (h0, c0) over x (B, T, in0), the outputs of the last layer into out
-// (B, T, Hp), its final state into hn, cn (layers, B, Hp; h0, c0 the same shape). Each layer
-// projects its whole input in one product (with the bias), then runs its time loop. Columns are
-// grouped by hidden units: column (u * G + g) + lane is gate g of unit u + lane (u a multiple of
-// the width). w_hh is blocked by those groups: (Hp / width, Hp, G * width), each group's weights
-// contiguous, so a step streams them in order. Layers below the last write to out or to scratch, alternately, so the last one
-// writes out. Returns 0, or non-zero for arguments it refuses or memory it cannot have.
+// The stack's forward from (h0, c0) over x, the outputs of the last layer into out, its final
+// state into hn, cn. Time-major: x (T, B, in0), out (T, B, Hp); hn, cn, h0, c0 (layers, B, Hp).
+// Each layer projects its input a block of timesteps at a time in one product (with the bias),
+// then runs those timesteps. Columns are grouped by hidden units: column (u * G + g) + lane is
+// gate g of unit u + lane (u a multiple of the width). w_hh is blocked by those groups:
+// (Hp / width, Hp, G * width), each group's weights contiguous, so a step streams them in order.
+// Layers below the last write to out or to scratch, alternately, so the last one writes out.
+// Returns 0, or non-zero for arguments it refuses or memory it cannot have.
 int lstm_forward(int layers, int B, int T, int in0, int Hp, int variant, const float* x,
                  const float* const* w_ih, const float* const* w_hh, const float* const* bias,
                  const float* const* peephole, const float* h0, const float* c0, float* out,
@@ -238,8 +241,10 @@ int lstm_forward(int layers, int B, int T, int in0, int Hp, int variant, const f
     if (variant < kStandard || variant > kCoupled) return 2;
     const int N = (variant == kCoupled ? 3 : 4) * Hp;
     const long state = static_cast<long>(B) * Hp;
-    const size_t rows = static_cast<size_t>(B) * T;
-    const size_t need = rows * N + (layers > 1 ? rows * Hp : 0);
+    long block = kBlockFloats / (static_cast<long>(B) * N);  // timesteps per projection
+    block = block < 1 ? 1 : (block > T ? T : block);
+    const size_t need = static_cast<size_t>(block) * B * N +
+                        (layers > 1 ? static_cast<size_t>(T) * B * Hp : 0);
     thread_local std::vector<float> kept;
     std::vector<float> once;
     float* scratch;
@@ -250,25 +255,27 @@ int lstm_forward(int layers, int B, int T, int in0, int Hp, int variant, const f
     } catch (const std::bad_alloc&) {
         return 3;
     }
-    float* xproj = scratch;  // (B * T, N)
-    float* mid = scratch + rows * N;  // (B, T, Hp): a layer's output below the last
+    float* xproj = scratch;                   // (block, B, N)
+    float* mid = scratch + block * B * N;     // (T, B, Hp): a layer's output below the last
     const float* in = x;
     int K = in0;
     for (int l = 0; l < layers; ++l) {
         float* dst = (layers - 1 - l) % 2 ? mid : out;
         float* c = cn + l * state;
         std::memcpy(c, c0 + l * state, state * sizeof(float));
-        gemm(B * T, K, N, in, K, w_ih[l], bias[l], 0, xproj, N);  // (B*T, G*Hp)
         const float* h = h0 + l * state;
-        if (variant == kStandard)
-            time_loop<kStandard>(B, T, Hp, xproj, w_hh[l], nullptr, h, c, dst);
-        else if (variant == kPeephole)
-            time_loop<kPeephole>(B, T, Hp, xproj, w_hh[l], peephole[l], h, c, dst);
-        else
-            time_loop<kCoupled>(B, T, Hp, xproj, w_hh[l], nullptr, h, c, dst);
-        for (int b = 0; b < B; ++b)
-            std::memcpy(hn + l * state + static_cast<long>(b) * Hp,
-                        dst + (static_cast<long>(b) * T + T - 1) * Hp, Hp * sizeof(float));
+        for (int t0 = 0; t0 < T; t0 += block) {
+            const int t1 = t0 + block < T ? t0 + block : T;
+            gemm((t1 - t0) * B, K, N, in + static_cast<long>(t0) * B * K, K, w_ih[l], bias[l], 0,
+                 xproj, N);
+            if (variant == kStandard)
+                time_loop<kStandard>(B, t0, t1, Hp, xproj, w_hh[l], nullptr, h, c, dst);
+            else if (variant == kPeephole)
+                time_loop<kPeephole>(B, t0, t1, Hp, xproj, w_hh[l], peephole[l], h, c, dst);
+            else
+                time_loop<kCoupled>(B, t0, t1, Hp, xproj, w_hh[l], nullptr, h, c, dst);
+        }
+        std::memcpy(hn + l * state, dst + (T - 1) * state, state * sizeof(float));
         in = dst;
         K = Hp;
     }
