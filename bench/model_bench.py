@@ -388,6 +388,8 @@ def main() -> int:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # Printed whenever oneDNN is turned off and on again (the ATen column): noise here.
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
     results = RESULTS if args.record else RUNS
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
