@@ -372,7 +372,9 @@ def main() -> int:
         help="timesteps to run (default: 1 32 256)",
     )
     p.add_argument("--shape", default="all", choices=[*SHAPES, "all"])
-    p.add_argument("--runs", type=int, default=3, help="whole tables measured (default 3)")
+    p.add_argument(
+        "--runs", type=int, default=None, help="whole tables measured (default 3, 1 with --quick)"
+    )
     p.add_argument(
         "--threads", type=int, default=1, help="torch's CPU threads (default 1, as served)"
     )
@@ -387,6 +389,8 @@ def main() -> int:
         help="write to bench/results/ (what the README quotes) instead of runs/bench/",
     )
     args = p.parse_args()
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
     torch.set_num_threads(args.threads)
     # Printed whenever oneDNN is turned off and on again (the ATen column): noise here.
     warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
