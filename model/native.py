@@ -100,7 +100,10 @@ def _build(flags: tuple[str, ...] = FLAGS, cache: Path | None = None) -> Path:
     ).hexdigest()[:24]
     target = (cache or default_cache()) / f"native_lstm-{key}.so"
     if target.exists():
-        return target
+        if _trusted(target):
+            return target
+        # Loading a library runs its code: one someone else could have written is not loaded.
+        target = Path(tempfile.mkdtemp(prefix="lstm-native-")) / target.name
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(target.parent, os.W_OK):
@@ -125,6 +128,16 @@ def _build(flags: tuple[str, ...] = FLAGS, cache: Path | None = None) -> Path:
             raise NativeUnavailable(f"building {SOURCE.name} failed: {e}") from e
         os.replace(built, target)
     return target
+
+
+def _trusted(path: Path) -> bool:
+    """Whether a cached library is ours alone: owned by this user, writable by no one else, in a
+    directory no one else can write to."""
+    for p in (path, path.parent):
+        st = p.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return False
+    return True
 
 
 def _load(path: Path) -> ctypes.CDLL:

@@ -304,3 +304,14 @@ def test_the_service_start_falls_back_on_auto_and_refuses_on_native(
     assert "model engine: eager, the native engine cannot run here: no C++ compiler" in caplog.text
     with pytest.raises(RuntimeError, match="LSTM_MODEL_ENGINE=native: no C\\+\\+ compiler"):
         model_engine("native", model)
+
+
+def test_a_cached_library_others_could_write_is_not_loaded(tmp_path: Path) -> None:
+    first = native._build(cache=tmp_path)
+    assert native._build(cache=tmp_path) == first
+    first.chmod(0o777)  # writable by anyone: someone else's code could be in it
+    rebuilt = native._build(cache=tmp_path)
+    assert rebuilt != first and rebuilt.name == first.name and rebuilt.exists()
+    first.chmod(0o755)
+    tmp_path.chmod(0o777)
+    assert native._build(cache=tmp_path) != first
