@@ -3,8 +3,8 @@
 ``StackedLSTM`` (model/lstm.py) is the reference and the training path; it runs a Python loop of
 torch ops per timestep, and each op's dispatch costs more than the arithmetic at the served sizes.
 ``NativeLSTM`` runs the same equations (model/native_lstm.cpp: the time loop, the matrix products
-and the gates, every variant) in one call per chunk, and answers exactly what the eager stack
-answers: outputs and final state, to float32 rounding (tests/test_native.py holds it to 1e-6).
+and the gates, every variant) in one call per chunk, and answers what the eager stack answers:
+outputs and final state, equal to float32 rounding (tests/test_native.py holds it to 1e-6).
 
 Whatever it cannot do it hands to the eager stack, so a caller never has to ask: gate traces,
 autograd, a module in training mode (dropout), another device or dtype. The source is compiled on
@@ -152,9 +152,9 @@ def _load(path: Path) -> ctypes.CDLL:
 class NativeLSTM:
     """``StackedLSTM``'s inference forward in one native call; the eager stack for the rest.
 
-    The weights are packed (transposed, each gate block padded to the vector width) when the
-    engine is built: an engine serves the weights it was built from. Build another after
-    changing them.
+    The weights are packed (transposed, grouped by hidden units, padded to the vector width)
+    when the engine is built: an engine serves the weights it was built from. Build another
+    after changing them.
     """
 
     def __init__(self, stack: StackedLSTM, lib: ctypes.CDLL | None = None) -> None:

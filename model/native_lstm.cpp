@@ -5,10 +5,13 @@
 // StackedLSTM stays the reference and the training path, and tests/test_native.py holds this to
 // it. Plain C++ with GCC vector extensions: no torch headers, so a build takes about a second.
 //
-// Layout (prepared by model/native.py): every gate block is padded to Hp floats (H rounded up to
-// the vector width), so a row of pre-activations is G * Hp floats, G = 4 (i, f, g, o) or 3 for the
-// coupled variant (f, g, o). Weights are transposed, (K, G * Hp), and zero in the padding, so the
-// padded hidden units stay exactly 0 and never reach a real one.
+// Layout (prepared by model/native.py): H is padded to Hp (a multiple of the vector width), and a
+// row of pre-activations is G * Hp floats, G = 4 (i, f, g, o) or 3 for the coupled variant
+// (f, g, o), grouped by hidden units: for each group of `width` units, its G gates side by side,
+// so one group's recurrent product leaves all its gates in registers for the cell. W_ih is
+// transposed, (K, G * Hp) in that column order; W_hh is blocked per group, (Hp / width, Hp,
+// G * width). Weights are zero in the padding, so padded units stay exactly 0 and never reach a
+// real one. Activations are time-major, (T, B, Hp).
 
 #include <cstdint>
 #include <cstring>
@@ -17,7 +20,8 @@
 
 namespace {
 
-// LSTM_WIDTH and LSTM_ROWS override the choices below (tests build the AVX2 geometry with them).
+// LSTM_WIDTH and LSTM_ROWS override the choices below, for experiments; tests build the smaller
+// geometries with -mno-avx512f and -mno-avx instead, as a CPU without those would.
 #if defined(LSTM_WIDTH)
 constexpr int kWidth = LSTM_WIDTH;
 #elif defined(__AVX512F__)
