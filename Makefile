@@ -54,20 +54,21 @@ bench: $(STAMP)
 	$(PY) bench/model_bench.py $(BENCH_FLAGS)
 	$(PY) bench/model_bench.py --device cpu --block 20 --steps 1 $(BENCH_FLAGS)
 	$(PY) bench/load_bench.py $(BENCH_FLAGS)
+	$(PY) bench/load_bench.py --journal $(BENCH_FLAGS)
 	$(PY) bench/scale_bench.py $(BENCH_FLAGS)
 	$(PY) bench/store_bench.py $(BENCH_FLAGS)
 
 # The Compose stack (docker-compose.yml): docker compose where a Docker engine answers, else
 # podman-compose; offline (no image registry) every image is built here from Debian's packages.
-# See deploy/stack.sh. `make down` keeps the named volume with the sessions (VOLUMES=1 removes it).
+# See deploy/stack.sh. TLS=1: https at nginx; KEYS=keys.txt: API keys. `make down` keeps the named volume with the sessions (VOLUMES=1 removes it).
 image:
 	deploy/stack.sh image
 
 up:
-	$(if $(TLS),LSTM_TLS=1 ,)deploy/stack.sh up
+	$(if $(TLS),LSTM_TLS=1 ,)$(if $(KEYS),LSTM_KEYS_FILE=$(KEYS) ,)deploy/stack.sh up
 
 down:
-	$(if $(TLS),LSTM_TLS=1 ,)deploy/stack.sh down $(if $(VOLUMES),--volumes,)
+	$(if $(TLS),LSTM_TLS=1 ,)$(if $(KEYS),LSTM_KEYS_FILE=$(KEYS) ,)deploy/stack.sh down $(if $(VOLUMES),--volumes,)
 
 clean:
 	rm -rf $(VENV) bentoml_home .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,7 @@
 """Load against real ``bentoml serve`` processes: what a client sees, end to end, per API.
 
     python bench/load_bench.py [--duration 3] [--quick] [--record] [--out FILE] [--plot FILE]
-                               [--server-env NAME=VALUE ...] [--wait-quiet S]
+                               [--server-env NAME=VALUE ...] [--wait-quiet S] [--journal]
 
 What is measured. Every scenario is a closed loop: each worker sends a request, waits for the
 answer, and sends the next at once, for ``--duration`` seconds after a short warm-up. Throughput
@@ -17,6 +17,9 @@ fresh ids, so ``t`` starts at 0, and sends every step with the right ``seq``.
   server parses one request while the other's batch computes. Timesteps/s counts applied items.
 - ``/v1/predict``, the stateless alternative: every call resends a whole history (16, 256, 1024
   timesteps) at concurrency 16; each call answers one new value, so its timesteps/s is requests/s.
+- ``--journal`` instead: the embedded store's write-ahead journal (``LSTM_JOURNAL``) side by
+  side, three servers up at once (off, write, fsync), on step_many (64 and 256) and the WebSocket
+  (64), ``--repeat`` alternating rounds; each mode's timesteps/s against off, round by round.
 - The floor: BentoML's trivial ``/v1/ping`` at the same concurrencies on the batched server, and
   the bare model's batched one-timestep step in this process (no HTTP): batch 1, 16, 64, 256,
   with torch's default thread count and with one thread (the server's, LSTM_TORCH_THREADS).
@@ -630,6 +633,140 @@ def run_unbatched_server(runner: asyncio.Runner, opts: Options, log_dir: Path) -
     return rows
 
 
+JOURNAL_MODES = ("off", "write", "fsync")
+JOURNAL_CASES = (("step_many", 64), ("step_many", 256), ("websocket", 64))
+
+
+def run_journal(runner: asyncio.Runner, opts: Options, log_dir: Path) -> list[Row]:
+    """The embedded store's journal (LSTM_JOURNAL) side by side: a server per mode, all up at
+    once, each with its snapshot and journal on the same disk, measured in alternating rounds
+    (``--repeat``; the first mode of each round rotating) on step_many and the WebSocket."""
+    rows: list[Row] = []
+    state = Path(tempfile.mkdtemp(prefix="load-bench-journal-"))
+    with contextlib.ExitStack() as stack:
+        benches = {}
+        for mode in JOURNAL_MODES:
+            env = {
+                **opts.server_env,
+                "LSTM_JOURNAL": mode,
+                "LSTM_SNAPSHOT_PATH": str(state / mode / "sessions.snapshot"),
+            }
+            url, cpu = stack.enter_context(server(f"journal-{mode}", env, log_dir))
+            benches[mode] = Bench(url, cpu, opts.warmup, opts.duration, opts.wait_quiet)
+        for r in range(opts.repeat):
+            order = JOURNAL_MODES[r % 3 :] + JOURNAL_MODES[: r % 3]
+            for scenario, c in JOURNAL_CASES:
+                for mode in order:
+                    bench = benches[mode]
+                    make = bench.step_many if scenario == "step_many" else bench.websocket
+                    rows.append(runner.run(make(c)))
+                    rows[-1].extra.update(journal=mode, round=r)
+                    print_progress(rows[-1])
+    return rows
+
+
+@dataclass
+class JournalCost:
+    """One mode against ``off`` on one case: medians over the rounds, and the spread (lowest,
+    highest) of the per-round ratio of timesteps/s."""
+
+    scenario: str
+    concurrency: int
+    mode: str
+    rounds: int
+    timesteps_s: float
+    off_timesteps_s: float
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    p99_ms: float
+    off_p99_ms: float
+    # The server's CPU per applied timestep (us), and its ratio to off's: steadier than
+    # throughput on a machine others share, since what they take slows both alike.
+    cpu_us: float
+    off_cpu_us: float
+    cpu_ratio: float
+    cpu_ratio_low: float
+    cpu_ratio_high: float
+
+
+def cpu_us(row: Row) -> float | None:
+    """The server's CPU per applied timestep, in microseconds."""
+    if not row.timesteps_s or row.server_cpu_pct is None:
+        return None
+    return row.server_cpu_pct / 100 / row.timesteps_s * 1e6
+
+
+def journal_costs(rows: list[Row]) -> list[JournalCost]:
+    out = []
+    for scenario, c in JOURNAL_CASES:
+        by_round: dict[int, dict[str, Row]] = {}
+        for r in rows:
+            if r.scenario == scenario and r.concurrency == c and "journal" in r.extra:
+                by_round.setdefault(r.extra["round"], {})[r.extra["journal"]] = r
+        for mode in JOURNAL_MODES[1:]:
+            pairs = [(d[mode], d["off"]) for d in by_round.values() if mode in d and "off" in d]
+            pairs = [(m, o) for m, o in pairs if m.timesteps_s and o.timesteps_s]
+            if not pairs:
+                continue
+            ratios = [m.timesteps_s / o.timesteps_s for m, o in pairs]  # type: ignore[operator]
+            cpus = [(cpu_us(m), cpu_us(o)) for m, o in pairs]
+            cpu_ratios = [m / o for m, o in cpus if m and o]
+            out.append(
+                JournalCost(
+                    scenario,
+                    c,
+                    mode,
+                    len(pairs),
+                    _med([m.timesteps_s for m, _ in pairs]),
+                    _med([o.timesteps_s for _, o in pairs]),
+                    _med(list(ratios)),
+                    min(ratios),
+                    max(ratios),
+                    _med([m.p99_ms for m, _ in pairs]),
+                    _med([o.p99_ms for _, o in pairs]),
+                    _med([m for m, _ in cpus]),
+                    _med([o for _, o in cpus]),
+                    _med(list(cpu_ratios)),
+                    min(cpu_ratios, default=math.nan),
+                    max(cpu_ratios, default=math.nan),
+                )
+            )
+    return out
+
+
+def journal_table(costs: list[JournalCost]) -> str:
+    lines = [
+        "| case | LSTM_JOURNAL | timesteps/s | off: timesteps/s | vs off (spread) | p99 ms "
+        "| off: p99 ms | server CPU us / timestep | off: us | vs off (spread) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in costs:
+        lines.append(
+            f"| {k.scenario} at {k.concurrency} | {k.mode} | {fmt(k.timesteps_s)} "
+            f"| {fmt(k.off_timesteps_s)} | {k.ratio:.2f}x ({k.ratio_low:.2f}-{k.ratio_high:.2f}, "
+            f"{k.rounds} rounds) | {fmt(k.p99_ms, 1)} | {fmt(k.off_p99_ms, 1)} "
+            f"| {fmt(k.cpu_us, 1)} | {fmt(k.off_cpu_us, 1)} "
+            f"| {k.cpu_ratio:.2f}x ({k.cpu_ratio_low:.2f}-{k.cpu_ratio_high:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
+def journal_targets(costs: list[JournalCost]) -> list[Target]:
+    checks = []
+    for k in costs:
+        if k.mode == "write":
+            checks.append(
+                Target(
+                    f"journal write costs under 10% on {k.scenario} at {k.concurrency} "
+                    "(median of the rounds' ratios >= 0.90x off)",
+                    f"{k.ratio:.2f}x ({k.ratio_low:.2f}-{k.ratio_high:.2f})",
+                    k.ratio >= 0.90,
+                )
+            )
+    return checks
+
+
 def bench_model(batches: tuple[int, ...], duration: float, quiet_wait: float) -> list[Row]:
     """The served model's one-timestep step in this process, batched: the compute floor.
 
@@ -1013,6 +1150,7 @@ class Options:
     wait_quiet: float
     repeat: int
     versus_only: bool
+    journal: bool
 
 
 def parse_args() -> Options:
@@ -1053,6 +1191,12 @@ def parse_args() -> Options:
         action="store_true",
         help="only the side-by-side HTTP step (no WebSocket, step_many, predict, floor)",
     )
+    p.add_argument(
+        "--journal",
+        action="store_true",
+        help="only the embedded store's journal side by side: LSTM_JOURNAL off, write and "
+        "fsync on step_many and the WebSocket (writes journal_bench.json, not load_bench.json)",
+    )
     args = p.parse_args()
     server_env = dict(kv.split("=", 1) for kv in args.server_env)
     results = RESULTS if args.record else RUNS
@@ -1061,13 +1205,14 @@ def parse_args() -> Options:
         warmup=0.3 if args.quick else 1.0,
         concurrencies=QUICK_CONCURRENCIES if args.quick else CONCURRENCIES,
         histories=QUICK_HISTORIES if args.quick else HISTORIES,
-        out=args.out or results / "load_bench.json",
+        out=args.out or results / ("journal_bench.json" if args.journal else "load_bench.json"),
         plot=args.plot or results / "load_bench.png",
         quick=args.quick,
         server_env=server_env,
         wait_quiet=args.wait_quiet,
         repeat=1 if args.quick else args.repeat,
         versus_only=args.versus_only,
+        journal=args.journal,
     )
 
 
@@ -1085,6 +1230,8 @@ def main() -> int:
     os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="load-bench-bentoml-"))
     log_dir = Path(tempfile.mkdtemp(prefix="load-bench-logs-"))
     print(f"{opts.duration:g} s per scenario after {opts.warmup:g} s warm-up; logs in {log_dir}")
+    if opts.journal:
+        return main_journal(opts, log_dir, began)
     with asyncio.Runner(loop_factory=new_loop) as runner:
         rows = run_side_by_side(runner, opts, log_dir)
         if not opts.versus_only:
@@ -1128,6 +1275,41 @@ def main() -> int:
     opts.out.write_text(json.dumps(info, indent=2) + "\n")
     plot(rows, opts.plot)
     print(f"wrote {opts.out} and {opts.plot}")
+    return 0
+
+
+def main_journal(opts: Options, log_dir: Path, began: float) -> int:
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        rows = run_journal(runner, opts, log_dir)
+    wall = time.perf_counter() - began
+    print("\n" + markdown_table(rows))
+    costs = journal_costs(rows)
+    print("\n## The journal's cost (LSTM_JOURNAL), against off\n")
+    print(journal_table(costs))
+    checks = journal_targets(costs)
+    print("\n## targets\n")
+    for t in checks:
+        print(f"- {t.verdict:4s}  {t.name}: {t.measured}")
+    print(f"\nwall time {wall:.0f} s")
+    info = {
+        "machine": machine(),
+        "settings": {
+            "duration_s": opts.duration,
+            "warmup_s": opts.warmup,
+            "rounds": opts.repeat,
+            "server_env": {**SERVER_ENV, **opts.server_env},
+            "journal_modes": list(JOURNAL_MODES),
+            "step_many_requesters": MANY_REQUESTERS,
+        },
+        "wall_s": wall,
+        "rows": [asdict(r) for r in rows],
+        "journal_costs": [asdict(k) for k in costs],
+        "targets": [{**asdict(t), "verdict": t.verdict} for t in checks],
+        "server_logs": str(log_dir),
+    }
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {opts.out}")
     return 0
 
 

@@ -10,6 +10,7 @@ here once, and both clients follow it to the letter.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -126,8 +127,17 @@ class ClientBase(Generic[HTTP]):
         retries: int = 3,
         backoff_s: float = 0.2,
         http: HTTP | None = None,
+        api_key: str | None = None,
     ) -> None:
-        self.http: HTTP = http or self.http_class(base_url=base_url, timeout=timeout_s)
+        """``api_key``: sent as ``Authorization: Bearer`` on every call (a service with
+        LSTM_API_KEYS needs one); default: the LSTM_API_KEY environment variable, if set."""
+        api_key = api_key or os.environ.get("LSTM_API_KEY") or None
+        auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http: HTTP = http or self.http_class(
+            base_url=base_url, timeout=timeout_s, headers=auth
+        )
+        if http is not None and auth:
+            self.http.headers.update(auth)
         self.retries = retries
         self.backoff_s = backoff_s
 

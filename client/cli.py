@@ -141,7 +141,7 @@ def stream_csv(args: argparse.Namespace) -> int:
         raise StreamError("--chunk must be at least 1")
     header = csv_header(args)
     try:
-        with LSTMClient(args.url, timeout_s=args.timeout) as probe:
+        with LSTMClient(args.url, timeout_s=args.timeout, api_key=args.api_key) as probe:
             card = probe.model()
     except (httpx.HTTPError, APIError) as e:
         raise StreamError(
@@ -194,7 +194,7 @@ def stream_csv(args: argparse.Namespace) -> int:
         )
         total = sum(len(r) for r in rows.values())
         with (
-            LSTMClient(args.url, timeout_s=args.timeout) as api,
+            LSTMClient(args.url, timeout_s=args.timeout, api_key=args.api_key) as api,
             tqdm(total=total, unit="step", file=sys.stderr, disable=args.quiet) as bar,
         ):
             for series_id, series in rows.items():
@@ -230,6 +230,69 @@ def stream_series(
                 z = o["anomaly_z"] or [""] * len(value)
                 writer.writerow([series_id, time, *value, *o["mean"], *o["std"], *z])
             progress(len(chunk))
+
+
+def models(args: argparse.Namespace) -> int:
+    """One admin call on the model versions; prints the versions held after it."""
+    import httpx
+
+    if args.action != "list" and not args.tag:
+        print(f"lstm-serve: models {args.action} needs a tag (name:version)", file=sys.stderr)
+        return 2
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    route = "/v1/admin/models" + ("" if args.action == "list" else f"/{args.action}")
+    body = {} if args.action == "list" else {"tag": args.tag}
+    try:
+        answer = httpx.post(args.url + route, json=body, headers=headers, timeout=120)
+    except httpx.HTTPError as e:
+        print(f"lstm-serve: {args.url} failed ({e}): is the service running?", file=sys.stderr)
+        return 1
+    reply = answer.json()
+    if answer.status_code != 200:
+        error = reply.get("error", {})
+        print(
+            f"lstm-serve: {answer.status_code} {error.get('code')}: {error.get('message')}",
+            file=sys.stderr,
+        )
+        return 2 if answer.status_code < 500 else 1
+    if args.action == "unload":
+        print(f"unloaded {reply['tag']}")
+        return 0
+    for model in reply["models"]:
+        mark = "*" if model["active"] else " "
+        print(f"{mark} {model['tag']}  sessions={model['sessions']}  device={model['device']}")
+    return 0
+
+
+def keys(args: argparse.Namespace) -> int:
+    """A new key's line appended to the key file (its digest only); the key printed once."""
+    from service.auth import KeyFileError, key_line, new_key, parse_key_file
+
+    try:
+        text = args.file.read_text() if args.file.exists() else ""
+        existing = parse_key_file(text, str(args.file))
+        if any(e.principal.name == args.name for e in existing):
+            raise KeyFileError(f"{args.file} has a key named {args.name!r} already")
+        key = new_key()
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += key_line(args.name, args.role, key)
+        parse_key_file(text, str(args.file))  # what a server will read
+    except (KeyFileError, OSError) as e:
+        print(f"lstm-serve: {e}", file=sys.stderr)
+        return 2
+    # Written whole and renamed into place: a server re-reading it never sees half a line.
+    # Digests only: the file is not a secret.
+    partial = args.file.with_name(args.file.name + ".new")
+    partial.write_text(text)
+    partial.replace(args.file)
+    print(key)
+    print(
+        f"lstm-serve: key {args.name!r} ({args.role}) added to {args.file}; this is the only time "
+        "it is shown. Revoke it by deleting its line.",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def train(args: argparse.Namespace) -> int:
@@ -284,9 +347,36 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the sessions after streaming, each under its series id",
     )
+    st.add_argument(
+        "--api-key",
+        default=os.environ.get("LSTM_API_KEY"),
+        help="the key for a service with LSTM_API_KEYS (default: LSTM_API_KEY)",
+    )
     st.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     st.add_argument("--quiet", action="store_true", help="no progress bar")
     st.set_defaults(run=stream)
+
+    m = sub.add_parser(
+        "models", help="the service's model versions: list, load, activate, unload (admin)"
+    )
+    m.add_argument("action", choices=["list", "load", "activate", "unload"])
+    m.add_argument("tag", nargs="?", help="name:version in BentoML's model store (not for list)")
+    m.add_argument("--url", default="http://127.0.0.1:3000", help="the service's base URL")
+    m.add_argument(
+        "--api-key",
+        default=os.environ.get("LSTM_API_KEY"),
+        help="an admin key, for a service with LSTM_API_KEYS (default: LSTM_API_KEY)",
+    )
+    m.set_defaults(run=models)
+
+    k = sub.add_parser(
+        "keys", help="add an API key to a key file (LSTM_API_KEYS); prints the key once"
+    )
+    k.add_argument("action", choices=["add"], help="add: a new key under NAME")
+    k.add_argument("name", help="the key's name: its sessions' namespace, shown in logs")
+    k.add_argument("--file", type=Path, required=True, help="the key file (created if absent)")
+    k.add_argument("--role", choices=["user", "admin"], default="user")
+    k.set_defaults(run=keys)
 
     b = sub.add_parser(
         "bench", help="bench/model_bench.py (pass its options after --)", add_help=False

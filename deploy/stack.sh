@@ -18,7 +18,8 @@
 # else. Grafana has no Debian package, so offline it is not started (said when it is skipped).
 #
 # TLS at nginx: LSTM_TLS=1 adds docker-compose.tls.yml (certificate and key from LSTM_TLS_DIR,
-# https on LSTM_TLS_PORT, 8443).
+# https on LSTM_TLS_PORT, 8443). API keys: LSTM_KEYS_FILE=path adds docker-compose.keys.yml (the
+# key file mounted into each replica as LSTM_API_KEYS).
 #
 # Settings (environment): COMPOSE_PROJECT_NAME (default lstm-sessions), LSTM_OFFLINE
 # (auto | 1 | 0), LSTM_PUBLIC_PORT / PROMETHEUS_PORT / GRAFANA_PORT (host ports, as in the
@@ -46,6 +47,12 @@ compose() {
   local files=(-f docker-compose.yml)
   if offline; then files+=(-f deploy/compose.offline.yml); fi
   if [ "${LSTM_TLS:-0}" = 1 ]; then files+=(-f docker-compose.tls.yml); fi
+  if [ -n "${LSTM_KEYS_FILE:-}" ]; then
+    [ -r "$LSTM_KEYS_FILE" ] || die "LSTM_KEYS_FILE=$LSTM_KEYS_FILE is not a readable file"
+    export LSTM_KEYS_FILE
+    LSTM_KEYS_FILE=$(realpath "$LSTM_KEYS_FILE")
+    files+=(-f docker-compose.keys.yml)
+  fi
   if [ "$(engine)" = docker ]; then
     docker compose "${files[@]}" -p "$COMPOSE_PROJECT_NAME" "$@"
   elif command -v podman-compose >/dev/null; then

@@ -20,10 +20,12 @@ from service.errors import (
     SessionExists,
     SessionExpired,
     SessionNotFound,
+    SessionOnOtherVersion,
     StaleSession,
     StoreCorrupted,
     StoreUnavailable,
 )
+from service.journal import StoreFiles
 from service.redis_state import RedisState, Write
 from service.results import StepDone
 from service.sessions import AppliedStep, Session, SessionStore, step_from_dict, step_to_dict
@@ -52,31 +54,48 @@ class Backend(Protocol):
 
 
 class EmbeddedBackend:
-    """The embedded store: the pool is the only copy."""
+    """The embedded store: the pool is the only copy. With ``files`` (``service.journal``)
+    every change is journalled beside the snapshot before it is answered: the journal's commit
+    is the batcher's persist hook, and creates, imports, resets and deletes write their own
+    entries. Without, nothing reaches the disk before a clean stop."""
 
-    persist: Persister | None = None
     authoritative = True
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, files: StoreFiles | None = None) -> None:
         self.store = store
+        self.files = files if files is not None and files.journalled else None
+        self.persist: Persister | None = None if self.files is None else self.files.commit
 
     async def get(self, session_id: str) -> Session:
         return self.store.get(session_id)
 
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
-        return self.store.create(session_id, ttl_s)
+        session = self.store.create(session_id, ttl_s)
+        if self.files is not None:
+            try:
+                await self.files.created(session)
+            except BaseException:
+                self.store.drop(session)
+                raise
+        return session
 
     async def delete(self, session: Session) -> None:
-        self.store.delete(session)
+        if self.files is None:
+            self.store.delete(session)
+        else:
+            await self.files.deleted(session, lambda: self.store.delete(session))
 
     async def reset(self, session: Session) -> None:
-        self.store.reset(session)
+        if self.files is None:
+            self.store.reset(session)
+        else:
+            await self.files.reset(session, lambda: self.store.reset(session))
 
     async def touch(self, session: Session) -> None:
         self.store.touch(session)
 
     async def ready(self) -> bool:
-        return True
+        return self.files is None or self.files.healthy
 
     async def current(self, session: Session) -> bool:
         return True
@@ -84,7 +103,14 @@ class EmbeddedBackend:
     async def restore(
         self, session_id: str, state: SessionState, t: int, ttl_s: float | None
     ) -> Session:
-        return self.store.restore(session_id, state, t=t, ttl_s=ttl_s)
+        session = self.store.restore(session_id, state, t=t, ttl_s=ttl_s)
+        if self.files is not None:
+            try:
+                await self.files.created(session, state)
+            except BaseException:
+                self.store.drop(session)
+                raise
+        return session
 
 
 def encode_last_step(step: AppliedStep) -> bytes:
@@ -137,12 +163,12 @@ class RedisBackend:
         cached = self.store.peek(session_id)
         if cached is not None:  # another request loaded it while this one waited on Redis
             return cached
-        if (header.get("model"), header.get("model_version")) != (
-            self.header["model"],
-            self.header["model_version"],
-        ):
-            raise SessionNotFound(
-                f"session {session_id!r} belongs to another model version", session_id=session_id
+        theirs = (header.get("model"), header.get("model_version"))
+        if theirs != (self.header["model"], self.header["model_version"]):
+            raise SessionOnOtherVersion(
+                f"no session {session_id!r} on this model version",
+                model=(str(theirs[0]), str(theirs[1])),
+                session_id=session_id,
             )
         session = self.store.restore(
             session_id, state, t=stored.t, ttl_s=stored.ttl_s, created_at=stored.created_at

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -35,6 +35,7 @@ from service.errors import ModelFailure, ShuttingDown
 from service.results import Outputs, StepDone
 from service.rounds import (
     BatchObserver,
+    BurnInJob,
     Computed,
     ForecastJob,
     Job,
@@ -58,9 +59,17 @@ class Commit:
     session: Session
     seq: int  # t before the step: the persister applies it only if the stored t is still this
     t: int
-    state: SessionState
     digest: bytes
-    outputs: Outputs
+    computed: Computed  # its outputs, and its new state as a row of its batch (Computed.group)
+
+    @property
+    def state(self) -> SessionState:
+        """The new state, its window too (read from the pool, where it is not yet)."""
+        return self.computed.state(self.session.slot)
+
+    @property
+    def outputs(self) -> Outputs:
+        return self.computed.outputs
 
 
 Persister = Callable[[list[Commit]], Awaitable[list[BaseException | None]]]
@@ -117,6 +126,14 @@ class MicroBatcher:
 
     async def predict(self, x: Tensor, *, return_gates: bool = False) -> Outputs:
         return await self._submit(PredictJob(x, return_gates))
+
+    async def burn_in(self, x: Tensor) -> SessionState:
+        """The state after ``x`` (k, F) from a zero state, batched with the round's other work:
+        a migration's replay (its result carries ``x`` as its window)."""
+        result = await self._submit(BurnInJob(x))
+        if isinstance(result, BaseException):
+            raise result
+        return cast(SessionState, result)
 
     async def close(self) -> None:
         """Stop the worker, leaving no caller waiting: every job not answered yet (queued,
@@ -223,11 +240,7 @@ class MicroBatcher:
             for job in steps:
                 c: Computed = job.result
                 t = job.session.t
-                commits.append(
-                    Commit(
-                        job.session, t, t + len(c.outputs.mean), c.state(), job.digest, c.outputs
-                    )
-                )
+                commits.append(Commit(job.session, t, t + len(c.outputs.mean), job.digest, c))
             verdicts = await self.persist(commits)
         accepted = [(job, job.result) for job, v in zip(steps, verdicts, strict=True) if v is None]
         self.runner.scatter(accepted)

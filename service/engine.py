@@ -41,7 +41,7 @@ from service.errors import (
 )
 from service.results import Outputs, StepDone
 from service.schemas import SESSION_ID_PATTERN, Step
-from service.sessions import Session
+from service.sessions import Session, public_id
 from service.state_blob import (
     BlobError,
     SessionState,
@@ -82,9 +82,10 @@ class SessionView:
     last_active: float
     expires_at: float
     ttl_s: float
+    model: tuple[str, str]  # (name, version) of the model the session is on
 
     @classmethod
-    def of(cls, session: Session) -> SessionView:
+    def of(cls, session: Session, model: tuple[str, str]) -> SessionView:
         return cls(
             session.id,
             session.t,
@@ -92,6 +93,7 @@ class SessionView:
             session.last_active,
             session.expires_at,
             session.ttl_s,
+            model,
         )
 
 
@@ -103,12 +105,13 @@ class ForecastView:
     stds: list[list[float]]
 
 
-def step_reply(session_id: str, done: StepDone) -> dict[str, Any]:
+def step_reply(session_id: str, done: StepDone, model_version: str) -> dict[str, Any]:
     """A step's reply as plain JSON-ready data, shaped as the StepResult schema: the one builder
     for every transport (HTTP, step_many, the stream) and for replays."""
     out = done.outputs
     return {
         "session_id": session_id,
+        "model_version": model_version,
         "t": done.t,
         "outputs": [
             {"mean": m, "std": s, "anomaly_z": z}
@@ -203,16 +206,20 @@ class Engine:
     async def create(self, session_id: str | None, ttl_s: float | None) -> SessionView:
         session = await self.backend.create(session_id, ttl_s)
         self.events.sessions(len(self.store))
-        return SessionView.of(session)
+        return SessionView.of(session, self.model)
+
+    async def check(self, session_id: str) -> None:
+        """Raises the store's 404 when the session is gone (a stream's check at connect)."""
+        await self.backend.get(session_id)
 
     async def get(self, session_id: str) -> SessionView:
         async with self.locked(session_id, verify=True) as session:
-            return SessionView.of(session)
+            return SessionView.of(session, self.model)
 
     async def reset(self, session_id: str) -> SessionView:
         async with self.locked(session_id) as session:
             await self.backend.reset(session)
-            return SessionView.of(session)
+            return SessionView.of(session, self.model)
 
     async def delete(self, session_id: str) -> str:
         async with self.locked(session_id) as session:
@@ -238,14 +245,17 @@ class Engine:
         """The session and its state as a blob bound to this model version."""
         async with self.locked(session_id, verify=True) as session:
             state = self.store.pool.read(session.slot)
-            blob = encode(state, self.blob_header(session), self.blob_key)
-            return SessionView.of(session), blob
+            # The client's id, not the store's: a tenant's blob does not carry its namespace.
+            header = {**self.blob_header(session), "session_id": public_id(session.id)}
+            blob = encode(state, header, self.blob_key)
+            return SessionView.of(session, self.model), blob
 
     async def import_blob(
-        self, blob: bytes, session_id: str | None, ttl_s: float | None
+        self, blob: bytes, session_id: str | None, ttl_s: float | None, namespace: str = ""
     ) -> SessionView:
         """A session continuing where an exported one was (under ``session_id``, default the
-        exported id); nothing created if the blob is not one of this model's (ModelMismatch), is
+        exported id, in ``namespace``: a tenant's, service/tenants.py); nothing created if the
+        blob is not one of this model's (ModelMismatch), is
         damaged (BlobCorrupted), not signed with this deployment's key (BlobSignatureInvalid), or
         holds what no session of this model can (BlobOutOfRange)."""
         try:
@@ -259,9 +269,9 @@ class Engine:
         except (BlobError, ValueError, KeyError) as e:
             raise BlobCorrupted(f"the blob was refused: {e}") from None
         self.check_blob(header, state)
-        session = await self.backend.restore(session_id, state, t, ttl_s)
+        session = await self.backend.restore(namespace + session_id, state, t, ttl_s)
         self.events.sessions(len(self.store))
-        return SessionView.of(session)
+        return SessionView.of(session, self.model)
 
     def blob_header(self, session: Session) -> dict[str, Any]:
         """What a session's blob says of it (export, snapshot)."""
@@ -325,7 +335,7 @@ class Engine:
                         continue
                     self.store.touch(session)
                     count("applied")
-                    return step_reply(session.id, done)
+                    return step_reply(session.id, done, self.model[1])
             raise StaleSession("the session kept changing under this replica; retry")
         except ServiceError as e:
             count(e.code)
@@ -349,7 +359,7 @@ class Engine:
         if last is not None and body.seq == last.seq and inputs_digest(x) == last.digest:
             self.events.replayed()
             count("replayed")
-            reply = step_reply(session.id, last.response)
+            reply = step_reply(session.id, last.response, self.model[1])
             if not body.return_gates:  # the retry's own return_gates decides (issue: ignored)
                 reply["gates"] = None
             return reply
@@ -480,4 +490,7 @@ class Engine:
             else:
                 self.store.touch(session)
                 count("applied")
-                results[i] = {"ok": True, "result": step_reply(session.id, future.result())}
+                results[i] = {
+                    "ok": True,
+                    "result": step_reply(session.id, future.result(), self.model[1]),
+                }

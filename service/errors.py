@@ -27,6 +27,35 @@ class InvalidRequest(ServiceError):
     status, code = 422, "invalid_request"
 
 
+class ApiKeyMissing(ServiceError):
+    """LSTM_API_KEYS is set and the request has no ``Authorization: Bearer`` header."""
+
+    status, code = 401, "api_key_missing"
+
+
+class ApiKeyMalformed(ServiceError):
+    """An ``Authorization`` header that is not ``Bearer <key>`` with a key of ours' shape."""
+
+    status, code = 401, "api_key_malformed"
+
+
+class ApiKeyInvalid(ServiceError):
+    """A key of the right shape that the key file does not hold: never issued, or revoked (the
+    same answer for both, so a caller cannot tell which)."""
+
+    status, code = 401, "api_key_invalid"
+
+
+class AdminOnly(ServiceError):
+    status, code = 403, "admin_only"
+
+
+class CorsOriginRefused(ServiceError):
+    """A CORS preflight from an origin that LSTM_CORS_ORIGINS does not list."""
+
+    status, code = 403, "cors_origin_refused"
+
+
 class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported_media_type"
 
@@ -85,6 +114,15 @@ class SessionEvicted(SessionGone):
     status, code = 404, "session_evicted"
 
 
+class SessionOnOtherVersion(SessionNotFound):
+    """The stored session is on another model version than the engine that looked: the one
+    that holds it (service/versions.py) answers instead; with none loaded, a plain 404."""
+
+    def __init__(self, message: str, *, model: tuple[str, str], **details: Any) -> None:
+        super().__init__(message, **details)
+        self.model = model
+
+
 class SessionExists(ServiceError):
     status, code = 409, "session_exists"
 
@@ -116,6 +154,32 @@ class BlobOutOfRange(ServiceError):
 
 class ModelMismatch(ServiceError):
     status, code = 409, "model_mismatch"
+
+
+class VersionNotLoaded(ServiceError):
+    status, code = 404, "model_version_not_loaded"
+
+
+class VersionActive(ServiceError):
+    status, code = 409, "model_version_active"
+
+
+class VersionInUse(ServiceError):
+    status, code = 409, "model_version_in_use"
+
+
+class MigrationImpossible(ServiceError):
+    """The session cannot move to the other version: it kept no inputs to replay (a window of
+    0, or a blob from before windows), the versions take different features, or the store
+    cannot do it (Redis: not yet)."""
+
+    status, code = 409, "migration_impossible"
+
+
+class VersionNotFound(ServiceError):
+    """A tag BentoML's model store does not hold (or whose checkpoint is refused)."""
+
+    status, code = 404, "model_not_in_store"
 
 
 class TooManySessions(ServiceError):

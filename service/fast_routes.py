@@ -159,13 +159,18 @@ class FastRoutes:
         """Answer the request; its status."""
         path = scope["path"]
         content_length = -1
+        declared: bool | None = None  # a body of no declared type is refused too (see _is_json)
+        chunked = False
         for name, value in scope["headers"]:
             if name == b"content-type":
-                if value.split(b";", 1)[0].strip().lower() != b"application/json":
-                    refused = UnsupportedMediaType("send the body as application/json")
-                    return await self._refuse(scope, send, refused.status, refused.body())
+                declared = value.split(b";", 1)[0].strip().lower() == b"application/json"
             elif name == b"content-length" and value.isdigit():
                 content_length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        if declared is False or (declared is None and (content_length > 0 or chunked)):
+            refused = UnsupportedMediaType("send the body as application/json")
+            return await self._refuse(scope, send, refused.status, refused.body())
         limit = self.max_body_bytes
         if content_length > limit:
             return await self._too_large(scope, send)

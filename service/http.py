@@ -97,13 +97,18 @@ def rewrite_error(status: int, raw: bytes) -> tuple[int, dict[str, Any]] | None:
 
 
 def _is_json(scope: Scope) -> bool:
-    """A missing Content-Type is taken as JSON; any other type is refused before a body is read
-    (BentoML would try to parse it and answer 500)."""
+    """Whether the body is declared JSON. Any other type is refused before a body is read
+    (BentoML would try to parse it and answer 500), and so is a body of no declared type: a
+    page of any origin may send that without a CORS preflight. A POST with no body (``/v1/model``)
+    needs no type."""
+    body = False
     for name, value in scope.get("headers", []):
         if name == b"content-type":
             media = value.split(b";", 1)[0].strip().lower()
             return media == b"application/json"
-    return True
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            body = True
+    return not body
 
 
 class ErrorContract:

@@ -67,3 +67,20 @@ MODEL_INFO = Gauge(
     ["name", "version", "device"],
     multiprocess_mode="max",
 )
+
+MODEL_SESSIONS = Gauge(
+    "lstm_model_sessions",
+    "Sessions on each loaded model version (active: whether new sessions go to it)",
+    ["version", "active"],
+    multiprocess_mode="livesum",
+)
+MIGRATIONS = Counter(
+    "lstm_migrations_total",
+    "Sessions moved to another model version, by outcome (migrated, or the error code)",
+    ["outcome"],
+)
+MIGRATION_SECONDS = Histogram(
+    "lstm_migration_seconds",
+    "Time of one session's migration (its replay through the new version included)",
+    buckets=(1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)

@@ -20,6 +20,7 @@ from pydantic.json_schema import models_json_schema
 
 from service import errors as e
 from service.schemas import (
+    ActivateModel,
     CreateSession,
     Deleted,
     ErrorBody,
@@ -27,7 +28,10 @@ from service.schemas import (
     Forecast,
     ForecastResult,
     ImportSession,
+    LoadedModels,
+    Migrate,
     ModelCard,
+    ModelRef,
     Predict,
     PredictResult,
     SessionInfo,
@@ -36,6 +40,7 @@ from service.schemas import (
     StepMany,
     StepManyResult,
     StepResult,
+    Unloaded,
 )
 
 
@@ -150,6 +155,14 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
     ),
     Operation(
+        "/v1/sessions/migrate",
+        "migrate",
+        "Move a session to another loaded model version by replaying its kept inputs",
+        Migrate,
+        SessionInfo,
+        (*GONE, e.MigrationImpossible, e.VersionNotLoaded, e.ModelFailure, *STORE),
+    ),
+    Operation(
         "/v1/predict",
         "predict",
         "A whole sequence in, the outputs after every timestep out; no session involved",
@@ -164,6 +177,38 @@ OPERATIONS: tuple[Operation, ...] = (
         None,
         ModelCard,
         read_only=True,
+    ),
+    Operation(
+        "/v1/admin/models",
+        "admin_models",
+        "The loaded model versions: which is active, how many sessions are on each",
+        None,
+        LoadedModels,
+        read_only=True,
+    ),
+    Operation(
+        "/v1/admin/models/load",
+        "admin_load",
+        "Load a version from BentoML's model store beside the others (not active yet)",
+        ModelRef,
+        LoadedModels,
+        (e.VersionNotFound, e.ModelMismatch),
+    ),
+    Operation(
+        "/v1/admin/models/activate",
+        "admin_activate",
+        "Make a loaded version the one new sessions are created on",
+        ActivateModel,
+        LoadedModels,
+        (e.VersionNotLoaded,),
+    ),
+    Operation(
+        "/v1/admin/models/unload",
+        "admin_unload",
+        "Unload a version that is not active and that no session is on",
+        ModelRef,
+        Unloaded,
+        (e.VersionNotLoaded, e.VersionActive, e.VersionInUse),
     ),
     Operation(
         "/v1/ping",
@@ -246,10 +291,23 @@ def _error_response(description: str, codes: list[str]) -> dict[str, Any]:
     }
 
 
-def _responses(op: Operation, refs: Refs) -> dict[str, Any]:
+KEY_ERRORS: tuple[type[e.ServiceError], ...] = (e.ApiKeyMissing, e.ApiKeyMalformed, e.ApiKeyInvalid)
+SECURITY_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "an API key of LSTM_API_KEYS (`lstm-serve keys add`); each key sees only the "
+    "sessions it created",
+}
+
+
+def _responses(op: Operation, refs: Refs, keys: bool = False) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
     for status, _, edge_codes in EDGE_ERRORS:
         by_status.setdefault(status, []).extend(edge_codes)
+    for error in KEY_ERRORS if keys else ():
+        by_status.setdefault(error.status, []).append(error.code)
+    if keys and op.path.startswith("/v1/admin/"):
+        by_status.setdefault(e.AdminOnly.status, []).append(e.AdminOnly.code)
     if op.request is not None:
         by_status.setdefault(422, []).extend(SCHEMA_CODES)
     for error in op.errors:
@@ -260,7 +318,12 @@ def _responses(op: Operation, refs: Refs) -> dict[str, Any]:
             "content": {"application/json": {"schema": refs[(op.response, "serialization")]}},
         }
     }
-    words = {**STATUS_WORDS, **{s: d for s, d, _ in EDGE_ERRORS}}
+    words = {
+        **STATUS_WORDS,
+        **{s: d for s, d, _ in EDGE_ERRORS},
+        401: "no valid API key",
+        403: "the key's role may not call this route",
+    }
     for status in sorted(by_status):
         responses[str(status)] = _error_response(
             words.get(status, "refused"), sorted(set(by_status[status]))
@@ -268,12 +331,18 @@ def _responses(op: Operation, refs: Refs) -> dict[str, Any]:
     return responses
 
 
-def _operation(op: Operation, method: str, refs: Refs) -> dict[str, Any]:
+def _tag(path: str) -> str:
+    if path.startswith("/v1/sessions/"):
+        return "sessions"
+    return "admin" if path.startswith("/v1/admin/") else "stateless"
+
+
+def _operation(op: Operation, method: str, refs: Refs, keys: bool = False) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "operationId": op.name if method == "post" else f"{op.name}_get",
         "summary": op.summary,
-        "tags": ["sessions" if op.path.startswith("/v1/sessions/") else "stateless"],
-        "responses": _responses(op, refs),
+        "tags": [_tag(op.path)],
+        "responses": _responses(op, refs, keys),
     }
     if op.request is not None:
         doc["requestBody"] = {
@@ -296,6 +365,7 @@ class Deployment:
     max_horizon: int
     max_session_ttl_s: float
     max_body_bytes: int
+    api_keys: bool = False  # LSTM_API_KEYS set: every /v1 route needs a bearer key
 
 
 def _narrow(schemas: dict[str, Any], to: Deployment) -> None:
@@ -355,14 +425,15 @@ def openapi_document(version: str, deployment: Deployment | None = None) -> dict
     defs = schemas.get("$defs", {})
     if deployment is not None:
         _narrow(defs, deployment)
+    keys = deployment is not None and deployment.api_keys
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
-        item = {"post": _operation(op, "post", refs)}
+        item = {"post": _operation(op, "post", refs, keys)}
         if op.name == "create":
             n_features = deployment.n_features if deployment else 1
             item["post"]["responses"]["200"]["links"] = _links(n_features)
         if op.read_only:
-            item["get"] = _operation(op, "get", refs)
+            item["get"] = _operation(op, "get", refs, keys)
         paths[op.path] = item
     for path, (summary, statuses) in HEALTH.items():
         paths[path] = {
@@ -370,6 +441,7 @@ def openapi_document(version: str, deployment: Deployment | None = None) -> dict
                 "operationId": path.strip("/"),
                 "summary": summary,
                 "tags": ["health"],
+                "security": [],  # open with keys on, as the probes and Prometheus need
                 "responses": {
                     str(s): {
                         "description": "OK" if s == 200 else "not ready",
@@ -379,9 +451,13 @@ def openapi_document(version: str, deployment: Deployment | None = None) -> dict
                 },
             }
         }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "lstm-sessions", "version": version, "description": DESCRIPTION},
         "paths": paths,
         "components": {"schemas": defs},
     }
+    if keys:
+        document["components"]["securitySchemes"] = {"apiKey": SECURITY_SCHEME}
+        document["security"] = [{"apiKey": []}]
+    return document

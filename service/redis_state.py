@@ -195,6 +195,13 @@ class RedisState:
             )
         return client
 
+    def _forget(self, client: Any) -> None:
+        for name, known in list(self._nodes.items()):
+            if known is client:
+                del self._nodes[name]
+                closing = asyncio.get_running_loop().create_task(client.aclose())
+                closing.add_done_callback(lambda task: task.cancelled() or task.exception())
+
     async def _run(self, calls: list[tuple[str, list[str], list[Arg]]]) -> list[Any]:
         """Each (sha, keys, args) script call, in one pipeline per master (one connection each),
         followed there by a WAIT when ``wait_replicas`` is set; the scripts' replies, in order
@@ -222,7 +229,12 @@ class RedisState:
         failed = [d for d in done if isinstance(d, BaseException)]
         if failed:
             if self.cluster:
-                with contextlib.suppress(Exception):  # a master may have moved: learn the map
+                # A master may have moved: learn the map, and make the failed nodes' clients
+                # afresh (a pool may keep a connection its peer's death left unusable).
+                for (client, _), outcome in zip(groups.values(), done, strict=True):
+                    if isinstance(outcome, BaseException):
+                        self._forget(client)
+                with contextlib.suppress(Exception):
                     await self.client.nodes_manager.initialize()
             if len(failed) < len(done):
                 raise StoreOutcomeUnknown(

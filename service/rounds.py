@@ -46,6 +46,13 @@ class Group:
     c: Tensor
     next_mean: Tensor  # (B, F)
     next_std: Tensor
+    # The outputs as computed, (B, T, F) each, before they became each step's lists: a journal
+    # (service/journal.py) writes a whole batch's from these at once.
+    mean: Tensor | None = None
+    std: Tensor | None = None
+    z: Tensor | None = None
+    x: Tensor | None = None  # (B, T, F): the chunks, for the sessions' windows
+    pool: StatePool | None = None  # where they will go (a state for Redis: window_of)
 
 
 @dataclass(slots=True)
@@ -56,10 +63,15 @@ class Computed:
     group: Group
     row: int
 
-    def state(self) -> SessionState:
+    def state(self, slot: int | None = None) -> SessionState:
+        """The new state; with ``slot`` (where the session is, not yet scattered) its window
+        too: the kept inputs and this chunk."""
         g, b = self.group, self.row
+        window = None
+        if slot is not None and g.pool is not None and g.x is not None:
+            window = g.pool.window_of(slot, then=g.x[b])
         return SessionState(
-            g.h[:, b].cpu(), g.c[:, b].cpu(), g.next_mean[b].cpu(), g.next_std[b].cpu()
+            g.h[:, b].cpu(), g.c[:, b].cpu(), g.next_mean[b].cpu(), g.next_std[b].cpu(), window
         )
 
 
@@ -125,6 +137,17 @@ class PredictJob(Job):
         return int(self.x.shape[0])
 
 
+@dataclass(eq=False)
+class BurnInJob(Job):
+    """A migration's replay: the model over a session's kept inputs from a zero state; its
+    result is the state that leaves (no session is touched)."""
+
+    x: Tensor  # (k, F), k >= 1
+
+    def work(self) -> int:
+        return int(self.x.shape[0])
+
+
 def inputs_digest(x: Tensor) -> bytes:
     if x.device.type == "cpu" and x.is_contiguous():
         return hashlib.blake2b(x.numpy().data, digest_size=16).digest()  # no copy
@@ -153,13 +176,20 @@ class RoundRunner:
         """Each job's ``result``: a step's ``Computed`` (not in the pool yet), a forecast's
         means and stds, a prediction's ``Outputs``, or the ModelFailure to answer."""
         groups: dict[tuple[int, bool], list[StepJob]] = defaultdict(list)
+        burn_ins: dict[int, list[BurnInJob]] = defaultdict(list)
         for job in batch:
             if isinstance(job, StepJob):
                 groups[(job.x.shape[0], job.return_gates)].append(job)
+            elif isinstance(job, BurnInJob):
+                burn_ins[job.x.shape[0]].append(job)
         with torch.no_grad():
             for group in groups.values():
                 for job, out in zip(group, self._isolate(self._steps, group), strict=True):
                     job.result = out
+            for same_length in burn_ins.values():
+                replayed = self._isolate(self._burn_in, same_length)
+                for burn_in, state in zip(same_length, replayed, strict=True):
+                    burn_in.result = state
             for job in batch:
                 if isinstance(job, ForecastJob):
                     job.result = self._guard(functools.partial(self._forecast, job))
@@ -174,13 +204,16 @@ class RoundRunner:
             rows.append(computed.row)
             slots.append(job.session.slot)
         for group, (rows, slots) in by_group.items():
-            h, c, mean, std = group.h, group.c, group.next_mean, group.next_std
+            h, c, mean, std, x = group.h, group.c, group.next_mean, group.next_std, group.x
             if len(rows) < mean.shape[0]:  # some were refused: scatter the others' rows only
                 keep = torch.tensor(rows, device=self.device)
                 h, c = h.index_select(1, keep), c.index_select(1, keep)
                 mean, std = mean.index_select(0, keep), std.index_select(0, keep)
+                x = None if x is None else x.index_select(0, keep)
             target = torch.tensor(slots, device=self.device)
             self.pool.scatter(target, LSTMState(h, c), mean, std)
+            if x is not None:
+                self.pool.record(target, x)
 
     def _isolate(self, run: Callable[[list[T]], list[Any]], jobs: list[T]) -> list[Any]:
         try:
@@ -224,7 +257,7 @@ class RoundRunner:
         self.observer.model_time(time.perf_counter() - started)
         self.observer.batch(len(jobs))
         self.observer.timesteps(x.shape[0] * x.shape[1])
-        group = Group(new_state.h, new_state.c, mean[:, -1], std[:, -1])
+        group = Group(new_state.h, new_state.c, mean[:, -1], std[:, -1], mean, std, z, x, self.pool)
         # One conversion per tensor for the whole batch: per-row views and tolist() calls cost
         # more than the model's step at these sizes.
         means, stds, zs = mean.tolist(), std.tolist(), z.tolist()
@@ -242,6 +275,23 @@ class RoundRunner:
                 group,
                 b,
             )
+            for b in range(len(jobs))
+        ]
+
+    def _burn_in(self, jobs: list[BurnInJob]) -> list[SessionState]:
+        """One batched forward over kept inputs of one length, from zero states."""
+        x = torch.stack([j.x for j in jobs]).to(self.device)  # (B, k, F)
+        mean, std, state, _ = self.model(x, None)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise FloatingPointError("non-finite model output")
+        h, c, last_mean, last_std = (
+            state.h.cpu(),
+            state.c.cpu(),
+            mean[:, -1].cpu(),
+            std[:, -1].cpu(),
+        )
+        return [
+            SessionState(h[:, b], c[:, b], last_mean[b], last_std[b], jobs[b].x.cpu())
             for b in range(len(jobs))
         ]
 

@@ -10,7 +10,7 @@ that may be null says so here, and the document says so too.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -80,6 +80,35 @@ class CreateSession(Request):
 
 class SessionRef(Request):
     session_id: SessionId
+
+
+MODEL_TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(:[A-Za-z0-9._-]{1,128})?$"
+ModelTag = Annotated[
+    str,
+    Field(
+        pattern=MODEL_TAG_PATTERN,
+        description="a tag of BentoML's model store: name:version (or name, its latest)",
+    ),
+]
+
+
+class ModelRef(Request):
+    tag: ModelTag
+
+
+class ActivateModel(Request):
+    tag: ModelTag
+    migrate: Literal["none", "on_next_step", "now"] = Field(
+        "none",
+        description="the other versions' sessions: none, they stay where they are (migrate "
+        "one with /v1/sessions/migrate); on_next_step, each moves at its next call; now, all "
+        "move in the background, a batch at a time",
+    )
+
+
+class Migrate(Request):
+    session_id: SessionId
+    to: ModelTag | None = Field(None, description="a loaded version; default: the active one")
 
 
 class StreamMessage(Request):
@@ -173,9 +202,29 @@ class SessionInfo(BaseModel):
 
 class StepResult(BaseModel):
     session_id: str
+    model_version: str = Field(description="the model version that answered")
     t: int = Field(description="timesteps consumed after this chunk")
     outputs: list[StepOutput] = Field(description="one per timestep of the chunk")
     gates: Gates | None = None
+
+
+class LoadedModel(BaseModel):
+    tag: str
+    name: str
+    version: str
+    active: bool = Field(description="new sessions are created on it")
+    sessions: int = Field(description="sessions on it now")
+    device: str
+    loaded_at: datetime
+
+
+class LoadedModels(BaseModel):
+    models: list[LoadedModel]
+
+
+class Unloaded(BaseModel):
+    tag: str
+    unloaded: bool
 
 
 class ErrorDetail(BaseModel):

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import functools
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,20 +34,24 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 import service.model_registry  # noqa: F401  first: it fixes BENTOML_HOME before anyone reads it
-from model import pick_device
+from model import Checkpoint, pick_device
 from service import connections, metrics
+from service.auth import ApiKeyGate, admit, caller, websocket_authorization
 from service.backends import Backend, EmbeddedBackend, RedisBackend
 from service.batcher import BatchObserver, MicroBatcher
+from service.cors import Cors, check_ws_origin
 from service.engine import Engine, EngineEvents, EngineLimits, SessionView
-from service.errors import BlobCorrupted, ServiceError
+from service.errors import ApiKeyMissing, BlobCorrupted, ServiceError, VersionNotFound
 from service.fast_routes import FastRoutes
 from service.http import ErrorContract, RefusalTracebacks, RequestDeadline
+from service.journal import StoreFiles
 from service.openapi import ALLOWED, Deployment, openapi_document
 from service.redis_state import RedisState
 from service.results import Outputs
 from service.schemas import (
     SEQ_CEILING,
     VALUE_CEILING,
+    ActivateModel,
     CreateSession,
     Deleted,
     Exported,
@@ -56,7 +61,11 @@ from service.schemas import (
     Gates,
     ImportSession,
     Limits,
+    LoadedModel,
+    LoadedModels,
+    Migrate,
     ModelCard,
+    ModelRef,
     Predict,
     PredictResult,
     SessionInfo,
@@ -66,25 +75,33 @@ from service.schemas import (
     StepManyResult,
     StepOutput,
     StepResult,
+    Unloaded,
 )
 from service.sessions import SessionStore, StatePool, StoreEvents, StoreLimits
-from service.settings import Settings, load_settings
-from service.snapshot import SnapshotRefused, restore_sessions, save_sessions
+from service.settings import Settings, cors_origin_list, load_settings
+from service.snapshot import SnapshotRefused
 from service.startup import (
     enforce_single_worker,
     in_arbiter,
+    load_api_keys,
     load_model,
     model_engine,
     package_version,
     prepare_arbiter,
+    serving_host,
     tune_gc,
+    warn_if_open,
     warn_if_redis_is_down,
 )
 from service.stream import StreamEndpoint, StreamLimits
+from service.tenants import KeyedStream, TenantSessions
+from service.versions import Version, VersionEvents, Versions
 
 settings = load_settings()  # at import: a bad LSTM_* variable stops the start, named
+api_keys = load_api_keys(settings.api_keys)
 if in_arbiter():
     prepare_arbiter()  # its own metrics directory; a refused start exits non-zero
+    warn_if_open(serving_host(sys.argv), api_keys)
 log = logging.getLogger("lstm_sessions")
 
 P = ParamSpec("P")
@@ -142,6 +159,12 @@ def count_outcomes(tally: Counter[str]) -> None:
         metrics.STEP_REQUESTS.labels(outcome).inc(n)
 
 
+def count_migration(outcome: str, seconds: float) -> None:
+    metrics.MIGRATIONS.labels(outcome).inc()
+    if outcome == "migrated":
+        metrics.MIGRATION_SECONDS.observe(seconds)
+
+
 def count_refused_step(path: str, code: str) -> None:
     """Steps refused before the handler ran (schema, body limit) count by their code too."""
     if path == "/v1/sessions/step":
@@ -196,6 +219,7 @@ def deployment(config: Settings, n_features: int) -> Deployment:
         max_horizon=config.max_horizon,
         max_session_ttl_s=config.max_session_ttl_s,
         max_body_bytes=config.max_body_bytes,
+        api_keys=config.api_keys is not None,
     )
 
 
@@ -222,6 +246,10 @@ async def _ping_get(request: Request) -> Response:
     return Response(PING_BODY, media_type="application/json")
 
 
+async def _admin_models_get(request: Request) -> Response:
+    return Response(_current()._loaded().model_dump_json(), media_type="application/json")
+
+
 # /v1/stream, and GET (and HEAD) for the read-only routes whose POST BentoML serves. BentoML mounts
 # this passively: it claims only these paths and methods, so a POST still reaches BentoML's route.
 v1_app = Starlette(
@@ -229,6 +257,7 @@ v1_app = Starlette(
         WebSocketRoute("/stream", _stream),
         Route("/model", _model_get, methods=["GET"]),
         Route("/ping", _ping_get, methods=["GET"]),
+        Route("/admin/models", _admin_models_get, methods=["GET"]),
     ]
 )
 
@@ -253,40 +282,91 @@ class LSTMSessions:
         self.device = pick_device(settings.device)
         if torch.device(self.device).type == "cpu" and settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        self._model_labels: set[tuple[str, str]] = set()  # lstm_model_sessions' label values
         self.checkpoint = load_model(settings.model_tag, settings.model_dir, self.device)
-        model, config = self.checkpoint.model, self.checkpoint.model.config
+        config = self.checkpoint.model.config
         self.n_features = config.n_features
+        self.redis: RedisState | None = None
+        self.files: StoreFiles | None = None  # the embedded store's snapshot and journal
+        if settings.redis_url is not None:
+            warn_if_redis_is_down(settings.redis_url)
+            self.redis = RedisState(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_s,
+                wait_replicas=settings.redis_wait_replicas,
+                wait_timeout_ms=settings.redis_wait_timeout_ms,
+            )
+        first = self._build_version(self.checkpoint, durable=True)
+        # The version started with: its store is the one the snapshot holds.
+        self.engine = first.engine
+        self.backend, self.store, self.batcher = (
+            first.engine.backend,
+            first.engine.store,
+            first.engine.batcher,
+        )
+        self.versions = Versions(
+            first,
+            loader=self._load_version,
+            events=VersionEvents(migrated=count_migration, sessions=self._count_sessions),
+        )
+        pool = self.store.pool
+        self.streams = StreamEndpoint(
+            StreamLimits(settings.max_streams, settings.stream_idle_s, settings.max_body_bytes),
+            admit=self._stream_sessions,
+            opened=metrics.STREAMS_OPEN.set,
+            refused=lambda code: metrics.STEP_REQUESTS.labels(code).inc(),
+        )
+        self._sweeper: asyncio.Task[None] | None = None
+        metrics.STATE_MEMORY.set(pool.nbytes)
+        metrics.STORE_UP.set(1)
+        metrics.MODEL_INFO.labels(
+            self.checkpoint.name, self.checkpoint.version, str(self.device)
+        ).set(1)
+        if self.files is not None:
+            self._recover(self.files)
+        self._count_sessions()
+        log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
+        tune_gc()
+
+    def _build_version(self, checkpoint: Checkpoint, durable: bool = False) -> Version:
+        """A model version's engine: its pool, store, backend and micro-batcher; ``durable``:
+        with the snapshot and journal (the version the server started with)."""
+        model, config = checkpoint.model, checkpoint.model.config
         pool = StatePool(
             config.num_layers,
             config.hidden_size,
             config.n_features,
             settings.max_sessions,
             self.device,
+            window=settings.migration_window,
         )
-        authoritative = settings.redis_url is None
+        authoritative = self.redis is None
         store = SessionStore(
             pool, store_limits(settings, authoritative), events=store_events(authoritative)
         )
-        self.backend: Backend
-        if settings.redis_url is None:
-            self.backend = EmbeddedBackend(store)
+        backend: Backend
+        if self.redis is None:
+            files = None
+            if durable and settings.snapshot_path is not None:
+                # The version started with keeps the snapshot and the journal (its store is the
+                # one a restart restores).
+                files = self.files = StoreFiles(
+                    settings.snapshot_path,
+                    settings.journal,
+                    settings.journal_max_bytes,
+                    model=(checkpoint.name, checkpoint.version),
+                    header_of=lambda session: engine.blob_header(session),
+                )
+            backend = EmbeddedBackend(store, files)
         else:
-            warn_if_redis_is_down(settings.redis_url)
-            redis = RedisState(
-                settings.redis_url,
-                timeout_s=settings.redis_timeout_s,
-                wait_replicas=settings.redis_wait_replicas,
-                wait_timeout_ms=settings.redis_wait_timeout_ms,
-            )
-            header = {"model": self.checkpoint.name, "model_version": self.checkpoint.version}
-            self.backend = RedisBackend(store, redis, header)
-        self.store = store
-        self.batcher = MicroBatcher(
+            header = {"model": checkpoint.name, "model_version": checkpoint.version}
+            backend = RedisBackend(store, self.redis, header)
+        batcher = MicroBatcher(
             model,
             pool,
             max_batch=settings.max_batch,
             wait_s=settings.batch_wait_ms / 1000,
-            persist=self.backend.persist,
+            persist=backend.persist,
             inline_work=settings.inline_work,
             stack_engine=model_engine(settings.model_engine, model, settings.native_cache_dir),
             observer=BatchObserver(
@@ -296,10 +376,10 @@ class LSTMSessions:
                 timesteps=metrics.TIMESTEPS.inc,
             ),
         )
-        self.engine = Engine(
-            self.backend,
-            self.batcher,
-            model=(self.checkpoint.name, self.checkpoint.version),
+        engine = Engine(
+            backend,
+            batcher,
+            model=(checkpoint.name, checkpoint.version),
             n_features=config.n_features,
             blob_key=settings.blob_key.get_secret_value().encode() if settings.blob_key else None,
             limits=EngineLimits(
@@ -313,27 +393,51 @@ class LSTMSessions:
                 step_outcomes=count_outcomes,
                 replayed=metrics.REPLAYS.inc,
                 seq_conflict=metrics.SEQ_CONFLICTS.inc,
-                sessions=metrics.SESSIONS_ACTIVE.set,
+                sessions=lambda _: self._count_sessions(),
             ),
         )
-        self.streams = StreamEndpoint(
-            StreamLimits(settings.max_streams, settings.stream_idle_s, settings.max_body_bytes),
-            step=self.engine.step,
-            check_session=self._check_session,
-            opened=metrics.STREAMS_OPEN.set,
-            refused=lambda code: metrics.STEP_REQUESTS.labels(code).inc(),
+        return Version(
+            f"{checkpoint.name}:{checkpoint.version}",
+            engine,
+            str(self.device),
+            close=batcher.close,
         )
-        self._sweeper: asyncio.Task[None] | None = None
-        metrics.STATE_MEMORY.set(pool.nbytes)
-        metrics.STORE_UP.set(1)
-        metrics.MODEL_INFO.labels(
-            self.checkpoint.name, self.checkpoint.version, str(self.device)
-        ).set(1)
-        if settings.snapshot_path is not None and authoritative:
-            self._restore_snapshot(settings.snapshot_path)
-        metrics.SESSIONS_ACTIVE.set(len(store))
-        log.info("serving %s:%s on %s", self.checkpoint.name, self.checkpoint.version, self.device)
-        tune_gc()
+
+    def _load_version(self, tag: str) -> Version:
+        """A version from BentoML's store (in a thread: ``Versions.load``)."""
+        from bentoml.exceptions import BentoMLException
+
+        from model import CheckpointError
+        from service.model_registry import load_from_store
+
+        try:
+            checkpoint = load_from_store(tag, device=str(self.device))
+        except (BentoMLException, CheckpointError, OSError) as e:
+            raise VersionNotFound(
+                f"model {tag!r} cannot be loaded from the model store ({e}); import it with "
+                f"`python -m service.model_registry import DIR`",
+                tag=tag,
+            ) from None
+        version = self._build_version(checkpoint)
+        log.info("loaded %s beside %s", version.tag, ", ".join(self.versions.held))
+        return version
+
+    def _count_sessions(self) -> None:
+        versions: Versions | None = getattr(self, "versions", None)
+        if versions is None:  # the first version, being built
+            metrics.SESSIONS_ACTIVE.set(len(self.store))
+            return
+        metrics.SESSIONS_ACTIVE.set(versions.total_sessions())
+        shown = {
+            (v.tag, "true" if v is versions.active else "false"): v.sessions
+            for v in versions.held.values()
+        }
+        # A multiprocess gauge cannot drop a label: one no longer true reads 0.
+        for labels in self._model_labels - shown.keys():
+            metrics.MODEL_SESSIONS.labels(*labels).set(0)
+        for labels, sessions in shown.items():
+            metrics.MODEL_SESSIONS.labels(*labels).set(sessions)
+        self._model_labels |= shown.keys()
 
     async def __is_ready__(self) -> bool:
         self._start_sweeper()
@@ -347,12 +451,12 @@ class LSTMSessions:
     async def create(self, body: CreateSession, /) -> SessionInfo:
         """Open a session at t = 0, with a client-chosen or random id."""
         self._start_sweeper()
-        return self._info(await self.engine.create(body.session_id, body.ttl_s))
+        return self._info(await self._sessions().create(body.session_id, body.ttl_s))
 
     @route("/v1/sessions/step", Step)
     async def step(self, body: Step, /) -> StepResult:
         """Feed a chunk of T timesteps; get the forecast and anomaly score after each."""
-        return StepResult.model_validate(await self.engine.step(body))
+        return StepResult.model_validate(await self._sessions().step(body))
 
     @route("/v1/sessions/step_many", StepMany)
     async def step_many(self, body: StepMany, /) -> StepManyResult:
@@ -362,35 +466,35 @@ class LSTMSessions:
         together. Results come back in the order of the items. The reply is serialised straight
         from plain data: building a pydantic model per item cost more than the step itself.
         """
-        return fast_json({"results": await self.engine.step_many(body.items)})
+        return fast_json({"results": await self._sessions().step_many(body.items)})
 
     @route("/v1/sessions/forecast", Forecast)
     async def forecast(self, body: Forecast, /) -> ForecastResult:
         """Forecast ``horizon`` future steps from the current state, without changing it."""
-        f = await self.engine.forecast(body.session_id, body.horizon)
+        f = await self._sessions().forecast(body.session_id, body.horizon)
         steps = [ForecastStep(mean=m, std=s) for m, s in zip(f.means, f.stds, strict=True)]
         return ForecastResult(session_id=f.session_id, t=f.t, forecast=steps)
 
     @route("/v1/sessions/get", SessionRef)
     async def get(self, body: SessionRef, /) -> SessionInfo:
         """A session's t and times."""
-        return self._info(await self.engine.get(body.session_id))
+        return self._info(await self._sessions().get(body.session_id))
 
     @route("/v1/sessions/reset", SessionRef)
     async def reset(self, body: SessionRef, /) -> SessionInfo:
         """Back to a zero state at t = 0."""
-        return self._info(await self.engine.reset(body.session_id))
+        return self._info(await self._sessions().reset(body.session_id))
 
     @route("/v1/sessions/delete", SessionRef)
     async def delete(self, body: SessionRef, /) -> Deleted:
         """Free a session and its state."""
-        return Deleted(session_id=await self.engine.delete(body.session_id), deleted=True)
+        return Deleted(session_id=await self._sessions().delete(body.session_id), deleted=True)
 
     @route("/v1/sessions/export", SessionRef)
     async def export(self, body: SessionRef, /) -> Exported:
         """The session's state as a blob another deployment of the same model can import."""
-        view, blob = await self.engine.export(body.session_id)
-        name, version = self.engine.model
+        view, blob = await self._sessions().export(body.session_id)
+        name, version = view.model
         blob64 = base64.b64encode(blob).decode()
         return Exported(
             session_id=view.session_id, t=view.t, model=name, model_version=version, blob=blob64
@@ -403,14 +507,70 @@ class LSTMSessions:
             blob = base64.b64decode(body.blob, validate=True)
         except ValueError as e:  # binascii.Error, or a character outside ASCII
             raise BlobCorrupted(f"the blob was refused: {e}") from None
-        return self._info(await self.engine.import_blob(blob, body.session_id, body.ttl_s))
+        return self._info(await self._sessions().import_blob(blob, body.session_id, body.ttl_s))
+
+    @route("/v1/sessions/migrate", Migrate)
+    async def migrate(self, body: Migrate, /) -> SessionInfo:
+        """Move a session to another loaded model version (default: the active one) by
+        replaying its kept inputs; t and seq carry on."""
+        to = await self._resolve(body.to) if body.to else None
+        return self._info(await self._sessions().migrate(body.session_id, to))
+
+    # --- admin: model versions (behind the admin role with API keys: service/auth.py) ---------
+
+    @bentoml.api(route="/v1/admin/models")
+    async def admin_models(self) -> LoadedModels:
+        """The loaded model versions: which is active, how many sessions are on each."""
+        return self._loaded()
+
+    @route("/v1/admin/models/load", ModelRef)
+    async def admin_load(self, body: ModelRef, /) -> LoadedModels:
+        """Load a version from BentoML's model store beside the others (not active yet)."""
+        await self.versions.load(body.tag)
+        self._count_sessions()
+        return self._loaded()
+
+    @route("/v1/admin/models/activate", ActivateModel)
+    async def admin_activate(self, body: ActivateModel, /) -> LoadedModels:
+        """Make a loaded version the one new sessions are created on; migrate the others'."""
+        version = await self.versions.activate(await self._resolve(body.tag), body.migrate)
+        log.info("model %s is active (migrate: %s)", version.tag, body.migrate)
+        self._count_sessions()
+        return self._loaded()
+
+    @route("/v1/admin/models/unload", ModelRef)
+    async def admin_unload(self, body: ModelRef, /) -> Unloaded:
+        """Unload a version no session is on (and that is not active)."""
+        tag = await self._resolve(body.tag)
+        await self.versions.unload(tag)
+        log.info("model %s unloaded", tag)
+        return Unloaded(tag=tag, unloaded=True)
+
+    async def _resolve(self, tag: str) -> str:
+        """A tag as the versions hold it: ``name`` (or ``name:latest``) is the store's latest."""
+        if tag in self.versions.held or (":" in tag and not tag.endswith(":latest")):
+            return tag
+        from bentoml.exceptions import BentoMLException
+
+        try:
+            return str(await asyncio.to_thread(lambda: bentoml.models.get(tag).tag))
+        except BentoMLException:
+            return tag  # not in the store: the versions answer model_version_not_loaded
+
+    def _loaded(self) -> LoadedModels:
+        return LoadedModels(
+            models=[
+                LoadedModel(**{**m, "loaded_at": _iso(m["loaded_at"])})
+                for m in self.versions.models()
+            ]
+        )
 
     # --- stateless ----------------------------------------------------------------------------
 
     @route("/v1/predict", Predict)
     async def predict(self, body: Predict, /) -> PredictResult:
         """A whole sequence in, the outputs after every timestep out; no session involved."""
-        out = await self.engine.predict(body.inputs, body.return_gates)
+        out = await self.versions.predict(body.inputs, body.return_gates)
         return PredictResult(
             outputs=self._outputs(out), gates=Gates(**out.gates) if out.gates else None
         )
@@ -434,32 +594,41 @@ class LSTMSessions:
 
     @bentoml.on_shutdown
     def _write_snapshot(self) -> None:
-        """At a clean stop, the embedded store's sessions go to disk, to be restored at start."""
-        if settings.snapshot_path is None or not self.backend.authoritative:
+        """At a clean stop, the embedded store's sessions go to its snapshot (and its journal
+        goes), to be restored at start."""
+        if self.files is None:
             return
-        n = save_sessions(settings.snapshot_path, self.store, self.engine.blob_header)
-        log.info("snapshot of %d sessions written to %s", n, settings.snapshot_path)
+        n = self.files.close()
+        log.info("snapshot of %d sessions written to %s", n, self.files.snapshot)
 
-    def _restore_snapshot(self, path: Path) -> None:
-        if not path.exists():
-            return
+    def _recover(self, files: StoreFiles) -> None:
+        """The snapshot and the journal after it (a crash's), restored all or nothing; then
+        the journal starts afresh from what was restored."""
         try:
-            done = restore_sessions(path, self.store, self.engine.check_blob, now=time.time())
+            done = files.recover(self.store, self.engine.check_blob, now=time.time())
         except SnapshotRefused as e:
-            rejected = path.with_name(path.name + ".rejected")
-            path.replace(rejected)
-            log.error("snapshot %s not restored, none of it (%s); kept as %s", path, e, rejected)
-            return
-        log.info("restored %d sessions from %s", done.sessions, path)
-        if done.expired:
-            log.info("%d sessions of it had expired meanwhile", done.expired)
-        if done.evicted:
-            log.warning(
-                "%d oldest sessions of it not restored: no room (LSTM_MAX_SESSIONS; "
-                "LSTM_EVICT_WHEN_FULL is on)",
-                done.evicted,
+            log.error(
+                "snapshot %s and its journal not restored, none of it (%s); kept as ….rejected",
+                files.snapshot,
+                e,
             )
-        path.unlink()  # restored: a later crash must not roll sessions back to it
+            done = None
+        if done is not None:
+            log.info(
+                "restored %d sessions from %s and %d journal records after it",
+                done.restored.sessions,
+                files.snapshot,
+                done.groups,
+            )
+            if done.restored.expired:
+                log.info("%d sessions of it had expired meanwhile", done.restored.expired)
+            if done.restored.evicted:
+                log.warning(
+                    "%d oldest sessions of it not restored: no room (LSTM_MAX_SESSIONS; "
+                    "LSTM_EVICT_WHEN_FULL is on)",
+                    done.restored.evicted,
+                )
+        files.open(self.store)
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -482,11 +651,32 @@ class LSTMSessions:
             limits=limits(settings),
         )
 
-    async def _check_session(self, session_id: str) -> None:
-        await self.backend.get(session_id)
+    def _sessions(self) -> Versions | TenantSessions:
+        """The sessions as this request's caller sees them: with API keys, the key's namespace
+        (never the whole store: a request the gate did not admit reaches nothing)."""
+        principal = caller.get()
+        if principal is not None:
+            return TenantSessions(self.versions, principal.name)
+        if api_keys is not None:
+            raise ApiKeyMissing("this service needs an API key (the request was not admitted)")
+        return self.versions
+
+    def _stream_sessions(self, ws: WebSocket) -> Versions | KeyedStream:
+        """A WebSocket's caller (its key checked as an HTTP request's is, and again at every
+        message) and what it steps. A page of another origin is refused (browsers apply no CORS
+        to WebSockets): an ``Origin`` must be the service's own or in LSTM_CORS_ORIGINS."""
+        check_ws_origin(ws.scope, cors_origin_list(settings.cors_origins))
+        if api_keys is None:
+            return self.versions
+        authorization = websocket_authorization(ws.scope)
+        principal = admit(api_keys, "/v1/stream", authorization)
+        return KeyedStream(
+            TenantSessions(self.versions, principal.name),
+            recheck=lambda: admit(api_keys, "/v1/stream", authorization),
+        )
 
     def _info(self, view: SessionView) -> SessionInfo:
-        name, version = self.engine.model
+        name, version = view.model
         return SessionInfo(
             session_id=view.session_id,
             model=name,
@@ -512,8 +702,9 @@ class LSTMSessions:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(settings.sweep_interval_s)
-            if self.store.sweep():
-                metrics.SESSIONS_ACTIVE.set(len(self.store))
+            swept = [v.engine.store.sweep() for v in list(self.versions.held.values())]
+            if any(swept):
+                self._count_sessions()
             metrics.STORE_UP.set(1 if await self.backend.ready() else 0)
 
 
@@ -529,11 +720,11 @@ RefusalTracebacks.install()
 
 
 async def _fast_step(body: Step) -> Any:
-    return await _current().engine.step(body)
+    return await _current()._sessions().step(body)
 
 
 async def _fast_step_many(body: StepMany) -> Any:
-    return {"results": await _current().engine.step_many(body.items)}
+    return {"results": await _current()._sessions().step_many(body.items)}
 
 
 def fast_routes(app: Any) -> FastRoutes:
@@ -551,6 +742,18 @@ def fast_routes(app: Any) -> FastRoutes:
     )
 
 
+def front(app: Any) -> Any:
+    """What every HTTP request meets first, outermost first: CORS (a preflight is answered
+    before any key is asked for), the API-key gate, the fast routes, then BentoML's stack."""
+    if settings.fast_routes:
+        app = fast_routes(app)
+    if api_keys is not None:
+        app = ApiKeyGate(app, api_keys, refused=count_refused_step)
+    if cors_origin_list(settings.cors_origins):
+        app = Cors(app, cors_origin_list(settings.cors_origins))
+    return app
+
+
 connections.install(
     connections.fit_to_fd_limit(
         settings.max_connections,
@@ -558,5 +761,5 @@ connections.install(
         settings.max_header_bytes,
         settings.keep_alive_s,
     ),
-    front=fast_routes if settings.fast_routes else None,
+    front=front,
 )

@@ -47,6 +47,19 @@ def new_session_id() -> str:
     return secrets.token_hex(16)
 
 
+TENANT_SEPARATOR = "/"  # outside SESSION_ID_PATTERN: a scoped id never equals a client's id
+
+
+def scoped_id(tenant: str, session_id: str) -> str:
+    """The store's id of a tenant's session (service/tenants.py)."""
+    return f"{tenant}{TENANT_SEPARATOR}{session_id}"
+
+
+def public_id(session_id: str) -> str:
+    """The client's id of a store id: the id itself when it is not scoped."""
+    return session_id.rpartition(TENANT_SEPARATOR)[2]
+
+
 class StatePool:
     """Preallocated tensors, one row (slot) per session: (layers, capacity, hidden) and more."""
 
@@ -57,19 +70,24 @@ class StatePool:
         features: int,
         capacity: int,
         device: torch.device | str,
+        window: int = 0,
     ) -> None:
         self.capacity = capacity
         self.h = torch.zeros(layers, capacity, hidden, device=device)
         self.c = torch.zeros(layers, capacity, hidden, device=device)
         self.next_mean = torch.zeros(capacity, features, device=device)
         self.next_std = torch.ones(capacity, features, device=device)
+        # Each session's last ``window`` inputs, a ring: input number n (0-based, counted by
+        # ``recorded``) sits at row n % window. What a migration to another version replays.
+        self.window = window
+        self.inputs = torch.zeros(capacity, window, features, device=device)
+        self.recorded = torch.zeros(capacity, dtype=torch.long, device=device)
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            t.element_size() * t.nelement() for t in (self.h, self.c, self.next_mean, self.next_std)
-        )
+        tensors = (self.h, self.c, self.next_mean, self.next_std, self.inputs, self.recorded)
+        return sum(t.element_size() * t.nelement() for t in tensors)
 
     def allocate(self) -> int:
         slot = self._free.pop()
@@ -97,21 +115,54 @@ class StatePool:
         self.c[:, slot].zero_()
         self.next_mean[slot].zero_()
         self.next_std[slot].fill_(1.0)
+        self.recorded[slot] = 0
 
     def read(self, slot: int) -> SessionState:
-        """A copy of one slot's state, on the CPU."""
+        """A copy of one slot's state, on the CPU (its window oldest first)."""
         return SessionState(
             self.h[:, slot].cpu().clone(),
             self.c[:, slot].cpu().clone(),
             self.next_mean[slot].cpu().clone(),
             self.next_std[slot].cpu().clone(),
+            self.window_of(slot),
         )
+
+    def window_of(self, slot: int, then: Tensor | None = None) -> Tensor | None:
+        """The slot's kept inputs, oldest first, on the CPU; with ``then`` (T, F) appended, as
+        they will be once a step of ``then`` is recorded. None when no window is kept."""
+        if not self.window:
+            return None
+        n = int(self.recorded[slot])
+        k = min(n, self.window)
+        rows = torch.arange(n - k, n, device=self.inputs.device) % self.window
+        kept = self.inputs[slot].index_select(0, rows).cpu()
+        if then is not None:
+            kept = torch.cat([kept, then.to("cpu", torch.float32)])[-self.window :]
+        return kept
 
     def write(self, slot: int, state: SessionState) -> None:
         self.h[:, slot] = state.h.to(self.h.device)
         self.c[:, slot] = state.c.to(self.c.device)
         self.next_mean[slot] = state.next_mean.to(self.next_mean.device)
         self.next_std[slot] = state.next_std.to(self.next_std.device)
+        kept = 0
+        if self.window and state.window is not None:
+            rows = state.window[-self.window :]
+            kept = rows.shape[0]
+            self.inputs[slot, :kept] = rows.to(self.inputs.device)
+        self.recorded[slot] = kept
+
+    def record(self, slots: Tensor, x: Tensor) -> None:
+        """Append each slot's chunk (B, T, F) to its window: one write for the batch."""
+        if not self.window:
+            return
+        steps = x.shape[1]
+        if steps > self.window:  # only the last ``window`` of a long chunk are kept
+            x = x[:, -self.window :]
+        offset = torch.arange(steps - x.shape[1], steps, device=self.inputs.device)
+        rows = (self.recorded.index_select(0, slots).unsqueeze(1) + offset) % self.window
+        self.inputs[slots.unsqueeze(1), rows] = x.to(self.inputs.device)  # rows distinct per slot
+        self.recorded.index_add_(0, slots, torch.full_like(slots, steps))
 
     def gather(self, slots: Tensor) -> LSTMState:
         return LSTMState(self.h.index_select(1, slots), self.c.index_select(1, slots))
@@ -491,6 +542,11 @@ class Session:
         """The last applied step and when it was recorded (for a snapshot), or None."""
         return unpack_step(self._last_step) if self._last_step else None
 
+    def step_record(self) -> bytes | None:
+        """``recorded_step`` still packed (``unpack_step`` reads it), or None: a compaction
+        copies it on the event loop and reads it in a thread."""
+        return self._last_step or None
+
     def restore_step(self, step: AppliedStep, at: float) -> None:
         """Keep a step recorded at ``at`` (read from a snapshot): the sweep frees it at ``at`` plus
         the replay window, as if the server had never stopped."""
@@ -681,6 +737,10 @@ class SessionStore:
 
     def peek(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
+
+    def knows(self, session_id: str) -> bool:
+        """Whether the id is held here, or was (expired or evicted, and still remembered)."""
+        return session_id in self._sessions or session_id in self._gone
 
     def drop(self, session: Session) -> None:
         """Forget a cached session without counting it anywhere (durable mode: Redis has it)."""

@@ -8,6 +8,7 @@ definition, so no setting can allow what the wire schema refuses.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,7 @@ from service.schemas import (
     PREDICT_CEILING,
     TTL_CEILING,
 )
+from service.state_blob import WINDOW_CEILING
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +146,20 @@ class Settings(BaseSettings):
     snapshot_path: Path | None = Field(
         Path("state/sessions.snapshot"),
         description="where the embedded store writes its sessions at shutdown and reads them at "
-        "start; empty: no snapshot",
+        "start, its journal beside it; empty: no snapshot and no journal",
+    )
+    journal: Literal["fsync", "write", "off"] = Field(
+        "write",
+        description="the embedded store's write-ahead journal beside the snapshot, each change "
+        "in it before it is answered: fsync, on the disk (survives a power loss); write, in the "
+        "kernel (survives a crash or kill -9 of the process); off, none (a kill -9 loses every "
+        "session since the last start)",
+    )
+    journal_max_bytes: int = Field(
+        64 * 2**20,
+        ge=2**16,
+        description="the journal is compacted (a new base of every session, a new journal) once "
+        "it is this large and larger than the last base",
     )
 
     blob_key: SecretStr | None = Field(
@@ -153,6 +168,27 @@ class Settings(BaseSettings):
         description="signs exported session blobs (HMAC-SHA256) and is required to import one: "
         "a blob made or altered by anyone without the key is refused; at least 32 characters, "
         "the same on every deployment that exchanges blobs; unset: blobs carry a checksum only",
+    )
+
+    migration_window: int = Field(
+        256,
+        ge=0,
+        le=WINDOW_CEILING,
+        description="each session keeps its last this many inputs (with its state: the pool, "
+        "snapshots, Redis, blobs), so it can move to another model version by replaying them; "
+        "0: none kept, sessions cannot migrate",
+    )
+    api_keys: Path | None = Field(
+        None,
+        description="a file of named API keys, stored hashed (`lstm-serve keys add`): every "
+        "route but health, metrics and the docs then needs `Authorization: Bearer <key>`, and "
+        "each key sees only the sessions it created; re-read when it changes (a key removed is "
+        "revoked within a second); unset: no keys (a warning at start off loopback)",
+    )
+    cors_origins: str = Field(
+        "",
+        description="comma-separated origins a browser page may call the API from "
+        "(https://app.example.com); empty: none (same-origin pages only)",
     )
 
     @field_validator("redis_url")
@@ -164,7 +200,15 @@ class Settings(BaseSettings):
             cluster_nodes(value)  # ValueError naming the part that is not host:port
         return value
 
-    @field_validator("snapshot_path", "blob_key", "native_cache_dir", mode="before")
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: str) -> str:
+        for origin in cors_origin_list(value):
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?|\*", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]) or '*'")
+        return value
+
+    @field_validator("snapshot_path", "blob_key", "api_keys", "native_cache_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -174,6 +218,10 @@ class Settings(BaseSettings):
         if self.session_ttl_s > self.max_session_ttl_s:
             raise ValueError("LSTM_SESSION_TTL_S must not exceed LSTM_MAX_SESSION_TTL_S")
         return self
+
+
+def cors_origin_list(value: str) -> list[str]:
+    return [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
 
 
 def load_settings() -> Settings:

@@ -1,4 +1,5 @@
-"""The embedded store's snapshot: every live session written at shutdown, read back at start.
+"""The embedded store's snapshot: every live session written at shutdown, read back at start
+(with the journal after it, ``service.journal``, replayed over it).
 
 A snapshot file is ``b"LSTMSNAP1\\n"``, a u32 count, then each session as a u32 length and a
 state blob (``service.state_blob``: checksummed, no pickle). It is written to a temporary file
@@ -59,7 +60,23 @@ def restore_sessions(
     *,
     now: float,
 ) -> Restored:
-    """The snapshot's sessions back into ``store``, all or nothing.
+    """The snapshot's sessions back into ``store``, all or nothing (``restore_entries``)."""
+    try:
+        entries = read_snapshot(path)
+    except BlobError as e:
+        raise SnapshotRefused(str(e)) from e
+    return restore_entries(entries, store, check, now=now)
+
+
+def restore_entries(
+    entries: list[tuple[dict[str, Any], SessionState]],
+    store: SessionStore,
+    check: Callable[[dict[str, Any], SessionState], None],
+    *,
+    now: float,
+) -> Restored:
+    """Sessions (a snapshot's, with its journal's changes: ``service.journal``) into ``store``,
+    all or nothing.
 
     Every entry is read and checked (``check``: its model, its shapes; the store's TTL limit and
     room) before the first is restored, and a restore that fails after all undoes the ones
@@ -68,7 +85,7 @@ def restore_sessions(
     that fit come back and ``Restored.evicted`` says how many did not.
     """
     try:
-        entries = sorted(read_snapshot(path), key=lambda e: float(e[0]["last_active"]))
+        entries = sorted(entries, key=lambda e: float(e[0]["last_active"]))
         live = []
         for header, state in entries:
             check(header, state)
@@ -122,6 +139,16 @@ def write_snapshot(path: Path, sessions: list[tuple[dict[str, Any], SessionState
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+    fsync_dir(path.parent)  # the rename itself survives a power loss before a journal goes
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (a file created, renamed or removed) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_snapshot(path: Path) -> list[tuple[dict[str, Any], SessionState]]:

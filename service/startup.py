@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import errno
 import gc
+import ipaddress
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ import bentoml
 
 from model import Checkpoint, CheckpointError, LSTMForecaster
 from model.native import NativeLSTM, NativeUnavailable, StackEngine, build_engine
+from service.auth import ApiKeys, KeyFileError
 
 RUNS_DIR = "lstm_servers"
 REFUSED = "refused"  # written by a worker that refused to start; read by its arbiter at exit
@@ -242,6 +244,44 @@ def warn_if_redis_is_down(url: str) -> None:
             "/readyz 503 until it does; check that Redis runs and LSTM_REDIS_URL",
             url,
             e,
+        )
+
+
+def load_api_keys(path: Path | None) -> ApiKeys | None:
+    """LSTM_API_KEYS's keys, or SystemExit naming the variable (as a bad setting does)."""
+    if path is None:
+        return None
+    try:
+        return ApiKeys(path)
+    except KeyFileError as e:
+        raise SystemExit(f"invalid service settings:\n  {e}") from None
+
+
+def serving_host(argv: list[str]) -> str:
+    """The address ``bentoml serve`` was told to listen on (BentoML's default: every one)."""
+    for i, arg in enumerate(argv):
+        if arg == "--host" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return "0.0.0.0"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_open(host: str, keys: ApiKeys | None) -> None:
+    if keys is None and not is_loopback(host):
+        log.warning(
+            "listening on %s with no API keys: anyone who can reach the port can step, read, "
+            "export or delete any session by its id; set LSTM_API_KEYS (README: Security)",
+            host,
         )
 
 

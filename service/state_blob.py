@@ -5,11 +5,14 @@ Layout (version 1)::
     b"LSTMSTATE1\\n" | u32 header length | header JSON | float32 payload | digest of all before
 
 The header names the model (name and version) the state belongs to, the shapes, ``t``, the
-session's times and whether the blob is ``signed``; the payload is h and c (layers x hidden each),
-then the forecast already made for the next value (mean and std, one per feature), little-endian
-float32. The digest is an HMAC-SHA256 under the deployment's key (``LSTM_BLOB_KEY``) when the blob
-is signed, a plain SHA-256 otherwise: the first proves who made the blob, the second only that it
-was not damaged (anyone can compute it for a blob of their own making).
+session's times, how many inputs its ``window`` holds and whether the blob is ``signed``; the
+payload is h and c (layers x hidden each), then the forecast already made for the next value (mean
+and std, one per feature), then the window's inputs (window x features, oldest first: what a
+migration to another model version replays), little-endian float32. A blob without ``window`` in
+its header (made before windows) has none. The digest is an HMAC-SHA256 under the deployment's
+key (``LSTM_BLOB_KEY``) when the blob is signed, a plain SHA-256 otherwise: the first proves who
+made the blob, the second only that it was not damaged (anyone can compute it for a blob of their
+own making).
 
 Nothing in a blob is trusted before ``check_blob``: the model version, the shapes, ``t`` and every
 value's range (what the LSTM can produce from its zero state in ``t`` steps).
@@ -30,6 +33,7 @@ from torch import Tensor
 
 MAGIC = b"LSTMSTATE1\n"
 DIGEST = 32
+WINDOW_CEILING = 65_536  # no setting may keep more inputs per session than this
 
 
 class BlobError(ValueError):
@@ -54,12 +58,18 @@ class SessionState:
     c: Tensor
     next_mean: Tensor
     next_std: Tensor
+    # The session's last inputs, oldest first, (k, F) raw values (k <= LSTM_MIGRATION_WINDOW):
+    # what a migration to another model version replays. None: none kept.
+    window: Tensor | None = None
 
     def arrays(self) -> list[np.ndarray]:
-        return [
-            t.detach().to("cpu", torch.float32).contiguous().numpy()
-            for t in (self.h, self.c, self.next_mean, self.next_std)
-        ]
+        tensors = [self.h, self.c, self.next_mean, self.next_std]
+        if self.window is not None and self.window.shape[0]:
+            tensors.append(self.window)
+        return [t.detach().to("cpu", torch.float32).contiguous().numpy() for t in tensors]
+
+    def window_rows(self) -> int:
+        return 0 if self.window is None else int(self.window.shape[0])
 
 
 def encode(state: SessionState, header: dict[str, Any], key: bytes | None = None) -> bytes:
@@ -70,6 +80,7 @@ def encode(state: SessionState, header: dict[str, Any], key: bytes | None = None
         "layers": arrays[0].shape[0],
         "hidden": arrays[0].shape[1],
         "features": arrays[2].shape[0],
+        "window": state.window_rows(),
         "dtype": "float32",
         "signed": key is not None,
     }
@@ -109,10 +120,13 @@ def decode(blob: bytes, key: bytes | None = None) -> tuple[dict[str, Any], Sessi
         layers, hidden, features = (int(header[k]) for k in ("layers", "hidden", "features"))
     except (ValueError, KeyError, TypeError) as e:
         raise BlobError(f"the session state blob has an unreadable header: {e}") from e
+    window = header.get("window", 0)  # blobs from before windows have none
     if header.get("dtype") != "float32" or min(layers, hidden, features) < 1:
         raise BlobError("the session state blob's header has impossible shapes or dtype")
+    if not (type(window) is int and 0 <= window <= WINDOW_CEILING):
+        raise BlobError(f"the session state blob's window is not a count in [0, {WINDOW_CEILING}]")
     payload = np.frombuffer(body, dtype="<f4", offset=start + head_len)
-    sizes = [layers * hidden, layers * hidden, features, features]
+    sizes = [layers * hidden, layers * hidden, features, features, window * features]
     if payload.size != sum(sizes):
         raise BlobError("the session state blob's payload does not match its header's shapes")
     parts = np.split(payload.astype(np.float32), np.cumsum(sizes)[:-1])
@@ -121,6 +135,7 @@ def decode(blob: bytes, key: bytes | None = None) -> tuple[dict[str, Any], Sessi
         torch.from_numpy(parts[1].reshape(layers, hidden).copy()),
         torch.from_numpy(parts[2].copy()),
         torch.from_numpy(parts[3].copy()),
+        torch.from_numpy(parts[4].reshape(window, features).copy()) if window else None,
     )
     return header, state
 
@@ -163,3 +178,13 @@ def check_blob(
         raise BlobOutOfRange(f"the blob was refused: a forecast mean beyond {VALUE_CEILING:g}")
     if not (float(state.next_std.min()) > 0 and float(state.next_std.max()) <= VALUE_CEILING):
         raise BlobOutOfRange(f"the blob was refused: a forecast std not in (0, {VALUE_CEILING:g}]")
+    if state.window is not None:
+        if state.window.shape[1] != features:
+            raise BlobCorrupted("the blob's window does not match the model's features")
+        if state.window.shape[0] > t:
+            raise BlobOutOfRange(f"the blob was refused: a window of more inputs than t = {t}")
+        if not (
+            bool(torch.isfinite(state.window).all())
+            and float(state.window.abs().max()) <= VALUE_CEILING
+        ):
+            raise BlobOutOfRange(f"the blob was refused: a window value beyond {VALUE_CEILING:g}")

@@ -16,6 +16,9 @@ faster than it is served fills its own TCP window, not the server's memory.
 When a connection closes, and why (the close code; an error message goes out first, except for
 the last row):
 
+    4401  LSTM_API_KEYS is set and the connection has no valid key (an ``Authorization: Bearer``
+          header, or from a browser the subprotocol ``bearer.<key>`` beside ``lstm.v1``)
+    4403  the key may not call this route
     4404  the session does not exist, expired, was evicted or deleted
     4408  no message for LSTM_STREAM_IDLE_S seconds
     4429  LSTM_MAX_STREAMS connections are open already
@@ -30,9 +33,9 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from pydantic import ValidationError
@@ -63,8 +66,18 @@ class StreamLimits:
     max_message_bytes: int
 
 
-Stepper = Callable[[Step], Awaitable[dict[str, Any]]]
-Checker = Callable[[str], Awaitable[None]]
+SUBPROTOCOL = "lstm.v1"  # accepted when offered (a browser sending its key as a subprotocol)
+
+
+class StreamSessions(Protocol):
+    """What a connection steps through: the engine, or one API key's view of it."""
+
+    async def step(self, body: Step) -> dict[str, Any]: ...
+
+    async def check(self, session_id: str) -> None: ...  # the store's 404 when it is gone
+
+
+Admit = Callable[[WebSocket], StreamSessions]  # raises the ServiceError (401/403) to close with
 
 
 class StreamEndpoint:
@@ -73,22 +86,26 @@ class StreamEndpoint:
     def __init__(
         self,
         limits: StreamLimits,
-        step: Stepper,
-        check_session: Checker,
+        admit: Admit,
         *,
         opened: Callable[[int], None] = lambda n: None,
         refused: Callable[[str], None] = lambda code: None,
     ) -> None:
         self.limits = limits
-        self.step = step  # a Step -> the wire reply; raises ServiceError
-        self.check_session = check_session  # raises the store's 404 when the session is gone
+        self.admit = admit  # the connection's caller: whose sessions it steps
         self.opened = opened  # told the count of open streams whenever it changes
         self.refused = refused  # told the code of each message the schema refused
         self.open = 0
 
     async def serve(self, ws: WebSocket) -> None:
-        await ws.accept()
+        offered = ws.scope.get("subprotocols", ())
+        await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         session_id = ws.query_params.get("session_id", "")
+        try:  # who is calling, before anything else is told (even whether the service is full)
+            sessions = self.admit(ws)
+        except ServiceError as e:
+            await self._close_with(ws, e)
+            return
         if self.open >= self.limits.max_streams:
             full = TooManyStreams(
                 f"{self.open} streams are open, the limit (LSTM_MAX_STREAMS)",
@@ -104,11 +121,11 @@ class StreamEndpoint:
                     raise InvalidRequest(
                         f"the query parameter session_id must match {SESSION_ID_PATTERN}"
                     )
-                await self.check_session(session_id)
+                await sessions.check(session_id)
             except ServiceError as e:
                 await self._close_with(ws, e)
                 return
-            await self._messages(ws, session_id)
+            await self._messages(ws, sessions, session_id)
         except WebSocketDisconnect:
             pass
         except Exception:
@@ -119,7 +136,7 @@ class StreamEndpoint:
             self.open -= 1
             self.opened(self.open)
 
-    async def _messages(self, ws: WebSocket, session_id: str) -> None:
+    async def _messages(self, ws: WebSocket, sessions: StreamSessions, session_id: str) -> None:
         limits = self.limits
         while True:
             try:
@@ -143,11 +160,11 @@ class StreamEndpoint:
                 await self._close_with(ws, too_big, code=CLOSE_TOO_BIG)
                 return
             try:
-                reply = await self.step(parse_message(raw, session_id))
-            except SessionGone as e:
-                await self._close_with(ws, e)
-                return
+                reply = await sessions.step(parse_message(raw, session_id))
             except ServiceError as e:
+                if isinstance(e, SessionGone) or e.status in (401, 403):  # gone, or the key is
+                    await self._close_with(ws, e)
+                    return
                 await ws.send_text(error_text(e.status, e.body()))
                 continue
             except MessageRefused as e:

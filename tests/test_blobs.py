@@ -81,9 +81,13 @@ def forge_unsigned(blob: bytes, key: bytes | None, **changes: Any) -> bytes:
     header = {
         k: v
         for k, v in header.items()
-        if k not in ("layers", "hidden", "features", "dtype", "signed")
+        if k not in ("layers", "hidden", "features", "dtype", "signed", "window")
     }
-    tensors = {f.name: getattr(state, f.name).clone() for f in dataclasses.fields(state)}
+    tensors = {
+        f.name: getattr(state, f.name).clone()
+        for f in dataclasses.fields(state)
+        if getattr(state, f.name) is not None
+    }
     for name, value in changes.items():
         if name in tensors:
             tensors[name].fill_(value)

@@ -35,7 +35,15 @@ SCHEMA = ROOT / "tests" / "data" / "compose-spec.schema.json"
 REPLICAS = ["lstm-1", "lstm-2"]
 
 
-@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.gpu.yml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "docker-compose.yml",
+        "docker-compose.gpu.yml",
+        "docker-compose.tls.yml",
+        "docker-compose.keys.yml",
+    ],
+)
 def test_compose_files_match_the_compose_schema(name: str) -> None:
     # The schema declares draft 7 by an identifier jsonschema does not know; name it here.
     jsonschema.Draft7Validator(json.loads(SCHEMA.read_text())).validate(compose(name))
@@ -114,7 +122,13 @@ def test_alerts_and_dashboard_use_metrics_that_exist() -> None:
         unknown = used - ours - bentoml_names
         assert not unknown, f"{source} uses metrics nobody exports: {sorted(unknown)}"
     names = {r["alert"] for g in yaml.safe_load(alerts)["groups"] for r in g["rules"]}
-    assert names == {"LSTMReplicaDown", "LSTMStepErrorRate", "LSTMStepLatencyP99", "LSTMRedisDown"}
+    assert names == {
+        "LSTMReplicaDown",
+        "LSTMStepErrorRate",
+        "LSTMStepLatencyP99",
+        "LSTMRedisDown",
+        "LSTMSessionsOnInactiveVersion",
+    }
 
 
 def test_promtool_accepts_the_config_and_rules(tmp_path: Path) -> None:
@@ -245,3 +259,21 @@ def test_grafana_provisioning_is_consistent() -> None:
     assert refs and refs <= uids, f"panels use datasources nobody provisions: {refs - uids}"
     for panel in dashboard["panels"]:
         assert [t["expr"] for t in panel.get("targets", [])], f"panel {panel.get('title')} is empty"
+
+
+def test_the_keys_override_gives_each_replica_the_key_file_and_nothing_else() -> None:
+    """make up KEYS=keys.txt: LSTM_API_KEYS on both replicas, pointing at the file mounted
+    read-only; no other service changes (health, metrics and nginx's own check stay open)."""
+    keys = compose("docker-compose.keys.yml")
+    assert sorted(keys["services"]) == REPLICAS
+    for replica in REPLICAS:
+        spec = keys["services"][replica]
+        target = spec["environment"]["LSTM_API_KEYS"]
+        assert [v.split("}:", 1)[1] for v in spec["volumes"]] == [f"{target}:ro"]
+        assert spec["volumes"][0].startswith("${LSTM_KEYS_FILE:?")
+    stack = (DEPLOY / "stack.sh").read_text()
+    assert "docker-compose.keys.yml" in stack and "LSTM_KEYS_FILE" in stack
+    # No "${VAR:-}" (an empty default) in the files: podman-compose 1.0.3 passes it on
+    # uninterpolated, and a replica given LSTM_BLOB_KEY="${LSTM_BLOB_KEY:-}" refused to start.
+    for name in ("docker-compose.yml", "docker-compose.tls.yml", "docker-compose.keys.yml"):
+        assert ":-}" not in (ROOT / name).read_text(), name

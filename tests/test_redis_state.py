@@ -94,7 +94,16 @@ def test_with_wait_a_write_its_replica_lacks_is_never_confirmed(
                 await state.create("fresh", b"blob", 1.0, 60, "e")
             assert await state.load("fresh") is None  # taken back: a retry can create it
             os.kill(replica.pid, signal.SIGCONT)
-            assert await state.create("fresh", b"blob", 1.0, 60, "e")
+            # The replica, resumed, catches up; until then (100 ms a WAIT, longer on a loaded
+            # machine) the create is taken back again, so retry it for a while.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert await state.create("fresh", b"blob", 1.0, 60, "e")
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() < deadline, "the resumed replica never confirmed"
+                    await asyncio.sleep(0.1)
 
         asyncio.run(scenario())
     finally:

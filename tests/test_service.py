@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -298,15 +299,30 @@ def test_tampered_or_foreign_blobs_are_refused(client: TestClient) -> None:
     status, body = post(client, "/v1/sessions/import", {"blob": "not base64!", "session_id": "t2"})
     assert status == 422 and body["error"]["code"] == "blob_corrupted"
     header, state = decode(base64.b64decode(exported["blob"]))
-    foreign = encode(state, {**header, "model_version": "000000000000"})
+    foreign = encode(state, {**header, "model": "another-model"})
     status, body = post(
         client,
         "/v1/sessions/import",
         {"blob": base64.b64encode(foreign).decode(), "session_id": "t3"},
     )
     assert status == 409 and body["error"]["code"] == "model_mismatch"
-    for sid in ("t1", "t2", "t3"):
+    # Another version of this model, not loaded: it migrates when it kept inputs, else not.
+    bare = dataclasses.replace(state, window=None)
+    old = encode(bare, {**header, "model_version": "000000000000"})
+    status, body = post(
+        client, "/v1/sessions/import", {"blob": base64.b64encode(old).decode(), "session_id": "t4"}
+    )
+    assert status == 409 and body["error"]["code"] == "migration_impossible"
+    for sid in ("t1", "t2", "t3", "t4"):
         assert post(client, "/v1/sessions/get", {"session_id": sid})[0] == 404
+    older = encode(state, {**header, "model_version": "000000000000"})
+    status, body = post(
+        client,
+        "/v1/sessions/import",
+        {"blob": base64.b64encode(older).decode(), "session_id": "t5"},
+    )
+    assert status == 200 and body["model_version"] == header["model_version"], body
+    assert body["t"] == 1
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ class FakeService:
 
 def endpoint_client(limits: StreamLimits) -> tuple[TestClient, FakeService, StreamEndpoint]:
     fake = FakeService()
-    endpoint = StreamEndpoint(limits, step=fake.step, check_session=fake.check)
+    endpoint = StreamEndpoint(limits, admit=lambda ws: fake)
 
     async def route(ws: WebSocket) -> None:
         await endpoint.serve(ws)
@@ -145,9 +145,7 @@ def test_the_size_limit_counts_bytes_not_characters() -> None:
 def test_schema_refused_messages_are_counted_by_code() -> None:
     refused: list[str] = []
     fake = FakeService()
-    endpoint = StreamEndpoint(
-        LIMITS, step=fake.step, check_session=fake.check, refused=refused.append
-    )
+    endpoint = StreamEndpoint(LIMITS, admit=lambda ws: fake, refused=refused.append)
 
     async def route(ws: WebSocket) -> None:
         await endpoint.serve(ws)

@@ -277,3 +277,37 @@ def test_the_package_ships_the_page_without_a_setuptools_warning(tmp_path: Path)
     page = {p.relative_to(ROOT).as_posix() for p in (ROOT / "service" / "ui").iterdir()}
     assert page <= shipped, page - shipped  # every file of the page, the favicon included
     assert "service/ui/favicon.svg" in page
+
+
+def test_the_page_asks_for_an_api_key_and_streams_with_it(page: Page, tmp_path: Path) -> None:
+    """With LSTM_API_KEYS the page's first call is refused, and says so; the key typed into its
+    field is sent on every call after, and the page streams."""
+    from selenium.webdriver.common.by import By
+
+    from service.auth import key_line, new_key
+
+    key = new_key()
+    (tmp_path / "keys").write_text(key_line("page", "user", key))
+    env = {"LSTM_API_KEYS": str(tmp_path / "keys"), "BENTOML_HOME": str(tmp_path / "home")}
+    with bentoml_server(env) as url:
+        browser = page.browser
+        browser.get_log("browser")
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(f"{url}/ui/")
+        error = page.wait_for(lambda: browser.find_element(By.ID, "error").text, "the refusal")
+        assert "401 api_key_missing" in error, page.report()
+        field = browser.find_element(By.ID, "api-key")
+        field.send_keys(key)
+        browser.execute_script(
+            "document.getElementById('api-key').dispatchEvent(new Event('change'))"
+        )
+        page.wait_for(lambda: ":" in browser.find_element(By.ID, "model").text, "the card")
+        browser.execute_script(
+            "const s = document.getElementById('speed'); s.value = 50; s.oninput()"
+        )
+        browser.find_element(By.ID, "start").click()
+        page.wait_for(lambda: page.data_t() >= 10, "10 timesteps streamed with the key")
+        browser.find_element(By.ID, "pause").click()
+        assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None, (
+            page.report()
+        )

@@ -17,9 +17,18 @@ const state = {
   generation: 0,  // bumped by start/stop/reset/new: a reply of an older run is ignored
 };
 
+// A service with API keys (LSTM_API_KEYS) needs one: typed into the page, kept for this tab only.
+const KEY_STORE = "lstm-api-key";
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { authorization: `Bearer ${key}` } : {};
+}
+
 async function api(route, body) {
   const response = await fetch(route, {
-    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
+    method: "POST", headers: { "content-type": "application/json", ...authHeaders() },
+    body: JSON.stringify(body),
   });
   const reply = await response.json().catch(() => ({}));
   if (!response.ok) {
@@ -300,4 +309,10 @@ async function init() {
   draw();
 }
 
+$("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
+$("api-key").addEventListener("change", () => {
+  sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
+  showError(null);
+  if (state.features.length === 0) init().catch(showError);  // the card was refused: try again
+});
 init().catch(showError);

@@ -1,0 +1,549 @@
+"""The embedded store's write-ahead journal (service/journal.py): its format (round trip, a torn
+tail, a checksum mismatch), and an engine on it "crashed" (its files read by a new one without a
+clean stop): every answered change back, a retry answered once, compaction, a refused write."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model import ForecasterConfig, LSTMForecaster
+from service.backends import EmbeddedBackend
+from service.batcher import MicroBatcher
+from service.engine import Engine, EngineLimits
+from service.errors import SessionNotFound, ShuttingDown, StoreUnavailable
+from service.journal import StoreFiles, frame, read_records
+from service.schemas import Step
+from service.sessions import SessionStore, StatePool, StoreLimits
+from service.snapshot import SnapshotRefused, read_snapshot
+
+MODEL = ("tiny", "v1")
+VALUES = [0.3, -0.5, 1.7, -0.6, -0.6, 1.7, 0.2, 0.0, -1.1, 2.4, 0.8, -0.3]
+
+
+# --- the format ---------------------------------------------------------------------------------
+
+
+def test_records_read_back_as_written() -> None:
+    payloads = [b"", b"x", bytes(range(256)) * 40, b"last"]
+    data = b"".join(frame(p) for p in payloads)
+    assert read_records(data) == (payloads, 0)
+
+
+def test_a_torn_last_record_is_dropped_whole_at_every_cut() -> None:
+    intact = [b"first group", b"second group"]
+    last = frame(b"the round a crash cut short")
+    head = b"".join(frame(p) for p in intact)
+    for cut in range(1, len(last)):
+        records, dropped = read_records(head + last[:cut])
+        assert (records, dropped) == (intact, cut)
+
+
+@pytest.mark.parametrize("where", ["length", "checksum", "payload"])
+def test_a_checksum_mismatch_drops_that_record_and_all_after_it(where: str) -> None:
+    records = [frame(p) for p in (b"kept", b"damaged record", b"after it")]
+    damaged = bytearray(records[1])
+    damaged[{"length": 0, "checksum": 5, "payload": 12}[where]] ^= 0x01
+    data = records[0] + bytes(damaged) + records[2]
+    kept, dropped = read_records(data)
+    assert kept == [b"kept"]
+    assert dropped == len(damaged) + len(records[2])
+
+
+# --- an engine on a journal --------------------------------------------------------------------
+
+
+def tiny_model() -> LSTMForecaster:
+    torch.manual_seed(0)
+    return LSTMForecaster(ForecasterConfig(("v",), hidden_size=8, num_layers=2)).eval()
+
+
+class Server:
+    """An engine on the embedded store with its files at ``path``, as the service wires it."""
+
+    def __init__(self, path: Path, mode: str, max_bytes: int = 1 << 20) -> None:
+        pool = StatePool(2, 8, 1, 16, "cpu")
+        self.store = SessionStore(pool, StoreLimits(16, 60, 60, False, 10))
+        self.files = StoreFiles(
+            path, mode, max_bytes, model=MODEL, header_of=lambda s: self.engine.blob_header(s)
+        )
+        backend = EmbeddedBackend(self.store, self.files)
+        batcher = MicroBatcher(tiny_model(), pool, persist=backend.persist)
+        self.engine = Engine(
+            backend, batcher, model=MODEL, n_features=1, limits=EngineLimits(16, 64, 8, 4)
+        )
+        self.recovery = self.files.recover(self.store, self.engine.check_blob, now=time.time())
+        self.files.open(self.store)
+
+    def state(self, sid: str) -> list[torch.Tensor]:
+        s = self.store.peek(sid)
+        assert s is not None
+        state = self.store.pool.read(s.slot)
+        return [state.h, state.c, state.next_mean, state.next_std]
+
+
+def step(sid: str, rows: list[float], seq: int | None) -> Step:
+    return Step(session_id=sid, inputs=[[v] for v in rows], seq=seq)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["write", "fsync"])
+def test_a_crash_loses_no_answered_change_and_a_retry_is_answered_once(
+    tmp_path: Path, mode: str
+) -> None:
+    path = tmp_path / "s.snapshot"
+    before = Server(path, mode)
+    assert before.recovery is None  # nothing on disk yet
+
+    async def serve() -> dict[str, Any]:
+        e = before.engine
+        for sid in ("a", "b", "gone", "zeroed"):
+            await e.create(sid, None)
+        replies = {}
+        for t in range(0, 6, 2):  # a, b and zeroed stepped; b's steps in one step_many
+            replies["a"] = await e.step(step("a", VALUES[t : t + 2], seq=t))
+            many = await e.step_many([step("b", VALUES[t : t + 2], t), step("zeroed", [0.1], None)])
+            replies["b"] = many[0]["result"]
+        await e.step(step("gone", [0.5], seq=0))
+        await e.delete("gone")
+        await e.reset("zeroed")
+        blob = (await e.export("a"))[1]
+        await e.import_blob(blob, "copy", None)
+        return replies
+
+    replies = run(serve())
+    # no clean stop: the next server reads what the journal holds
+    after = Server(path, mode)
+    assert after.recovery is not None and after.recovery.restored.sessions == 4
+    assert {s.id for s in after.store.sessions()} == {"a", "b", "copy", "zeroed"}
+    for sid in ("a", "b"):
+        assert same(after.state(sid), before.state(sid))
+        assert after.store.get(sid).t == 6
+    assert same(after.state("copy"), before.state("a"))
+    assert after.store.get("zeroed").t == 0 and after.store.get("zeroed").last_step is None
+
+    async def retry() -> None:
+        e = after.engine
+        again = await e.step(step("a", VALUES[4:6], seq=4))  # its answer was lost in the crash
+        assert again == replies["a"]
+        assert e.store.get("a").t == 6  # answered again, not applied again
+        with pytest.raises(SessionNotFound):
+            await e.get("gone")
+        # and on: the restored state continues as if there had been no crash
+        on = await e.step(step("b", VALUES[6:9], seq=6))
+        whole = await e.predict([[v] for v in VALUES[:9]], False)
+        got = [o["mean"][0] for o in on["outputs"]]
+        assert got == pytest.approx([m[0] for m in whole.mean[6:9]], abs=1e-5)
+
+    run(retry())
+
+
+def test_a_step_that_returned_its_gates_is_answered_again_with_them(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    before = Server(path, "write")
+    body = Step(session_id="g", inputs=[[v] for v in VALUES[:3]], seq=0, return_gates=True)
+
+    async def serve() -> dict[str, Any]:
+        await before.engine.create("g", None)
+        return dict(await before.engine.step(body))
+
+    first = run(serve())
+    assert first["gates"] is not None
+    after = Server(path, "write")
+    again = run(after.engine.step(body))
+    assert again == first and after.store.get("g").t == 3
+    assert same(after.state("g"), before.state("g"))
+
+
+def test_a_round_cut_short_by_the_crash_is_not_applied_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write")
+
+    async def serve() -> None:
+        e = server.engine
+        for sid in ("p", "q"):
+            await e.create(sid, None)
+        await e.step_many([step("p", VALUES[:3], 0), step("q", VALUES[:2], 0)])
+        await e.step_many([step("p", VALUES[3:4], 3), step("q", VALUES[2:4], 2)])  # torn
+
+    run(serve())
+    [(_, journal)] = server.files.journals()
+    with journal.open("r+b") as f:  # the crash came in the middle of the last round's write
+        f.truncate(journal.stat().st_size - 7)
+    after = Server(path, "write")
+    assert after.recovery is not None and after.recovery.dropped_bytes > 0
+    assert (after.store.get("p").t, after.store.get("q").t) == (3, 2)  # the round before it
+
+
+def test_compaction_moves_the_journal_into_the_snapshot_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write", max_bytes=4096)  # a few rounds a journal
+    first = server.files.journals()[0][0]
+
+    async def serve() -> None:
+        e = server.engine
+        for sid in ("m", "n"):
+            await e.create(sid, None)
+        for t in range(len(VALUES)):
+            await e.step_many([step("m", VALUES[t : t + 1], t), step("n", [0.2], t)])
+            await asyncio.sleep(0)  # a compaction's snapshot is written in a thread
+        while server.files._compaction is not None:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the old journal's descriptor closes
+
+    run(serve())
+    journals, bases = server.files.journals(), server.files.bases()
+    assert [g for g, _ in journals] != [first] and len(journals) == 1  # rotated, old ones gone
+    assert [g for g, _ in bases] == [g for g, _ in journals]  # the base its journal follows
+    assert not path.exists()  # the base holds what the snapshot held
+    after = Server(path, "write", max_bytes=4096)
+    assert after.store.get("m").t == after.store.get("n").t == len(VALUES)
+    assert same(after.state("m"), server.state("m"))
+    assert same(after.state("n"), server.state("n"))
+
+
+def test_no_compaction_captures_a_round_written_but_not_yet_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fsync mode on a slow disk: a create arrives while a round waits on its fdatasync. A
+    # compaction started then would capture the pool without that round's states and remove the
+    # journal holding them.
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        time.sleep(0.05)
+        real_fdatasync(fd)
+
+    async def serve() -> None:
+        e = server.engine
+        await e.create("a", None)
+        monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+
+        async def create_meanwhile() -> None:
+            await asyncio.sleep(0.02)  # the round's fdatasync is under way
+            server.files.max_bytes, server.files._base_bytes = 1, 0  # from now on, compact
+            await e.create("c", None)
+            assert server.files._compaction is None  # not while the round is not applied
+
+        await asyncio.gather(e.step(step("a", VALUES[:3], 0)), create_meanwhile())
+        await e.create("d", None)  # a compaction may start now: the round is in the pool
+        while server.files._compaction is not None:
+            await asyncio.sleep(0.01)
+
+    run(serve())
+    assert len(server.files.bases()) == 1 and server.files.bases()[0][0] > 1  # it compacted
+    after = Server(path, "fsync")
+    assert after.store.get("a").t == 3
+    assert same(after.state("a"), server.state("a"))
+    assert {s.id for s in after.store.sessions()} == {"a", "c", "d"}
+
+
+def test_a_journal_the_base_holds_already_is_not_replayed(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write")
+
+    async def serve() -> None:
+        e = server.engine
+        for sid in ("x", "y"):
+            await e.create(sid, None)
+        await e.step(step("x", VALUES[:4], 0))
+        await e.step(step("y", VALUES[:2], 0))
+        await e.delete("y")
+
+    run(serve())
+    [(generation, journal)] = server.files.journals()
+    copy = journal.read_bytes()
+    once = Server(path, "write")  # recovers, writes a base holding it all, drops the journal
+    assert once.files.bases()[0][0] > generation
+    journal.write_bytes(copy)  # the crash came between the base's rename and this removal
+    twice = Server(path, "write")
+    assert twice.recovery is not None and twice.recovery.journals == 1  # the base's own only
+    assert {s.id for s in twice.store.sessions()} == {s.id for s in once.store.sessions()} == {"x"}
+    assert same(twice.state("x"), once.state("x")) and twice.store.get("x").t == 4
+
+
+def test_a_journal_replayed_again_over_the_snapshot_holding_it_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write")
+
+    async def serve() -> bytes:
+        e = server.engine
+        for sid in ("x", "y", "z"):
+            await e.create(sid, None)
+        await e.step(step("x", VALUES[:4], 0))
+        await e.step(step("y", VALUES[:2], 0))
+        await e.delete("y")
+        await e.reset("z")
+        [(_, journal)] = server.files.journals()
+        kept = journal.read_bytes()
+        server.files.close()  # the snapshot holds it all; the journal is removed
+        assert not journal.exists()
+        journal.write_bytes(kept)  # the crash came between the snapshot and that removal
+        return kept
+
+    run(serve())
+    again = Server(path, "write")
+    assert again.recovery is not None and again.recovery.groups > 0  # it was replayed
+    assert {s.id for s in again.store.sessions()} == {"x", "z"}
+    assert same(again.state("x"), server.state("x")) and again.store.get("x").t == 4
+    assert again.store.get("z").t == 0
+
+
+def test_a_journal_of_another_model_is_refused_whole_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write")
+
+    async def serve() -> None:
+        await server.engine.create("kept", None)
+        await server.engine.step(step("kept", VALUES[:2], 0))
+
+    run(serve())
+    [(_, journal)] = server.files.journals()
+    raw = journal.read_bytes()
+    records, _ = read_records(raw)
+    other = records[0].replace(b'"v1"', b'"v2"')  # the header of another model version
+    journal.write_bytes(b"".join(frame(r) for r in [other, *records[1:]]))
+    with pytest.raises(SnapshotRefused, match="v2"):
+        Server(path, "write")
+    assert journal.with_name(journal.name + ".rejected").exists()
+    assert not journal.exists()
+
+
+def test_a_write_that_fails_answers_503_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = Server(tmp_path / "s.snapshot", "write")
+    real_write = os.write
+    failing = {"left": 1}
+
+    def write(fd: int, data: Any) -> int:
+        if failing["left"]:
+            failing["left"] -= 1
+            real_write(fd, bytes(data)[:5])  # half a record reaches the file, then the disk fills
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    async def serve() -> None:
+        e = server.engine
+        await e.create("full", None)
+        monkeypatch.setattr(os, "write", write)
+        with pytest.raises(StoreUnavailable):
+            await e.step(step("full", VALUES[:2], 0))
+        assert e.store.get("full").t == 0  # not applied
+        assert (await e.step(step("full", VALUES[:2], 0)))["t"] == 2  # the retry lands
+
+    run(serve())
+    after = Server(tmp_path / "s.snapshot", "write")  # the half record was cut back off
+    assert after.store.get("full").t == 2
+    assert same(after.state("full"), server.state("full"))
+
+
+def test_a_failed_fsync_refuses_writes_until_a_new_snapshot_holds_what_was_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+    real_fdatasync = os.fdatasync
+    failing = {"left": 1}
+
+    def fdatasync(fd: int) -> None:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+
+    async def serve() -> None:
+        e = server.engine
+        await e.create("io", None)
+        await e.step(step("io", VALUES[:2], 0))
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        with pytest.raises(StoreUnavailable):
+            await e.step(step("io", VALUES[2:4], 2))
+        assert e.store.get("io").t == 2
+        with pytest.raises(StoreUnavailable):  # refused while the new snapshot is written
+            await e.step(step("io", VALUES[2:4], 2))
+        assert not await e.backend.ready()
+        while server.files._compaction is not None:
+            await asyncio.sleep(0.01)
+        assert await e.backend.ready()
+        assert (await e.step(step("io", VALUES[2:4], 2)))["t"] == 4
+
+    run(serve())
+    after = Server(path, "fsync")
+    assert after.store.get("io").t == 4
+    assert same(after.state("io"), server.state("io"))
+
+
+def test_a_clean_stop_leaves_the_snapshot_alone_and_refuses_later_steps(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+
+    async def serve() -> None:
+        await server.engine.create("z", None)
+        await server.engine.step(step("z", VALUES[:3], 0))
+        assert server.files.close() == 1
+        with pytest.raises(ShuttingDown):
+            await server.engine.step(step("z", VALUES[3:4], 3))
+
+    run(serve())
+    assert server.files.journals() == []
+    assert [h["t"] for h, _ in read_snapshot(path)] == [3]
+    assert Server(path, "fsync").store.get("z").t == 3
+
+
+def test_off_writes_no_journal_and_the_snapshot_at_a_clean_stop_only(tmp_path: Path) -> None:
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "off")
+    assert server.engine.backend.persist is None  # the batcher does no work for it
+
+    async def serve() -> None:
+        await server.engine.create("o", None)
+        await server.engine.step(step("o", VALUES[:3], 0))
+
+    run(serve())
+    assert server.files.journals() == [] and not path.exists()
+    server.files.close()
+    assert Server(path, "off").store.get("o").t == 3
+
+
+# --- a real server, killed -------------------------------------------------------------------
+
+
+def pids_on_port(port: int) -> set[int]:
+    """Every process listening on ``port``: psutil's system-wide table names one process per
+    socket, and the arbiter and its worker share theirs."""
+    import contextlib
+
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            for c in proc.net_connections("tcp"):
+                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN:
+                    found.add(proc.pid)
+    return found
+
+
+def kill_port(port: int) -> None:
+    """kill -9 of every process holding the server's port: its arbiter and its worker."""
+    import signal
+
+    pids = pids_on_port(port)
+    assert len(pids) >= 2, f"{pids} hold the port, not an arbiter and its worker"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pids_on_port(port):
+        assert time.monotonic() < deadline, "the killed server still holds its port"
+        time.sleep(0.05)
+
+
+async def stream_through_crashes(
+    http: Any, url: str, sid: str, values: Any, sizes: list[int], acked: list[int]
+) -> tuple[list[float], int]:
+    """Step one session by HTTP with seq, each step resent (same seq) until answered 200; the
+    outputs of every step, and how many sends went unanswered."""
+    import aiohttp
+
+    means: list[float] = []
+    t = retries = 0
+    for size in sizes:
+        body = {"session_id": sid, "inputs": values[t : t + size].tolist(), "seq": t}
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                async with http.post(f"{url}/v1/sessions/step", json=body) as r:
+                    reply = await r.json()
+                    if r.status == 200:
+                        break
+                    assert r.status == 503, reply  # stopping: the only refusal a retry cures
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            retries += 1
+            assert time.monotonic() < deadline, f"{sid}: seq {t} never landed"
+            await asyncio.sleep(0.1)
+        t += size
+        assert reply["t"] == t, reply  # never lost (a lower t), never applied twice (higher)
+        means += [o["mean"][0] for o in reply["outputs"]]
+        acked.append(t)
+    return means, retries
+
+
+@pytest.mark.slow
+def test_kill_9_three_times_loses_no_acknowledged_step(
+    tmp_path: Path, held_out_series: list[Any]
+) -> None:
+    import contextlib
+
+    import aiohttp
+    import httpx
+    import numpy as np
+
+    from tests.proxied import offline
+    from tests.servers import bentoml_server, free_port
+    from tests.test_durable import slices
+
+    snapshot = tmp_path / "s.snapshot"
+    env = {"LSTM_SNAPSHOT_PATH": str(snapshot)}  # LSTM_JOURNAL: the default, write
+    plans = slices(held_out_series, 20, 12, seed=3)
+    port = free_port()
+    kills_at = (40, 100, 160)  # acknowledged steps, of 20 x 12
+    with contextlib.ExitStack() as servers:
+        url = servers.enter_context(bentoml_server(env, port=port))
+        for i in range(len(plans)):
+            assert httpx.post(f"{url}/v1/sessions/create", json={"session_id": f"k{i}"}).is_success
+        assert [p.name for p in tmp_path.iterdir() if ".journal." in p.name], "no journal"
+        acked: list[int] = []
+        killed: list[int] = []
+
+        def restart() -> None:
+            servers.enter_context(bentoml_server(env, port=port))
+
+        async def killer() -> None:
+            for at in kills_at:
+                while len(acked) < at:
+                    await asyncio.sleep(0.005)
+                kill_port(port)
+                killed.append(len(acked))
+                await asyncio.to_thread(restart)
+
+        async def main() -> list[tuple[list[float], int]]:
+            timeout = aiohttp.ClientTimeout(total=10)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                kills = asyncio.ensure_future(killer())
+                streams = await asyncio.gather(
+                    *(
+                        stream_through_crashes(http, url, f"k{i}", v, s, acked)
+                        for i, (v, s) in enumerate(plans)
+                    )
+                )
+                await kills
+                return streams
+
+        results = asyncio.run(main())
+        assert len(killed) == 3 and all(a < 240 for a in killed), killed
+        assert sum(retries for _, retries in results) >= 3  # the kills did hit clients
+        for i, (values, _) in enumerate(plans):  # the last server holds every step, once
+            info = httpx.post(f"{url}/v1/sessions/get", json={"session_id": f"k{i}"}).json()
+            assert info["t"] == len(values)
+    for (values, _), (means, _) in zip(plans, results, strict=True):
+        np.testing.assert_allclose(means, offline(values)[:, 0], atol=1e-5)
