@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.lstm import VARIANTS, GateTrace, LSTMState, StackedLSTM, Variant
+
+if TYPE_CHECKING:
+    from model.native import StackEngine
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,15 @@ class LSTMForecaster(nn.Module):
             dropout=config.dropout,
         )
         self.head = nn.Linear(config.hidden_size, 2 * config.n_features)  # (mean, raw std)
+        # What runs the stack's forward: None, the eager stack itself (model/native.py has the
+        # engines). A plain attribute, not a submodule: it never enters the state dict.
+        self.engine: StackEngine | None = None
+
+    def use_engine(self, engine: StackEngine | None) -> None:
+        """Run the stack through ``engine`` (built for this forecaster's ``lstm``); None, or the
+        stack itself: eager."""
+        # The stack itself is kept as None: assigned, a module would register a second time.
+        self.engine = None if engine is self.lstm else engine
 
     def zero_state(self, batch: int) -> LSTMState:
         return self.lstm.zero_state(batch)
@@ -121,7 +133,8 @@ class LSTMForecaster(nn.Module):
     ) -> Forecast:
         """Everything in normalised units: what training's loss is computed on."""
         z = (x - self.input_mean) / self.input_std
-        out, state, gates = self.lstm(z, state, return_gates=return_gates)
+        stack = self.lstm if self.engine is None else self.engine
+        out, state, gates = stack(z, state, return_gates=return_gates)
         mean, raw_std = self.head(out).chunk(2, dim=-1)  # (B, T, F) each
         std = F.softplus(raw_std) + self.config.min_std
         return Forecast(mean, std, state, gates)

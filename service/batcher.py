@@ -30,6 +30,7 @@ from typing import Any, cast
 from torch import Tensor
 
 from model import LSTMForecaster
+from model.native import StackEngine
 from service.errors import ModelFailure, ShuttingDown
 from service.results import Outputs, StepDone
 from service.rounds import (
@@ -88,8 +89,9 @@ class MicroBatcher:
         persist: Persister | None = None,
         inline_work: int = 0,
         gather_passes: int = 8,
+        stack_engine: StackEngine | None = None,
     ) -> None:
-        self.runner = RoundRunner(model, pool, observer or BatchObserver())
+        self.runner = RoundRunner(model, pool, observer or BatchObserver(), stack_engine)
         self.observer = self.runner.observer
         self.max_batch = max_batch
         self.wait_s = wait_s

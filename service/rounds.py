@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from model import LSTMForecaster, LSTMState
+from model.native import StackEngine
 from service.errors import ModelFailure
 from service.results import Outputs
 from service.sessions import Session, StatePool
@@ -178,8 +179,17 @@ def inputs_digest(x: Tensor) -> bytes:
 class RoundRunner:
     """The model and the pool, as a round sees them."""
 
-    def __init__(self, model: LSTMForecaster, pool: StatePool, observer: BatchObserver) -> None:
+    def __init__(
+        self,
+        model: LSTMForecaster,
+        pool: StatePool,
+        observer: BatchObserver,
+        stack_engine: StackEngine | None = None,
+    ) -> None:
         self.model = model.eval()
+        # The stack runs through the engine the service chose (model/native.py; None: eager);
+        # what an engine cannot do (gate traces) it hands to the eager stack itself.
+        self.model.use_engine(stack_engine)
         self.pool = pool
         self.device = pool.h.device
         self.observer = observer

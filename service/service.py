@@ -86,6 +86,7 @@ from service.startup import (
     in_arbiter,
     load_api_keys,
     load_model,
+    model_engine,
     package_version,
     prepare_arbiter,
     serving_host,
@@ -369,6 +370,7 @@ class LSTMSessions:
             wait_s=settings.batch_wait_ms / 1000,
             persist=backend.persist,
             inline_work=settings.inline_work,
+            stack_engine=model_engine(settings.model_engine, model, settings.native_cache_dir),
             observer=BatchObserver(
                 batch=metrics.BATCH_SESSIONS.observe,
                 queue_wait=metrics.QUEUE_WAIT.observe,

@@ -92,6 +92,17 @@ class Settings(BaseSettings):
         "per-request stack (service/fast_routes.py); false: through it, as every other route",
     )
     max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")
+    model_engine: Literal["auto", "eager", "native"] = Field(
+        "auto",
+        description="what runs the LSTM stack's forward: native (model/native.py, one C++ call "
+        "per chunk, built at start with the machine's C++ compiler and cached; CPU, float32), "
+        "eager (the reference StackedLSTM), or auto: native where it can run, else eager",
+    )
+    native_cache_dir: Path | None = Field(
+        None,
+        description="where the native engine's compiled kernel is kept between starts; unset: "
+        "$XDG_CACHE_HOME/lstm-sessions, else ~/.cache/lstm-sessions",
+    )
     torch_threads: int = Field(
         1,
         ge=0,
@@ -197,7 +208,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]) or '*'")
         return value
 
-    @field_validator("snapshot_path", "blob_key", "api_keys", mode="before")
+    @field_validator("snapshot_path", "blob_key", "api_keys", "native_cache_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -22,13 +22,15 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
 import bentoml
 
-from model import Checkpoint, CheckpointError
+from model import Checkpoint, CheckpointError, LSTMForecaster
+from model.native import NativeLSTM, NativeUnavailable, StackEngine, build_engine
 from service.auth import ApiKeys, KeyFileError
 
 RUNS_DIR = "lstm_servers"
@@ -186,6 +188,29 @@ def load_model(tag: str | None, model_dir: Path, device: str) -> Checkpoint:
         )
     except CheckpointError as e:
         refuse_to_start(f"the stored model {tag!r} is unusable: {e}")
+
+
+def model_engine(name: str, model: LSTMForecaster, cache: Path | None = None) -> StackEngine:
+    """The engine the batcher runs the stack with (``LSTM_MODEL_ENGINE``), built and checked
+    against the eager stack before the service is ready. ``native`` asked for and unable to run
+    stops the start; ``auto`` then serves eager and says why."""
+    started = time.perf_counter()
+    on_cpu = model.input_mean.device.type == "cpu"
+    try:
+        engine = build_engine("native" if name == "auto" and on_cpu else name, model.lstm, cache)
+    except NativeUnavailable as e:
+        if name == "native":
+            refuse_to_start(f"LSTM_MODEL_ENGINE=native: {e}; set LSTM_MODEL_ENGINE=auto or eager")
+        log.warning("model engine: eager, the native engine cannot run here: %s", e)
+        return model.lstm
+    kind = "native" if isinstance(engine, NativeLSTM) else "eager"
+    log.info(
+        "model engine: %s (LSTM_MODEL_ENGINE=%s), ready in %.2f s",
+        kind,
+        name,
+        time.perf_counter() - started,
+    )
+    return engine
 
 
 def tune_gc() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from model import ForecasterConfig, LSTMForecaster
+from model.native import build_engine
 from service.batcher import MicroBatcher
 from service.errors import (
     ModelFailure,
@@ -125,15 +126,18 @@ def tiny_model() -> LSTMForecaster:
     return LSTMForecaster(ForecasterConfig(("v",), hidden_size=8, num_layers=2)).eval()
 
 
-def test_interleaved_sessions_equal_their_offline_runs() -> None:
-    """Many sessions, random chunkings, stepped concurrently: each equals its own whole run."""
+@pytest.mark.parametrize("engine", ["eager", "native"])
+def test_interleaved_sessions_equal_their_offline_runs(engine: str) -> None:
+    """Many sessions, random chunkings, stepped concurrently: each equals its own whole run
+    (the eager model's), whichever engine the rounds run."""
     model = tiny_model()
+    stack_engine = build_engine(engine, model.lstm)
     rng = random.Random(0)
     series = [torch.randn(40, 1) for _ in range(12)]
 
     async def scenario() -> list[list[list[float]]]:
         store = SessionStore(StatePool(2, 8, 1, 16, "cpu"), StoreLimits(16, 60, 60, False, 10))
-        batcher = MicroBatcher(model, store.pool, max_batch=8)
+        batcher = MicroBatcher(model, store.pool, max_batch=8, stack_engine=stack_engine)
 
         async def stream(i: int) -> list[list[float]]:
             session = store.create(f"s{i}")
@@ -153,6 +157,8 @@ def test_interleaved_sessions_equal_their_offline_runs() -> None:
         return out
 
     streamed = asyncio.run(scenario())
+    assert (model.engine is None) == (engine == "eager")
+    model.use_engine(None)
     with torch.no_grad():
         for i, means in enumerate(streamed):
             whole = model(series[i].unsqueeze(0)).mean[0]
