@@ -36,7 +36,7 @@ from model.data import load_acsf1  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "runs" / "bench"
-WINDOWS = (16, 64, 256, 1024)
+WINDOWS = (16, 64, 128, 256, 1024)
 
 
 def forecasts_after(

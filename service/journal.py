@@ -905,13 +905,14 @@ class StoreFiles:
 
     # --- stop ----------------------------------------------------------------------------------
 
-    def close(self) -> int:
-        """At a clean stop: every session into the snapshot, the journals removed, the journal
-        closed (a later write is refused ``shutting_down``); how many sessions were written."""
+    def close(self, others: list[tuple[SessionStore, Any]] | None = None) -> int:
+        """At a clean stop: every session into the snapshot (``others``: the stores of other
+        model versions too, which a restart migrates), the journals removed, the journal closed
+        (a later write is refused ``shutting_down``); how many sessions were written."""
         assert self.store is not None
         self._closed = True
         with self._snapshot_lock:  # after a compaction still writing, never before it
-            n = save_sessions(self.snapshot, self.store, self.header_of)
+            n = save_sessions(self.snapshot, self.store, self.header_of, others)
             if self._file is not None:
                 self._file.close()
             # Bases first, oldest first: cut short, what is left is a base with the journals

@@ -600,7 +600,14 @@ class LSTMSessions:
         goes), to be restored at start."""
         if self.files is None:
             return
-        n = self.files.close()
+        # Sessions on versions loaded since the start go in too: the next start (on whichever
+        # version) restores its own and migrates the others' by replay.
+        others = [
+            (v.engine.store, v.engine.blob_header)
+            for v in self.versions.held.values()
+            if v.engine is not self.engine
+        ]
+        n = self.files.close(others)
         log.info("snapshot of %d sessions written to %s", n, self.files.snapshot)
 
     def _migrate_snapshot(

@@ -171,7 +171,7 @@ class Settings(BaseSettings):
     )
 
     migration_window: int = Field(
-        256,
+        128,  # 64 already matched a full replay on ACSF1 (bench/migration_bench.py): 2x margin
         ge=0,
         le=WINDOW_CEILING,
         description="each session keeps its last this many inputs (with its state: the pool, "

@@ -37,11 +37,13 @@ class Restored:
     evicted: int = 0  # the oldest, left out for want of room (LSTM_EVICT_WHEN_FULL only)
 
 
-def save_sessions(
-    path: Path, store: SessionStore, header_of: Callable[[Session], dict[str, Any]]
-) -> int:
-    """Every session of ``store`` (its state, ``header_of`` it, its last applied step) into a
-    snapshot at ``path``; how many."""
+HeaderOf = Callable[[Session], dict[str, Any]]
+
+
+def snapshot_entries(
+    store: SessionStore, header_of: HeaderOf
+) -> list[tuple[dict[str, Any], SessionState]]:
+    """Every session of ``store``: ``header_of`` it with its last applied step, and its state."""
     sessions = []
     for session in store.sessions():
         header = header_of(session)
@@ -49,6 +51,20 @@ def save_sessions(
         if recorded is not None:  # a retry right after the restart is answered from it
             header["last_step"] = step_to_json(*recorded)
         sessions.append((header, store.pool.read(session.slot)))
+    return sessions
+
+
+def save_sessions(
+    path: Path,
+    store: SessionStore,
+    header_of: HeaderOf,
+    others: list[tuple[SessionStore, HeaderOf]] | None = None,
+) -> int:
+    """Every session of ``store`` (and of ``others``: the stores of other model versions, whose
+    sessions a restart migrates) into a snapshot at ``path``; how many."""
+    sessions = snapshot_entries(store, header_of)
+    for other, other_header in others or []:
+        sessions += snapshot_entries(other, other_header)
     write_snapshot(path, sessions)
     return len(sessions)
 

@@ -400,3 +400,55 @@ def test_a_restart_with_a_new_model_migrates_the_snapshot_by_replay(
                 )
                 assert refused.status_code == 409, refused.text
                 assert refused.json()["error"]["code"] == "migration_impossible"
+
+
+def test_sessions_on_a_version_loaded_at_runtime_survive_a_clean_restart_on_it(
+    tmp_path: Path, held_out_series: list[np.ndarray]
+) -> None:
+    """Loaded and activated with migrate now, stopped cleanly, started again on the new
+    version: the sessions carry on exactly where they were on it (the snapshot holds every
+    version's sessions)."""
+    import time
+
+    home = tmp_path / "home"
+    v2_model = second_version(tmp_path / "v2")
+    v2_tag = import_into(home, tmp_path / "v2")
+    values = held_out_series[5][:40].astype(np.float32)
+    env = {
+        "BENTOML_HOME": str(home),
+        "LSTM_SNAPSHOT_PATH": str(tmp_path / "s.snapshot"),
+        "LSTM_MIGRATION_WINDOW": str(WINDOW),
+    }
+    with bentoml_server(env) as url:
+        post(url, "/v1/sessions/create", {"session_id": "s"})
+        post(
+            url, "/v1/sessions/step", {"session_id": "s", "inputs": values[:30].tolist(), "seq": 0}
+        )
+        assert post(url, "/v1/admin/models/load", {"tag": v2_tag}).status_code == 200
+        assert (
+            post(url, "/v1/admin/models/activate", {"tag": v2_tag, "migrate": "now"}).status_code
+            == 200
+        )
+        deadline = time.monotonic() + 30
+        while (
+            post(url, "/v1/sessions/get", {"session_id": "s"}).json()["model_version"]
+            != v2_tag.split(":")[1]
+        ):
+            assert time.monotonic() < deadline, "the background migration never moved s"
+            time.sleep(0.1)
+        moved = post(
+            url,
+            "/v1/sessions/step",
+            {"session_id": "s", "inputs": values[30:35].tolist(), "seq": 30},
+        )
+        assert moved.json()["model_version"] == v2_tag.split(":")[1]
+    with bentoml_server({**env, "LSTM_MODEL_TAG": v2_tag}) as url:
+        info = post(url, "/v1/sessions/get", {"session_id": "s"}).json()
+        assert (info["model_version"], info["t"]) == (v2_tag.split(":")[1], 35), info
+        rest = post(
+            url, "/v1/sessions/step", {"session_id": "s", "inputs": values[35:].tolist(), "seq": 35}
+        ).json()
+        means = [o["mean"][0] for o in moved.json()["outputs"] + rest["outputs"]]
+        np.testing.assert_allclose(
+            means, expected_means(v2_model, values, 30 - WINDOW, 30), atol=1e-5
+        )
