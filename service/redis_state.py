@@ -50,6 +50,7 @@ from service.errors import StoreOutcomeUnknown, StoreUnavailable
 
 Arg = bytes | str | int | float
 KNOWN_FOR_MS = 86_400_000  # how long a vanished session is still recognised as expired
+ACTIVE_MODEL_KEY = "lstm:active-model"  # the tag one replica activated; the others follow it
 
 CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -274,6 +275,14 @@ class RedisState:
                 f"the session store (Redis) is unavailable: {e}; nothing was applied, retry "
                 f"when it is back (check that Redis runs and LSTM_REDIS_URL)"
             ) from e
+
+    async def active_model(self) -> str | None:
+        """The model version the replicas serve new sessions with (``set_active_model``)."""
+        value = await self._call(self.client.get(ACTIVE_MODEL_KEY))
+        return None if value is None else value.decode()
+
+    async def set_active_model(self, tag: str) -> None:
+        await self._call(self.client.set(ACTIVE_MODEL_KEY, tag))
 
     async def ping(self) -> bool:
         try:

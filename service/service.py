@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import logging
 import sys
@@ -285,6 +286,7 @@ class LSTMSessions:
         if torch.device(self.device).type == "cpu" and settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self._model_labels: set[tuple[str, str]] = set()  # lstm_model_sessions' label values
+        self._unfollowed: str | None = None  # an active tag of Redis's this replica cannot load
         self.checkpoint = load_model(settings.model_tag, settings.model_dir, self.device)
         config = self.checkpoint.model.config
         self.n_features = config.n_features
@@ -536,6 +538,8 @@ class LSTMSessions:
     async def admin_activate(self, body: ActivateModel, /) -> LoadedModels:
         """Make a loaded version the one new sessions are created on; migrate the others'."""
         version = await self.versions.activate(await self._resolve(body.tag), body.migrate)
+        if self.redis is not None:  # the other replicas follow (_follow_active)
+            await self.redis.set_active_model(version.tag)
         log.info("model %s is active (migrate: %s)", version.tag, body.migrate)
         self._count_sessions()
         return self._loaded()
@@ -763,6 +767,28 @@ class LSTMSessions:
             if any(swept):
                 self._count_sessions()
             metrics.STORE_UP.set(1 if await self.backend.ready() else 0)
+            if self.redis is not None:
+                with contextlib.suppress(ServiceError):  # Redis down: /readyz says so already
+                    await self._follow_active(self.redis)
+
+    async def _follow_active(self, redis: RedisState) -> None:
+        """With Redis, the version another replica activated (``lstm:active-model``) becomes
+        this one's active too, loaded first if this replica does not hold it: one admin call
+        rolls a version out to every replica within LSTM_SWEEP_INTERVAL_S."""
+        tag = await redis.active_model()
+        if tag is None or tag == self.versions.active.tag:
+            return
+        try:
+            if tag not in self.versions.held:
+                await self.versions.load(tag)
+            await self.versions.activate(tag)
+        except ServiceError as e:
+            if self._unfollowed != tag:
+                log.error("cannot follow the active model %s another replica chose: %s", tag, e)
+                self._unfollowed = tag
+            return
+        self._count_sessions()
+        log.info("model %s is active (activated by another replica)", tag)
 
 
 cast(Any, LSTMSessions).add_asgi_middleware(

@@ -452,3 +452,58 @@ def test_sessions_on_a_version_loaded_at_runtime_survive_a_clean_restart_on_it(
         np.testing.assert_allclose(
             means, expected_means(v2_model, values, 30 - WINDOW, 30), atol=1e-5
         )
+
+
+def test_with_redis_one_replica_activates_and_the_other_follows(
+    tmp_path: Path, held_out_series: list[np.ndarray]
+) -> None:
+    """Two replicas on one Redis: the admin call on one rolls the version out to both (the other
+    loads it from its own store and activates it within a sweep); sessions made before stay on
+    their version and either replica serves them; new ones get the new version everywhere."""
+    import time
+
+    from tests.servers import RedisServer
+
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        homes = [tmp_path / "home-a", tmp_path / "home-b"]
+        v2_tag = ""
+        for home in homes:
+            second_version(tmp_path / "v2")
+            v2_tag = import_into(home, tmp_path / "v2")
+        envs = [{"BENTOML_HOME": str(h), "LSTM_REDIS_URL": redis.url} for h in homes]
+        values = held_out_series[2][:20].astype(np.float32)
+        with bentoml_server(envs[0]) as a, bentoml_server(envs[1]) as b:
+            v1 = post(a, "/v1/sessions/create", {"session_id": "before"}).json()["model_version"]
+            post(
+                a,
+                "/v1/sessions/step",
+                {"session_id": "before", "inputs": values[:10].tolist(), "seq": 0},
+            )
+            assert post(a, "/v1/admin/models/load", {"tag": v2_tag}).status_code == 200
+            assert post(a, "/v1/admin/models/activate", {"tag": v2_tag}).status_code == 200
+            deadline = time.monotonic() + 30
+            while True:
+                models = post(b, "/v1/admin/models").json()["models"]
+                if [m["tag"] for m in models if m["active"]] == [v2_tag]:
+                    break
+                assert time.monotonic() < deadline, f"replica b never followed: {models}"
+                time.sleep(0.2)
+            v2 = v2_tag.split(":")[1]
+            assert (
+                post(b, "/v1/sessions/create", {"session_id": "after"}).json()["model_version"]
+                == v2
+            )
+            # The old session, stepped on the replica that never saw it: still v1's, exactly.
+            rest = post(
+                b,
+                "/v1/sessions/step",
+                {"session_id": "before", "inputs": values[10:].tolist(), "seq": 10},
+            )
+            assert (rest.json()["model_version"], rest.json()["t"]) == (v1, 20), rest.text
+            on_a = post(a, "/v1/sessions/get", {"session_id": "after"}).json()
+            assert (on_a["model_version"], on_a["t"]) == (v2, 0)
+    finally:
+        redis.stop()
