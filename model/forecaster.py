@@ -3,19 +3,33 @@
 After each timestep the forecaster gives the mean and standard deviation of the next value of every
 feature, in the units the client sent. Normalisation statistics travel with the checkpoint, so
 clients never normalise anything themselves.
+
+Several steps ahead, ``sample_forecast`` draws paths through the model (each draw fed back in as
+if observed), so the spread of later steps carries the uncertainty compounded along the way;
+``rollout`` feeds back the means alone and does not.
+
+``scaling="running"`` (a prototype, not servable yet: see ``RunningStats``) normalises each series
+by its own causal running mean and std instead of the training set's, so series of any magnitude
+reach the network in comparable units.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.lstm import VARIANTS, GateTrace, LSTMState, StackedLSTM, Variant
+
+Scaling = Literal["global", "running"]
+SCALINGS: tuple[Scaling, ...] = ("global", "running")
+QUANTILES = (0.1, 0.5, 0.9)  # the quantiles a sampled forecast reports, per future step
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,12 @@ class ForecasterConfig:
     variant: Variant = "standard"  # standard keeps nn.LSTM interoperability
     forget_bias: float = 1.0  # remember by default early in training (Gers et al. 2000)
     min_std: float = 1e-3  # floor on the normalised std, so the NLL cannot run to -inf
+    # global: every series in the training set's units; running: each series in its own causal
+    # running mean and std (model/scaling.py), whatever its magnitude (needs them in the state)
+    scaling: Scaling = "global"
+    # running: the least scale, as a fraction of the training std, so a constant start (std 0)
+    # divides by no zero
+    scale_floor: float = 1e-4
 
     def __post_init__(self) -> None:
         if not self.feature_names:
@@ -35,6 +55,10 @@ class ForecasterConfig:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.hidden_size < 1 or self.num_layers < 1:
             raise ValueError("hidden_size and num_layers must be positive")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if not self.scale_floor > 0:
+            raise ValueError("scale_floor must be positive")
 
     @property
     def n_features(self) -> int:
@@ -158,6 +182,100 @@ class LSTMForecaster(nn.Module):
             means.append(mean[:, 0])
             stds.append(std[:, 0])
         return torch.stack(means, dim=1), torch.stack(stds, dim=1)
+
+    @torch.no_grad()
+    def sample_forecast(
+        self,
+        next_mean: Tensor,
+        next_std: Tensor,
+        state: LSTMState,
+        horizon: int,
+        *,
+        paths: int,
+        seed: int,
+        quantiles: Sequence[float] = QUANTILES,
+    ) -> SampledForecast:
+        """Forecast ``horizon`` future steps from ``paths`` sampled futures per row.
+
+        Arguments as ``rollout``'s. Each path draws the next value from the Gaussian the model
+        gives, feeds the draw back in as if observed and draws again, so the spread at step k
+        holds the uncertainty of every step before it. Step 1 is the model's Gaussian itself
+        (exact, no sampling); later steps are the paths' mean, std and quantiles. The same
+        ``seed`` gives the same answer for the same inputs (on one device, batch of one).
+        """
+
+        def step(value: Tensor, s: LSTMState) -> tuple[Tensor, Tensor, LSTMState]:
+            mean, std, s, _ = self.forward(value.unsqueeze(1), s)
+            return mean[:, 0], std[:, 0], s
+
+        wide = LSTMState(
+            state.h.repeat_interleave(paths, dim=1), state.c.repeat_interleave(paths, dim=1)
+        )  # (layers, B * paths, H)
+        drawn = sample_paths(step, next_mean, next_std, wide, horizon, paths, seed)
+        return summarise_paths(drawn, next_mean, next_std, quantiles)
+
+
+class SampledForecast(NamedTuple):
+    mean: Tensor  # (B, horizon, F), raw units
+    std: Tensor  # (B, horizon, F)
+    quantiles: Tensor  # (Q, B, horizon, F), in the order asked
+    paths: int
+
+
+S = TypeVar("S")
+
+
+def sample_paths(
+    step: Callable[[Tensor, S], tuple[Tensor, Tensor, S]],
+    next_mean: Tensor,
+    next_std: Tensor,
+    wide_state: S,
+    horizon: int,
+    paths: int,
+    seed: int,
+) -> Tensor:
+    """(B, paths, horizon, F) futures drawn through ``step``, the model's one-step forecast.
+
+    ``next_mean``/``next_std`` (B, F) forecast the first future value; ``wide_state`` is the state
+    after the last observed value, each row repeated ``paths`` times (``repeat_interleave``), and
+    ``step(value, state) -> (mean, std, state)`` the model fed one value per row.
+    """
+    if horizon < 1 or paths < 2:
+        raise ValueError("horizon must be at least 1 and paths at least 2")
+    generator = torch.Generator(device=next_mean.device).manual_seed(seed)
+    batch, features = next_mean.shape
+    mean = next_mean.repeat_interleave(paths, dim=0)  # (B * paths, F)
+    std = next_std.repeat_interleave(paths, dim=0)
+    state, draws = wide_state, []
+    for k in range(horizon):
+        noise = torch.randn(
+            mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+        )
+        draws.append(mean + std * noise)
+        if k + 1 < horizon:
+            mean, std, state = step(draws[-1], state)
+    return torch.stack(draws, dim=1).view(batch, paths, horizon, features)
+
+
+def summarise_paths(
+    drawn: Tensor, next_mean: Tensor, next_std: Tensor, quantiles: Sequence[float]
+) -> SampledForecast:
+    """Per future step, the paths' mean, std and quantiles; step 1 from its Gaussian exactly."""
+    q = torch.tensor(list(quantiles), dtype=drawn.dtype, device=drawn.device)
+    mean = drawn.mean(dim=1)  # (B, horizon, F)
+    std = drawn.std(dim=1)
+    qs = torch.quantile(drawn, q, dim=1)  # (Q, B, horizon, F)
+    mean[:, 0], std[:, 0] = next_mean, next_std
+    z = torch.tensor([normal_quantile(p) for p in quantiles], dtype=drawn.dtype, device=drawn.device)
+    qs[:, :, 0] = next_mean + z.view(-1, 1, 1) * next_std
+    return SampledForecast(mean, std, qs, drawn.shape[1])
+
+
+def normal_quantile(p: float) -> float:
+    """The standard normal's quantile function, Phi^-1(p)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"a quantile lies strictly between 0 and 1, got {p}")
+    return math.sqrt(2.0) * float(torch.erfinv(torch.tensor(2.0 * p - 1.0, dtype=torch.float64)))
 
 
 def gaussian_nll(mean: Tensor, std: Tensor, target: Tensor, beta: float = 0.0) -> Tensor:
