@@ -60,7 +60,7 @@ def save_checkpoint(
     *,
     name: str,
     extra: dict[str, Any] | None = None,
-) -> Checkpoint:
+) -> AnyCheckpoint:
     """Write weights and card into ``directory``; ``extra`` (metrics, data...) joins the card."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def save_checkpoint(
         **(extra or {}),
     }
     (directory / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    return Checkpoint(model, name, card["version"], card)
+    return AnyCheckpoint(model, name, card["version"], card)
 
 
 def read_card(directory: str | Path) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def load_any_checkpoint(
     *,
     device: torch.device | str = "cpu",
 ) -> AnyCheckpoint:
-    """Load and verify a checkpoint of either scaling; raise CheckpointError naming what is wrong."""
+    """Load and verify a checkpoint of either scaling; CheckpointError names what is wrong."""
     directory = Path(directory)
     card = read_card(directory)
     weights_path = directory / WEIGHTS_FILE

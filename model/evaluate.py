@@ -103,7 +103,9 @@ def scale_free_report(
 def _cat_states(states: list[Any]) -> Any:
     if isinstance(states[0], ScaledState):
         lstm = _cat_states([s.lstm for s in states])
-        stats = RunningStats(*(torch.cat(t, dim=0) for t in zip(*(s.stats for s in states))))
+        stats = RunningStats(
+            *(torch.cat(t, dim=0) for t in zip(*(s.stats for s in states), strict=True))
+        )
         return ScaledState(lstm, stats)
     return LSTMState(torch.cat([s.h for s in states], 1), torch.cat([s.c for s in states], 1))
 
@@ -233,7 +235,9 @@ def held_out(card: dict[str, Any], data: SeriesSet) -> tuple[SeriesSet, SeriesSe
     return split.train, split.test
 
 
-def evaluate_checkpoint(model: AnyForecaster, card: dict[str, Any], data: SeriesSet) -> dict[str, Any]:
+def evaluate_checkpoint(
+    model: AnyForecaster, card: dict[str, Any], data: SeriesSet
+) -> dict[str, Any]:
     train, test = held_out(card, data)
     settings = card["training"]["settings"]
     train_mean = np.concatenate(train.series).mean(axis=0)
@@ -281,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, CheckpointError) as e:
         print(f"python -m model.evaluate: {e}", file=sys.stderr)
         return 2
-    kind = "" if isinstance(ckpt.model, LSTMForecaster) else f" (scaling {ckpt.model.config.scaling})"
+    kind = (
+        "" if isinstance(ckpt.model, LSTMForecaster) else f" (scaling {ckpt.model.config.scaling})"
+    )
     print(f"{ckpt.name}:{ckpt.version}{kind} on {data.name}'s held-out test series\n")
     print(format_tables(results["scale_free"], results["calibration"]))
     if args.write_card:

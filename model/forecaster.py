@@ -211,8 +211,9 @@ class LSTMForecaster(nn.Module):
         wide = LSTMState(
             state.h.repeat_interleave(paths, dim=1), state.c.repeat_interleave(paths, dim=1)
         )  # (layers, B * paths, H)
-        drawn = sample_paths(step, next_mean, next_std, wide, horizon, paths, seed)
-        return summarise_paths(drawn, next_mean, next_std, quantiles)
+        return sample_paths(
+            step, next_mean, next_std, wide, horizon, paths=paths, seed=seed, quantiles=quantiles
+        )
 
 
 class SampledForecast(NamedTuple):
@@ -231,44 +232,43 @@ def sample_paths(
     next_std: Tensor,
     wide_state: S,
     horizon: int,
+    *,
     paths: int,
     seed: int,
-) -> Tensor:
-    """(B, paths, horizon, F) futures drawn through ``step``, the model's one-step forecast.
+    quantiles: Sequence[float] = QUANTILES,
+) -> SampledForecast:
+    """Draw ``paths`` futures per row through ``step`` and summarise each future step.
 
     ``next_mean``/``next_std`` (B, F) forecast the first future value; ``wide_state`` is the state
     after the last observed value, each row repeated ``paths`` times (``repeat_interleave``), and
-    ``step(value, state) -> (mean, std, state)`` the model fed one value per row.
+    ``step(value, state) -> (mean, std, state)`` the model fed one value per row. Step 1 is the
+    Gaussian itself; each later step is summarised as it is drawn, so memory holds one step of
+    the paths, never the whole (paths, horizon, F).
     """
     if horizon < 1 or paths < 2:
         raise ValueError("horizon must be at least 1 and paths at least 2")
     generator = torch.Generator(device=next_mean.device).manual_seed(seed)
     batch, features = next_mean.shape
+    q = torch.tensor(list(quantiles), dtype=next_mean.dtype).to(next_mean.device)
+    z = torch.tensor([normal_quantile(p) for p in quantiles], dtype=next_mean.dtype)
+    means, stds = [next_mean], [next_std]
+    qs = [next_mean + z.to(next_mean.device).view(-1, 1, 1) * next_std]  # (Q, B, F)
     mean = next_mean.repeat_interleave(paths, dim=0)  # (B * paths, F)
     std = next_std.repeat_interleave(paths, dim=0)
-    state, draws = wide_state, []
+    state = wide_state
     for k in range(horizon):
-        noise = torch.randn(
-            mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-        )
-        draws.append(mean + std * noise)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        drawn = mean + std * noise  # (B * paths, F)
+        if k > 0:
+            per_row = drawn.view(batch, paths, features)
+            means.append(per_row.mean(dim=1))
+            stds.append(per_row.std(dim=1))
+            qs.append(torch.quantile(per_row, q, dim=1))  # (Q, B, F)
         if k + 1 < horizon:
-            mean, std, state = step(draws[-1], state)
-    return torch.stack(draws, dim=1).view(batch, paths, horizon, features)
-
-
-def summarise_paths(
-    drawn: Tensor, next_mean: Tensor, next_std: Tensor, quantiles: Sequence[float]
-) -> SampledForecast:
-    """Per future step, the paths' mean, std and quantiles; step 1 from its Gaussian exactly."""
-    q = torch.tensor(list(quantiles), dtype=drawn.dtype, device=drawn.device)
-    mean = drawn.mean(dim=1)  # (B, horizon, F)
-    std = drawn.std(dim=1)
-    qs = torch.quantile(drawn, q, dim=1)  # (Q, B, horizon, F)
-    mean[:, 0], std[:, 0] = next_mean, next_std
-    z = torch.tensor([normal_quantile(p) for p in quantiles], dtype=drawn.dtype, device=drawn.device)
-    qs[:, :, 0] = next_mean + z.view(-1, 1, 1) * next_std
-    return SampledForecast(mean, std, qs, drawn.shape[1])
+            mean, std, state = step(drawn, state)
+    return SampledForecast(
+        torch.stack(means, dim=1), torch.stack(stds, dim=1), torch.stack(qs, dim=2), paths
+    )
 
 
 def normal_quantile(p: float) -> float:

@@ -32,7 +32,6 @@ from model.forecaster import (
     Normalisation,
     SampledForecast,
     sample_paths,
-    summarise_paths,
 )
 from model.lstm import GateTrace, LSTMState, StackedLSTM
 
@@ -44,7 +43,7 @@ INPUT_CLIP = 10.0
 class RunningStats(NamedTuple):
     """Per series: values seen, their mean and sum of squared deviations (float64)."""
 
-    count: Tensor  # (B, 1)
+    n: Tensor  # (B, 1): values seen
     mean: Tensor  # (B, F)
     m2: Tensor  # (B, F)
 
@@ -56,15 +55,18 @@ class RunningStats(NamedTuple):
     @staticmethod
     def of(prefixes: Sequence[np.ndarray], features: int) -> RunningStats:
         """The statistics after each of ``prefixes`` (each (T_i, F), T_i may be 0)."""
-        count = np.array([[len(p)] for p in prefixes], dtype=np.float64)
+        n = np.array([[len(p)] for p in prefixes], dtype=np.float64)
         mean = np.array(
             [p.mean(axis=0) if len(p) else np.zeros(features) for p in prefixes], np.float64
         )
         m2 = np.array(
-            [((p - p.mean(axis=0)) ** 2).sum(axis=0) if len(p) else np.zeros(features) for p in prefixes],
+            [
+                ((p - p.mean(axis=0)) ** 2).sum(axis=0) if len(p) else np.zeros(features)
+                for p in prefixes
+            ],
             np.float64,
         )
-        return RunningStats(torch.from_numpy(count), torch.from_numpy(mean), torch.from_numpy(m2))
+        return RunningStats(torch.from_numpy(n), torch.from_numpy(mean), torch.from_numpy(m2))
 
     def update(self, x: Tensor) -> tuple[RunningStats, Tensor, Tensor]:
         """Fold in ``x`` (B, T, F); also the mean and variance after each timestep (B, T, F).
@@ -75,12 +77,12 @@ class RunningStats(NamedTuple):
         """
         x = x.to(torch.float64)
         steps = x.shape[1]
-        shift = torch.where(self.count > 0, self.mean, x[:, 0])  # (B, F)
+        shift = torch.where(self.n > 0, self.mean, x[:, 0])  # (B, F)
         d = x - shift.unsqueeze(1)  # (B, T, F)
         k = torch.arange(1, steps + 1, dtype=torch.float64, device=x.device).view(1, steps, 1)
         chunk_mean = d.cumsum(1) / k
         chunk_m2 = ((d * d).cumsum(1) - k * chunk_mean.square()).clamp_min(0.0)
-        n0 = self.count.unsqueeze(1)  # (B, 1, 1)
+        n0 = self.n.unsqueeze(1)  # (B, 1, 1)
         mean0 = (self.mean - shift).unsqueeze(1)  # (B, 1, F)
         n = n0 + k
         delta = chunk_mean - mean0
@@ -203,5 +205,6 @@ class RunningScaleForecaster(nn.Module):
             ),
             state.stats.repeat_interleave(paths),
         )
-        drawn = sample_paths(step, next_mean, next_std, wide, horizon, paths, seed)
-        return summarise_paths(drawn, next_mean, next_std, quantiles)
+        return sample_paths(
+            step, next_mean, next_std, wide, horizon, paths=paths, seed=seed, quantiles=quantiles
+        )
