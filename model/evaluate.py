@@ -34,7 +34,9 @@ from model.scaling import RunningStats, ScaledState
 PREDICTORS = ("model", "persistence", "training_mean", "seasonal_lag_oracle")
 HORIZONS = (1, 4, 16)
 PATHS = 200  # the service's default (service/schemas.py DEFAULT_PATHS)
-ORIGIN_STRIDE = 32  # timesteps between forecast origins on a series
+ORIGIN_STRIDE = (
+    13  # steps between forecast origins: prime, so origins fall on every phase of a cycle
+)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from model import (
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
 from model.checkpoint import load_any_checkpoint
 from model.data import SeriesSet, TooFewSeries, load_csv, split_by_series
+from model.evaluate import calibration_report, scale_free_report
 from model.forecaster import QUANTILES, sample_paths
 from model.scaling import RunningScaleForecaster, RunningStats
 from model.train import TrainSettings, evaluate, fit
@@ -398,3 +399,44 @@ def test_a_running_scale_checkpoint_loads_for_evaluation_but_is_not_served(tmp_p
     x = torch.randn(1, 9, 2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).mean, model(x).mean, atol=0, rtol=0)
+
+
+def test_scale_free_report_scores_every_series_in_its_own_units() -> None:
+    """Two series a million apart in magnitude count the same; persistence's MASE is 1."""
+    model = small_model(features=1)
+    t = np.arange(300, dtype=np.float32)
+    wave = np.sin(2 * np.pi * t / 6).reshape(-1, 1)
+    series = [wave * 1e-3, wave * 1e3 + 50.0, np.cos(t / 7).reshape(-1, 1).astype(np.float32)]
+    report = scale_free_report(model, series, np.zeros(1), warmup=24, max_lag=12)
+    assert report["series"] == 3 and report["series_skipped_constant"] == 0
+    assert report["mase"]["persistence"] == {"q1": 1.0, "median": 1.0, "q3": 1.0}
+    # the first two are one series scaled: the oracle's lag 6 repeats them exactly
+    assert report["nmse"]["seasonal_lag_oracle"]["q1"] == pytest.approx(0.0, abs=1e-9)
+    # the training mean 0 against a mean-50 series: nMSE 1 + 50^2 / var; the others about 1
+    var = float(series[1][24:].var())
+    assert report["nmse"]["training_mean"]["q3"] == pytest.approx(
+        (1 + (1 + 2500 / var)) / 2, rel=1e-3
+    )
+    assert set(report["model_beats_on_series"]) == {
+        "persistence",
+        "training_mean",
+        "seasonal_lag_oracle",
+    }
+    assert all(0 <= n <= 3 for n in report["model_beats_on_series"].values())
+    constant = [np.ones((100, 1), np.float32)]
+    with pytest.raises(ValueError, match="constant"):
+        scale_free_report(model, constant, np.zeros(1), warmup=24, max_lag=12)
+
+
+def test_calibration_report_counts_the_origins_it_scores() -> None:
+    model = small_model(features=1)
+    series = [np.random.default_rng(0).normal(size=(120, 1)).astype(np.float32)]
+    report = calibration_report(model, series, 24, horizons=(1, 4), paths=50, stride=13)
+    # origins 24, 37, ... while origin + 4 <= 120: 24..115 -> 8 origins
+    assert report["origins"] == len(range(24, 117, 13)) and report["series"] == 1
+    for h in ("1", "4"):
+        assert set(report["coverage"][h]) == {"sampled_2std", "sampled_q10_q90", "rollout_2std"}
+        assert all(0.0 <= v <= 1.0 for v in report["coverage"][h].values())
+    # horizon 1 is the one-step Gaussian for both: sampled and rolled-forward agree there
+    c1 = report["coverage"]["1"]
+    assert c1["sampled_2std"] == c1["rollout_2std"]
