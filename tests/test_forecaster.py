@@ -24,7 +24,7 @@ from model import (
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
 from model.checkpoint import load_any_checkpoint
 from model.data import SeriesSet, TooFewSeries, load_csv, split_by_series
-from model.evaluate import calibration_report, scale_free_report
+from model.evaluate import calibration_report, format_tables, held_out, scale_free_report
 from model.forecaster import QUANTILES, sample_paths
 from model.scaling import RunningScaleForecaster, RunningStats
 from model.train import TrainSettings, evaluate, fit
@@ -286,6 +286,46 @@ def test_shipped_model_reproduces_its_test_score() -> None:
     warmup = ckpt.card["training"]["settings"]["warmup"]
     scores = evaluate(ckpt.model, test, warmup)
     assert scores["mse"] == pytest.approx(ckpt.card["metrics"]["one_step_mse"]["model"], rel=1e-4)
+
+
+def test_readme_carries_the_shipped_cards_scale_free_and_calibration_tables() -> None:
+    metrics = load_checkpoint(SHIPPED).card["metrics"]
+    tables = format_tables(metrics["scale_free"], metrics["calibration"])
+    readme = (ROOT / "README.md").read_text()
+    assert tables in readme, "README's scale-free tables are not the shipped card's"
+
+
+def test_shipped_model_reproduces_its_scale_free_scores() -> None:
+    """The card's per-series table is what the shipped weights give on its test series."""
+    pytest.importorskip("sktime")
+    from model.data import load_acsf1
+
+    ckpt = load_checkpoint(SHIPPED)
+    train, test = held_out(ckpt.card, load_acsf1())
+    warmup = ckpt.card["training"]["settings"]["warmup"]
+    max_lag = ckpt.card["training"]["settings"]["max_lag"]
+    train_mean = np.concatenate(train.series).mean(axis=0)
+    report = scale_free_report(ckpt.model, test.series, train_mean, warmup, max_lag)
+    card = ckpt.card["metrics"]["scale_free"]
+    assert report["model_beats_on_series"] == card["model_beats_on_series"]
+    for kind in ("nmse", "mase"):
+        for name, quartiles in card[kind].items():
+            assert report[kind][name] == pytest.approx(quartiles, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_shipped_model_reproduces_its_calibration() -> None:
+    pytest.importorskip("sktime")
+    from model.data import load_acsf1
+
+    ckpt = load_checkpoint(SHIPPED)
+    _, test = held_out(ckpt.card, load_acsf1())
+    warmup = ckpt.card["training"]["settings"]["warmup"]
+    report = calibration_report(ckpt.model, test.series, warmup)
+    card = ckpt.card["metrics"]["calibration"]
+    assert report["origins"] == card["origins"]
+    for h, coverage in card["coverage"].items():
+        assert report["coverage"][h] == pytest.approx(coverage, abs=1e-3)
 
 
 def test_shipped_card_has_no_pickle_and_a_version_from_its_weights(tmp_path: Path) -> None:
