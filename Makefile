@@ -6,7 +6,7 @@ export BENTOML_DO_NOT_TRACK := true
 # BentoML's model store: $BENTOML_HOME, else bentoml_home/ in the checkout. Defined once, in
 # service/model_registry.py, which every entry point below goes through.
 
-.PHONY: install serve test test-fast lint train bench import-model clean image up down
+.PHONY: install serve test test-fast lint train evaluate bench import-model clean image up down
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ lint: $(STAMP)
 # Retrains the shipped model in place (--force), on one thread as it was trained (--threads 1).
 train: $(STAMP)
 	$(PY) -m model.train --out models/acsf1-forecaster --name acsf1-forecaster --threads 1 --force
+
+# The held-out scale-free table and calibration table of a checkpoint (the shipped one unless
+# MODEL=dir; CSV=file for a model trained on a CSV). WRITE_CARD=1 writes them into its card.json.
+MODEL ?= models/acsf1-forecaster
+evaluate: $(STAMP)
+	$(PY) -m model.evaluate --model $(MODEL) $(if $(CSV),--csv $(CSV),) $(if $(WRITE_CARD),--write-card,)
 
 # Each script prints its table and writes JSON (and the load/scale ones a PNG) under runs/bench/
 # (git-ignored); `make bench RECORD=1` writes the committed bench/results/ that the README quotes.

@@ -198,8 +198,10 @@ class SessionState:
         body = {"inputs": rows(inputs), "seq": self.t, "return_gates": return_gates}
         return self._op("/v1/sessions/step", body, self._advance)
 
-    def forecast_op(self, horizon: int) -> Op[Reply]:
-        return self._op("/v1/sessions/forecast", {"horizon": horizon}, _reply)
+    def forecast_op(self, horizon: int, paths: int | None, seed: int | None) -> Op[Reply]:
+        body: dict[str, Any] = {"horizon": horizon}
+        body.update({k: v for k, v in (("paths", paths), ("seed", seed)) if v is not None})
+        return self._op("/v1/sessions/forecast", body, _reply)
 
     def info_op(self) -> Op[Reply]:
         return self._op("/v1/sessions/get", {}, self._advance)

@@ -114,8 +114,12 @@ class Session(SessionState):
         for chunk in chunks:
             yield from self.step(chunk)["outputs"]
 
-    def forecast(self, horizon: int = 1) -> dict[str, Any]:
-        return self.client._run(self.forecast_op(horizon))
+    def forecast(
+        self, horizon: int = 1, *, paths: int | None = None, seed: int | None = None
+    ) -> dict[str, Any]:
+        """``horizon`` future steps, each with mean, std, p10/p50/p90 from ``paths`` sampled
+        futures (the server's default unless given), reproducible per ``seed``."""
+        return self.client._run(self.forecast_op(horizon, paths, seed))
 
     def info(self) -> dict[str, Any]:
         """The server's view of the session; also resyncs ``t`` (after a ``seq_conflict``)."""
@@ -209,8 +213,10 @@ class AsyncSession(SessionState):
             for out in (await self.step(chunk))["outputs"]:
                 yield out
 
-    async def forecast(self, horizon: int = 1) -> dict[str, Any]:
-        return await self.client._run(self.forecast_op(horizon))
+    async def forecast(
+        self, horizon: int = 1, *, paths: int | None = None, seed: int | None = None
+    ) -> dict[str, Any]:
+        return await self.client._run(self.forecast_op(horizon, paths, seed))
 
     async def info(self) -> dict[str, Any]:
         return await self.client._run(self.info_op())

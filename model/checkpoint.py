@@ -19,6 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.forecaster import ForecasterConfig, LSTMForecaster, Normalisation
+from model.scaling import RunningScaleForecaster
+
+AnyForecaster = LSTMForecaster | RunningScaleForecaster
 
 FORMAT = "lstm-forecaster/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,17 +40,27 @@ class Checkpoint:
     card: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class AnyCheckpoint:
+    """A checkpoint of either scaling, for training and evaluation (not for serving)."""
+
+    model: AnyForecaster
+    name: str
+    version: str
+    card: dict[str, Any] = field(default_factory=dict)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def save_checkpoint(
-    model: LSTMForecaster,
+    model: AnyForecaster,
     directory: str | Path,
     *,
     name: str,
     extra: dict[str, Any] | None = None,
-) -> Checkpoint:
+) -> AnyCheckpoint:
     """Write weights and card into ``directory``; ``extra`` (metrics, data...) joins the card."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -64,7 +77,7 @@ def save_checkpoint(
         **(extra or {}),
     }
     (directory / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    return Checkpoint(model, name, card["version"], card)
+    return AnyCheckpoint(model, name, card["version"], card)
 
 
 def read_card(directory: str | Path) -> dict[str, Any]:
@@ -86,7 +99,23 @@ def load_checkpoint(
     *,
     device: torch.device | str = "cpu",
 ) -> Checkpoint:
-    """Load and verify a checkpoint; raise CheckpointError naming what is wrong."""
+    """Load and verify a servable checkpoint; raise CheckpointError naming what is wrong."""
+    ckpt = load_any_checkpoint(directory, device=device)
+    if not isinstance(ckpt.model, LSTMForecaster):
+        raise CheckpointError(
+            f"{directory} holds a model with scaling={ckpt.model.config.scaling!r}: serving it "
+            "needs each session's running statistics in its state (pool, blobs, snapshots, "
+            "Redis), which this service does not keep yet"
+        )
+    return Checkpoint(ckpt.model, ckpt.name, ckpt.version, ckpt.card)
+
+
+def load_any_checkpoint(
+    directory: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+) -> AnyCheckpoint:
+    """Load and verify a checkpoint of either scaling; CheckpointError names what is wrong."""
     directory = Path(directory)
     card = read_card(directory)
     weights_path = directory / WEIGHTS_FILE
@@ -100,7 +129,7 @@ def load_checkpoint(
         )
     try:
         config = ForecasterConfig.from_dict(card["config"])
-        model = LSTMForecaster(config, Normalisation.from_dict(card["normalisation"]))
+        model = build_forecaster(config, Normalisation.from_dict(card["normalisation"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / CARD_FILE} describes no valid model: {e}") from e
     try:
@@ -118,4 +147,11 @@ def load_checkpoint(
         raise CheckpointError(f"weights do not match the card's config: {'; '.join(diff)}")
     model.load_state_dict(weights)
     model.to(device).eval()
-    return Checkpoint(model, card["name"], card["version"], card)
+    return AnyCheckpoint(model, card["name"], card["version"], card)
+
+
+def build_forecaster(config: ForecasterConfig, normalisation: Normalisation) -> AnyForecaster:
+    """The model class the config's scaling names."""
+    if config.scaling == "running":
+        return RunningScaleForecaster(config, normalisation)
+    return LSTMForecaster(config, normalisation)

@@ -3,13 +3,23 @@
 After each timestep the forecaster gives the mean and standard deviation of the next value of every
 feature, in the units the client sent. Normalisation statistics travel with the checkpoint, so
 clients never normalise anything themselves.
+
+Several steps ahead, ``sample_forecast`` draws paths through the model (each draw fed back in as
+if observed), so the spread of later steps carries the uncertainty compounded along the way;
+``rollout`` feeds back the means alone and does not.
+
+``scaling="running"`` (a prototype, not servable yet: see ``RunningStats``) normalises each series
+by its own causal running mean and std instead of the training set's, so series of any magnitude
+reach the network in comparable units.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +29,10 @@ from model.lstm import VARIANTS, GateTrace, LSTMState, StackedLSTM, Variant
 
 if TYPE_CHECKING:
     from model.native import StackEngine
+
+Scaling = Literal["global", "running"]
+SCALINGS: tuple[Scaling, ...] = ("global", "running")
+QUANTILES = (0.1, 0.5, 0.9)  # the quantiles a sampled forecast reports, per future step
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,12 @@ class ForecasterConfig:
     variant: Variant = "standard"  # standard keeps nn.LSTM interoperability
     forget_bias: float = 1.0  # remember by default early in training (Gers et al. 2000)
     min_std: float = 1e-3  # floor on the normalised std, so the NLL cannot run to -inf
+    # global: every series in the training set's units; running: each series in its own causal
+    # running mean and std (model/scaling.py), whatever its magnitude (needs them in the state)
+    scaling: Scaling = "global"
+    # running: the least scale, as a fraction of the training std, so a constant start (std 0)
+    # divides by no zero
+    scale_floor: float = 1e-4
 
     def __post_init__(self) -> None:
         if not self.feature_names:
@@ -38,6 +58,10 @@ class ForecasterConfig:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.hidden_size < 1 or self.num_layers < 1:
             raise ValueError("hidden_size and num_layers must be positive")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if not self.scale_floor > 0:
+            raise ValueError("scale_floor must be positive")
 
     @property
     def n_features(self) -> int:
@@ -171,6 +195,100 @@ class LSTMForecaster(nn.Module):
             means.append(mean[:, 0])
             stds.append(std[:, 0])
         return torch.stack(means, dim=1), torch.stack(stds, dim=1)
+
+    @torch.no_grad()
+    def sample_forecast(
+        self,
+        next_mean: Tensor,
+        next_std: Tensor,
+        state: LSTMState,
+        horizon: int,
+        *,
+        paths: int,
+        seed: int,
+        quantiles: Sequence[float] = QUANTILES,
+    ) -> SampledForecast:
+        """Forecast ``horizon`` future steps from ``paths`` sampled futures per row.
+
+        Arguments as ``rollout``'s. Each path draws the next value from the Gaussian the model
+        gives, feeds the draw back in as if observed and draws again, so the spread at step k
+        holds the uncertainty of every step before it. Step 1 is the model's Gaussian itself
+        (exact, no sampling); later steps are the paths' mean, std and quantiles. The same
+        ``seed`` gives the same answer for the same inputs (on one device, batch of one).
+        """
+
+        def step(value: Tensor, s: LSTMState) -> tuple[Tensor, Tensor, LSTMState]:
+            mean, std, s, _ = self.forward(value.unsqueeze(1), s)
+            return mean[:, 0], std[:, 0], s
+
+        wide = LSTMState(
+            state.h.repeat_interleave(paths, dim=1), state.c.repeat_interleave(paths, dim=1)
+        )  # (layers, B * paths, H)
+        return sample_paths(
+            step, next_mean, next_std, wide, horizon, paths=paths, seed=seed, quantiles=quantiles
+        )
+
+
+class SampledForecast(NamedTuple):
+    mean: Tensor  # (B, horizon, F), raw units
+    std: Tensor  # (B, horizon, F)
+    quantiles: Tensor  # (Q, B, horizon, F), in the order asked
+    paths: int
+
+
+S = TypeVar("S")
+
+
+def sample_paths(
+    step: Callable[[Tensor, S], tuple[Tensor, Tensor, S]],
+    next_mean: Tensor,
+    next_std: Tensor,
+    wide_state: S,
+    horizon: int,
+    *,
+    paths: int,
+    seed: int,
+    quantiles: Sequence[float] = QUANTILES,
+) -> SampledForecast:
+    """Draw ``paths`` futures per row through ``step`` and summarise each future step.
+
+    ``next_mean``/``next_std`` (B, F) forecast the first future value; ``wide_state`` is the state
+    after the last observed value, each row repeated ``paths`` times (``repeat_interleave``), and
+    ``step(value, state) -> (mean, std, state)`` the model fed one value per row. Step 1 is the
+    Gaussian itself; each later step is summarised as it is drawn, so memory holds one step of
+    the paths, never the whole (paths, horizon, F).
+    """
+    if horizon < 1 or paths < 2:
+        raise ValueError("horizon must be at least 1 and paths at least 2")
+    generator = torch.Generator(device=next_mean.device).manual_seed(seed)
+    batch, features = next_mean.shape
+    q = torch.tensor(list(quantiles), dtype=next_mean.dtype).to(next_mean.device)
+    z = torch.tensor([normal_quantile(p) for p in quantiles], dtype=next_mean.dtype)
+    means, stds = [next_mean], [next_std]
+    qs = [next_mean + z.to(next_mean.device).view(-1, 1, 1) * next_std]  # (Q, B, F)
+    mean = next_mean.repeat_interleave(paths, dim=0)  # (B * paths, F)
+    std = next_std.repeat_interleave(paths, dim=0)
+    state = wide_state
+    for k in range(horizon):
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        drawn = mean + std * noise  # (B * paths, F)
+        if k > 0:
+            per_row = drawn.view(batch, paths, features)
+            means.append(per_row.mean(dim=1))
+            stds.append(per_row.std(dim=1))
+            qs.append(torch.quantile(per_row, q, dim=1))  # (Q, B, F)
+        if k + 1 < horizon:
+            mean, std, state = step(drawn, state)
+    return SampledForecast(
+        torch.stack(means, dim=1), torch.stack(stds, dim=1), torch.stack(qs, dim=2), paths
+    )
+
+
+def normal_quantile(p: float) -> float:
+    """The standard normal's quantile function, Phi^-1(p)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"a quantile lies strictly between 0 and 1, got {p}")
+    return math.sqrt(2.0) * float(torch.erfinv(torch.tensor(2.0 * p - 1.0, dtype=torch.float64)))
 
 
 def gaussian_nll(mean: Tensor, std: Tensor, target: Tensor, beta: float = 0.0) -> Tensor:

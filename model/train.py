@@ -23,7 +23,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from model import pick_device
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
-from model.checkpoint import Checkpoint, save_checkpoint
+from model.checkpoint import AnyCheckpoint, AnyForecaster, build_forecaster, save_checkpoint
 from model.data import (
     SeriesSet,
     TooFewSeries,
@@ -43,7 +43,13 @@ from model.data import (
     load_csv,
     split_series,
 )
+from model.evaluate import calibration_report, format_tables, scale_free_report
 from model.forecaster import ForecasterConfig, LSTMForecaster, Normalisation, gaussian_nll
+from model.scaling import RunningScaleForecaster, RunningStats
+
+# scaling="running": steps whose running statistics hold fewer values than this are not in the
+# loss (their scale, from a handful of values, makes the target arbitrary)
+MIN_SCALE_COUNT = 8
 
 
 @dataclass(frozen=True)
@@ -136,19 +142,27 @@ def sample_windows(
     data: SeriesSet, window: int, batch: int, rng: np.random.Generator
 ) -> np.ndarray:
     """(batch, window + 1, F) random windows, series chosen in proportion to their length."""
+    return sample_windows_at(data, window, batch, rng)[0]
+
+
+def sample_windows_at(
+    data: SeriesSet, window: int, batch: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``sample_windows`` and, for each window, the part of its series before it."""
     lengths = np.array([len(s) for s in data.series])
     window = min(window, int(lengths.min()) - 1)
     chosen = rng.choice(len(lengths), size=batch, p=lengths / lengths.sum())
-    out = []
+    out, before = [], []
     for i in chosen:
         start = rng.integers(0, lengths[i] - window)
         out.append(data.series[i][start : start + window + 1])
-    return np.stack(out)
+        before.append(data.series[i][:start])
+    return np.stack(out), before
 
 
 @torch.no_grad()
 def stream_predictions(
-    model: LSTMForecaster,
+    model: AnyForecaster,
     series: list[np.ndarray],
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each series, (mean, std) of shape (T, F) where output t forecasts value t + 1.
@@ -160,14 +174,14 @@ def stream_predictions(
     results: list[tuple[np.ndarray, np.ndarray]] = [(np.empty(0), np.empty(0))] * len(series)
     for indices in indices_by_length(series):
         batch = torch.from_numpy(np.stack([series[i] for i in indices])).to(device)
-        mean, std, _, _ = model(batch)
+        f = model(batch)
         for row, i in enumerate(indices):
-            results[i] = (mean[row].cpu().numpy(), std[row].cpu().numpy())
+            results[i] = (f.mean[row].cpu().numpy(), f.std[row].cpu().numpy())
     return results
 
 
 def evaluate(
-    model: LSTMForecaster,
+    model: AnyForecaster,
     series: list[np.ndarray],
     warmup: int,
 ) -> dict[str, float]:
@@ -191,11 +205,11 @@ def fit(
     val: SeriesSet,
     config: ForecasterConfig,
     settings: TrainSettings,
-) -> tuple[LSTMForecaster, list[dict[str, float]]]:
+) -> tuple[AnyForecaster, list[dict[str, float]]]:
     """Train with early stopping on validation NLL; return the best model and the history."""
     seed_everything(settings.seed)
     device = pick_device(settings.device)
-    model = LSTMForecaster(config, normalisation_of(train)).to(device)
+    model = build_forecaster(config, normalisation_of(train)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
     # Cosine decay to lr/30: late epochs refine instead of bouncing around the spiky NLL.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -211,12 +225,14 @@ def fit(
         model.train()
         losses = []
         for _ in range(settings.steps_per_epoch):
-            windows = torch.from_numpy(
-                sample_windows(train, settings.window, settings.batch_size, rng)
-            ).to(device)
-            mean, std, _, _ = model.forward_normalised(windows[:, :-1])
-            target = (windows[:, 1:] - model.input_mean) / model.input_std
-            loss = gaussian_nll(mean, std, target, settings.nll_beta)
+            batch, before = sample_windows_at(train, settings.window, settings.batch_size, rng)
+            windows = torch.from_numpy(batch).to(device)
+            if isinstance(model, LSTMForecaster):
+                mean, std, _, _ = model.forward_normalised(windows[:, :-1])
+                target = (windows[:, 1:] - model.input_mean) / model.input_std
+                loss = gaussian_nll(mean, std, target, settings.nll_beta)
+            else:
+                loss = running_scale_loss(model, windows, before, settings.nll_beta)
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -247,8 +263,34 @@ def fit(
     return model.eval(), history
 
 
+def running_scale_loss(
+    model: RunningScaleForecaster, windows: torch.Tensor, before: list[np.ndarray], beta: float
+) -> torch.Tensor:
+    """The NLL in each step's running units, the statistics carried from the series' start."""
+    stats = RunningStats.of(before, windows.shape[-1])
+    state = model.zero_state(windows.shape[0])._replace(
+        stats=RunningStats(*(t.to(windows.device) for t in stats))
+    )
+    f = model.forward_normalised(windows[:, :-1], state)
+    target = (windows[:, 1:] - f.loc) / f.scale
+    counted = stats.n.to(windows.device).view(-1, 1) + torch.arange(
+        1, windows.shape[1], device=windows.device
+    )  # (B, T): values in the statistics after each input step
+    keep = counted >= MIN_SCALE_COUNT
+    return gaussian_nll(f.mean[keep], f.std[keep], target[keep], beta)
+
+
+def unless_unscorable(report: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The report, or why the test series cannot give it (all constant; all too short for the
+    longest calibration horizon): short series still train, and the card says what is missing."""
+    try:
+        return report()
+    except ValueError as e:
+        return {"not_scored": str(e)}
+
+
 def test_report(
-    model: LSTMForecaster,
+    model: AnyForecaster,
     train: SeriesSet,
     test: SeriesSet,
     settings: TrainSettings,
@@ -265,6 +307,14 @@ def test_report(
     }
     return {
         "one_step_mse": mse,
+        "scale_free": unless_unscorable(
+            lambda: scale_free_report(
+                model, test.series, train_mean, settings.warmup, settings.max_lag
+            )
+        ),
+        "calibration": unless_unscorable(
+            lambda: calibration_report(model, test.series, settings.warmup)
+        ),
         "model_nll": scores["nll"],
         "beats_all_baselines": all(mse["model"] < v for k, v in mse.items() if k != "model"),
         "scored_steps": f"{settings.warmup}..T-1 of each test series",
@@ -278,7 +328,7 @@ def train_and_save(
     name: str,
     config: ForecasterConfig,
     settings: TrainSettings,
-) -> Checkpoint:
+) -> AnyCheckpoint:
     """Split, train, score against the baselines, save; nothing is written unless all worked."""
     check_settings(settings)
     check_lengths(data, settings.warmup)
@@ -400,6 +450,13 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--hidden-size", type=int, default=c.hidden_size, help="LSTM units per layer")
     m.add_argument("--num-layers", type=int, default=c.num_layers, help="stacked LSTM layers")
     m.add_argument(
+        "--scaling",
+        default=c.scaling,
+        choices=["global", "running"],
+        help="global: every series in the training set's units; running (a prototype the "
+        "service cannot serve yet): each series in its own causal running mean and std",
+    )
+    m.add_argument(
         "--variant",
         default=c.variant,
         choices=["standard", "peephole", "coupled"],
@@ -484,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             hidden_size=args.hidden_size,
             num_layers=args.num_layers,
             variant=args.variant,
+            scaling=args.scaling,
         )
         settings = TrainSettings(
             seed=args.seed,
@@ -508,6 +566,14 @@ def main(argv: list[str] | None = None) -> int:
     print("one-step MSE on held-out test series:")
     for k, v in mse.items():
         print(f"  {k:20s} {v:.5f}")
+    metrics = ckpt.card["metrics"]
+    scale_free, calibration = metrics["scale_free"], metrics["calibration"]
+    if "not_scored" in scale_free or "not_scored" in calibration:
+        why = scale_free.get("not_scored") or calibration.get("not_scored")
+        print(f"\nno scale-free or calibration table: {why}")
+    else:
+        print("\nscale-free, per test series, and calibration of the sampled forecast:")
+        print(format_tables(scale_free, calibration))
     print(f"next: python -m service.model_registry import {out}")
     if not ckpt.card["metrics"]["beats_all_baselines"]:
         print("the model does NOT beat every baseline", file=sys.stderr)

@@ -32,7 +32,7 @@ from torch import Tensor
 from model import LSTMForecaster
 from model.native import StackEngine
 from service.errors import ModelFailure, ShuttingDown
-from service.results import Outputs, StepDone
+from service.results import ForecastOutputs, Outputs, StepDone
 from service.rounds import (
     BatchObserver,
     BurnInJob,
@@ -120,9 +120,9 @@ class MicroBatcher:
         return self._enqueue(StepJob(session, x, inputs_digest(x), return_gates))
 
     async def forecast(
-        self, session: Session, horizon: int
-    ) -> tuple[list[list[float]], list[list[float]]]:
-        return await self._submit(ForecastJob(session, horizon))
+        self, session: Session, horizon: int, *, paths: int, seed: int
+    ) -> ForecastOutputs:
+        return await self._submit(ForecastJob(session, horizon, paths, seed))
 
     async def predict(self, x: Tensor, *, return_gates: bool = False) -> Outputs:
         return await self._submit(PredictJob(x, return_gates))

@@ -39,8 +39,8 @@ from service.errors import (
     TooManyItems,
     WrongFeatureCount,
 )
-from service.results import Outputs, StepDone
-from service.schemas import SESSION_ID_PATTERN, Step
+from service.results import ForecastOutputs, Outputs, StepDone
+from service.schemas import DEFAULT_PATHS, SESSION_ID_PATTERN, Step
 from service.sessions import Session, public_id
 from service.state_blob import (
     BlobError,
@@ -103,6 +103,11 @@ class ForecastView:
     t: int
     means: list[list[float]]  # (horizon, F)
     stds: list[list[float]]
+    p10: list[list[float]]
+    p50: list[list[float]]
+    p90: list[list[float]]
+    paths: int
+    seed: int
 
 
 def step_reply(session_id: str, done: StepDone, model_version: str) -> dict[str, Any]:
@@ -227,7 +232,11 @@ class Engine:
         self.events.sessions(len(self.store))
         return session_id
 
-    async def forecast(self, session_id: str, horizon: int) -> ForecastView:
+    async def forecast(
+        self, session_id: str, horizon: int, *, paths: int = DEFAULT_PATHS, seed: int = 0
+    ) -> ForecastView:
+        """``horizon`` future steps from ``paths`` futures sampled with ``seed``; the session
+        is unchanged."""
         if horizon > self.limits.max_horizon:
             raise HorizonTooLong(
                 f"horizon {horizon} is over the limit of {self.limits.max_horizon} "
@@ -238,8 +247,12 @@ class Engine:
             if session.t == 0:
                 raise NoObservations("the session has seen no value yet: step it first", t=0)
             await self.backend.touch(session)
-            means, stds = await self.batcher.forecast(session, horizon)
-            return ForecastView(session.id, session.t, means, stds)
+            f: ForecastOutputs = await self.batcher.forecast(
+                session, horizon, paths=paths, seed=seed
+            )
+            return ForecastView(
+                session.id, session.t, f.means, f.stds, f.p10, f.p50, f.p90, paths, seed
+            )
 
     async def export(self, session_id: str) -> tuple[SessionView, bytes]:
         """The session and its state as a blob bound to this model version."""

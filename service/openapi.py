@@ -100,7 +100,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "/v1/sessions/forecast",
         "forecast",
-        "Forecast `horizon` future steps from the current state, without changing it",
+        "Forecast `horizon` future steps from `paths` futures sampled through the model "
+        "(mean, std, 10/50/90% quantiles per step), without changing the session",
         Forecast,
         ForecastResult,
         (*GONE, e.NoObservations, e.HorizonTooLong, e.ModelFailure, *STORE),

@@ -17,6 +17,18 @@ class Outputs:
 
 
 @dataclass(slots=True)
+class ForecastOutputs:
+    """A sampled forecast as plain lists, each (horizon, F): per future step the mean, std and
+    10/50/90% quantiles."""
+
+    means: list[list[float]]
+    stds: list[list[float]]
+    p10: list[list[float]]
+    p50: list[list[float]]
+    p90: list[list[float]]
+
+
+@dataclass(slots=True)
 class StepDone:
     t: int
     outputs: Outputs

@@ -29,7 +29,7 @@ from torch import Tensor
 from model import LSTMForecaster, LSTMState
 from model.native import StackEngine
 from service.errors import ModelFailure
-from service.results import Outputs
+from service.results import ForecastOutputs, Outputs
 from service.sessions import Session, StatePool
 from service.state_blob import SessionState
 
@@ -123,9 +123,11 @@ class StepJob(Job):
 class ForecastJob(Job):
     session: Session
     horizon: int
+    paths: int
+    seed: int
 
     def work(self) -> int:
-        return self.horizon
+        return self.horizon * self.paths
 
 
 @dataclass(eq=False)
@@ -304,13 +306,19 @@ class RoundRunner:
         """One batched forward over kept inputs of one length, from zero states."""
         return replay(self.model, [j.x for j in jobs], self.device)
 
-    def _forecast(self, job: ForecastJob) -> tuple[list[list[float]], list[list[float]]]:
+    def _forecast(self, job: ForecastJob) -> ForecastOutputs:
         slot = torch.tensor([job.session.slot], device=self.device)
         state = self.pool.gather(slot)
-        means, stds = self.model.rollout(
-            self.pool.next_mean[slot], self.pool.next_std[slot], state, job.horizon
+        f = self.model.sample_forecast(
+            self.pool.next_mean[slot],
+            self.pool.next_std[slot],
+            state,
+            job.horizon,
+            paths=job.paths,
+            seed=job.seed,
         )
-        return means[0].tolist(), stds[0].tolist()
+        p10, p50, p90 = f.quantiles[:, 0].tolist()  # (3, horizon, F): QUANTILES' order
+        return ForecastOutputs(f.mean[0].tolist(), f.std[0].tolist(), p10, p50, p90)
 
     def _predict(self, job: PredictJob) -> Outputs:
         started = time.perf_counter()

@@ -18,6 +18,10 @@ SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 CHUNK_CEILING = 4096  # no setting may raise the chunk limit above this
 PREDICT_CEILING = 100_000
 HORIZON_CEILING = 4096
+# Sampled futures per forecast: the default gives 10/90% quantiles to about +-0.02 in
+# probability; the ceiling bounds a request's work at PATHS_CEILING x horizon model steps.
+DEFAULT_PATHS = 200
+PATHS_CEILING = 1000
 FEATURE_CEILING = 1024
 MANY_CEILING = 65_536  # items in one step_many request
 BLOB_CEILING = 16_000_000  # base64 characters of an exported session state
@@ -41,6 +45,7 @@ def _integral(value: Any) -> Any:
 # The bounds come before the validator: after it, pydantic would write them as bare ge/le.
 Seq = Annotated[int, Field(strict=True, ge=0, le=SEQ_CEILING), BeforeValidator(_integral)]
 Horizon = Annotated[int, Field(strict=True, ge=1, le=HORIZON_CEILING), BeforeValidator(_integral)]
+Paths = Annotated[int, Field(strict=True, ge=2, le=PATHS_CEILING), BeforeValidator(_integral)]
 Number = Annotated[
     float, Field(strict=True, allow_inf_nan=False, ge=-VALUE_CEILING, le=VALUE_CEILING)
 ]
@@ -144,6 +149,14 @@ class StepMany(Request):
 class Forecast(Request):
     session_id: SessionId
     horizon: Horizon = Field(1, description="future steps to forecast")
+    paths: Paths = Field(
+        DEFAULT_PATHS,
+        description="futures sampled through the model (each draw fed back in as if observed); "
+        "steps after the first are summarised from them",
+    )
+    seed: Seq = Field(
+        0, description="seed of the sampling: the same seed, state and paths give the same answer"
+    )
 
 
 class ImportSession(Request):
@@ -251,14 +264,26 @@ class StepManyResult(BaseModel):
 
 
 class ForecastStep(BaseModel):
-    mean: list[float]
-    std: list[float]
+    mean: list[float] = Field(description="mean of the value this many steps ahead, per feature")
+    std: list[float] = Field(
+        description="its standard deviation, per feature: the spread of the sampled paths, so "
+        "it holds the uncertainty of every step before it"
+    )
+    p10: list[float] = Field(description="10% quantile, per feature")
+    p50: list[float] = Field(description="median, per feature")
+    p90: list[float] = Field(description="90% quantile, per feature")
 
 
 class ForecastResult(BaseModel):
     session_id: str
     t: int
-    forecast: list[ForecastStep] = Field(description="one per future step, nearest first")
+    forecast: list[ForecastStep] = Field(
+        description="one per future step, nearest first; the first is the model's Gaussian "
+        "forecast itself (the last step's mean and std, quantiles from it), later ones are "
+        "summarised from the sampled paths"
+    )
+    paths: int = Field(description="paths sampled")
+    seed: int = Field(description="seed they were sampled with")
 
 
 class PredictResult(BaseModel):

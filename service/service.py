@@ -475,9 +475,16 @@ class LSTMSessions:
     @route("/v1/sessions/forecast", Forecast)
     async def forecast(self, body: Forecast, /) -> ForecastResult:
         """Forecast ``horizon`` future steps from the current state, without changing it."""
-        f = await self._sessions().forecast(body.session_id, body.horizon)
-        steps = [ForecastStep(mean=m, std=s) for m, s in zip(f.means, f.stds, strict=True)]
-        return ForecastResult(session_id=f.session_id, t=f.t, forecast=steps)
+        f = await self._sessions().forecast(
+            body.session_id, body.horizon, paths=body.paths, seed=body.seed
+        )
+        steps = [
+            ForecastStep(mean=m, std=s, p10=lo, p50=mid, p90=hi)
+            for m, s, lo, mid, hi in zip(f.means, f.stds, f.p10, f.p50, f.p90, strict=True)
+        ]
+        return ForecastResult(
+            session_id=f.session_id, t=f.t, forecast=steps, paths=f.paths, seed=f.seed
+        )
 
     @route("/v1/sessions/get", SessionRef)
     async def get(self, body: SessionRef, /) -> SessionInfo:

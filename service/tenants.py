@@ -69,9 +69,13 @@ class TenantSessions:
         with self._own_ids():
             return public_id(await self.engine.delete(scoped_id(self.tenant, session_id)))
 
-    async def forecast(self, session_id: str, horizon: int) -> ForecastView:
+    async def forecast(
+        self, session_id: str, horizon: int, *, paths: int, seed: int
+    ) -> ForecastView:
         with self._own_ids():
-            view = await self.engine.forecast(scoped_id(self.tenant, session_id), horizon)
+            view = await self.engine.forecast(
+                scoped_id(self.tenant, session_id), horizon, paths=paths, seed=seed
+            )
             return dataclasses.replace(view, session_id=public_id(view.session_id))
 
     async def export(self, session_id: str) -> tuple[SessionView, bytes]:

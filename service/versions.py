@@ -36,7 +36,7 @@ from service.errors import (
     VersionNotLoaded,
 )
 from service.results import Outputs
-from service.schemas import Step
+from service.schemas import DEFAULT_PATHS, Step
 from service.state_blob import BlobError, decode, encode
 
 
@@ -161,8 +161,13 @@ class Versions:
     async def delete(self, session_id: str) -> str:
         return await self._on(session_id, lambda engine: engine.delete(session_id))
 
-    async def forecast(self, session_id: str, horizon: int) -> ForecastView:
-        return await self._on(session_id, lambda engine: engine.forecast(session_id, horizon))
+    async def forecast(
+        self, session_id: str, horizon: int, *, paths: int = DEFAULT_PATHS, seed: int = 0
+    ) -> ForecastView:
+        return await self._on(
+            session_id,
+            lambda engine: engine.forecast(session_id, horizon, paths=paths, seed=seed),
+        )
 
     async def export(self, session_id: str) -> tuple[SessionView, bytes]:
         return await self._on(session_id, lambda engine: engine.export(session_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -15,12 +16,17 @@ from model import (
     CheckpointError,
     ForecasterConfig,
     LSTMForecaster,
+    LSTMState,
     Normalisation,
     load_checkpoint,
     save_checkpoint,
 )
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
+from model.checkpoint import load_any_checkpoint
 from model.data import SeriesSet, TooFewSeries, load_csv, split_by_series
+from model.evaluate import calibration_report, format_tables, held_out, scale_free_report
+from model.forecaster import QUANTILES, sample_paths
+from model.scaling import RunningScaleForecaster, RunningStats
 from model.train import TrainSettings, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,9 +288,195 @@ def test_shipped_model_reproduces_its_test_score() -> None:
     assert scores["mse"] == pytest.approx(ckpt.card["metrics"]["one_step_mse"]["model"], rel=1e-4)
 
 
+def test_readme_carries_the_shipped_cards_scale_free_and_calibration_tables() -> None:
+    metrics = load_checkpoint(SHIPPED).card["metrics"]
+    tables = format_tables(metrics["scale_free"], metrics["calibration"])
+    readme = (ROOT / "README.md").read_text()
+    assert tables in readme, "README's scale-free tables are not the shipped card's"
+
+
+def test_shipped_model_reproduces_its_scale_free_scores() -> None:
+    """The card's per-series table is what the shipped weights give on its test series."""
+    pytest.importorskip("sktime")
+    from model.data import load_acsf1
+
+    ckpt = load_checkpoint(SHIPPED)
+    train, test = held_out(ckpt.card, load_acsf1())
+    warmup = ckpt.card["training"]["settings"]["warmup"]
+    max_lag = ckpt.card["training"]["settings"]["max_lag"]
+    train_mean = np.concatenate(train.series).mean(axis=0)
+    report = scale_free_report(ckpt.model, test.series, train_mean, warmup, max_lag)
+    card = ckpt.card["metrics"]["scale_free"]
+    assert report["model_beats_on_series"] == card["model_beats_on_series"]
+    for kind in ("nmse", "mase"):
+        for name, quartiles in card[kind].items():
+            assert report[kind][name] == pytest.approx(quartiles, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_shipped_model_reproduces_its_calibration() -> None:
+    pytest.importorskip("sktime")
+    from model.data import load_acsf1
+
+    ckpt = load_checkpoint(SHIPPED)
+    _, test = held_out(ckpt.card, load_acsf1())
+    warmup = ckpt.card["training"]["settings"]["warmup"]
+    report = calibration_report(ckpt.model, test.series, warmup)
+    card = ckpt.card["metrics"]["calibration"]
+    assert report["origins"] == card["origins"]
+    for h, coverage in card["coverage"].items():
+        assert report["coverage"][h] == pytest.approx(coverage, abs=1e-3)
+
+
 def test_shipped_card_has_no_pickle_and_a_version_from_its_weights(tmp_path: Path) -> None:
     shutil.copytree(SHIPPED, tmp_path / "m")
     card = json.loads((tmp_path / "m" / "card.json").read_text())
     assert re.fullmatch(r"[0-9a-f]{12}", card["version"])
     assert card["weights_sha256"].startswith(card["version"])
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["card.json", "model.safetensors"]
+
+
+def test_sample_forecast_is_the_paths_drawn_by_hand() -> None:
+    """Step 1 is the model's Gaussian; later steps summarise draws fed back as observations."""
+    model = small_model()
+    x = torch.randn(1, 5, 2)
+    with torch.no_grad():
+        mean, std, state, _ = model(x)
+        f = model.sample_forecast(mean[:, -1], std[:, -1], state, 3, paths=64, seed=11)
+        # The same draws by hand, from the equations: y1 ~ N(m1, s1), (m2, s2) = model(y1), ...
+        g = torch.Generator().manual_seed(11)
+        m, s = mean[:, -1].repeat(64, 1), std[:, -1].repeat(64, 1)
+        h = LSTMState(state.h.repeat(1, 64, 1), state.c.repeat(1, 64, 1))
+        draws = []
+        for _ in range(3):
+            y = m + s * torch.randn(m.shape, generator=g)
+            draws.append(y)
+            m3, s3, h, _ = model(y.unsqueeze(1), h)
+            m, s = m3[:, 0], s3[:, 0]
+    assert f.mean.shape == f.std.shape == (1, 3, 2) and f.quantiles.shape == (3, 1, 3, 2)
+    torch.testing.assert_close(f.mean[:, 0], mean[:, -1])
+    torch.testing.assert_close(f.std[:, 0], std[:, -1])
+    torch.testing.assert_close(f.quantiles[1, :, 0], mean[:, -1])  # the Gaussian's median
+    torch.testing.assert_close(f.quantiles[2, :, 0], mean[:, -1] + 1.2815516 * std[:, -1])
+    for k in (1, 2):
+        torch.testing.assert_close(f.mean[0, k], draws[k].mean(0))
+        torch.testing.assert_close(f.std[0, k], draws[k].std(0))
+        torch.testing.assert_close(
+            f.quantiles[:, 0, k], torch.quantile(draws[k], torch.tensor(QUANTILES), dim=0)
+        )
+    again = model.sample_forecast(mean[:, -1], std[:, -1], state, 3, paths=64, seed=11)
+    other = model.sample_forecast(mean[:, -1], std[:, -1], state, 3, paths=64, seed=12)
+    assert torch.equal(again.mean, f.mean) and not torch.equal(other.mean[:, 1:], f.mean[:, 1:])
+
+
+def test_sampled_spread_grows_where_errors_compound() -> None:
+    """Through a random walk's one-step forecast ('the last value, std 1'), the k-step std is
+    sqrt(k) and the 10-90% interval +-1.28 sqrt(k); feeding back means would keep std 1."""
+
+    def walk(value: torch.Tensor, state: None) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return value, torch.ones_like(value), state
+
+    f = sample_paths(walk, torch.zeros(1, 1), torch.ones(1, 1), None, 9, paths=4000, seed=0)
+    for k in (1, 4, 9):
+        assert float(f.std[0, k - 1, 0]) == pytest.approx(math.sqrt(k), rel=0.05)
+        assert float(f.quantiles[2, 0, k - 1, 0]) == pytest.approx(1.2816 * math.sqrt(k), rel=0.08)
+        assert abs(float(f.mean[0, k - 1, 0])) < 0.1 * math.sqrt(k)
+
+
+@pytest.mark.parametrize("features", [1, 2])
+def test_running_stats_are_the_series_mean_and_variance_in_any_chunking(features: int) -> None:
+    x = torch.randn(3, 50, features, dtype=torch.float64) * 1e4 + 1e6  # far from zero
+    stats, means, variances = RunningStats.zeros(3, features).update(x)
+    for t in (0, 1, 17, 49):
+        prefix = x[:, : t + 1]
+        torch.testing.assert_close(means[:, t], prefix.mean(1))
+        torch.testing.assert_close(variances[:, t], prefix.var(1, unbiased=False))
+    chunked = RunningStats.zeros(3, features)
+    for lo, hi in [(0, 1), (1, 20), (20, 21), (21, 50)]:
+        chunked, _, _ = chunked.update(x[:, lo:hi])
+    for a, b in zip(chunked, stats, strict=True):
+        torch.testing.assert_close(a, b)
+    of = RunningStats.of([s.numpy() for s in x], features)
+    for a, b in zip(of, stats, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def running_model(features: int = 2) -> RunningScaleForecaster:
+    torch.manual_seed(0)
+    names = tuple(f"f{i}" for i in range(features))
+    config = ForecasterConfig(names, hidden_size=8, num_layers=2, scaling="running")
+    return RunningScaleForecaster(
+        config, Normalisation((0.0,) * features, (1.0,) * features)
+    ).eval()
+
+
+def test_running_scale_streams_exactly_and_ignores_magnitude() -> None:
+    model = running_model()
+    x = torch.randn(2, 40, 2)
+    with torch.no_grad():
+        whole = model(x)
+        state, means = None, []
+        for lo, hi in [(0, 1), (1, 14), (14, 15), (15, 40)]:
+            f = model(x[:, lo:hi], state)
+            state = f.state
+            means.append(f.mean)
+        torch.testing.assert_close(torch.cat(means, 1), whole.mean, atol=1e-6, rtol=0)
+        # The same series a thousand times larger and shifted: the same forecast, scaled back.
+        big = model(x * 1000.0 + 5000.0)
+    torch.testing.assert_close(
+        big.mean[:, 1:], whole.mean[:, 1:] * 1000.0 + 5000.0, rtol=1e-4, atol=1e-2
+    )
+    torch.testing.assert_close(big.std[:, 1:], whole.std[:, 1:] * 1000.0, rtol=1e-4, atol=1e-3)
+
+
+def test_a_running_scale_checkpoint_loads_for_evaluation_but_is_not_served(tmp_path: Path) -> None:
+    model = running_model()
+    save_checkpoint(model, tmp_path / "m", name="m")
+    with pytest.raises(CheckpointError, match="running statistics"):
+        load_checkpoint(tmp_path / "m")
+    loaded = load_any_checkpoint(tmp_path / "m").model
+    assert isinstance(loaded, RunningScaleForecaster)
+    x = torch.randn(1, 9, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).mean, model(x).mean, atol=0, rtol=0)
+
+
+def test_scale_free_report_scores_every_series_in_its_own_units() -> None:
+    """Two series a million apart in magnitude count the same; persistence's MASE is 1."""
+    model = small_model(features=1)
+    t = np.arange(300, dtype=np.float32)
+    wave = np.sin(2 * np.pi * t / 6).reshape(-1, 1)
+    series = [wave * 1e-3, wave * 1e3 + 50.0, np.cos(t / 7).reshape(-1, 1).astype(np.float32)]
+    report = scale_free_report(model, series, np.zeros(1), warmup=24, max_lag=12)
+    assert report["series"] == 3 and report["series_skipped_constant"] == 0
+    assert report["mase"]["persistence"] == {"q1": 1.0, "median": 1.0, "q3": 1.0}
+    # the first two are one series scaled: the oracle's lag 6 repeats them exactly
+    assert report["nmse"]["seasonal_lag_oracle"]["q1"] == pytest.approx(0.0, abs=1e-9)
+    # the training mean 0 against a mean-50 series: nMSE 1 + 50^2 / var; the others about 1
+    var = float(series[1][24:].var())
+    assert report["nmse"]["training_mean"]["q3"] == pytest.approx(
+        (1 + (1 + 2500 / var)) / 2, rel=1e-3
+    )
+    assert set(report["model_beats_on_series"]) == {
+        "persistence",
+        "training_mean",
+        "seasonal_lag_oracle",
+    }
+    assert all(0 <= n <= 3 for n in report["model_beats_on_series"].values())
+    constant = [np.ones((100, 1), np.float32)]
+    with pytest.raises(ValueError, match="constant"):
+        scale_free_report(model, constant, np.zeros(1), warmup=24, max_lag=12)
+
+
+def test_calibration_report_counts_the_origins_it_scores() -> None:
+    model = small_model(features=1)
+    series = [np.random.default_rng(0).normal(size=(120, 1)).astype(np.float32)]
+    report = calibration_report(model, series, 24, horizons=(1, 4), paths=50, stride=13)
+    # origins 24, 37, ... while origin + 4 <= 120: 24..115 -> 8 origins
+    assert report["origins"] == len(range(24, 117, 13)) and report["series"] == 1
+    for h in ("1", "4"):
+        assert set(report["coverage"][h]) == {"sampled_2std", "sampled_q10_q90", "rollout_2std"}
+        assert all(0.0 <= v <= 1.0 for v in report["coverage"][h].values())
+    # horizon 1 is the one-step Gaussian for both: sampled and rolled-forward agree there
+    c1 = report["coverage"]["1"]
+    assert c1["sampled_2std"] == c1["rollout_2std"]

@@ -12,7 +12,16 @@ import pytest
 from starlette.testclient import TestClient
 
 from model.native import NativeLSTM
-from service.schemas import CreateSession, Forecast, Predict, SessionRef, Step, StepMany
+from service.schemas import (
+    DEFAULT_PATHS,
+    PATHS_CEILING,
+    CreateSession,
+    Forecast,
+    Predict,
+    SessionRef,
+    Step,
+    StepMany,
+)
 from service.service import LSTMSessions
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -116,9 +125,33 @@ def test_forecast_does_not_change_the_session(client: TestClient) -> None:
     _, a = post(client, "/v1/sessions/forecast", {"session_id": "fc", "horizon": 5})
     _, b = post(client, "/v1/sessions/forecast", {"session_id": "fc", "horizon": 5})
     assert a == b and len(a["forecast"]) == 5 and a["t"] == 2
+    assert a["paths"] == DEFAULT_PATHS and a["seed"] == 0
     _, stepped = post(client, "/v1/sessions/step", {"session_id": "fc", "inputs": [[0.3]]})
     _, ref = post(client, "/v1/predict", {"inputs": [[0.1], [0.2], [0.3]]})
     assert stepped["outputs"][0]["mean"] == pytest.approx(ref["outputs"][2]["mean"], abs=1e-5)
+
+
+def test_forecast_samples_paths_reproducibly_per_seed(client: TestClient) -> None:
+    create(client, "paths")
+    _, stepped = post(client, "/v1/sessions/step", {"session_id": "paths", "inputs": [[0.4]] * 8})
+    body = {"session_id": "paths", "horizon": 6, "paths": 300, "seed": 7}
+    status, a = post(client, "/v1/sessions/forecast", body)
+    assert status == 200 and a["paths"] == 300 and a["seed"] == 7
+    _, again = post(client, "/v1/sessions/forecast", body)
+    _, other = post(client, "/v1/sessions/forecast", {**body, "seed": 8})
+    assert again == a and other["forecast"][0] == a["forecast"][0]
+    assert other["forecast"][1:] != a["forecast"][1:]  # later steps are sampled
+    first = a["forecast"][0]  # the step's own Gaussian forecast, quantiles from it
+    assert first["mean"] == stepped["outputs"][-1]["mean"]
+    assert first["std"] == stepped["outputs"][-1]["std"]
+    assert first["p50"] == pytest.approx(first["mean"], abs=1e-6)
+    assert first["p90"][0] - first["mean"][0] == pytest.approx(1.2816 * first["std"][0], rel=1e-3)
+    for s in a["forecast"]:
+        assert s["p10"][0] <= s["p50"][0] <= s["p90"][0] and s["std"][0] > 0
+    for paths in (1, PATHS_CEILING + 1):
+        status, err = post(client, "/v1/sessions/forecast", {**body, "paths": paths})
+        assert status == 422 and err["error"]["code"] == "invalid_request"
+    assert post(client, "/v1/sessions/get", {"session_id": "paths"})[1]["t"] == 8
 
 
 def test_reset_delete_and_gates(client: TestClient) -> None:

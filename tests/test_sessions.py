@@ -202,8 +202,8 @@ def test_forecast_leaves_the_state_alone() -> None:
         s = store.create("s")
         await batcher.step(s, torch.randn(5, 1))
         before = store.pool.h.clone(), store.pool.c.clone(), store.pool.next_mean.clone()
-        means, stds = await batcher.forecast(s, 4)
-        assert len(means) == len(stds) == 4
+        f = await batcher.forecast(s, 4, paths=50, seed=0)
+        assert len(f.means) == len(f.stds) == len(f.p10) == len(f.p90) == 4
         assert torch.equal(store.pool.h, before[0]) and torch.equal(store.pool.c, before[1])
         assert torch.equal(store.pool.next_mean, before[2]) and s.t == 5
         await batcher.close()

@@ -1,0 +1,210 @@
+"""Per-series scaling: each series reaches the network in its own causal running units.
+
+The shipped forecaster normalises every series by the training set's mean and std, so a series
+a thousand times smaller than the training data looks constant to it, and one a thousand times
+larger saturates it. ``RunningScaleForecaster`` instead keeps, per series, the count, mean and
+sum of squared deviations of every value seen so far (``RunningStats``, Welford's update) and
+feeds the network
+
+    z_t = (x_t - mean_t) / scale_t,    scale_t = sqrt(var_t + (scale_floor * training std)^2)
+
+where ``mean_t`` and ``var_t`` include ``x_t`` and nothing later: the forecast of ``x_{t+1}`` is
+``mean_t + scale_t * mu`` with std ``scale_t * sigma``, ``(mu, sigma)`` the head's output. The
+statistics are part of the state (``ScaledState``), so a series streamed in chunks gets exactly
+what it gets whole. Serving it needs them in every session's state (pool, blobs, snapshots,
+Redis), which the service does not carry yet: ``model.checkpoint.load_checkpoint`` refuses such a
+checkpoint, ``load_any_checkpoint`` loads it for training and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.forecaster import (
+    QUANTILES,
+    ForecasterConfig,
+    Normalisation,
+    SampledForecast,
+    sample_paths,
+)
+from model.lstm import GateTrace, LSTMState, StackedLSTM
+
+# |z| beyond this reaches the network clipped: right after a constant start (std 0, the scale at
+# its floor) the first change is thousands of scales away, and would saturate every gate.
+INPUT_CLIP = 10.0
+
+
+class RunningStats(NamedTuple):
+    """Per series: values seen, their mean and sum of squared deviations (float64)."""
+
+    n: Tensor  # (B, 1): values seen
+    mean: Tensor  # (B, F)
+    m2: Tensor  # (B, F)
+
+    @staticmethod
+    def zeros(batch: int, features: int, *, device: torch.device | str = "cpu") -> RunningStats:
+        z = torch.zeros(batch, features, dtype=torch.float64, device=device)
+        return RunningStats(torch.zeros(batch, 1, dtype=torch.float64, device=device), z, z)
+
+    @staticmethod
+    def of(prefixes: Sequence[np.ndarray], features: int) -> RunningStats:
+        """The statistics after each of ``prefixes`` (each (T_i, F), T_i may be 0)."""
+        n = np.array([[len(p)] for p in prefixes], dtype=np.float64)
+        mean = np.array(
+            [p.mean(axis=0) if len(p) else np.zeros(features) for p in prefixes], np.float64
+        )
+        m2 = np.array(
+            [
+                ((p - p.mean(axis=0)) ** 2).sum(axis=0) if len(p) else np.zeros(features)
+                for p in prefixes
+            ],
+            np.float64,
+        )
+        return RunningStats(torch.from_numpy(n), torch.from_numpy(mean), torch.from_numpy(m2))
+
+    def update(self, x: Tensor) -> tuple[RunningStats, Tensor, Tensor]:
+        """Fold in ``x`` (B, T, F); also the mean and variance after each timestep (B, T, F).
+
+        Chan et al.'s parallel combination of the statistics so far with each prefix of the
+        chunk, computed about a shift (the mean so far, or the first value of a fresh series)
+        so float64 loses nothing to cancellation.
+        """
+        x = x.to(torch.float64)
+        steps = x.shape[1]
+        shift = torch.where(self.n > 0, self.mean, x[:, 0])  # (B, F)
+        d = x - shift.unsqueeze(1)  # (B, T, F)
+        k = torch.arange(1, steps + 1, dtype=torch.float64, device=x.device).view(1, steps, 1)
+        chunk_mean = d.cumsum(1) / k
+        chunk_m2 = ((d * d).cumsum(1) - k * chunk_mean.square()).clamp_min(0.0)
+        n0 = self.n.unsqueeze(1)  # (B, 1, 1)
+        mean0 = (self.mean - shift).unsqueeze(1)  # (B, 1, F)
+        n = n0 + k
+        delta = chunk_mean - mean0
+        mean = mean0 + delta * k / n
+        m2 = self.m2.unsqueeze(1) + chunk_m2 + delta.square() * n0 * k / n
+        mean = mean + shift.unsqueeze(1)
+        after = RunningStats(n[:, -1], mean[:, -1], m2[:, -1])
+        return after, mean, m2 / n
+
+    def repeat_interleave(self, repeats: int) -> RunningStats:
+        return RunningStats(*(t.repeat_interleave(repeats, dim=0) for t in self))
+
+
+class ScaledState(NamedTuple):
+    lstm: LSTMState
+    stats: RunningStats
+
+
+class ScaledForecast(NamedTuple):
+    mean: Tensor  # (B, T, F): the next value's mean; raw units from forward, scaled from
+    std: Tensor  # forward_normalised
+    state: ScaledState
+    gates: GateTrace | None
+    loc: Tensor  # (B, T, F): the running mean and scale each step was normalised by
+    scale: Tensor
+
+
+class RunningScaleForecaster(nn.Module):
+    """The forecaster with ``scaling="running"``: same LSTM and head, its own units per series."""
+
+    input_mean: Tensor
+    input_std: Tensor
+
+    def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
+        super().__init__()
+        if config.scaling != "running":
+            raise ValueError("RunningScaleForecaster is the scaling='running' model")
+        self.config = config
+        norm = normalisation or Normalisation.identity(config.n_features)
+        self.normalisation = norm
+        # The training set's statistics: only its std is used, for the scale's floor and so NLLs
+        # are reported in the same units as the global model's.
+        self.register_buffer("input_mean", torch.tensor(norm.mean), persistent=False)
+        self.register_buffer("input_std", torch.tensor(norm.std), persistent=False)
+        self.lstm = StackedLSTM(
+            config.n_features,
+            config.hidden_size,
+            config.num_layers,
+            variant=config.variant,
+            forget_bias=config.forget_bias,
+            dropout=config.dropout,
+        )
+        self.head = nn.Linear(config.hidden_size, 2 * config.n_features)  # (mean, raw std)
+
+    def zero_state(self, batch: int) -> ScaledState:
+        device = self.input_std.device
+        return ScaledState(
+            self.lstm.zero_state(batch),
+            RunningStats.zeros(batch, self.config.n_features, device=device),
+        )
+
+    def forward_normalised(
+        self, x: Tensor, state: ScaledState | None = None, *, return_gates: bool = False
+    ) -> ScaledForecast:
+        """Mean and std of the next value in the running units (``loc``, ``scale``) of each step."""
+        if state is None:
+            state = self.zero_state(x.shape[0])
+        stats, loc64, var = state.stats.update(x)
+        floor = self.config.scale_floor * self.input_std.to(torch.float64)
+        loc = loc64.to(x.dtype)
+        scale = (var + floor.square()).sqrt().to(x.dtype)  # (B, T, F)
+        z = ((x - loc) / scale).clamp(-INPUT_CLIP, INPUT_CLIP)
+        out, lstm_state, gates = self.lstm(z, state.lstm, return_gates=return_gates)
+        mean, raw_std = self.head(out).chunk(2, dim=-1)  # (B, T, F) each
+        std = F.softplus(raw_std) + self.config.min_std
+        return ScaledForecast(mean, std, ScaledState(lstm_state, stats), gates, loc, scale)
+
+    def forward(
+        self, x: Tensor, state: ScaledState | None = None, *, return_gates: bool = False
+    ) -> ScaledForecast:
+        """(B, T, F) raw values -> the next value's mean and std after each step, raw units."""
+        f = self.forward_normalised(x, state, return_gates=return_gates)
+        return f._replace(mean=f.loc + f.scale * f.mean, std=f.scale * f.std)
+
+    @torch.no_grad()
+    def rollout(
+        self, next_mean: Tensor, next_std: Tensor, state: ScaledState, horizon: int
+    ) -> tuple[Tensor, Tensor]:
+        """As ``LSTMForecaster.rollout``: the means fed back, the head's one-step std."""
+        means, stds = [next_mean], [next_std]
+        for _ in range(horizon - 1):
+            f = self.forward(means[-1].unsqueeze(1), state)
+            state = f.state
+            means.append(f.mean[:, 0])
+            stds.append(f.std[:, 0])
+        return torch.stack(means, dim=1), torch.stack(stds, dim=1)
+
+    @torch.no_grad()
+    def sample_forecast(
+        self,
+        next_mean: Tensor,
+        next_std: Tensor,
+        state: ScaledState,
+        horizon: int,
+        *,
+        paths: int,
+        seed: int,
+        quantiles: Sequence[float] = QUANTILES,
+    ) -> SampledForecast:
+        """As ``LSTMForecaster.sample_forecast``; each path updates its own running statistics."""
+
+        def step(value: Tensor, s: ScaledState) -> tuple[Tensor, Tensor, ScaledState]:
+            f = self.forward(value.unsqueeze(1), s)
+            return f.mean[:, 0], f.std[:, 0], f.state
+
+        wide = ScaledState(
+            LSTMState(
+                state.lstm.h.repeat_interleave(paths, dim=1),
+                state.lstm.c.repeat_interleave(paths, dim=1),
+            ),
+            state.stats.repeat_interleave(paths),
+        )
+        return sample_paths(
+            step, next_mean, next_std, wide, horizon, paths=paths, seed=seed, quantiles=quantiles
+        )
