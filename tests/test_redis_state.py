@@ -80,7 +80,9 @@ def test_with_wait_a_write_its_replica_lacks_is_never_confirmed(
             time.sleep(0.1)
 
         async def scenario() -> None:
-            state = RedisState(redis.url, wait_replicas=1, wait_timeout_ms=100)
+            # 1 s: long enough for a live replica's acknowledgement on a loaded machine (100 ms
+            # failed a CI run's confirmed creates), and what a frozen one costs each write.
+            state = RedisState(redis.url, wait_replicas=1, wait_timeout_ms=1000, timeout_s=3)
             ids = [f"w{i}" for i in range(6)]
             for sid in ids:  # replicated: confirmed
                 assert await state.create(sid, b"blob", 1.0, 60, "e")
@@ -94,8 +96,8 @@ def test_with_wait_a_write_its_replica_lacks_is_never_confirmed(
                 await state.create("fresh", b"blob", 1.0, 60, "e")
             assert await state.load("fresh") is None  # taken back: a retry can create it
             os.kill(replica.pid, signal.SIGCONT)
-            # The replica, resumed, catches up; until then (100 ms a WAIT, longer on a loaded
-            # machine) the create is taken back again, so retry it for a while.
+            # The replica, resumed, catches up; until then the create is taken back again, so
+            # retry it for a while.
             deadline = time.monotonic() + 10
             while True:
                 try:

@@ -99,7 +99,12 @@ def test_a_refused_request_is_one_log_line_without_its_input(served: tuple[str, 
         f"{url}/v1/sessions/step", json={"session_id": "-bad", "inputs": [[secret]]}, timeout=10
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "bad_session_id"
-    r = httpx.post(f"{url}/v1/sessions/step", content=b"{not json", timeout=10)
+    r = httpx.post(
+        f"{url}/v1/sessions/step",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
     assert r.status_code == 400
     r = httpx.post(
         f"{url}/v1/sessions/step", json={"session_id": "ghost-x", "inputs": [[secret]]}, timeout=10
