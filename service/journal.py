@@ -153,7 +153,8 @@ class StateLayout:
         return 4 * (2 * self.layers * self.hidden + 2 * self.features)
 
     def to_bytes(self, state: SessionState) -> bytes:
-        return b"".join(a.astype("<f4").tobytes() for a in state.arrays())
+        # h, c, mean, std only: a journal holds no window (a state blob's fifth array)
+        return b"".join(a.astype("<f4").tobytes() for a in state.arrays()[:4])
 
     def from_bytes(self, raw: bytes) -> SessionState:
         values = np.frombuffer(raw, dtype="<f4").astype(np.float32)

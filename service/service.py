@@ -544,9 +544,11 @@ class LSTMSessions:
     @route("/v1/admin/models/activate", ActivateModel)
     async def admin_activate(self, body: ActivateModel, /) -> LoadedModels:
         """Make a loaded version the one new sessions are created on; migrate the others'."""
-        version = await self.versions.activate(await self._resolve(body.tag), body.migrate)
-        if self.redis is not None:  # the other replicas follow (_follow_active)
-            await self.redis.set_active_model(version.tag)
+        tag = await self._resolve(body.tag)
+        self.versions.require(tag)  # 404 model_version_not_loaded before anything is written
+        if self.redis is not None:  # first: the other replicas follow it (_follow_active), and
+            await self.redis.set_active_model(tag)  # this one's sweeper never undoes the call
+        version = await self.versions.activate(tag, body.migrate)
         log.info("model %s is active (migrate: %s)", version.tag, body.migrate)
         self._count_sessions()
         return self._loaded()
@@ -640,7 +642,10 @@ class LSTMSessions:
         lost: list[int] = []
         for i in moving:
             header, state = entries[i]
-            (replayable if state.window_rows() or header.get("t") == 0 else lost).append(i)
+            t = int(header.get("t", 0))
+            # a window shorter than what this version keeps (it restarted) is not replayed
+            complete = state.window_rows() >= min(t, self.store.pool.window or t)
+            (replayable if t == 0 or (state.window_rows() and complete) else lost).append(i)
         with_window = [i for i in replayable if entries[i][1].window_rows()]
         windows = [entries[i][1].window for i in with_window]
         states = replay(

@@ -23,20 +23,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
 from service.engine import Engine, ForecastView, SessionView
 from service.errors import (
+    BlobOutOfRange,
     MigrationImpossible,
     ModelMismatch,
     ServiceError,
     SessionExists,
     SessionGone,
     SessionOnOtherVersion,
+    TooManyItems,
     VersionActive,
     VersionInUse,
     VersionNotLoaded,
 )
 from service.results import Outputs
-from service.schemas import DEFAULT_PATHS, Step
+from service.schemas import DEFAULT_PATHS, VALUE_CEILING, Step
+from service.sessions import public_id
 from service.state_blob import BlobError, decode, encode
 
 
@@ -60,6 +65,7 @@ async def _nothing() -> None:
 
 
 T = TypeVar("T")
+GONE_CODES = {"session_not_found", "session_expired", "session_evicted"}
 MIGRATE_BATCH = 64  # sessions migrated at once by activate(..., "now"): one batcher round's worth
 
 
@@ -184,9 +190,19 @@ class Versions:
         except BlobError:  # the engine's own decode answers the refusal
             return await target.import_blob(blob, session_id, ttl_s, namespace)
         theirs = (header.get("model"), header.get("model_version"))
-        for version in self.held.values():
-            if version.engine.model == theirs:
-                return await version.engine.import_blob(blob, session_id, ttl_s, namespace)
+        own = next((v.engine for v in self.held.values() if v.engine.model == theirs), None)
+        # An id is one session across versions: one taken on another version is taken (the
+        # version imported into answers for its own, after checking the blob).
+        wanted = session_id or header.get("session_id")
+        if isinstance(wanted, str):
+            live = self._live(namespace + public_id(wanted))
+            if live is not None and live is not (own or target):
+                raise SessionExists(
+                    f"session {public_id(wanted)!r} already exists",
+                    session_id=namespace + public_id(wanted),
+                )
+        if own is not None:
+            return await own.import_blob(blob, session_id, ttl_s, namespace)
         if theirs[0] != target.model[0]:  # another model altogether: model_mismatch
             return await target.import_blob(blob, session_id, ttl_s, namespace)
         t = header.get("t")
@@ -200,18 +216,33 @@ class Versions:
                 f"the blob is of {theirs[0]}:{theirs[1]}, which is not loaded, and keeps no "
                 f"inputs to replay through {target.model[0]}:{target.model[1]}"
             )
+        window = state.window
+        if window is not None:
+            if not (
+                bool(torch.isfinite(window).all()) and float(window.abs().max()) <= VALUE_CEILING
+            ):
+                raise BlobOutOfRange(
+                    f"the blob was refused: a window value beyond {VALUE_CEILING:g}"
+                )
+            keep = target.store.pool.window or window.shape[0]
+            if window.shape[0] < min(t, keep):
+                raise MigrationImpossible(
+                    f"the blob of {theirs[0]}:{theirs[1]} kept {window.shape[0]} of its last "
+                    f"{min(t, keep)} inputs: too few to replay through "
+                    f"{target.model[0]}:{target.model[1]}"
+                )
+            window = window[-keep:]  # no more than this deployment keeps
         started = time.perf_counter()
-        assert state.window is not None or t == 0
         replayed = (
-            await target.batcher.burn_in(state.window)
-            if state.window is not None
+            await target.batcher.burn_in(window)
+            if window is not None
             else target.store.pool.zero_state()
         )
         # Re-encoded as the active version's own blob (signed with this deployment's key, the
         # original having passed it), so every check of an import still runs on the result.
         mine = {**header, "model": target.model[0], "model_version": target.model[1]}
-        own = encode(replayed, mine, target.blob_key)
-        view = await target.import_blob(own, session_id, ttl_s, namespace)
+        migrated = encode(replayed, mine, target.blob_key)
+        view = await target.import_blob(migrated, session_id, ttl_s, namespace)
         self.events.migrated("migrated", time.perf_counter() - started)
         return view
 
@@ -223,15 +254,22 @@ class Versions:
     async def step_many(self, items: list[Step]) -> list[dict[str, Any]]:
         if len(self.held) == 1:
             return await self.active.engine.step_many(items)
+        limit = self.active.engine.limits.max_many
+        if len(items) > limit:  # the request's limit, before it is split by version
+            raise TooManyItems(
+                f"{len(items)} items is over the limit of {limit} (LSTM_MAX_MANY)", limit=limit
+            )
         if self.lazy:
             ids = {item.session_id for item in items}
             await asyncio.gather(
                 *(self._migrate_if_behind(sid) for sid in ids), return_exceptions=True
             )
         by_engine: dict[int, tuple[Engine, list[int]]] = {}
+        sent_to: list[Engine] = []
         for i, item in enumerate(items):
             engine = self.of(item.session_id)
             by_engine.setdefault(id(engine), (engine, []))[1].append(i)
+            sent_to.append(engine)
         results: list[dict[str, Any]] = [{}] * len(items)
 
         async def one(engine: Engine, indices: list[int]) -> None:
@@ -241,6 +279,20 @@ class Versions:
                 results[i] = result
 
         await asyncio.gather(*(one(engine, ix) for engine, ix in by_engine.values()))
+        # An item that waited on a session while it migrated found it gone from the version it
+        # was sent to: it follows the session, as a single step does (in order, per session).
+        moved = [
+            i
+            for i, r in enumerate(results)
+            if not r["ok"]
+            and r["error"]["code"] in GONE_CODES
+            and self._live(items[i].session_id) not in (None, sent_to[i])
+        ]
+        for i in moved:
+            try:
+                results[i] = {"ok": True, "result": await self.step(items[i])}
+            except ServiceError as e:
+                results[i] = {"ok": False, "error": e.body()["error"]}
         return results
 
     async def predict(self, rows: list[list[float]], return_gates: bool) -> Outputs:
@@ -269,9 +321,7 @@ class Versions:
         try:
             view = await self._move(source, target, session_id)
         except SessionGone:
-            if quiet:  # deleted or expired meanwhile: the call that follows answers it
-                return await self.active.engine.get(session_id)
-            raise
+            raise  # deleted or expired meanwhile: its own version's answer says which
         except ServiceError as e:
             self.events.migrated(e.code, time.perf_counter() - started)
             raise
@@ -303,11 +353,27 @@ class Versions:
                     f"{source.model[0]}:{source.model[1]}",
                     session_id=session_id,
                 )
+            if kept < min(session.t, source.store.pool.window):
+                # Its window restarted (a crash's recovery, or a blob that had fewer): a replay
+                # of so few inputs would pass for a migration and forecast badly.
+                raise MigrationImpossible(
+                    f"session {session_id!r} kept {kept} of its last "
+                    f"{min(session.t, source.store.pool.window)} inputs (its window restarted "
+                    f"after a crash or an import): it can migrate once it has stepped "
+                    f"{min(session.t, source.store.pool.window) - kept} more",
+                    session_id=session_id,
+                )
             if kept:
                 assert state.window is not None
                 replayed = await target.batcher.burn_in(state.window)
             else:
                 replayed = target.store.pool.zero_state()
+            if all(v.engine is not target for v in self.held.values()):
+                raise VersionNotLoaded(
+                    f"model {target.model[0]}:{target.model[1]} was unloaded during the "
+                    f"migration; session {session_id!r} stays where it was",
+                    session_id=session_id,
+                )
             moved = await target.backend.restore(session_id, replayed, session.t, session.ttl_s)
             moved.created_at = session.created_at
             moved.last_step = session.last_step  # a retry of the last step is answered again
@@ -324,6 +390,8 @@ class Versions:
                 continue
             ids = [s.id for s in engine.store.sessions()]
             for start in range(0, len(ids), MIGRATE_BATCH):
+                if self.active.engine is not to:  # another activate since: its rules now
+                    return
                 batch = ids[start : start + MIGRATE_BATCH]
                 await asyncio.gather(
                     *(self._migrate(engine, to, sid, quiet=True) for sid in batch),
@@ -346,6 +414,10 @@ class Versions:
             for v in self.held.values()
         ]
 
+    def require(self, tag: str) -> Version:
+        """The loaded version ``tag``, or 404 model_version_not_loaded."""
+        return self._held(tag)
+
     def _held(self, tag: str) -> Version:
         version = self.held.get(tag)
         if version is None:
@@ -365,6 +437,14 @@ class Versions:
                 await version.close()
                 return self.held[version.tag]
             first = self.active.engine
+            if version.engine.model[0] != first.model[0]:
+                await version.close()
+                raise ModelMismatch(
+                    f"{version.tag} is another model than {first.model[0]}: load versions of "
+                    f"the served model only",
+                    model=version.engine.model[0],
+                    model_version=version.engine.model[1],
+                )
             if version.engine.n_features != first.n_features:
                 await version.close()
                 raise ModelMismatch(

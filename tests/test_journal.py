@@ -68,8 +68,8 @@ def tiny_model() -> LSTMForecaster:
 class Server:
     """An engine on the embedded store with its files at ``path``, as the service wires it."""
 
-    def __init__(self, path: Path, mode: str, max_bytes: int = 1 << 20) -> None:
-        pool = StatePool(2, 8, 1, 16, "cpu")
+    def __init__(self, path: Path, mode: str, max_bytes: int = 1 << 20, window: int = 0) -> None:
+        pool = StatePool(2, 8, 1, 16, "cpu", window=window)
         self.store = SessionStore(pool, StoreLimits(16, 60, 60, False, 10))
         self.files = StoreFiles(
             path, mode, max_bytes, model=MODEL, header_of=lambda s: self.engine.blob_header(s)
@@ -101,12 +101,13 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("window", [0, 8])  # 8: states carry windows (the journal keeps none)
 @pytest.mark.parametrize("mode", ["write", "fsync"])
 def test_a_crash_loses_no_answered_change_and_a_retry_is_answered_once(
-    tmp_path: Path, mode: str
+    tmp_path: Path, mode: str, window: int
 ) -> None:
     path = tmp_path / "s.snapshot"
-    before = Server(path, mode)
+    before = Server(path, mode, window=window)
     assert before.recovery is None  # nothing on disk yet
 
     async def serve() -> dict[str, Any]:
@@ -127,7 +128,7 @@ def test_a_crash_loses_no_answered_change_and_a_retry_is_answered_once(
 
     replies = run(serve())
     # no clean stop: the next server reads what the journal holds
-    after = Server(path, mode)
+    after = Server(path, mode, window=window)
     assert after.recovery is not None and after.recovery.restored.sessions == 4
     assert {s.id for s in after.store.sessions()} == {"a", "b", "copy", "zeroed"}
     for sid in ("a", "b"):

@@ -7,6 +7,7 @@ runs a real server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -220,5 +221,76 @@ def test_a_blob_of_a_version_not_loaded_migrates_on_import() -> None:
         with pytest.raises(MigrationImpossible, match="keeps no inputs"):
             await versions.import_blob(no_window, None, None)
         assert here.store.peek("b") is None
+
+    run(scenario())
+
+
+def test_step_many_items_waiting_on_a_migrating_session_follow_it() -> None:
+    async def scenario() -> None:
+        v1, v2 = engine(model(8, 2, 0), "v1", 8), engine(model(4, 1, 5), "v2", 8)
+        versions = Versions(Version("m:v1", v1, "cpu"), loader=lambda tag: Version(tag, v2, "cpu"))
+        for sid in ("a", "b"):
+            await versions.create(sid, None)
+            await versions.step(step(sid, VALUES[:6], seq=0))
+        await versions.load("m:v2")
+        _, many = await asyncio.gather(
+            versions.migrate("a", "m:v2"),
+            versions.step_many([step("a", VALUES[6:7], seq=6), step("b", VALUES[6:7], seq=6)]),
+        )
+        assert [r["ok"] for r in many] == [True, True], many
+        assert (await versions.get("a")).t == 7 and (await versions.get("b")).t == 7
+        # The request's item limit holds before it is split by version.
+        from service.errors import TooManyItems
+
+        with pytest.raises(TooManyItems):
+            await versions.step_many([step("a", [0.1], seq=None) for _ in range(9)])
+        assert (await versions.get("a")).t == 7
+
+    run(scenario())
+
+
+def test_an_incomplete_window_does_not_migrate_and_a_second_activate_stops_the_first() -> None:
+    async def scenario() -> None:
+        v1, v2 = engine(model(8, 2, 0), "v1", 8), engine(model(4, 1, 5), "v2", 8)
+        versions = Versions(Version("m:v1", v1, "cpu"), loader=lambda tag: Version(tag, v2, "cpu"))
+        await versions.create("s", None)
+        await versions.step(step("s", VALUES[:10], seq=0))
+        # As a crash's recovery leaves it: t 10, no window; then one more input.
+        session = v1.store.get("s")
+        state = v1.store.pool.read(session.slot)
+        v1.store.pool.write(session.slot, dataclasses.replace(state, window=None))
+        await versions.step(step("s", VALUES[10:11], seq=10))
+        await versions.load("m:v2")
+        with pytest.raises(MigrationImpossible, match="kept 1 of its last 8"):
+            await versions.migrate("s", "m:v2")
+        await versions.step(step("s", VALUES[11:15], seq=11))
+        await versions.step(step("s", VALUES[11:14], seq=15))  # 8 inputs since: complete again
+        assert (await versions.migrate("s", "m:v2")).model == ("m", "v2")
+        # activate(v1, now) (it would move s back to v1), then straight away activate(v2,
+        # none): the first's moves stop, s stays where the last call left it.
+        await versions.activate("m:v1", "now")
+        await versions.activate("m:v2", "none")
+        assert versions.background is not None
+        await versions.background
+        assert v2.store.peek("s") is not None and v1.store.peek("s") is None
+
+    run(scenario())
+
+
+def test_an_import_into_another_loaded_version_cannot_duplicate_an_id() -> None:
+    async def scenario() -> None:
+        v1, v2 = engine(model(8, 2, 0), "v1", 8), engine(model(4, 1, 5), "v2", 8)
+        versions = Versions(Version("m:v1", v1, "cpu"), loader=lambda tag: Version(tag, v2, "cpu"))
+        await versions.create("s", None)
+        await versions.step(step("s", VALUES[:4], seq=0))
+        _, blob = await versions.export("s")
+        await versions.load("m:v2")
+        await versions.activate("m:v2", "none")
+        await versions.migrate("s")  # now on v2
+        from service.errors import SessionExists
+
+        with pytest.raises(SessionExists):
+            await versions.import_blob(blob, None, None)  # a v1 blob of s: s is taken
+        assert v1.store.peek("s") is None and v2.store.peek("s") is not None
 
     run(scenario())
