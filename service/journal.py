@@ -217,18 +217,24 @@ def round_entry(group: Group, commits: list[Commit], at: float) -> bytes:
     )
 
 
-def _apply_round(
-    payload: bytes, offset: int, sessions: dict[str, Replayed], layout: StateLayout
-) -> int:
-    """A ``round_entry`` onto ``sessions``; the offset after it."""
-    _, n, steps, features, at = _ROUND.unpack_from(payload, offset)
-    offset += _ROUND.size
+def _read_ids(payload: bytes, offset: int, n: int) -> tuple[list[str], int]:
+    """``n`` session ids written as n u16 lengths then the ids; the offset after them."""
     lengths = np.frombuffer(payload, "<u2", n, offset).tolist()
     offset += 2 * n
     ids = []
     for length in lengths:
         ids.append(payload[offset : offset + length].decode())
         offset += length
+    return ids, offset
+
+
+def _apply_round(
+    payload: bytes, offset: int, sessions: dict[str, Replayed], layout: StateLayout
+) -> int:
+    """A ``round_entry`` onto ``sessions``; the offset after it."""
+    _, n, steps, features, at = _ROUND.unpack_from(payload, offset)
+    offset += _ROUND.size
+    ids, offset = _read_ids(payload, offset, n)
     seqs = np.frombuffer(payload, "<i8", n, offset).tolist()
     ts = np.frombuffer(payload, "<i8", n, offset + 8 * n).tolist()
     offset += 16 * n
@@ -526,12 +532,7 @@ def read_base(data: bytes, layout: StateLayout) -> dict[str, Replayed]:
     if kind != BASE:
         raise BlobError("a base of the session journal holds no sessions")
     offset = _BASE.size
-    lengths = np.frombuffer(payload, "<u2", n, offset).tolist()
-    offset += 2 * n
-    ids = []
-    for length in lengths:
-        ids.append(payload[offset : offset + length].decode())
-        offset += length
+    ids, offset = _read_ids(payload, offset, n)
     t = np.frombuffer(payload, "<i8", n, offset).tolist()
     offset += 8 * n
     ttl, created, active = (

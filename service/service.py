@@ -637,7 +637,8 @@ class LSTMSessions:
         ]
         if not moving:
             return entries
-        kept = [e for i, e in enumerate(entries) if i not in set(moving)]
+        staying = set(range(len(entries))) - set(moving)
+        kept = [entries[i] for i in sorted(staying)]
         replayable: list[int] = []
         lost: list[int] = []
         for i in moving:

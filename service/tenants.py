@@ -38,9 +38,12 @@ class TenantSessions:
             raise
 
     def _unscope_error(self, e: ServiceError) -> None:
-        e.message = e.message.replace(self._mark, "'")
+        e.message = self._unscope_message(e.message)
         if isinstance(e.details.get("session_id"), str):
             e.details["session_id"] = public_id(e.details["session_id"])
+
+    def _unscope_message(self, message: str) -> str:
+        return message.replace(self._mark, "'")
 
     def _view(self, view: SessionView) -> SessionView:
         return dataclasses.replace(view, session_id=public_id(view.session_id))
@@ -104,7 +107,7 @@ class TenantSessions:
                 self._reply(result["result"])
             else:
                 error = result["error"]
-                error["message"] = error["message"].replace(self._mark, "'")
+                error["message"] = self._unscope_message(error["message"])
                 if isinstance(error.get("session_id"), str):
                     error["session_id"] = public_id(error["session_id"])
         return results
