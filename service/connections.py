@@ -34,6 +34,7 @@ from http import HTTPStatus
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
 
 from service import metrics
 from service.errors import HeadersTooLarge, HeaderTimeout, ServiceError, TooManyConnections
@@ -111,6 +112,32 @@ def install(limits: ConnectionLimits, front: Callable[[Any], Any] | None = None)
     GuardedHttpToolsProtocol.front = front
     config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedHttpToolsProtocol"
     config.HTTP_PROTOCOLS["httptools"] = f"{__name__}:GuardedHttpToolsProtocol"
+    if front is not None and _WEBSOCKETS is not None:
+        config.WS_PROTOCOLS["auto"] = f"{__name__}:FrontedWebSockets"
+
+
+def fronted(app: Any) -> Any:
+    """``front(app)``, made once for uvicorn's ``app`` and shared by every connection, HTTP or
+    WebSocket; ``app`` itself when no front was installed."""
+    front, made = GuardedHttpToolsProtocol.front, GuardedHttpToolsProtocol._fronted
+    if front is None:
+        return app
+    if made is None or made[0] is not app:
+        made = GuardedHttpToolsProtocol._fronted = (app, front(app))
+    return made[1]
+
+
+_WEBSOCKETS: Any = AutoWebSocketsProtocol  # uvicorn's default; None without a WebSocket library
+
+
+class FrontedWebSockets(_WEBSOCKETS or object):  # type: ignore[misc]
+    """uvicorn's default WebSocket protocol, its connections sent to the front: an upgraded
+    connection is served by a new protocol object, which takes uvicorn's app, not the HTTP
+    protocol's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app = fronted(self.app)  # type: ignore[has-type]  # uvicorn's, set by its __init__
 
 
 def _answer(error: ServiceError, extra: bytes = b"") -> bytes:
@@ -177,11 +204,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        front, fronted = GuardedHttpToolsProtocol.front, GuardedHttpToolsProtocol._fronted
-        if front is not None:
-            if fronted is None or fronted[0] is not self.app:  # made once, not per connection
-                fronted = GuardedHttpToolsProtocol._fronted = (self.app, front(self.app))
-            self.app = fronted[1]
+        self.app = fronted(self.app)
         limits = self.limits
         assert limits is not None, "service.connections.install() was not called"
         self.guard = limits

@@ -7,6 +7,9 @@ per-process values combine.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 SESSIONS_ACTIVE = Gauge("lstm_sessions_active", "Sessions held now", multiprocess_mode="livesum")
@@ -84,3 +87,37 @@ MIGRATION_SECONDS = Histogram(
     "Time of one session's migration (its replay through the new version included)",
     buckets=(1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
 )
+
+
+class PassTally:
+    """Counts for one labelled counter, written once per pass of the event loop: a multiprocess
+    counter's write (an mmap write and a pid check) cost as much as a stream message's step, and
+    a round settles many steps in one pass. Outside a running loop a count is written at once."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.counts: dict[str, int] = {}
+        self.children: dict[str, Any] = {}  # labels() is a tenth of a write: cached
+        self.armed = False
+
+    def add(self, label: str, n: int = 1) -> None:
+        self.counts[label] = self.counts.get(label, 0) + n
+        if not self.armed:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: now
+                self.flush()
+                return
+            self.armed = True
+
+    def flush(self) -> None:
+        self.armed = False
+        counts, self.counts = self.counts, {}
+        for label, n in counts.items():
+            child = self.children.get(label)
+            if child is None:
+                child = self.children[label] = self.counter.labels(label)
+            child.inc(n)
+
+
+STEP_OUTCOMES = PassTally(STEP_REQUESTS)  # lstm_step_requests_total, from the event loop

@@ -159,7 +159,7 @@ def _iso(ts: float) -> datetime:
 def count_outcomes(tally: Counter[str]) -> None:
     """A request's step outcomes, one metric write per outcome (not per item)."""
     for outcome, n in tally.items():
-        metrics.STEP_REQUESTS.labels(outcome).inc(n)
+        metrics.STEP_OUTCOMES.add(outcome, n)
 
 
 def count_migration(outcome: str, seconds: float) -> None:
@@ -171,7 +171,7 @@ def count_migration(outcome: str, seconds: float) -> None:
 def count_refused_step(path: str, code: str) -> None:
     """Steps refused before the handler ran (schema, body limit) count by their code too."""
     if path == "/v1/sessions/step":
-        metrics.STEP_REQUESTS.labels(code).inc()
+        metrics.STEP_OUTCOMES.add(code)
 
 
 def store_limits(config: Settings, authoritative: bool) -> StoreLimits:
@@ -318,7 +318,7 @@ class LSTMSessions:
             StreamLimits(settings.max_streams, settings.stream_idle_s, settings.max_body_bytes),
             admit=self._stream_sessions,
             opened=metrics.STREAMS_OPEN.set,
-            refused=lambda code: metrics.STEP_REQUESTS.labels(code).inc(),
+            refused=metrics.STEP_OUTCOMES.add,
         )
         self._sweeper: asyncio.Task[None] | None = None
         metrics.STATE_MEMORY.set(pool.nbytes)
@@ -393,7 +393,7 @@ class LSTMSessions:
                 max_horizon=settings.max_horizon,
             ),
             events=EngineEvents(
-                step_outcome=lambda outcome: metrics.STEP_REQUESTS.labels(outcome).inc(),
+                step_outcome=metrics.STEP_OUTCOMES.add,
                 step_outcomes=count_outcomes,
                 replayed=metrics.REPLAYS.inc,
                 seq_conflict=metrics.SEQ_CONFLICTS.inc,
@@ -835,6 +835,7 @@ def fast_routes(app: Any) -> FastRoutes:
         max_body_bytes=settings.max_body_bytes,
         timeout_s=TRAFFIC_TIMEOUT_S,
         refused_at_edge=count_refused_step,
+        streams={"/v1/stream": _stream},
     )
 
 

@@ -6,6 +6,7 @@ BentoML's request metrics and the one-line refusal log."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -314,3 +315,78 @@ def test_bentomls_request_metrics_see_the_fast_routes(servers: tuple[str, str, P
     refused = [line for line in log.read_text().splitlines() if "POST /v1/sessions/step:" in line]
     assert any("refused POST /v1/sessions/step: 422 empty_chunk" in line for line in refused)
     assert "Traceback" not in log.read_text()
+
+
+def stream_messages() -> list[str | bytes]:
+    """Stream messages, good and bad, in order: each server gets the same sequence."""
+    good = [json.dumps({"inputs": [[0.5]], "seq": 0}), json.dumps({"inputs": [[0.4]], "seq": 1})]
+    return [
+        *good,
+        good[1],  # a retry: replayed
+        json.dumps({"inputs": [[0.1]], "seq": 0}),  # seq conflict
+        json.dumps({"inputs": [[0.1, 0.2]]}),  # wrong feature count
+        json.dumps({"inputs": []}),
+        json.dumps({"inputs": [[0.5]], "extra": 1}),
+        b'{"inputs": [[NaN]]}',
+        "{nope",
+        json.dumps({"inputs": [[0.3]], "seq": 2, "return_gates": True}),
+        json.dumps({"inputs": [[0.5]] * 2000}),  # over LSTM_MAX_BODY_BYTES: closes 1009
+    ]
+
+
+def stream_replay(base: str, sid: str) -> list[Any]:
+    """Every reply (parsed) and, last, the close code and reason; an unknown session's close."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    ws_base = "ws" + base.removeprefix("http")
+    assert httpx.post(f"{base}/v1/sessions/create", json={"session_id": sid}).status_code == 200
+    got: list[Any] = []
+    with connect(f"{ws_base}/v1/stream?session_id={sid}", open_timeout=10) as ws:
+        for message in stream_messages():
+            ws.send(message)
+            got.append(json.loads(ws.recv(timeout=10)))
+        try:  # the last one was over the limit: its error, then the close
+            got.append(("no close", ws.recv(timeout=10)))
+        except ConnectionClosed as e:
+            got.append((e.rcvd.code if e.rcvd else None, e.rcvd.reason if e.rcvd else None))
+    with connect(f"{ws_base}/v1/stream?session_id=ghost", open_timeout=10) as ws:
+        got.append(json.loads(ws.recv(timeout=10)))
+        try:
+            ws.recv(timeout=10)
+        except ConnectionClosed as e:
+            got.append(e.rcvd.code if e.rcvd else None)
+    return got
+
+
+@pytest.mark.slow
+def test_the_stream_in_front_answers_as_bentomls_stack(servers: tuple[str, str, Path]) -> None:
+    fast, slow, _ = servers
+    fast_answers, slow_answers = stream_replay(fast, "streamed"), stream_replay(slow, "streamed")
+    for k, (f, s) in enumerate(zip(fast_answers, slow_answers, strict=True)):
+        assert f == s, f"message {k}: in front {f} != through bentoml {s}"
+    assert fast_answers[-1] == 4404 and fast_answers[-3] == (1009, "body_too_large")
+    assert fast_answers[-4]["error"]["code"] == "body_too_large"
+    codes = {a.get("error", {}).get("code") for a in fast_answers if isinstance(a, dict)}
+    assert {"seq_conflict", "wrong_feature_count", "empty_chunk", None} <= codes
+
+
+def websocket_bytes_received(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("bentoml_service_websocket_data_received_count{")
+        and 'endpoint="/v1/stream"' in line
+    )
+
+
+@pytest.mark.slow
+def test_the_stream_is_served_in_front_of_bentomls_stack(servers: tuple[str, str, Path]) -> None:
+    """BentoML's traffic middleware observes two size summaries per message (a quarter of the
+    stream's server time): in front of it, a stream's messages never reach it."""
+    fast, slow, _ = servers
+    for base in (fast, slow):
+        stream_replay(base, "counted-stream")
+    assert websocket_bytes_received(slow) > 0  # the stack BentoML serves does write them
+    assert websocket_bytes_received(fast) == 0

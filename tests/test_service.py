@@ -564,3 +564,40 @@ def test_step_many_requests_crossing_sessions_never_wait_on_each_other() -> None
         await svc.batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_step_outcomes_are_written_once_per_loop_pass() -> None:
+    """PassTally: many counts in one pass of the loop are one write per label, none lost."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from service.metrics import PassTally
+
+    counter = Counter("c_total", "c", ["outcome"], registry=CollectorRegistry())
+    tally = PassTally(counter)
+    writes: list[tuple[str, float]] = []
+
+    def child(label: str) -> Any:
+        real = counter.labels(label)
+
+        class Spy:
+            def inc(self, n: float = 1) -> None:
+                writes.append((label, n))
+                real.inc(n)
+
+        return Spy()
+
+    tally.counter = type("C", (), {"labels": staticmethod(child)})()  # type: ignore[assignment]
+
+    async def one_pass() -> None:
+        for _ in range(50):
+            tally.add("applied")
+        tally.add("seq_conflict", 2)
+        assert writes == []  # nothing written inside the pass
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(one_pass())
+    assert sorted(writes) == [("applied", 50), ("seq_conflict", 2)]
+    tally.add("applied")  # no loop running: at once
+    assert writes[-1] == ("applied", 1)
+    assert counter.labels("applied")._value.get() == 51
