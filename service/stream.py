@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import orjson
 from pydantic import ValidationError
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from service.errors import (
@@ -138,16 +139,25 @@ class StreamEndpoint:
 
     async def _messages(self, ws: WebSocket, sessions: StreamSessions, session_id: str) -> None:
         limits = self.limits
+        watch = IdleWatch(limits.idle_s)
+        try:
+            await self._serve_messages(ws, sessions, session_id, watch)
+        except asyncio.CancelledError:
+            if not watch.expired:
+                raise
+            idle = IdleTimeout(
+                f"no message for {limits.idle_s:g} s (LSTM_STREAM_IDLE_S)", limit=limits.idle_s
+            )
+            await self._close_with(ws, idle)
+        finally:
+            watch.close()
+
+    async def _serve_messages(
+        self, ws: WebSocket, sessions: StreamSessions, session_id: str, watch: IdleWatch
+    ) -> None:
+        limits = self.limits
         while True:
-            try:
-                async with asyncio.timeout(limits.idle_s):  # no task per message, as wait_for
-                    message = await ws.receive()
-            except TimeoutError:
-                idle = IdleTimeout(
-                    f"no message for {limits.idle_s:g} s (LSTM_STREAM_IDLE_S)", limit=limits.idle_s
-                )
-                await self._close_with(ws, idle)
-                return
+            message = await watch.receive(ws)
             if message["type"] == "websocket.disconnect":
                 return
             raw: str | bytes = message.get("text") or message.get("bytes") or b""
@@ -181,6 +191,43 @@ class StreamEndpoint:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             await ws.send_text(error_text(error.status, error.body()))
             await ws.close(code or 4000 + error.status, reason=error.code)
+
+
+class IdleWatch:
+    """The idle limit of one connection: ``receive`` waits for the next message, and a wait of
+    ``idle_s`` or more is cancelled (``expired`` then says so). One timer per connection, which
+    re-arms itself for what is left when it fires early: a timeout around each receive cost 4-5
+    us a message, as much as parsing it."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.waiting_since: float | None = None  # loop time the current receive began
+        self.expired = False
+        self.timer = self.loop.call_later(idle_s, self._check)
+
+    async def receive(self, ws: WebSocket) -> Message:
+        self.waiting_since = self.loop.time()
+        try:
+            return await ws.receive()
+        except asyncio.CancelledError:
+            if self.expired and self.task is not None:
+                self.task.uncancel()  # ours: the caller answers it as idle_timeout
+            raise
+        finally:
+            self.waiting_since = None
+
+    def _check(self) -> None:
+        since, now = self.waiting_since, self.loop.time()
+        if since is not None and now - since >= self.idle_s and self.task is not None:
+            self.expired = True
+            self.task.cancel()
+            return
+        self.timer = self.loop.call_at((now if since is None else since) + self.idle_s, self._check)
+
+    def close(self) -> None:
+        self.timer.cancel()
 
 
 def utf8_length_over(raw: str | bytes, limit: int) -> bool:

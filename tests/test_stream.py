@@ -117,6 +117,36 @@ def test_idle_connections_are_closed_saying_why() -> None:
     assert closed.value.code == 4408
 
 
+def test_only_waiting_counts_as_idle_not_the_connection_s_age_or_a_slow_step() -> None:
+    """The idle limit is a wait for the next message: a busy connection outlives it many times,
+    a step longer than it is not cut, and the wait after the last reply still closes it."""
+    client, fake, _ = endpoint_client(
+        StreamLimits(max_streams=2, idle_s=0.3, max_message_bytes=200)
+    )
+    slow = fake.step
+
+    async def step(body: Step) -> dict[str, Any]:
+        if body.inputs[0][0] < 0:
+            await asyncio.sleep(0.5)  # longer than the idle limit, inside a step
+        return await slow(body)
+
+    fake.step = step  # type: ignore[method-assign]
+    with client.websocket_connect("/stream?session_id=s") as ws:
+        started = time.monotonic()
+        t = 0
+        while time.monotonic() - started < 1.2:  # four idle limits of messages 0.1 s apart
+            t = send(ws, {"inputs": [[1.0]]})["t"]
+            time.sleep(0.1)
+        t = send(ws, {"inputs": [[-1.0]]})["t"]
+        assert t == len(fake.seen)  # every message answered, the slow one too
+        waited = time.monotonic()
+        error = json.loads(ws.receive_text())
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+    assert error["error"]["code"] == "idle_timeout" and closed.value.code == 4408
+    assert 0.25 < time.monotonic() - waited < 3
+
+
 def test_a_message_over_the_size_limit_closes_the_stream_unapplied() -> None:
     client, fake, _ = endpoint_client(LIMITS)
     with client.websocket_connect("/stream?session_id=s") as ws:
