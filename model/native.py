@@ -25,13 +25,17 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from model.lstm import VARIANTS, GateTrace, LSTMState, StackedLSTM
+
+if TYPE_CHECKING:
+    from model.forecaster import LSTMForecaster
 
 SOURCE = Path(__file__).with_name("native_lstm.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -269,6 +273,48 @@ class NativeLSTM:
             return out[..., :H], LSTMState(hn[..., :H], cn[..., :H])
         return out, LSTMState(hn, cn)
 
+    def forward_arrays(
+        self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``forward`` on numpy arrays, time-major: x (T, B, input) and h0, c0 (layers, B,
+        hidden), float32; outputs (T, B, hidden), hn, cn. No torch op: at batch 1 each one's
+        dispatch cost more than the step (a server's round calls this, ``NativeForecaster``)."""
+        T, B, K = x.shape
+        L, H, Hp = self.stack.num_layers, self.hidden, self.padded
+        if self.input_size != K or h0.shape != (L, B, H) or c0.shape != (L, B, H):
+            raise ValueError(f"x {x.shape}, h0 {h0.shape}, c0 {c0.shape} for {L} x {H} units")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if Hp != H:
+            h0, c0 = _padded(h0, Hp), _padded(c0, Hp)
+        else:
+            h0 = np.ascontiguousarray(h0, dtype=np.float32)
+            c0 = np.ascontiguousarray(c0, dtype=np.float32)
+        out = np.empty((T, B, Hp), np.float32)
+        hn, cn = np.empty((L, B, Hp), np.float32), np.empty((L, B, Hp), np.float32)
+        status = self.lib.lstm_forward(
+            L,
+            B,
+            T,
+            K,
+            Hp,
+            self.variant,
+            x.ctypes.data,
+            self._w_ih,
+            self._w_hh,
+            self._bias,
+            self._peephole,
+            h0.ctypes.data,
+            c0.ctypes.data,
+            out.ctypes.data,
+            hn.ctypes.data,
+            cn.ctypes.data,
+        )
+        if status:
+            raise RuntimeError(f"lstm_forward refused its arguments (status {status})")
+        if Hp != H:
+            return out[..., :H], hn[..., :H], cn[..., :H]
+        return out, hn, cn
+
     def _state_in(self, s: Tensor, batch: int) -> Tensor:
         expected = (self.stack.num_layers, batch, self.hidden)
         if s.shape != expected:
@@ -302,6 +348,62 @@ class NativeLSTM:
         )
         if not worst <= atol:
             raise NativeUnavailable(f"the native engine differs from the eager stack by {worst}")
+
+
+def _padded(s: np.ndarray, width: int) -> np.ndarray:
+    out = np.zeros((*s.shape[:-1], width), np.float32)
+    out[..., : s.shape[-1]] = s
+    return out
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    """torch's ``F.softplus`` (beta 1, threshold 20) in numpy: x itself above the threshold."""
+    return np.where(x > 20.0, x, np.log1p(np.exp(np.minimum(x, 20.0))))
+
+
+class NativeForecaster:
+    """``LSTMForecaster.forward`` without gates, on numpy arrays: normalise, the stack through a
+    ``NativeLSTM``, the head, softplus, back to raw units; what a server's round calls on a CPU.
+
+    Around a batch-1 step the forecaster's torch ops (normalisation, the head, softplus, each
+    dispatched for a few values) cost several times the native stack itself; here they are numpy
+    operations on the same float32 values. Equal to the forecaster's outputs to float32 rounding
+    (tests/test_native.py). Like the engine, it serves the weights it was built from."""
+
+    def __init__(self, model: LSTMForecaster, engine: NativeLSTM) -> None:
+        if engine.stack is not model.lstm:
+            raise ValueError("the engine was built for another stack")
+        self.model, self.engine = model, engine
+        self.features = model.config.n_features
+        self.in_mean = model.input_mean.detach().cpu().numpy().astype(np.float32)
+        self.in_std = model.input_std.detach().cpu().numpy().astype(np.float32)
+        self.w = model.head.weight.detach().cpu().numpy().astype(np.float32).T.copy()  # (H, 2F)
+        self.b = model.head.bias.detach().cpu().numpy().astype(np.float32).copy()
+        self.min_std = np.float32(model.config.min_std)
+
+    @staticmethod
+    def of(model: LSTMForecaster) -> NativeForecaster | None:
+        """The array path of ``model`` when its stack runs through a NativeLSTM, else None."""
+        engine = model.engine
+        return NativeForecaster(model, engine) if isinstance(engine, NativeLSTM) else None
+
+    def handles(self) -> bool:
+        """Whether it may answer now: the model in eval mode (no dropout)."""
+        return not self.model.training
+
+    def __call__(
+        self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """x (B, T, F) raw values, h0, c0 (layers, B, hidden) -> the next value's mean and std
+        after each step (B, T, F) in raw units, and the final hn, cn."""
+        B, T, F_ = x.shape
+        z = (x - self.in_mean) / self.in_std
+        out, hn, cn = self.engine.forward_arrays(z.transpose(1, 0, 2), h0, c0)  # (T, B, H)
+        head = out.reshape(T * B, -1) @ self.w + self.b  # (T * B, 2F)
+        head = head.reshape(T, B, 2 * F_).transpose(1, 0, 2)  # (B, T, 2F)
+        mean = head[..., :F_] * self.in_std + self.in_mean
+        std = (_softplus(head[..., F_:]) + self.min_std) * self.in_std
+        return mean, std, hn, cn
 
 
 def build_engine(name: str, stack: StackedLSTM, cache: Path | None = None) -> StackEngine:

@@ -23,11 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from model import LSTMForecaster, LSTMState
-from model.native import StackEngine
+from model.native import NativeForecaster, StackEngine
 from service.errors import ModelFailure
 from service.results import ForecastOutputs, Outputs
 from service.sessions import Session, StatePool
@@ -195,6 +196,11 @@ class RoundRunner:
         self.pool = pool
         self.device = pool.h.device
         self.observer = observer
+        # A CPU round with the native engine runs on numpy arrays end to end (model/native.py's
+        # NativeForecaster, the pool's PoolArrays): at the batches a server forms, the ~30 torch
+        # ops of a round cost several times the model's arithmetic.
+        arrays = NativeForecaster.of(self.model) if pool.arrays is not None else None
+        self.arrays = arrays
 
     def compute(self, batch: list[Job]) -> None:
         """Each job's ``result``: a step's ``Computed`` (not in the pool yet), a forecast's
@@ -265,6 +271,8 @@ class RoundRunner:
             return ModelFailure("the model failed on this input")
 
     def _steps(self, jobs: list[StepJob]) -> list[Computed]:
+        if self.arrays is not None and not jobs[0].return_gates and self.arrays.handles():
+            return self._steps_on_arrays(jobs, self.arrays)
         started = time.perf_counter()
         slots = torch.tensor([j.session.slot for j in jobs], device=self.device)
         x = torch.stack([j.x for j in jobs]).to(self.device)  # (B, T, F), off the event loop
@@ -302,6 +310,42 @@ class RoundRunner:
             for b in range(len(jobs))
         ]
 
+    def _steps_on_arrays(self, jobs: list[StepJob], model: NativeForecaster) -> list[Computed]:
+        """``_steps`` on numpy arrays (a CPU, the native engine, no gate traces): the same
+        values, float32 rounding apart, and the same Group of tensors (views of the arrays)."""
+        started = time.perf_counter()
+        pool = self.pool.arrays
+        assert pool is not None
+        slots = np.array([j.session.slot for j in jobs])
+        x = np.stack([j.x.numpy() for j in jobs])  # (B, T, F)
+        h, c, prev_mean, prev_std = pool.gather(slots)
+        mean, std, hn, cn = model(x, h, c)
+        if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+            raise FloatingPointError("non-finite model output")
+        mean, std = np.ascontiguousarray(mean), np.ascontiguousarray(std)
+        # The forecast each value is scored against: the pool's for the first, then the chunk's.
+        before_mean = np.concatenate([prev_mean[:, None], mean[:, :-1]], axis=1)  # (B, T, F)
+        before_std = np.concatenate([prev_std[:, None], std[:, :-1]], axis=1)
+        z = (x - before_mean) / before_std
+        self.observer.model_time(time.perf_counter() - started)
+        self.observer.batch(len(jobs))
+        self.observer.timesteps(x.shape[0] * x.shape[1])
+        t = torch.from_numpy
+        group = Group(
+            t(hn), t(cn), t(mean[:, -1]), t(std[:, -1]), t(mean), t(std), t(z), t(x), self.pool
+        )
+        means, stds, zs = mean.tolist(), std.tolist(), z.tolist()
+        return [
+            Computed(
+                self._outputs(
+                    means[b], stds[b], zs[b], first_scored=jobs[b].session.t > 0, gates=None, row=b
+                ),
+                group,
+                b,
+            )
+            for b in range(len(jobs))
+        ]
+
     def _burn_in(self, jobs: list[BurnInJob]) -> list[SessionState]:
         """One batched forward over kept inputs of one length, from zero states."""
         return replay(self.model, [j.x for j in jobs], self.device)
@@ -321,6 +365,8 @@ class RoundRunner:
         return ForecastOutputs(f.mean[0].tolist(), f.std[0].tolist(), p10, p50, p90)
 
     def _predict(self, job: PredictJob) -> Outputs:
+        if self.arrays is not None and not job.return_gates and self.arrays.handles():
+            return self._predict_on_arrays(job, self.arrays)
         started = time.perf_counter()
         x = job.x.unsqueeze(0).to(self.device)  # (1, T, F)
         mean, std, _, gates = self.model(x, None, return_gates=job.return_gates)
@@ -336,6 +382,22 @@ class RoundRunner:
             first_scored=False,
             gates=self._gate_lists(gates),
             row=0,
+        )
+
+    def _predict_on_arrays(self, job: PredictJob, model: NativeForecaster) -> Outputs:
+        """``_predict`` as a step's round computes (``_steps_on_arrays``), so a stepped session
+        and a prediction over the same values answer the same numbers, bit for bit."""
+        started = time.perf_counter()
+        x = job.x.numpy()[None]  # (1, T, F)
+        layers, hidden = self.pool.h.shape[0], self.pool.h.shape[2]
+        zeros = np.zeros((layers, 1, hidden), np.float32)
+        mean, std, _, _ = model(x, zeros, zeros)
+        z = np.concatenate(
+            [np.full_like(x[:, :1], np.nan), (x[:, 1:] - mean[:, :-1]) / std[:, :-1]], axis=1
+        )
+        self.observer.model_time(time.perf_counter() - started)
+        return self._outputs(
+            mean[0].tolist(), std[0].tolist(), z[0].tolist(), first_scored=False, gates=None, row=0
         )
 
     @staticmethod

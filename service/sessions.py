@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 import torch
 from torch import Tensor
@@ -84,6 +85,10 @@ class StatePool:
         self.inputs = torch.zeros(capacity, window, features, device=device)
         self.recorded = torch.zeros(capacity, dtype=torch.long, device=device)
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
+        # On a CPU, numpy views of the same memory: a round gathers, scatters and records a few
+        # sessions' rows, and each torch op's dispatch cost more than its copy (the tensors are
+        # never replaced, only written in place, so the views stay theirs).
+        self.arrays = PoolArrays.of(self) if self.h.device.type == "cpu" else None
 
     @property
     def nbytes(self) -> int:
@@ -154,8 +159,12 @@ class StatePool:
         self.recorded[slot] = kept
 
     def record(self, slots: Tensor, x: Tensor) -> None:
-        """Append each slot's chunk (B, T, F) to its window: one write for the batch."""
+        """Append each slot's chunk (B, T, F) to its window: one write for the batch (``slots``
+        distinct, as a round's are)."""
         if not self.window:
+            return
+        if self.arrays is not None:
+            self.arrays.record(slots.numpy(), x.numpy(), self.window)
             return
         steps = x.shape[1]
         if steps > self.window:  # only the last ``window`` of a long chunk are kept
@@ -169,10 +178,57 @@ class StatePool:
         return LSTMState(self.h.index_select(1, slots), self.c.index_select(1, slots))
 
     def scatter(self, slots: Tensor, state: LSTMState, next_mean: Tensor, next_std: Tensor) -> None:
+        if self.arrays is not None:
+            self.arrays.scatter(slots.numpy(), state, next_mean, next_std)
+            return
         self.h.index_copy_(1, slots, state.h)
         self.c.index_copy_(1, slots, state.c)
         self.next_mean.index_copy_(0, slots, next_mean)
         self.next_std.index_copy_(0, slots, next_std)
+
+
+@dataclass(frozen=True)
+class PoolArrays:
+    """A CPU pool's tensors as numpy arrays sharing their memory: what a round indexes."""
+
+    h: np.ndarray  # (layers, capacity, hidden)
+    c: np.ndarray
+    next_mean: np.ndarray  # (capacity, F)
+    next_std: np.ndarray
+    inputs: np.ndarray  # (capacity, window, F)
+    recorded: np.ndarray  # (capacity,) int64
+
+    @staticmethod
+    def of(pool: StatePool) -> PoolArrays:
+        return PoolArrays(
+            pool.h.numpy(),
+            pool.c.numpy(),
+            pool.next_mean.numpy(),
+            pool.next_std.numpy(),
+            pool.inputs.numpy(),
+            pool.recorded.numpy(),
+        )
+
+    def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the slots' h, c (layers, B, hidden), next mean and std (B, F)."""
+        return self.h[:, slots], self.c[:, slots], self.next_mean[slots], self.next_std[slots]
+
+    def scatter(
+        self, slots: np.ndarray, state: LSTMState, next_mean: Tensor, next_std: Tensor
+    ) -> None:
+        self.h[:, slots] = state.h.numpy()
+        self.c[:, slots] = state.c.numpy()
+        self.next_mean[slots] = next_mean.numpy()
+        self.next_std[slots] = next_std.numpy()
+
+    def record(self, slots: np.ndarray, x: np.ndarray, window: int) -> None:
+        steps = x.shape[1]
+        if steps > window:  # only the last ``window`` of a long chunk are kept
+            x = x[:, -window:]
+        offset = np.arange(steps - x.shape[1], steps)
+        rows = (self.recorded[slots][:, None] + offset) % window
+        self.inputs[slots[:, None], rows] = x  # rows distinct per slot
+        self.recorded[slots] += steps  # slots distinct: a round holds one job per session
 
 
 @dataclass(slots=True)

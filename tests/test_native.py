@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -315,3 +316,75 @@ def test_a_cached_library_others_could_write_is_not_loaded(tmp_path: Path) -> No
     first.chmod(0o755)
     tmp_path.chmod(0o777)
     assert native._build(cache=tmp_path) != first
+
+
+def forecaster(variant: str, features: int, hidden: int, layers: int) -> LSTMForecaster:
+    from model import Normalisation
+
+    torch.manual_seed(hidden + 7 * layers + features)
+    config = ForecasterConfig(
+        feature_names=tuple(f"f{k}" for k in range(features)),
+        hidden_size=hidden,
+        num_layers=layers,
+        variant=variant,  # type: ignore[arg-type]
+    )
+    norm = Normalisation(tuple(range(features)), tuple(0.5 + k for k in range(features)))
+    return LSTMForecaster(config, norm).eval()
+
+
+@pytest.mark.parametrize("variant", ["standard", "peephole", "coupled"])
+@pytest.mark.parametrize("shape", [(1, 64, 2), (3, 5, 1), (2, 17, 2)], ids=str)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_the_array_forecaster_equals_the_forecaster(
+    variant: str, shape: tuple[int, int, int], batch: int, chunk: int
+) -> None:
+    """NativeForecaster (numpy in, numpy out: a server's round) against LSTMForecaster.forward,
+    eager, from a zero state and from a served one."""
+    from model.native import NativeForecaster
+
+    features, hidden, layers = shape
+    model = forecaster(variant, features, hidden, layers)
+    arrays = NativeForecaster(model, NativeLSTM(model.lstm))
+    x = torch.randn(batch, chunk, features) * 3 + 1
+    for state in (model.zero_state(batch), served_state(model.lstm, batch)):
+        with torch.no_grad():
+            ref = model(x, state)
+        mean, std, hn, cn = arrays(x.numpy(), state.h.numpy(), state.c.numpy())
+        assert mean.dtype == std.dtype == hn.dtype == np.float32
+        torch.testing.assert_close(torch.from_numpy(mean), ref.mean, atol=ATOL, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(std), ref.std, atol=ATOL, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(hn), ref.state.h, atol=ATOL, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(cn), ref.state.c, atol=ATOL, rtol=0)
+
+
+def test_the_array_forecaster_passes_nan_and_large_values_as_the_forecaster() -> None:
+    from model.native import NativeForecaster
+
+    model = forecaster("standard", 1, 64, 2)
+    with torch.no_grad():  # a head whose raw std crosses softplus's threshold (20) both ways
+        model.head.bias[1] = 19.0
+    arrays = NativeForecaster(model, NativeLSTM(model.lstm))
+    x = torch.tensor([[[0.5], [float("nan")], [1.0]], [[1e4], [-1e4], [3.0]]])
+    state = model.zero_state(2)
+    with torch.no_grad():
+        ref = model(x, state)
+    mean, std, _, cn = arrays(x.numpy(), state.h.numpy(), state.c.numpy())
+    assert np.isnan(mean[0, 1:]).all() and np.isfinite(mean[1]).all()
+    torch.testing.assert_close(torch.from_numpy(mean), ref.mean, atol=ATOL, rtol=0, equal_nan=True)
+    torch.testing.assert_close(torch.from_numpy(std), ref.std, atol=1e-5, rtol=1e-6, equal_nan=True)
+    torch.testing.assert_close(torch.from_numpy(cn), ref.state.c, atol=ATOL, rtol=0, equal_nan=True)
+
+
+def test_the_array_forecaster_needs_the_engine_of_its_stack_and_eval_mode() -> None:
+    from model.native import NativeForecaster
+
+    model, other = forecaster("standard", 1, 8, 1), forecaster("standard", 1, 8, 1)
+    with pytest.raises(ValueError, match="another stack"):
+        NativeForecaster(model, NativeLSTM(other.lstm))
+    assert NativeForecaster.of(model) is None  # eager: no array path
+    model.use_engine(NativeLSTM(model.lstm))
+    arrays = NativeForecaster.of(model)
+    assert arrays is not None and arrays.handles()
+    model.train()
+    assert not arrays.handles()
