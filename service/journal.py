@@ -192,14 +192,12 @@ def round_entry(group: Group, commits: list[Commit], at: float) -> bytes:
     rows = [c.computed.row for c in commits]
     ids = [c.session.id.encode() for c in commits]
     batch, steps, features = group.mean.shape
-    index = None
-    if len(rows) != batch or rows != list(range(batch)):  # refused ones, or out of order
-        index = torch.tensor(rows, device=group.mean.device)
+    whole = len(rows) == batch and rows == list(range(batch))  # else refused ones, or reordered
     states = _state_rows(group)
 
     def column(x: torch.Tensor) -> bytes:
-        x = x if index is None else x.index_select(0, index)
-        return x.to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+        a = _array(x) if whole else _array(x)[rows]
+        return np.ascontiguousarray(a, dtype="<f4").tobytes()
 
     return b"".join(
         [
@@ -209,7 +207,7 @@ def round_entry(group: Group, commits: list[Commit], at: float) -> bytes:
             np.array([c.seq for c in commits], dtype="<i8").tobytes(),
             np.array([c.t for c in commits], dtype="<i8").tobytes(),
             *[c.digest for c in commits],
-            (states if index is None else states[rows]).tobytes(),
+            (states if whole else states[rows]).tobytes(),
             column(group.mean),
             column(group.std),
             column(group.z),
@@ -931,12 +929,20 @@ def _state_rows(group: Group) -> np.ndarray:
 
 
 def _rows(h: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-    """States (h, c as (layers, N, hidden); mean, std as (N, F)) as N rows of float32."""
-    n, lh = mean.shape[0], h.shape[0] * h.shape[2]
-    rows = torch.cat(
-        [h.permute(1, 0, 2).reshape(n, lh), c.permute(1, 0, 2).reshape(n, lh), mean, std], dim=1
+    """States (h, c as (layers, N, hidden); mean, std as (N, F)) as N rows of float32, in numpy
+    (on a CPU the tensors' own memory: a round's handful of torch ops cost more than its step)."""
+    ha, ca, ma, sa = _array(h), _array(c), _array(mean), _array(std)
+    n, lh = ma.shape[0], ha.shape[0] * ha.shape[2]
+    rows = np.concatenate(
+        [ha.transpose(1, 0, 2).reshape(n, lh), ca.transpose(1, 0, 2).reshape(n, lh), ma, sa], axis=1
     )
-    return rows.to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    return rows.astype("<f4", copy=False)
+
+
+def _array(x: torch.Tensor) -> np.ndarray:
+    """A tensor's values as float32 numpy: a view of a CPU tensor's memory, else a copy."""
+    a = x.detach().numpy() if x.device.type == "cpu" else x.detach().cpu().numpy()
+    return a.astype(np.float32, copy=False)
 
 
 __all__ = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,9 +131,55 @@ def test_step_is_answered_in_front_and_counted_in_bentomls_metrics() -> None:
     status, body = call(app, "/v1/sessions/step", [GOOD])
     assert (status, body) == (200, b'{"session_id":"a","n":2}')
     assert metrics.totals() == {200: 1}
-    # in progress: up, then down again
-    (gauge,) = metrics.metrics_request_in_progress.children.values()
-    assert gauge.values == [1, -1]
+    (gauge,) = metrics.metrics_last_request_timestamp.children.values()
+    assert len(gauge.values) == 1 and abs(gauge.values[0] - time.time()) < 60
+    # in progress: begun and answered within one pass of the loop, nothing to write
+    assert sum(sum(g.values) for g in metrics.metrics_request_in_progress.children.values()) == 0
+
+
+def test_requests_in_flight_are_in_progress_and_counts_are_written_per_pass() -> None:
+    """Metric writes once per pass of the loop: what is in flight shows as in progress, and
+    many requests answered in one pass are one write per status."""
+    release = asyncio.Event()
+
+    async def held(body: Step) -> Any:
+        await release.wait()
+        return {"ok": True}
+
+    app, metrics = make(held)
+
+    async def scenario() -> tuple[float, float]:
+        async def one() -> None:
+            messages = [{"type": "http.request", "body": GOOD, "more_body": False}]
+
+            async def receive() -> dict[str, Any]:
+                return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                pass
+
+            scope = {
+                "type": "http",
+                "method": "POST",
+                "path": "/v1/sessions/step",
+                "headers": [(b"content-type", b"application/json")],
+            }
+            await app(scope, receive, send)
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(5)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gauges = metrics.metrics_request_in_progress.children.values()
+        during = sum(sum(g.values) for g in gauges)
+        release.set()
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0)
+        return during, sum(sum(g.values) for g in gauges)
+
+    during, after = asyncio.run(scenario())
+    assert (during, after) == (5, 0)
+    ((_, total),) = metrics.metrics_request_total.children.items()
+    assert total.values == [5]  # one write for the five
 
 
 def test_other_routes_and_methods_go_to_bentoml() -> None:
