@@ -20,9 +20,13 @@ fresh ids, so ``t`` starts at 0, and sends every step with the right ``seq``.
 - ``--journal`` instead: the embedded store's write-ahead journal (``LSTM_JOURNAL``) side by
   side, three servers up at once (off, write, fsync), on step_many (64 and 256) and the WebSocket
   (64), ``--repeat`` alternating rounds; each mode's timesteps/s against off, round by round.
-- The floor: BentoML's trivial ``/v1/ping`` at the same concurrencies on the batched server, and
-  the bare model's batched one-timestep step in this process (no HTTP): batch 1, 16, 64, 256,
-  with torch's default thread count and with one thread (the server's, LSTM_TORCH_THREADS).
+- The floors: BentoML's trivial ``/v1/ping`` at the same concurrencies on the batched server
+  (every route but the fast ones pays at least this); the fast routes' own floor, a step resent
+  with the seq and inputs it was applied with, answered from its replay record (parse,
+  validate, lock, seq check, reply: all of the hot path but the batcher and the model), over
+  HTTP and over the stream; and the bare model's batched one-timestep step in this process (no
+  HTTP): batch 1, 16, 64, 256, with torch's default thread count and with one thread (the
+  server's, LSTM_TORCH_THREADS).
 
 Servers run one after another, never two at once (the machine this was written on has 2 cores):
 first the batched server for every scenario but one, then the unbatched one for the HTTP step. The
@@ -433,6 +437,45 @@ async def ws_worker(
             await asyncio.sleep(0.01)
 
 
+async def replay_worker(
+    http: aiohttp.ClientSession, base: str, session_id: str, window: Window
+) -> None:
+    """Step once, then resend that same step (same seq, same inputs) again and again: each is
+    answered from the replay record, the hot route's path without the batcher or the model."""
+    url, body = f"{base}/v1/sessions/step", orjson.dumps(step_body(session_id, 0))
+    status, reply = await post(http, url, body)
+    if status != 200:
+        window.error(error_code(status, reply))
+        return
+    await repeat_post(http, url, body, 1, window)
+
+
+async def ws_replay_worker(
+    http: aiohttp.ClientSession, base: str, session_id: str, window: Window
+) -> None:
+    """``replay_worker`` over the stream: the first message applies, every later one replays."""
+    url = f"ws{base.removeprefix('http')}/v1/stream?session_id={session_id}"
+    message = orjson.dumps({"inputs": [[value(0)]], "seq": 0}).decode()
+    while window.open:
+        try:
+            async with http.ws_connect(url, heartbeat=None) as ws:
+                while window.open:
+                    started = time.perf_counter()
+                    await ws.send_str(message)
+                    msg = await ws.receive()
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        window.error(f"websocket {msg.type.name}")
+                        break
+                    reply = orjson.loads(msg.data)
+                    if reply.get("t") != 1:
+                        window.error(f"ws {reply.get('error', {}).get('code', 'not a replay')}")
+                    else:
+                        window.answered(started, 1)
+        except TRANSPORT_ERRORS as e:
+            window.error(type(e).__name__)
+            await asyncio.sleep(0.01)
+
+
 # --- scenarios ---------------------------------------------------------------------------------
 
 
@@ -498,6 +541,18 @@ class Bench:
             return [ws_worker(http, self.base, i, w) for i in ids]
 
         return await self.run("websocket", c, c, make, ids=c)
+
+    async def replayed_step(self, c: int) -> Row:
+        def make(http: aiohttp.ClientSession, w: Window, ids: list[str]) -> list[Worker]:
+            return [replay_worker(http, self.base, i, w) for i in ids]
+
+        return await self.run("floor_step_replay", c, c, make, ids=c)
+
+    async def replayed_stream(self, c: int) -> Row:
+        def make(http: aiohttp.ClientSession, w: Window, ids: list[str]) -> list[Worker]:
+            return [ws_replay_worker(http, self.base, i, w) for i in ids]
+
+        return await self.run("floor_stream_replay", c, c, make, ids=c)
 
     async def ping(self, c: int) -> Row:
         def make(http: aiohttp.ClientSession, w: Window, ids: list[str]) -> list[Worker]:
@@ -605,9 +660,11 @@ def run_batched_server(runner: asyncio.Runner, opts: Options, log_dir: Path) -> 
 
         for path, scenario, make in (
             ("/v1/ping", "ping", bench.ping),
+            (None, "floor_step_replay", bench.replayed_step),
             ("/v1/stream", "websocket", bench.websocket),
+            ("/v1/stream", "floor_stream_replay", bench.replayed_stream),
         ):
-            why = runner.run(bench.probe(path))
+            why = None if path is None else runner.run(bench.probe(path))
             if why is not None:
                 rows.extend(skipped(scenario, opts.concurrencies, why))
                 print(f"  {scenario}: skipped: {why}", flush=True)
@@ -1084,6 +1141,8 @@ SERIES = {
     "websocket": "WebSocket stream",
     "step_many": "step_many (2 requesters)",
     "ping": "ping (req/s: the HTTP floor)",
+    "floor_step_replay": "HTTP step replayed (the fast route's floor)",
+    "floor_stream_replay": "stream message replayed (the stream's floor)",
     "model in-process": "model in process (no HTTP)",
     "model in-process, 1 thread": "model in process, 1 torch thread",
 }
