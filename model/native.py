@@ -367,8 +367,9 @@ class NativeForecaster:
 
     Around a batch-1 step the forecaster's torch ops (normalisation, the head, softplus, each
     dispatched for a few values) cost several times the native stack itself; here they are numpy
-    operations on the same float32 values. Equal to the forecaster's outputs to float32 rounding
-    (tests/test_native.py). Like the engine, it serves the weights it was built from."""
+    operations on the same float32 values, and the head one torch call. Equal to the
+    forecaster's outputs to float32 rounding (tests/test_native.py). Like the engine, it serves
+    the stack's weights it was built from."""
 
     def __init__(self, model: LSTMForecaster, engine: NativeLSTM) -> None:
         if engine.stack is not model.lstm:
@@ -377,8 +378,9 @@ class NativeForecaster:
         self.features = model.config.n_features
         self.in_mean = model.input_mean.detach().cpu().numpy().astype(np.float32)
         self.in_std = model.input_std.detach().cpu().numpy().astype(np.float32)
-        self.w = model.head.weight.detach().cpu().numpy().astype(np.float32).T.copy()  # (H, 2F)
-        self.b = model.head.bias.detach().cpu().numpy().astype(np.float32).copy()
+        # The head as the forecaster runs it (torch's own product, one call; numpy's BLAS would
+        # round differently and run its own thread pool): its weights, detached.
+        self.w, self.b = model.head.weight.detach(), model.head.bias.detach()
         self.min_std = np.float32(model.config.min_std)
 
     @staticmethod
@@ -399,7 +401,7 @@ class NativeForecaster:
         B, T, F_ = x.shape
         z = (x - self.in_mean) / self.in_std
         out, hn, cn = self.engine.forward_arrays(z.transpose(1, 0, 2), h0, c0)  # (T, B, H)
-        head = out.reshape(T * B, -1) @ self.w + self.b  # (T * B, 2F)
+        head = F.linear(torch.from_numpy(out.reshape(T * B, -1)), self.w, self.b).numpy()
         head = head.reshape(T, B, 2 * F_).transpose(1, 0, 2)  # (B, T, 2F)
         mean = head[..., :F_] * self.in_std + self.in_mean
         std = (_softplus(head[..., F_:]) + self.min_std) * self.in_std

@@ -65,44 +65,51 @@ class Deadlines:
     """The requests' deadline: a request still running ``timeout_s`` after it began has its task
     cancelled (``expired`` then says so), by one timer for all of them that fires every ``tick``,
     so the cancel comes up to a tick late. A timeout per request (its own timer, armed and
-    cancelled) cost 4-5 us, as much as parsing the step."""
+    cancelled) cost 4-5 us, as much as parsing the step. One event loop at a time: a new loop
+    (a test's next ``asyncio.run``) starts afresh."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.tick = min(0.5, timeout_s / 4)
-        self.running: dict[asyncio.Task[Any], float] = {}  # loop time begun; oldest first
-        self.cancelled: set[asyncio.Task[Any]] = set()
+        # task -> (loop time begun, its cancel requests then); oldest first
+        self.running: dict[asyncio.Task[Any], tuple[float, int]] = {}
+        self.cancelled: dict[asyncio.Task[Any], int] = {}  # ours, with that count
         self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def begin(self) -> asyncio.Task[Any]:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        self.running[task] = loop.time()
+        if loop is not self.loop:  # the timer, if any, belonged to a loop that is gone
+            self.loop, self.timer = loop, None
+            self.running.clear()
+            self.cancelled.clear()
+        self.running[task] = (loop.time(), task.cancelling())
         if self.timer is None:
             self.timer = loop.call_later(self.tick, self._expire, loop)
         return task
 
     def end(self, task: asyncio.Task[Any]) -> None:
         self.running.pop(task, None)
-        self.cancelled.discard(task)
+        self.cancelled.pop(task, None)
 
     def expired(self, task: asyncio.Task[Any]) -> bool:
-        """Whether ``task`` was cancelled for its deadline (the cancel is taken back, so the
-        request can still answer its 504)."""
-        if task not in self.cancelled:
+        """Whether ``task``'s cancel was its deadline's alone. Ours is taken back, so the
+        request can still answer its 504; another canceller's (a shutdown) still stands."""
+        before = self.cancelled.pop(task, None)
+        if before is None:
             return False
-        task.uncancel()
-        return True
+        return task.uncancel() <= before
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         self.timer = None
         late = loop.time() - self.timeout_s
-        for task, begun in list(self.running.items()):
+        for task, (begun, before) in list(self.running.items()):
             if begun > late:
                 break  # the rest began later still
             del self.running[task]
-            self.cancelled.add(task)
+            self.cancelled[task] = before
             task.cancel()
         if self.running:
             self.timer = loop.call_later(self.tick, self._expire, loop)
@@ -134,6 +141,7 @@ class RequestMetrics:
         self.began = 0  # since the last write: requests begun, answered per status
         self.counts: dict[int, int] = {}
         self.armed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def begin(self) -> None:
         self.began += 1
@@ -153,9 +161,10 @@ class RequestMetrics:
         self._arm()
 
     def _arm(self) -> None:
-        if not self.armed:
-            self.armed = True
-            asyncio.get_running_loop().call_soon(self.write)
+        loop = asyncio.get_running_loop()
+        if not self.armed or loop is not self.loop:  # armed on a loop that is gone: again
+            self.armed, self.loop = True, loop
+            loop.call_soon(self.write)
 
     def write(self) -> None:
         self.armed = False

@@ -92,26 +92,28 @@ MIGRATION_SECONDS = Histogram(
 class PassTally:
     """Counts for one labelled counter, written once per pass of the event loop: a multiprocess
     counter's write (an mmap write and a pid check) cost as much as a stream message's step, and
-    a round settles many steps in one pass. Outside a running loop a count is written at once."""
+    a round settles many steps in one pass. Called from the loop's thread; with no loop running
+    (a test, a script) a count is written at once."""
 
     def __init__(self, counter: Counter) -> None:
         self.counter = counter
         self.counts: dict[str, int] = {}
         self.children: dict[str, Any] = {}  # labels() is a tenth of a write: cached
-        self.armed = False
+        self.armed: asyncio.AbstractEventLoop | None = None  # the loop a write is due on
 
     def add(self, label: str, n: int = 1) -> None:
         self.counts[label] = self.counts.get(label, 0) + n
-        if not self.armed:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop: now
-                self.flush()
-                return
-            self.armed = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop: now
+            self.flush()
+            return
+        if self.armed is not loop:  # none due, or due on a loop that is gone
+            self.armed = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        self.armed = False
+        self.armed = None
         counts, self.counts = self.counts, {}
         for label, n in counts.items():
             child = self.children.get(label)

@@ -385,8 +385,9 @@ class RoundRunner:
         )
 
     def _predict_on_arrays(self, job: PredictJob, model: NativeForecaster) -> Outputs:
-        """``_predict`` as a step's round computes (``_steps_on_arrays``), so a stepped session
-        and a prediction over the same values answer the same numbers, bit for bit."""
+        """``_predict`` as a step's round computes it (``_steps_on_arrays``): a session stepped
+        with the values in one chunk and a prediction over them answer the same numbers (other
+        chunkings differ by float32 rounding: the head's product rounds by its shape)."""
         started = time.perf_counter()
         x = job.x.numpy()[None]  # (1, T, F)
         layers, hidden = self.pool.h.shape[0], self.pool.h.shape[2]

@@ -205,6 +205,7 @@ class IdleWatch:
         self.task = asyncio.current_task()
         self.waiting_since: float | None = None  # loop time the current receive began
         self.expired = False
+        self.before = self.task.cancelling() if self.task is not None else 0
         self.timer = self.loop.call_later(idle_s, self._check)
 
     async def receive(self, ws: WebSocket) -> Message:
@@ -213,7 +214,9 @@ class IdleWatch:
             return await ws.receive()
         except asyncio.CancelledError:
             if self.expired and self.task is not None:
-                self.task.uncancel()  # ours: the caller answers it as idle_timeout
+                # Ours is taken back (the caller answers it as idle_timeout) unless another
+                # canceller's (a shutdown) came too: then it is not an idle close.
+                self.expired = self.task.uncancel() <= self.before
             raise
         finally:
             self.waiting_since = None

@@ -437,3 +437,38 @@ def test_the_stream_is_served_in_front_of_bentomls_stack(servers: tuple[str, str
         stream_replay(base, "counted-stream")
     assert websocket_bytes_received(slow) > 0  # the stack BentoML serves does write them
     assert websocket_bytes_received(fast) == 0
+
+
+def test_the_deadline_holds_on_a_later_loop_and_never_swallows_another_cancel() -> None:
+    from service.fast_routes import Deadlines
+
+    deadlines = Deadlines(0.05)
+
+    async def request(seconds: float) -> str:
+        task = deadlines.begin()
+        try:
+            await asyncio.sleep(seconds)
+            return "answered"
+        except asyncio.CancelledError:
+            if deadlines.expired(task):
+                return "504"
+            raise
+        finally:
+            deadlines.end(task)
+
+    assert asyncio.run(request(0)) == "answered"  # this loop ends with the timer still pending
+    assert asyncio.run(request(5)) == "504"  # a later loop: the deadline still holds
+
+    async def cancelled_twice() -> None:
+        task = asyncio.ensure_future(request(5))
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        begun, before = deadlines.running[task]
+        deadlines.running[task] = (begun - 1.0, before)  # late now
+        deadlines._expire(loop)  # the deadline's cancel...
+        task.cancel()  # ...and a shutdown's, before the request runs again
+        with pytest.raises(asyncio.CancelledError):
+            await task  # not answered as a 504: the other cancel stands
+        assert not deadlines.running and not deadlines.cancelled
+
+    asyncio.run(cancelled_twice())

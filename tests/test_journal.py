@@ -526,8 +526,14 @@ def test_kill_9_three_times_loses_no_acknowledged_step(
         acked: list[int] = []
         killed: list[int] = []
 
+        # The server's pids, found while nothing streams (a scan of every process: it once
+        # took so long under CI's load that the streams ran 60 steps past the kill point, and
+        # the last kill found all 240 done).
+        pids = [pids_on_port(port)]
+
         def restart() -> None:
             servers.enter_context(bentoml_server(env, port=port))
+            pids[0] = pids_on_port(port)
 
         serving = asyncio.Event()
         serving.set()
@@ -538,10 +544,9 @@ def test_kill_9_three_times_loses_no_acknowledged_step(
             # 1 cut over 3 kills). Only then do sends wait, until the restart is serving: in CI
             # the streams once finished all 240 steps before a restart returned.
             for at in kills_at:
-                pids = await asyncio.to_thread(pids_on_port, port)  # a scan: slow, found early
                 while len(acked) < at:
                     await asyncio.sleep(0.005)
-                await asyncio.to_thread(kill_port, port, pids)
+                await asyncio.to_thread(kill_port, port, pids[0])
                 serving.clear()
                 killed.append(len(acked))
                 await asyncio.to_thread(restart)

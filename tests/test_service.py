@@ -601,3 +601,22 @@ def test_step_outcomes_are_written_once_per_loop_pass() -> None:
     tally.add("applied")  # no loop running: at once
     assert writes[-1] == ("applied", 1)
     assert counter.labels("applied")._value.get() == 51
+
+
+def test_step_outcomes_due_on_a_loop_that_is_gone_are_written_on_the_next() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from service.metrics import PassTally
+
+    counter = Counter("d_total", "d", ["outcome"], registry=CollectorRegistry())
+    tally = PassTally(counter)
+    gone = asyncio.new_event_loop()
+    tally.counts, tally.armed = {"applied": 2}, gone  # a write was due when that loop stopped
+    gone.close()
+
+    async def later() -> None:
+        tally.add("applied")
+        await asyncio.sleep(0)
+
+    asyncio.run(later())
+    assert counter.labels("applied")._value.get() == 3
