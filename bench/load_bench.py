@@ -577,8 +577,9 @@ class Bench:
         """None if ``path`` answers; else why not (it may not be built yet)."""
         async with http_client(1) as http:
             if path == "/v1/stream":
-                await create_sessions(http, self.base, ["probe-ws"])
-                url = f"ws{self.base.removeprefix('http')}/v1/stream?session_id=probe-ws"
+                probe = f"probe-ws-{next(RUNS_MADE)}"  # a route may be probed twice
+                await create_sessions(http, self.base, [probe])
+                url = f"ws{self.base.removeprefix('http')}/v1/stream?session_id={probe}"
                 try:
                     async with http.ws_connect(url) as ws:
                         await ws.send_str(orjson.dumps({"inputs": [[0.5]], "seq": 0}).decode())
