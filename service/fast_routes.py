@@ -1,6 +1,7 @@
-"""The hot routes, ``POST /v1/sessions/step`` and ``/v1/sessions/step_many``, answered by a raw
-ASGI app in front of BentoML's request stack (installed by ``service.connections`` as the app
-uvicorn calls); every other request goes on to BentoML unchanged.
+"""The hot routes, ``POST /v1/sessions/step``, ``/v1/sessions/step_many`` and ``/v1/predict``,
+answered by a raw ASGI app in front of BentoML's request stack (installed by
+``service.connections`` as the app uvicorn calls); every other request goes on to BentoML
+unchanged.
 
 Why: py-spy on the worker under 64 clients put two thirds of its samples in BentoML's layers
 around the handler (metrics, OpenTelemetry, the deadline, our contract's send wrappers, Starlette's

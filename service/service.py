@@ -828,6 +828,17 @@ async def _fast_step_many(body: StepMany) -> Any:
     return {"results": await _current()._sessions().step_many(body.items)}
 
 
+async def _fast_predict(body: Predict) -> Any:
+    """``LSTMSessions.predict``'s answer (PredictResult's shape) as plain data: a long history's
+    reply is hundreds of outputs, each a pydantic model on BentoML's path."""
+    out = await _current().versions.predict(body.inputs, body.return_gates)
+    outputs = [
+        {"mean": m, "std": s, "anomaly_z": z}
+        for m, s, z in zip(out.mean, out.std, out.anomaly_z, strict=True)
+    ]
+    return {"outputs": outputs, "gates": out.gates}
+
+
 def fast_routes(app: Any) -> FastRoutes:
     """The hot routes in front of BentoML's stack (service/fast_routes.py): the same bodies,
     errors and metrics as the handlers above, without BentoML's per-request layers."""
@@ -836,6 +847,7 @@ def fast_routes(app: Any) -> FastRoutes:
         {
             "/v1/sessions/step": (Step, _fast_step),
             "/v1/sessions/step_many": (StepMany, _fast_step_many),
+            "/v1/predict": (Predict, _fast_predict),
         },
         max_body_bytes=settings.max_body_bytes,
         timeout_s=TRAFFIC_TIMEOUT_S,

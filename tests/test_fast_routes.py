@@ -273,7 +273,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
 
 def bodies(sid: str) -> list[tuple[str, Any]]:
     """(route, body or raw bytes), in order: each server gets the same sequence."""
-    step, many = "/v1/sessions/step", "/v1/sessions/step_many"
+    step, many, predict = "/v1/sessions/step", "/v1/sessions/step_many", "/v1/predict"
     return [
         (step, {"session_id": sid, "inputs": [[0.5]], "seq": 0}),
         (step, {"session_id": sid, "inputs": [[0.4], [1.7]], "seq": 1, "return_gates": True}),
@@ -306,6 +306,13 @@ def bodies(sid: str) -> list[tuple[str, Any]]:
         (many, {"items": [{"session_id": sid, "inputs": [[0.3]], "seq": 4}]}),
         (many, {"items": []}),
         (many, {"items": [{"session_id": sid, "inputs": []}]}),
+        (predict, {"inputs": [[0.5], [0.2], [-1.0]]}),
+        (predict, {"inputs": [[0.5], [0.2]], "return_gates": True}),
+        (predict, {"inputs": []}),
+        (predict, {"inputs": [[0.1, 0.2]]}),
+        (predict, {"inputs": [[0.5]], "session_id": sid}),
+        (predict, b"{nope"),
+        (predict, b'{"inputs": [' + b"[0.5]," * 2000 + b"[0.5]]}"),
     ]
 
 
