@@ -331,12 +331,17 @@ def replay(base: str, sid: str) -> list[tuple[int, Any]]:
     return got
 
 
+def same_answers(fast: list[Any], slow: list[Any], what: str) -> list[Any]:
+    """``fast``, once every answer in it is the one BentoML's stack gave (``slow``)."""
+    for k, (f, s) in enumerate(zip(fast, slow, strict=True)):
+        assert f == s, f"{what} {k}: in front {f} != through bentoml {s}"
+    return fast
+
+
 @pytest.mark.slow
 def test_the_fast_routes_answer_as_bentomls_stack(servers: tuple[str, str, Path]) -> None:
     fast, slow, _ = servers
-    fast_answers, slow_answers = replay(fast, "same"), replay(slow, "same")
-    for k, (f, s) in enumerate(zip(fast_answers, slow_answers, strict=True)):
-        assert f == s, f"body {k}: fast {f} != bentoml {s}"
+    fast_answers = same_answers(replay(fast, "same"), replay(slow, "same"), "body")
     assert {status for status, _ in fast_answers} >= {200, 400, 404, 409, 413, 415, 422}
 
 
@@ -416,9 +421,9 @@ def stream_replay(base: str, sid: str) -> list[Any]:
 @pytest.mark.slow
 def test_the_stream_in_front_answers_as_bentomls_stack(servers: tuple[str, str, Path]) -> None:
     fast, slow, _ = servers
-    fast_answers, slow_answers = stream_replay(fast, "streamed"), stream_replay(slow, "streamed")
-    for k, (f, s) in enumerate(zip(fast_answers, slow_answers, strict=True)):
-        assert f == s, f"message {k}: in front {f} != through bentoml {s}"
+    fast_answers = same_answers(
+        stream_replay(fast, "streamed"), stream_replay(slow, "streamed"), "message"
+    )
     assert fast_answers[-1] == 4404 and fast_answers[-3] == (1009, "body_too_large")
     assert fast_answers[-4]["error"]["code"] == "body_too_large"
     codes = {a.get("error", {}).get("code") for a in fast_answers if isinstance(a, dict)}
