@@ -110,9 +110,29 @@ class Forecast(NamedTuple):
     gates: GateTrace | None
 
 
+def build_body(module: nn.Module, config: ForecasterConfig, norm: Normalisation) -> None:
+    """What every forecaster holds: the training set's statistics as buffers, the stack and the
+    Gaussian head (``input_mean``, ``input_std``, ``lstm``, ``head``)."""
+    # Not persistent: the statistics live in the checkpoint's JSON card, not in the weights.
+    module.register_buffer("input_mean", torch.tensor(norm.mean), persistent=False)
+    module.register_buffer("input_std", torch.tensor(norm.std), persistent=False)
+    module.lstm = StackedLSTM(
+        config.n_features,
+        config.hidden_size,
+        config.num_layers,
+        variant=config.variant,
+        forget_bias=config.forget_bias,
+        dropout=config.dropout,
+    )
+    module.head = nn.Linear(config.hidden_size, 2 * config.n_features)  # (mean, raw std)
+
+
 class LSTMForecaster(nn.Module):
+    # Made by build_body: the statistics, the stack, the head.
     input_mean: Tensor
     input_std: Tensor
+    lstm: StackedLSTM
+    head: nn.Linear
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
@@ -123,18 +143,7 @@ class LSTMForecaster(nn.Module):
         if any(s <= 0 for s in norm.std):
             raise ValueError("normalisation std must be positive")
         self.normalisation = norm
-        # Not persistent: the statistics live in the checkpoint's JSON card, not in the weights.
-        self.register_buffer("input_mean", torch.tensor(norm.mean), persistent=False)
-        self.register_buffer("input_std", torch.tensor(norm.std), persistent=False)
-        self.lstm = StackedLSTM(
-            config.n_features,
-            config.hidden_size,
-            config.num_layers,
-            variant=config.variant,
-            forget_bias=config.forget_bias,
-            dropout=config.dropout,
-        )
-        self.head = nn.Linear(config.hidden_size, 2 * config.n_features)  # (mean, raw std)
+        build_body(self, config, norm)
         # What runs the stack's forward: None, the eager stack itself (model/native.py has the
         # engines). A plain attribute, not a submodule: it never enters the state dict.
         self.engine: StackEngine | None = None

@@ -31,6 +31,7 @@ from model.forecaster import (
     ForecasterConfig,
     Normalisation,
     SampledForecast,
+    build_body,
     sample_paths,
 )
 from model.lstm import GateTrace, LSTMState, StackedLSTM
@@ -113,8 +114,11 @@ class ScaledForecast(NamedTuple):
 class RunningScaleForecaster(nn.Module):
     """The forecaster with ``scaling="running"``: same LSTM and head, its own units per series."""
 
+    # Made by build_body: the statistics, the stack, the head.
     input_mean: Tensor
     input_std: Tensor
+    lstm: StackedLSTM
+    head: nn.Linear
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
@@ -125,17 +129,7 @@ class RunningScaleForecaster(nn.Module):
         self.normalisation = norm
         # The training set's statistics: only its std is used, for the scale's floor and so NLLs
         # are reported in the same units as the global model's.
-        self.register_buffer("input_mean", torch.tensor(norm.mean), persistent=False)
-        self.register_buffer("input_std", torch.tensor(norm.std), persistent=False)
-        self.lstm = StackedLSTM(
-            config.n_features,
-            config.hidden_size,
-            config.num_layers,
-            variant=config.variant,
-            forget_bias=config.forget_bias,
-            dropout=config.dropout,
-        )
-        self.head = nn.Linear(config.hidden_size, 2 * config.n_features)  # (mean, raw std)
+        build_body(self, config, norm)
 
     def zero_state(self, batch: int) -> ScaledState:
         device = self.input_std.device
