@@ -199,8 +199,7 @@ class RoundRunner:
         # A CPU round with the native engine runs on numpy arrays end to end (model/native.py's
         # NativeForecaster, the pool's PoolArrays): at the batches a server forms, the ~30 torch
         # ops of a round cost several times the model's arithmetic.
-        arrays = NativeForecaster.of(self.model) if pool.arrays is not None else None
-        self.arrays = arrays
+        self.arrays = NativeForecaster.of(self.model) if pool.arrays is not None else None
 
     def compute(self, batch: list[Job]) -> None:
         """Each job's ``result``: a step's ``Computed`` (not in the pool yet), a forecast's
