@@ -8,6 +8,7 @@ import inspect
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -356,13 +357,23 @@ def run_both(
 ) -> Run:
     """The scenario through both clients; asserts they agree and returns the sync client's run."""
     slept: list[float] = []
-    real_sleep = asyncio.sleep
+    real_sleep, real_async_sleep = time.sleep, asyncio.sleep
+    # The patches are process-wide, and other threads sleep too (the session-scoped in-process
+    # app's sweeper wakes every LSTM_SWEEP_INTERVAL_S): only this thread's sleeps are the clients'.
+    test_thread = threading.get_ident()
+
+    def sleep(seconds: float) -> None:
+        if threading.get_ident() != test_thread:
+            return real_sleep(seconds)
+        slept.append(seconds)
 
     async def async_sleep(seconds: float) -> None:
+        if threading.get_ident() != test_thread:
+            return await real_async_sleep(seconds)
         slept.append(seconds)
-        await real_sleep(0)
+        await real_async_sleep(0)
 
-    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(time, "sleep", sleep)
     monkeypatch.setattr(asyncio, "sleep", async_sleep)
     options = {"backoff_s": 0.01, **options}
     runs = []
@@ -491,6 +502,33 @@ def test_both_clients_retry_the_same_answers_with_the_same_backoff(
     assert run.slept == [0.01, 0.02, 0.04]  # doubling from backoff_s
     assert len({json.dumps(body) for _, _, body in run.sent}) == 1  # the same request each time
     assert {sid for _, sid, _ in run.sent} == {None}  # predict is of no session: no header
+
+
+def test_the_backoff_recorded_is_the_clients_own_whatever_other_threads_sleep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CI failed once on the retry tests: the in-process app's sweeper, on its own thread, woke
+    # inside the patch and its sleeps were counted as the client's.
+    stop = threading.Event()
+
+    def sleeper() -> None:
+        async def forever() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(0.001)
+
+        asyncio.run(forever())
+
+    other = threading.Thread(target=sleeper, daemon=True)
+    other.start()
+    try:
+        for _ in range(5):
+            run = run_both(
+                monkeypatch, [error(503, "store_unavailable"), (200, {})], lambda a: a.model()
+            )
+            assert run.slept == [0.01]
+    finally:
+        stop.set()
+        other.join(5)
 
 
 def test_both_clients_give_up_after_their_retries_saying_how_many_times_they_sent(
