@@ -52,8 +52,14 @@ Arg = bytes | str | int | float
 KNOWN_FOR_MS = 86_400_000  # how long a vanished session is still recognised as expired
 ACTIVE_MODEL_KEY = "lstm:active-model"  # the tag one replica activated; the others follow it
 
+# Returns 1 when created, or already created by this very create (its epoch, still at t = 0: a
+# retry whose first reply was lost), 0 when the id is taken.
 CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local own = redis.call('HGET', KEYS[1], 'epoch') == ARGV[5]
+  if own and redis.call('HGET', KEYS[1], 't') == '0' then return 1 end
+  return 0
+end
 redis.call('HSET', KEYS[1], 't', '0', 'state', ARGV[1], 'created_at', ARGV[2], 'ttl_ms', ARGV[3],
            'epoch', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])

@@ -112,3 +112,22 @@ def test_with_wait_a_write_its_replica_lacks_is_never_confirmed(
         os.kill(replica.pid, signal.SIGCONT)
         replica.kill()
         replica.wait()
+
+
+def test_a_create_retried_after_its_reply_was_lost_is_still_its_own(redis: RedisServer) -> None:
+    """The client retries once on a timeout (redis-py's Retry): a create whose script ran but
+    whose reply came too late is sent again. It failed once under load with session_exists for
+    the session that very call had created; the create's epoch tells its own retry apart."""
+
+    async def scenario() -> None:
+        state = RedisState(redis.url)
+        assert await state.create("once", b"blob", 1.0, 60, "epoch-1")
+        assert await state.create("once", b"blob", 1.0, 60, "epoch-1")  # the retry: its own
+        assert not await state.create("once", b"blob", 1.0, 60, "epoch-2")  # another create
+        assert await state.commit([Write("once", "epoch-1", 0, 1, b"s1", b"l1", 60)]) == [(1, 1)]
+        # once stepped, the same create sent again no longer counts as its own
+        assert not await state.create("once", b"blob", 1.0, 60, "epoch-1")
+        assert (await state.load("once")).t == 1  # type: ignore[union-attr]
+        await state.client.aclose()
+
+    asyncio.run(scenario())
