@@ -4,12 +4,16 @@ A checkpoint is a directory with two files:
 - ``model.safetensors``: the weights, nothing else;
 - ``card.json``: format version, name, version, config, normalisation, training metrics, the data
   fingerprint, and the SHA-256 of the weights file, so a corrupted or swapped file is refused.
+
+The weights include the std's calibration (``std_scale``, fitted after training): a different
+factor is a different version, since the model answers differently.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +27,13 @@ from model.scaling import RunningScaleForecaster
 
 AnyForecaster = LSTMForecaster | RunningScaleForecaster
 
-FORMAT = "lstm-forecaster/1"
+# /2: the weights hold the std's calibration (std_scale); /1 checkpoints, written before it
+# existed, load uncalibrated (ones), their version unchanged. Older code refuses /2 by name.
+FORMAT = "lstm-forecaster/2"
+FORMAT_UNCALIBRATED = "lstm-forecaster/1"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
+UNCALIBRATED_KEY = "std_scale"  # the weight a /1 checkpoint lacks
 
 
 class CheckpointError(ValueError):
@@ -66,6 +74,11 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    # safetensors writes 0600: a container's non-root user (make image) could not read it. The
+    # mode any other file gets here (0666 less the umask), as the card has.
+    umask = os.umask(0)
+    os.umask(umask)
+    (directory / WEIGHTS_FILE).chmod(0o666 & ~umask)
     digest = _sha256(directory / WEIGHTS_FILE)
     card = {
         "format": FORMAT,
@@ -88,9 +101,11 @@ def read_card(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no {CARD_FILE} in {directory}") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
+    if not isinstance(card, dict) or card.get("format") not in (FORMAT, FORMAT_UNCALIBRATED):
         found = card.get("format") if isinstance(card, dict) else None
-        raise CheckpointError(f"{path} has format {found!r}; this code reads {FORMAT!r}")
+        raise CheckpointError(
+            f"{path} has format {found!r}; this code reads {FORMAT!r} and {FORMAT_UNCALIBRATED!r}"
+        )
     return card
 
 
@@ -136,6 +151,8 @@ def load_any_checkpoint(
         weights = load_file(str(weights_path))
     except SafetensorError as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from e
+    if card["format"] == FORMAT_UNCALIBRATED and UNCALIBRATED_KEY not in weights:
+        weights[UNCALIBRATED_KEY] = torch.ones(config.n_features)  # written before it existed
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != found:
@@ -145,6 +162,11 @@ def load_any_checkpoint(
             if expected.get(k) != found.get(k)
         )
         raise CheckpointError(f"weights do not match the card's config: {'; '.join(diff)}")
+    scale = weights[UNCALIBRATED_KEY]
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise CheckpointError(
+            f"the std's calibration (std_scale) is {scale.tolist()}: not positive"
+        )
     model.load_state_dict(weights)
     model.to(device).eval()
     return AnyCheckpoint(model, card["name"], card["version"], card)

@@ -43,7 +43,8 @@ class ForecasterConfig:
     dropout: float = 0.0  # between layers while training; ACSF1 did not overfit without it
     variant: Variant = "standard"  # standard keeps nn.LSTM interoperability
     forget_bias: float = 1.0  # remember by default early in training (Gers et al. 2000)
-    min_std: float = 1e-3  # floor on the normalised std, so the NLL cannot run to -inf
+    # floor on the normalised std before its calibration (std_scale), so the NLL cannot run to -inf
+    min_std: float = 1e-3
     # global: every series in the training set's units; running: each series in its own causal
     # running mean and std (model/scaling.py), whatever its magnitude (needs them in the state)
     scaling: Scaling = "global"
@@ -111,11 +112,16 @@ class Forecast(NamedTuple):
 
 
 def build_body(module: nn.Module, config: ForecasterConfig, norm: Normalisation) -> None:
-    """What every forecaster holds: the training set's statistics as buffers, the stack and the
-    Gaussian head (``input_mean``, ``input_std``, ``lstm``, ``head``)."""
+    """What every forecaster holds: the training set's statistics as buffers, the stack, the
+    Gaussian head and its std's calibration (``input_mean``, ``input_std``, ``lstm``, ``head``,
+    ``std_scale``)."""
     # Not persistent: the statistics live in the checkpoint's JSON card, not in the weights.
     module.register_buffer("input_mean", torch.tensor(norm.mean), persistent=False)
     module.register_buffer("input_std", torch.tensor(norm.std), persistent=False)
+    # Persistent: a factor on the head's std per feature, fitted after training on the
+    # validation series (model.evaluate.calibrate_std); part of the weights, so of the version.
+    # Ones until fitted, and for checkpoints written before it existed.
+    module.register_buffer("std_scale", torch.ones(config.n_features))
     module.lstm = StackedLSTM(
         config.n_features,
         config.hidden_size,
@@ -128,11 +134,12 @@ def build_body(module: nn.Module, config: ForecasterConfig, norm: Normalisation)
 
 
 class LSTMForecaster(nn.Module):
-    # Made by build_body: the statistics, the stack, the head.
+    # Made by build_body: the statistics, the stack, the head, the std's calibration.
     input_mean: Tensor
     input_std: Tensor
     lstm: StackedLSTM
     head: nn.Linear
+    std_scale: Tensor
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
@@ -169,7 +176,7 @@ class LSTMForecaster(nn.Module):
         stack = self.lstm if self.engine is None else self.engine
         out, state, gates = stack(z, state, return_gates=return_gates)
         mean, raw_std = self.head(out).chunk(2, dim=-1)  # (B, T, F) each
-        std = F.softplus(raw_std) + self.config.min_std
+        std = (F.softplus(raw_std) + self.config.min_std) * self.std_scale
         return Forecast(mean, std, state, gates)
 
     def forward(

@@ -382,6 +382,7 @@ class NativeForecaster:
         # round differently and run its own thread pool): its weights, detached.
         self.w, self.b = model.head.weight.detach(), model.head.bias.detach()
         self.min_std = np.float32(model.config.min_std)
+        self.std_scale = model.std_scale.detach().cpu().numpy().astype(np.float32)
 
     @staticmethod
     def of(model: LSTMForecaster) -> NativeForecaster | None:
@@ -404,7 +405,7 @@ class NativeForecaster:
         head = F.linear(torch.from_numpy(out.reshape(T * B, -1)), self.w, self.b).numpy()
         head = head.reshape(T, B, 2 * F_).transpose(1, 0, 2)  # (B, T, 2F)
         mean = head[..., :F_] * self.in_std + self.in_mean
-        std = (_softplus(head[..., F_:]) + self.min_std) * self.in_std
+        std = (_softplus(head[..., F_:]) + self.min_std) * self.std_scale * self.in_std
         return mean, std, hn, cn
 
 

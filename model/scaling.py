@@ -114,11 +114,12 @@ class ScaledForecast(NamedTuple):
 class RunningScaleForecaster(nn.Module):
     """The forecaster with ``scaling="running"``: same LSTM and head, its own units per series."""
 
-    # Made by build_body: the statistics, the stack, the head.
+    # Made by build_body: the statistics, the stack, the head, the std's calibration.
     input_mean: Tensor
     input_std: Tensor
     lstm: StackedLSTM
     head: nn.Linear
+    std_scale: Tensor
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
@@ -151,7 +152,7 @@ class RunningScaleForecaster(nn.Module):
         z = ((x - loc) / scale).clamp(-INPUT_CLIP, INPUT_CLIP)
         out, lstm_state, gates = self.lstm(z, state.lstm, return_gates=return_gates)
         mean, raw_std = self.head(out).chunk(2, dim=-1)  # (B, T, F) each
-        std = F.softplus(raw_std) + self.config.min_std
+        std = (F.softplus(raw_std) + self.config.min_std) * self.std_scale
         return ScaledForecast(mean, std, ScaledState(lstm_state, stats), gates, loc, scale)
 
     def forward(

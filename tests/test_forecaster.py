@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -22,9 +23,16 @@ from model import (
     save_checkpoint,
 )
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
-from model.checkpoint import load_any_checkpoint
+from model.checkpoint import UNCALIBRATED_KEY, load_any_checkpoint
 from model.data import SeriesSet, TooFewSeries, load_csv, split_by_series
-from model.evaluate import calibration_report, format_tables, held_out, scale_free_report
+from model.evaluate import (
+    TWO_STD_MASS,
+    calibrate_std,
+    calibration_report,
+    format_tables,
+    held_out,
+    scale_free_report,
+)
 from model.forecaster import QUANTILES, sample_paths
 from model.scaling import RunningScaleForecaster, RunningStats
 from model.train import TrainSettings, evaluate, fit
@@ -254,6 +262,8 @@ def test_example_csv_trains_end_to_end(tmp_path: Path) -> None:
     assert code in (0, 1)  # two epochs need not beat the baselines; the run must complete
     card = load_checkpoint(out).card
     assert card["config"]["feature_names"] == ["kwh"]
+    calibration = card["training"]["std_calibration"]  # fitted on validation, in the weights
+    assert load_checkpoint(out).model.std_scale.tolist() == calibration["std_scale"] != [1.0]
     assert set(card["metrics"]["one_step_mse"]) == {
         "model",
         "persistence",
@@ -286,6 +296,9 @@ def test_shipped_model_reproduces_its_test_score() -> None:
     warmup = ckpt.card["training"]["settings"]["warmup"]
     scores = evaluate(ckpt.model, test, warmup)
     assert scores["mse"] == pytest.approx(ckpt.card["metrics"]["one_step_mse"]["model"], rel=1e-4)
+    # and its std: the calibrated one the card was scored with (the MSE does not see the std)
+    assert ckpt.model.std_scale.tolist() == ckpt.card["training"]["std_calibration"]["std_scale"]
+    assert scores["nll"] == pytest.approx(ckpt.card["metrics"]["model_nll"], rel=1e-4)
 
 
 def test_readme_carries_the_shipped_cards_scale_free_and_calibration_tables() -> None:
@@ -480,3 +493,136 @@ def test_calibration_report_counts_the_origins_it_scores() -> None:
     # horizon 1 is the one-step Gaussian for both: sampled and rolled-forward agree there
     c1 = report["coverage"]["1"]
     assert c1["sampled_2std"] == c1["rollout_2std"]
+
+
+def random_walks(features: int, n: int = 6, length: int = 200) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [
+        np.cumsum(rng.standard_t(3, size=(length, features)), axis=0).astype(np.float32)
+        for _ in range(n)
+    ]
+
+
+def two_std_coverage(model: LSTMForecaster, series: list[np.ndarray], warmup: int) -> np.ndarray:
+    inside = []
+    with torch.no_grad():
+        for s in series:
+            f = model(torch.from_numpy(s).unsqueeze(0))
+            mean, std = f.mean[0].numpy(), f.std[0].numpy()
+            inside.append(np.abs(s[warmup:] - mean[warmup - 1 : -1]) <= 2 * std[warmup - 1 : -1])
+    return np.concatenate(inside).mean(axis=0)
+
+
+def test_the_std_is_calibrated_so_two_std_covers_a_gaussians_mass_per_feature() -> None:
+    model, warmup = small_model(features=2), 24
+    series = random_walks(2)
+    before = two_std_coverage(model, series, warmup)
+    x = torch.from_numpy(series[0]).unsqueeze(0)
+    with torch.no_grad():
+        std_before = model(x).std
+    result = calibrate_std(model, series, warmup)
+    steps = sum(len(s) - warmup for s in series)
+    after = two_std_coverage(model, series, warmup)
+    assert np.abs(before - TWO_STD_MASS).max() > 0.05  # an untrained model is far off
+    assert np.abs(after - TWO_STD_MASS).max() <= 2 / steps  # a quantile: within a step or two
+    factor = torch.tensor(result["std_scale"])
+    assert torch.equal(model.std_scale, factor) and (factor != 1).all()
+    with torch.no_grad():  # every std the model gives is scaled, the means untouched
+        torch.testing.assert_close(model(x).std, std_before * factor, rtol=1e-6, atol=0)
+    calibrate_std(model, series, warmup)  # fitted again: already calibrated, it stays so
+    torch.testing.assert_close(model.std_scale, factor, rtol=1e-3, atol=0)
+
+
+def test_the_calibration_is_in_the_weights_and_a_checkpoint_without_it_loads_uncalibrated(
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = small_model()
+    plain = save_checkpoint(model, tmp_path / "plain", name="tiny")
+    calibrate_std(model, random_walks(2), 24)
+    calibrated = save_checkpoint(model, tmp_path / "calibrated", name="tiny")
+    assert calibrated.version != plain.version  # other answers, another version
+    loaded = load_checkpoint(tmp_path / "calibrated").model
+    assert torch.equal(loaded.std_scale, model.std_scale)
+    # A checkpoint written before the calibration existed: no std_scale in its weights.
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "plain", old)
+    weights = load_file(str(old / "model.safetensors"))
+    del weights[UNCALIBRATED_KEY]
+    save_file(weights, str(old / "model.safetensors"), metadata={"format": "lstm-forecaster/1"})
+    card = json.loads((old / "card.json").read_text())
+    digest = hashlib.sha256((old / "model.safetensors").read_bytes()).hexdigest()
+    card.update(weights_sha256=digest, version=digest[:12], format="lstm-forecaster/1")
+    (old / "card.json").write_text(json.dumps(card))
+    ckpt = load_checkpoint(old)
+    assert ckpt.version == digest[:12] and torch.equal(ckpt.model.std_scale, torch.ones(2))
+    x = torch.randn(1, 5, 2)
+    with torch.no_grad():
+        assert torch.equal(ckpt.model(x).std, load_checkpoint(tmp_path / "plain").model(x).std)
+
+
+def test_the_calibration_table_runs_by_horizon_whatever_order_the_card_keeps() -> None:
+    metrics = load_checkpoint(SHIPPED).card["metrics"]
+    coverage = metrics["calibration"]["coverage"]
+    shuffled = {h: coverage[h] for h in sorted(coverage)}  # "1", "16", "4": JSON's sorted keys
+    table = format_tables(metrics["scale_free"], {**metrics["calibration"], "coverage": shuffled})
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    horizons = [int(r) for r in rows if r.isdigit()]
+    assert horizons == sorted(horizons) == sorted(int(h) for h in coverage)
+
+
+def test_the_running_scaled_model_calibrates_its_std_too() -> None:
+    model = running_model()
+    x = torch.randn(2, 40, 2)
+    with torch.no_grad():
+        before = model(x)
+        model.std_scale.copy_(torch.tensor([0.5, 2.0]))
+        after = model(x)
+    torch.testing.assert_close(after.mean, before.mean, rtol=0, atol=0)
+    torch.testing.assert_close(after.std, before.std * torch.tensor([0.5, 2.0]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("factor", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_checkpoint_whose_std_factor_is_not_positive_is_refused(
+    tmp_path: Path, factor: float
+) -> None:
+    model = small_model()
+    model.std_scale.fill_(factor)
+    save_checkpoint(model, tmp_path, name="tiny")
+    with pytest.raises(CheckpointError, match="std_scale"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_calibrated_checkpoint_lacking_its_factor_is_refused(tmp_path: Path) -> None:
+    """Only a /1 checkpoint (written before the factor existed) may lack it."""
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(small_model(), tmp_path, name="tiny")
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights[UNCALIBRATED_KEY]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    card = json.loads((tmp_path / "card.json").read_text())
+    card["weights_sha256"] = hashlib.sha256(
+        (tmp_path / "model.safetensors").read_bytes()
+    ).hexdigest()
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="std_scale"):
+        load_checkpoint(tmp_path)
+
+
+def test_calibrating_on_nothing_says_so() -> None:
+    from model.evaluate import NothingToCalibrate
+
+    with pytest.raises(NothingToCalibrate, match="warmup"):
+        calibrate_std(small_model(), [np.zeros((10, 2), np.float32)], warmup=24)
+    with pytest.raises(ValueError, match="warmup must be"):
+        calibrate_std(small_model(), random_walks(2), warmup=0)
+
+
+def test_a_checkpoints_files_are_readable_as_any_file_written_here(tmp_path: Path) -> None:
+    """safetensors wrote the weights 0600: an image built by make image (a non-root user) could
+    not read a model trained here (found when the retrained shipped model broke make image)."""
+    save_checkpoint(small_model(), tmp_path, name="tiny")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["model.safetensors"] == modes["card.json"], modes
