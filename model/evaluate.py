@@ -40,15 +40,23 @@ ORIGIN_STRIDE = 13
 
 
 @torch.no_grad()
-def one_step_forecasts(model: AnyForecaster, series: list[np.ndarray]) -> list[np.ndarray]:
-    """For each series (T, F), the one-step mean forecasts (T, F): row t forecasts value t + 1."""
+def one_step_gaussians(
+    model: AnyForecaster, series: list[np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each series (T, F), the one-step forecasts' mean and std (T, F) each: row t forecasts
+    value t + 1."""
     model.eval()
     device = model.std_scale.device
     out = []
     for s in series:
         f = model(torch.from_numpy(s).unsqueeze(0).to(device))
-        out.append(f.mean[0].cpu().numpy())
+        out.append((f.mean[0].cpu().numpy(), f.std[0].cpu().numpy()))
     return out
+
+
+def one_step_forecasts(model: AnyForecaster, series: list[np.ndarray]) -> list[np.ndarray]:
+    """For each series (T, F), the one-step mean forecasts (T, F): row t forecasts value t + 1."""
+    return [mean for mean, _ in one_step_gaussians(model, series)]
 
 
 # A Gaussian's mass within 2 std of its mean, erf(sqrt(2)): what mean ± 2 std should cover.
@@ -71,13 +79,10 @@ def calibrate_std(model: AnyForecaster, series: list[np.ndarray], warmup: int) -
     """
     if warmup < 1:
         raise ValueError(f"warmup must be at least 1, got {warmup}")
-    model.eval()
-    device = model.std_scale.device
-    ratios = []
-    for s in series:
-        f = model(torch.from_numpy(s).unsqueeze(0).to(device))
-        mean, std = f.mean[0].cpu().numpy(), f.std[0].cpu().numpy()  # row t: value t + 1
-        ratios.append(np.abs(s[warmup:] - mean[warmup - 1 : -1]) / std[warmup - 1 : -1])
+    ratios = [
+        np.abs(s[warmup:] - mean[warmup - 1 : -1]) / std[warmup - 1 : -1]
+        for s, (mean, std) in zip(series, one_step_gaussians(model, series), strict=True)
+    ]
     pooled = np.concatenate(ratios) if ratios else np.empty((0, model.config.n_features))
     if not len(pooled):  # (steps, F)
         raise NothingToCalibrate(f"no series is longer than the warmup ({warmup} timesteps)")

@@ -533,11 +533,26 @@ def test_the_std_is_calibrated_so_two_std_covers_a_gaussians_mass_per_feature() 
     torch.testing.assert_close(model.std_scale, factor, rtol=1e-3, atol=0)
 
 
+def without_the_factor(directory: Path, card_format: str | None) -> str:
+    """Rewrite a checkpoint's weights without std_scale and rehash its card (its format set too,
+    unless None); returns the new weights' SHA-256."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(directory / "model.safetensors"))
+    del weights[UNCALIBRATED_KEY]
+    save_file(weights, str(directory / "model.safetensors"))
+    card = json.loads((directory / "card.json").read_text())
+    digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+    card.update(weights_sha256=digest, version=digest[:12])
+    if card_format is not None:
+        card["format"] = card_format
+    (directory / "card.json").write_text(json.dumps(card))
+    return digest
+
+
 def test_the_calibration_is_in_the_weights_and_a_checkpoint_without_it_loads_uncalibrated(
     tmp_path: Path,
 ) -> None:
-    from safetensors.torch import load_file, save_file
-
     model = small_model()
     plain = save_checkpoint(model, tmp_path / "plain", name="tiny")
     calibrate_std(model, random_walks(2), 24)
@@ -548,13 +563,7 @@ def test_the_calibration_is_in_the_weights_and_a_checkpoint_without_it_loads_unc
     # A checkpoint written before the calibration existed: no std_scale in its weights.
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "plain", old)
-    weights = load_file(str(old / "model.safetensors"))
-    del weights[UNCALIBRATED_KEY]
-    save_file(weights, str(old / "model.safetensors"), metadata={"format": "lstm-forecaster/1"})
-    card = json.loads((old / "card.json").read_text())
-    digest = hashlib.sha256((old / "model.safetensors").read_bytes()).hexdigest()
-    card.update(weights_sha256=digest, version=digest[:12], format="lstm-forecaster/1")
-    (old / "card.json").write_text(json.dumps(card))
+    digest = without_the_factor(old, card_format="lstm-forecaster/1")
     ckpt = load_checkpoint(old)
     assert ckpt.version == digest[:12] and torch.equal(ckpt.model.std_scale, torch.ones(2))
     x = torch.randn(1, 5, 2)
@@ -596,17 +605,8 @@ def test_a_checkpoint_whose_std_factor_is_not_positive_is_refused(
 
 def test_a_calibrated_checkpoint_lacking_its_factor_is_refused(tmp_path: Path) -> None:
     """Only a /1 checkpoint (written before the factor existed) may lack it."""
-    from safetensors.torch import load_file, save_file
-
     save_checkpoint(small_model(), tmp_path, name="tiny")
-    weights = load_file(str(tmp_path / "model.safetensors"))
-    del weights[UNCALIBRATED_KEY]
-    save_file(weights, str(tmp_path / "model.safetensors"))
-    card = json.loads((tmp_path / "card.json").read_text())
-    card["weights_sha256"] = hashlib.sha256(
-        (tmp_path / "model.safetensors").read_bytes()
-    ).hexdigest()
-    (tmp_path / "card.json").write_text(json.dumps(card))
+    without_the_factor(tmp_path, card_format=None)
     with pytest.raises(CheckpointError, match="std_scale"):
         load_checkpoint(tmp_path)
 
