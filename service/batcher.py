@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 from torch import Tensor
 
 from model import LSTMForecaster
@@ -41,7 +42,9 @@ from service.rounds import (
     Job,
     PredictJob,
     RoundRunner,
+    StepBlock,
     StepJob,
+    as_chunk,
     inputs_digest,
 )
 from service.sessions import AppliedStep, Session, StatePool
@@ -49,7 +52,15 @@ from service.state_blob import SessionState
 
 log = logging.getLogger("lstm_sessions.batcher")
 
-__all__ = ["BatchObserver", "Commit", "MicroBatcher", "Persister", "inputs_digest"]
+__all__ = [
+    "BatchObserver",
+    "Commit",
+    "MicroBatcher",
+    "Persister",
+    "StepBlock",
+    "StepJob",
+    "inputs_digest",
+]
 
 
 @dataclass
@@ -100,7 +111,7 @@ class MicroBatcher:
         # (and every round on a GPU, whose waits release the GIL) in a worker thread.
         self.inline_work = inline_work if self.runner.device.type == "cpu" else 0
         self.gather_passes = gather_passes
-        self._queue: asyncio.Queue[Job] | None = None
+        self._queue: asyncio.Queue[Job | StepBlock] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._deferred: list[Job] = []
         self._round_jobs: list[Job] = []  # the jobs of the round in flight
@@ -108,16 +119,29 @@ class MicroBatcher:
 
     # --- what handlers call -------------------------------------------------------------------
 
-    async def step(self, session: Session, x: Tensor, *, return_gates: bool = False) -> StepDone:
-        """Apply one chunk to a session; call with the session's lock held."""
-        return await self._submit(StepJob(session, x, inputs_digest(x), return_gates))
+    async def step(
+        self, session: Session, x: Tensor | np.ndarray, *, return_gates: bool = False
+    ) -> StepDone:
+        """Apply one chunk (T, F) to a session; call with the session's lock held."""
+        chunk = as_chunk(x)
+        return await self._submit(StepJob(session, chunk, inputs_digest(chunk), return_gates))
 
     def submit_step(
-        self, session: Session, x: Tensor, *, return_gates: bool = False
+        self, session: Session, x: Tensor | np.ndarray, *, return_gates: bool = False
     ) -> asyncio.Future[StepDone]:
         """``step`` without waiting: the future of its result. The caller must keep the
         session's lock until that future is done, even if the caller is cancelled."""
-        return self._enqueue(StepJob(session, x, inputs_digest(x), return_gates))
+        chunk = as_chunk(x)
+        return self._enqueue(StepJob(session, chunk, inputs_digest(chunk), return_gates))
+
+    def submit_steps(self, jobs: list[StepJob]) -> asyncio.Future[list[Any]]:
+        """Steps of distinct sessions (each job's ``x`` a chunk as ``as_chunk`` makes it, its
+        ``digest`` that chunk's), queued as one block: the future of each one's outcome, in
+        order (a ``StepDone``, or the error to answer). The caller holds every one's lock until
+        that future is done, even if the caller is cancelled."""
+        block = StepBlock(jobs)
+        self._enqueue(block)
+        return block.future
 
     async def forecast(
         self, session: Session, horizon: int, *, paths: int, seed: int
@@ -147,12 +171,12 @@ class MicroBatcher:
             self._worker = None
         unanswered = [*self._round_jobs, *self._deferred]
         while self._queue is not None and not self._queue.empty():
-            unanswered.append(self._queue.get_nowait())
+            self._take(self._queue.get_nowait(), unanswered)
         for job in unanswered:
             job.settle(ShuttingDown(STOPPING))
         self._round_jobs, self._deferred = [], []
 
-    def _enqueue(self, job: Job) -> asyncio.Future[Any]:
+    def _enqueue(self, job: Job | StepBlock) -> asyncio.Future[Any]:
         if self._closed:
             raise ShuttingDown(STOPPING)
         loop = asyncio.get_running_loop()
@@ -178,10 +202,19 @@ class MicroBatcher:
 
     # --- the worker --------------------------------------------------------------------------
 
+    @staticmethod
+    def _take(entry: Job | StepBlock, jobs: list[Job]) -> list[Job]:
+        """A queue entry's jobs onto ``jobs``: a block's steps, or the job itself."""
+        if isinstance(entry, StepBlock):
+            jobs.extend(entry.jobs)
+        else:
+            jobs.append(entry)
+        return jobs
+
     async def _run(self) -> None:
         assert self._queue is not None
         while True:
-            jobs = self._deferred or [await self._queue.get()]
+            jobs = self._deferred or self._take(await self._queue.get(), [])
             self._deferred = []
             self._round_jobs = jobs  # the round adds to this list: close() sees them all
             try:
@@ -207,7 +240,10 @@ class MicroBatcher:
             if self._queue.qsize() == before or self._queue.qsize() + len(jobs) >= self.max_batch:
                 break
         while len(jobs) < self.max_batch and not self._queue.empty():
-            jobs.append(self._queue.get_nowait())
+            self._take(self._queue.get_nowait(), jobs)
+        if len(jobs) > self.max_batch:  # a block went past the limit: the rest go next
+            self._deferred.extend(jobs[self.max_batch :])
+            del jobs[self.max_batch :]
         batch: list[Job] = []
         busy: set[Session] = set()
         for job in jobs:  # at most one job per session per round

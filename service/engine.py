@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from service.backends import Backend
-from service.batcher import MicroBatcher, inputs_digest
+from service.batcher import MicroBatcher, StepJob, inputs_digest
 from service.errors import (
     BlobCorrupted,
     BlobSignatureInvalid,
@@ -304,8 +304,13 @@ class Engine:
 
     # --- steps -------------------------------------------------------------------------------
 
-    def inputs(self, rows: list[list[float]], limit: int, setting: str) -> torch.Tensor:
-        """A chunk as a (T, F) tensor, or the error for a chunk too long or too wide."""
+    def inputs(self, rows: list[list[float]], limit: int, setting: str) -> np.ndarray:
+        """A chunk as a (T, F) float32 array, or the error for a chunk too long or too wide."""
+        self.check_inputs(rows, limit, setting)
+        return np.array(rows, dtype=np.float32)
+
+    def check_inputs(self, rows: list[list[float]], limit: int, setting: str) -> None:
+        """The error for a chunk too long or too wide, if it is."""
         if len(rows) > limit:
             raise ChunkTooLong(
                 f"{len(rows)} timesteps is over the limit of {limit} ({setting})", limit=limit
@@ -318,11 +323,10 @@ class Engine:
                     expected=self.n_features,
                     got=len(row),
                 )
-        return torch.from_numpy(np.array(rows, dtype=np.float32))
 
     async def predict(self, rows: list[list[float]], return_gates: bool) -> Outputs:
         x = self.inputs(rows, self.limits.max_predict_len, "LSTM_MAX_PREDICT_LEN")
-        return await self.batcher.predict(x, return_gates=return_gates)
+        return await self.batcher.predict(torch.from_numpy(x), return_gates=return_gates)
 
     async def step(self, body: Step) -> dict[str, Any]:
         """One step, as its wire reply: the HTTP route and the stream come here."""
@@ -358,18 +362,19 @@ class Engine:
         self,
         session: Session,
         body: Step,
-        x: torch.Tensor,
+        x: np.ndarray | None,
         fresh: bool,
         count: Callable[[str], None],
     ) -> dict[str, Any] | None:
         """None when the step may apply; the last step's reply again for a retry of it; or
-        SeqConflict (StaleSession when a cached copy may be behind)."""
+        SeqConflict (StaleSession when a cached copy may be behind). ``x``: the chunk, or None
+        to make it from ``body`` if a retry's inputs are to be compared."""
         if body.seq is None or body.seq == session.t:
             return None
         if not fresh:  # the cached copy may lag (or predate a reset): judge by the truth's
             raise StaleSession("seq differs from a cached t: reload and check again")
         last = session.last_step
-        if last is not None and body.seq == last.seq and inputs_digest(x) == last.digest:
+        if last is not None and body.seq == last.seq and self._same_inputs(body, x, last.digest):
             self.events.replayed()
             count("replayed")
             reply = step_reply(session.id, last.response, self.model[1])
@@ -382,6 +387,10 @@ class Engine:
             t=session.t,
             seq=body.seq,
         )
+
+    @staticmethod
+    def _same_inputs(body: Step, x: np.ndarray | None, digest: bytes) -> bool:
+        return inputs_digest(np.array(body.inputs, np.float32) if x is None else x) == digest
 
     async def step_many(self, items: list[Step]) -> list[dict[str, Any]]:
         """Steps of many sessions, each ``{"ok": true, "result"}`` or ``{"ok": false, "error"}``,
@@ -417,12 +426,12 @@ class Engine:
                 general.append(indices)
         try:
             fast_tally = _Tally()
-            jobs = self._submit_free(items, fast, results, fast_tally, general)
+            order, jobs, future = self._submit_free(items, fast, results, fast_tally, general)
             # Shielded: the fast lane's locks are freed (and its outcomes counted) when its steps
             # are done, even if this request is cancelled first; and not after the general
             # path's, or two requests crossing the same sessions would wait on each other.
             await asyncio.gather(
-                asyncio.shield(self._finish_jobs(jobs, results, fast_tally)),
+                asyncio.shield(self._finish_jobs(order, jobs, future, results, fast_tally)),
                 *(one_session(ix) for ix in general),
             )
         finally:
@@ -436,25 +445,23 @@ class Engine:
         results: list[dict[str, Any]],
         count: Callable[[str], None],
         general: list[list[int]],
-    ) -> list[tuple[int, Session, asyncio.Future[StepDone]]]:
-        """Hand the items whose sessions are free to the batcher without waiting, each under its
-        session's lock; answer those refused before the model; pass busy ones to ``general``."""
-        jobs = []
+    ) -> tuple[list[int], list[StepJob], asyncio.Future[list[Any]] | None]:
+        """Hand the items whose sessions are free to the batcher without waiting, as one block,
+        each under its session's lock; answer those refused before the model; pass busy ones to
+        ``general``. The chunks of one length become one array, each step's chunk a row of it."""
+        limit = self.limits.max_chunk
+        held: list[tuple[int, Session]] = []
         for i in indices:
             item = items[i]
             try:
-                x = self.inputs(item.inputs, self.limits.max_chunk, "LSTM_MAX_CHUNK")
+                self.check_inputs(item.inputs, limit, "LSTM_MAX_CHUNK")
                 session = self.store.get(item.session_id)
                 if not session.try_acquire():
                     general.append([i])  # another request holds it: wait in line
                     continue
                 try:
                     self.store.touch(session)
-                    replay = self._check_seq(session, item, x, True, count)
-                    if replay is None:
-                        future = self.batcher.submit_step(
-                            session, x, return_gates=item.return_gates
-                        )
+                    replay = self._check_seq(session, item, None, True, count)
                 except BaseException:
                     session.release()
                     raise
@@ -462,48 +469,75 @@ class Engine:
                     session.release()
                     results[i] = {"ok": True, "result": replay}
                     continue
-                jobs.append((i, session, future))  # its lock is freed by _finish_jobs
+                held.append((i, session))  # its lock is freed by _finish_jobs
             except ServiceError as e:
                 count(e.code)
                 results[i] = {"ok": False, "error": e.body()["error"]}
-        return jobs
+        if not held:
+            return [], [], None
+        try:
+            order, jobs = self._block_jobs(items, held)
+            return order, jobs, self.batcher.submit_steps(jobs)
+        except BaseException:
+            for _, session in held:
+                session.release()
+            raise
+
+    @staticmethod
+    def _block_jobs(
+        items: list[Step], held: list[tuple[int, Session]]
+    ) -> tuple[list[int], list[StepJob]]:
+        """The held items' step jobs, chunks of one length made as one array; with the items'
+        places in the request, in the jobs' order."""
+        by_length: dict[int, list[tuple[int, Session]]] = {}
+        for i, session in held:
+            by_length.setdefault(len(items[i].inputs), []).append((i, session))
+        order, jobs = [], []
+        for same in by_length.values():
+            chunks = np.array([items[i].inputs for i, _ in same], dtype=np.float32)  # (B, T, F)
+            for (i, session), x in zip(same, chunks, strict=True):
+                order.append(i)
+                jobs.append(StepJob(session, x, inputs_digest(x), items[i].return_gates))
+        return order, jobs
 
     async def _finish_jobs(
         self,
-        jobs: list[tuple[int, Session, asyncio.Future[StepDone]]],
+        order: list[int],
+        jobs: list[StepJob],
+        future: asyncio.Future[list[Any]] | None,
         results: list[dict[str, Any]],
         tally: _Tally,
     ) -> None:
-        """Wait for ``_submit_free``'s jobs, free their sessions, answer them, report the fast
-        lane's outcomes (here: a cancelled request's finally comes before they are known)."""
+        """Wait for ``_submit_free``'s block, free its sessions, answer its items, report the
+        fast lane's outcomes (here: a cancelled request's finally comes before they are known)."""
+        outcomes: list[Any] = []
         try:
-            if jobs:
-                await asyncio.wait([future for _, _, future in jobs])
+            if future is not None:
+                await asyncio.wait([future])
+                outcomes = future.result()
         finally:
-            for _, session, _ in jobs:
-                session.release()
+            for job in jobs:
+                job.session.release()
         try:
-            self._answer_jobs(jobs, results, tally)
+            self._answer_jobs(order, jobs, outcomes, results, tally)
         finally:
             self.events.step_outcomes(tally.counts)
 
     def _answer_jobs(
         self,
-        jobs: list[tuple[int, Session, asyncio.Future[StepDone]]],
+        order: list[int],
+        jobs: list[StepJob],
+        outcomes: list[Any],
         results: list[dict[str, Any]],
         count: Callable[[str], None],
     ) -> None:
-        for i, session, future in jobs:
-            error = future.exception()
-            if isinstance(error, ServiceError):
-                count(error.code)
-                results[i] = {"ok": False, "error": error.body()["error"]}
-            elif error is not None:
-                raise error
+        version = self.model[1]
+        for i, job, outcome in zip(order, jobs, outcomes, strict=True):
+            if isinstance(outcome, ServiceError):
+                count(outcome.code)
+                results[i] = {"ok": False, "error": outcome.body()["error"]}
+            elif isinstance(outcome, BaseException):
+                raise outcome
             else:
-                self.store.touch(session)
                 count("applied")
-                results[i] = {
-                    "ok": True,
-                    "result": step_reply(session.id, future.result(), self.model[1]),
-                }
+                results[i] = {"ok": True, "result": step_reply(job.session.id, outcome, version)}

@@ -112,12 +112,50 @@ class Job:
 @dataclass(eq=False)
 class StepJob(Job):
     session: Session
-    x: Tensor  # (T, F) on the CPU: the worker thread moves it to the device
+    x: np.ndarray  # (T, F) float32, C-contiguous, on the CPU: the round moves it to the device
     digest: bytes
     return_gates: bool
+    block: StepBlock | None = None  # a step_many's: answered with the others of its request
+    index: int = 0  # its place in the block
 
     def work(self) -> int:
         return int(self.x.shape[0])
+
+    def settle(self, outcome: Any) -> None:
+        if self.block is None:
+            super().settle(outcome)
+        else:
+            self.block.settle(self.index, outcome)
+
+
+class StepBlock:
+    """The steps of one step_many request, queued as one entry and answered through one future
+    (``future``: each step's outcome, in the block's order, once all are settled): a future, a
+    queue entry and a wake-up per item cost more than the item's step. A round takes a block's
+    steps as its own jobs, and may leave some of them to the next (``LSTM_MAX_BATCH``); each
+    step is settled once, as any job is."""
+
+    __slots__ = ("future", "jobs", "outcomes", "pending")
+
+    _UNSETTLED: Any = object()
+
+    def __init__(self, jobs: list[StepJob]) -> None:
+        self.jobs = jobs
+        for index, job in enumerate(jobs):
+            job.block, job.index = self, index
+        self.outcomes: list[Any] = [self._UNSETTLED] * len(jobs)
+        self.pending = len(jobs)
+        self.future: asyncio.Future[list[Any]]
+
+    def settle(self, index: int, outcome: Any) -> None:
+        if self.outcomes[index] is not self._UNSETTLED:
+            return
+        self.outcomes[index] = outcome
+        self.pending -= 1
+        if self.pending == 0:
+            self.jobs = []  # its jobs point at it: no cycle left for the garbage collector
+            if not self.future.done():
+                self.future.set_result(self.outcomes)
 
 
 @dataclass(eq=False)
@@ -173,10 +211,18 @@ def replay(
     return [s for s in out if s is not None]
 
 
-def inputs_digest(x: Tensor) -> bytes:
-    if x.device.type == "cpu" and x.is_contiguous():
-        return hashlib.blake2b(x.numpy().data, digest_size=16).digest()  # no copy
-    return hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+def inputs_digest(x: np.ndarray) -> bytes:
+    """A chunk's digest (its float32 bytes): what a retry's inputs are compared by."""
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    return hashlib.blake2b(x.data, digest_size=16).digest()
+
+
+def as_chunk(x: Tensor | np.ndarray) -> np.ndarray:
+    """A chunk as a step job holds it: a (T, F) float32 C-contiguous array on the CPU."""
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 class RoundRunner:
@@ -274,7 +320,7 @@ class RoundRunner:
             return self._steps_on_arrays(jobs, self.arrays)
         started = time.perf_counter()
         slots = torch.tensor([j.session.slot for j in jobs], device=self.device)
-        x = torch.stack([j.x for j in jobs]).to(self.device)  # (B, T, F), off the event loop
+        x = torch.from_numpy(np.stack([j.x for j in jobs])).to(self.device)  # (B, T, F)
         state = self.pool.gather(slots)
         prev_mean = self.pool.next_mean.index_select(0, slots)  # (B, F)
         prev_std = self.pool.next_std.index_select(0, slots)
@@ -316,7 +362,7 @@ class RoundRunner:
         pool = self.pool.arrays
         assert pool is not None
         slots = np.array([j.session.slot for j in jobs])
-        x = np.stack([j.x.numpy() for j in jobs])  # (B, T, F)
+        x = np.stack([j.x for j in jobs])  # (B, T, F)
         h, c, prev_mean, prev_std = pool.gather(slots)
         mean, std, hn, cn = model(x, h, c)
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
