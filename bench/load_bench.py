@@ -17,6 +17,9 @@ fresh ids, so ``t`` starts at 0, and sends every step with the right ``seq``.
   server parses one request while the other's batch computes. Timesteps/s counts applied items.
 - ``/v1/predict``, the stateless alternative: every call resends a whole history (16, 256, 1024
   timesteps) at concurrency 16; each call answers one new value, so its timesteps/s is requests/s.
+  And a 256-step history from one client, whose p50 is held to issue 14's target: under 3x (ONNX
+  Runtime's time for that sequence in the recorded ``model_bench-cpu.json``, plus ``/v1/ping``'s
+  p50 at one client).
 - ``--journal`` instead: the embedded store's write-ahead journal (``LSTM_JOURNAL``) side by
   side, three servers up at once (off, write, fsync), on step_many (64 and 256) and the WebSocket
   (64), ``--repeat`` alternating rounds; each mode's timesteps/s against off, round by round.
@@ -80,6 +83,10 @@ QUICK_CONCURRENCIES = (16, 64)
 HISTORIES = (16, 256, 1024)
 QUICK_HISTORIES = (16, 256)
 PREDICT_CONCURRENCY = 16
+# /v1/predict with this history, one client: its p50 against ONNX Runtime's time for the same
+# sequence (the recorded model bench's, batch 1) plus /v1/ping's p50 at one client, times 3.
+PREDICT_TARGET_HISTORY = 256
+MODEL_BENCH = RESULTS / "model_bench-cpu.json"
 MANY_REQUESTERS = 2
 JSON_HEADERS = {"Content-Type": "application/json"}
 SERVER_ENV = {"LSTM_MAX_SESSIONS": "50000", "LSTM_SNAPSHOT_PATH": ""}
@@ -678,6 +685,7 @@ def run_batched_server(runner: asyncio.Runner, opts: Options, log_dir: Path) -> 
             go(bench.http_step("http_batched", PREDICT_CONCURRENCY))
         for history in opts.histories:
             go(bench.predict(history, PREDICT_CONCURRENCY))
+        go(bench.predict(PREDICT_TARGET_HISTORY, 1))  # issue 14's target: one client's p50
     return rows
 
 
@@ -1037,6 +1045,45 @@ def ratio_target(name: str, num: float | None, den: float | None, at_least: floa
     return Target(name, f"{r:.2f}x ({num:,.0f} / {den:,.0f})", r >= at_least)
 
 
+def ort_sequence_ms(history: int) -> float | None:
+    """ONNX Runtime's time for one ``history``-step sequence of the served shape at batch 1, from
+    the recorded model bench (None if it has no such row)."""
+    try:
+        rows = json.loads(MODEL_BENCH.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for row in rows:
+        if (row.get("shape"), row.get("batch"), row.get("timesteps")) == ("served", 1, history):
+            value = row.get("ORT ms")
+            return float(value) if value is not None else None
+    return None
+
+
+def predict_target(rows: list[Row]) -> Target:
+    name = (
+        f"/v1/predict, {PREDICT_TARGET_HISTORY}-step history, one client: p50 < 3x (ONNX "
+        f"Runtime's sequence + /v1/ping's p50)"
+    )
+
+    def p50(scenario: str, history: int | None = None) -> float | None:
+        for row in rows:
+            if (row.scenario, row.concurrency, row.extra.get("history")) == (scenario, 1, history):
+                return row.p50_ms
+        return None
+
+    predict, ping = p50("predict", PREDICT_TARGET_HISTORY), p50("ping")
+    ort = ort_sequence_ms(PREDICT_TARGET_HISTORY)
+    if predict is None or ping is None or ort is None:
+        return Target(name, "not measured", None)
+    bound = 3 * (ort + ping)
+    return Target(
+        name,
+        f"{predict:.2f} ms against {bound:.2f} ms (ORT {ort:.3f} ms from {MODEL_BENCH.name}, "
+        f"ping {ping:.2f} ms)",
+        predict < bound,
+    )
+
+
 def targets(rows: list[Row]) -> list[Target]:
     def ts(scenario: str, c: int, history: int | None = None) -> float | None:
         row = find(rows, scenario, c, history)
@@ -1093,6 +1140,7 @@ def targets(rows: list[Row]) -> list[Target]:
             None if not many else max(many) >= 50_000,
         )
     )
+    checks.append(predict_target(rows))
     return [
         *checks,
         ratio_target(
@@ -1177,7 +1225,7 @@ def plot(rows: list[Row], path: Path) -> None:
     thr.legend(fontsize=8)
     names, values = [], []
     for r in rows:
-        if r.scenario == "predict" and r.timesteps_s is not None:
+        if r.scenario == "predict" and r.concurrency == PREDICT_CONCURRENCY and r.timesteps_s:
             names.append(f"predict\nhistory {r.extra['history']}")
             values.append(r.timesteps_s)
     step = find(rows, "http_batched", PREDICT_CONCURRENCY)
