@@ -633,3 +633,24 @@ def test_both_clients_raise_a_failed_delete_on_exit_other_than_404(
     ]
     run = run_both(monkeypatch, answers, scenario)
     assert run.raised is not None and run.raised[1:3] == (422, "bad_session_id")
+
+
+def test_the_ab_benchmark_reports_each_builds_median_and_the_per_round_ratio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    import_load_bench(monkeypatch)  # ab_bench imports it by name
+    spec = importlib.util.spec_from_file_location("ab_bench", ROOT / "bench" / "ab_bench.py")
+    assert spec and spec.loader
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    rates = {("this", 0): 300.0, ("base", 0): 100.0, ("this", 1): 200.0, ("base", 1): 200.0}
+    rows = [
+        {"build": b, "round": r, "scenario": "step_many", "clients": 64, "timesteps_s": v}
+        for (b, r), v in rates.items()
+    ]
+    rows.append({"build": "this", "round": 0, "scenario": "ping", "clients": 1, "req_s": 5.0})
+    line = ab.summary(rows, [("step_many", 64)], 2).splitlines()[-1]
+    # medians 250 and 150; the rounds' ratios 3.0 and 1.0: median 2.0
+    assert line == "| step_many | 64 | 250 (200-300) | 150 (100-200) | 2.00x (1.00-3.00) |"
