@@ -2,7 +2,7 @@
 up at once, the same load scenarios in alternating rounds (the first build of each round
 alternating), so whatever else loads the machine weighs on both alike.
 
-    python bench/ab_bench.py --base REV [--rounds 3] [--duration 3] SCENARIO:CLIENTS ...
+    python bench/ab_bench.py --base REV [--rounds 3] [--duration 3] [--journal] SCENARIO:CLIENTS ...
     python bench/ab_bench.py --base HEAD~1 step_many:64 step_many:256 websocket:64
 
 SCENARIO is one of ``bench/load_bench.py``'s: http_step, websocket, step_many, ping, predict
@@ -106,6 +106,12 @@ def main() -> int:
         "--duration", type=float, default=3.0, help="seconds per case, after 1 s warm-up"
     )
     p.add_argument("--out", type=Path, default=lb.RUNS / "ab_bench.json")
+    p.add_argument(
+        "--journal",
+        action="store_true",
+        help="each server with a snapshot and the default journal (LSTM_JOURNAL=write) in a "
+        "directory of its own, as a default start has; without it, none (as load_bench.py)",
+    )
     p.add_argument("cases", nargs="+", metavar="SCENARIO:CLIENTS")
     args = p.parse_args()
     cases = []
@@ -124,7 +130,10 @@ def main() -> int:
     ):
         benches = {}
         for build, command in (("this", serve_command), ("base", serve_from(base))):
-            url, cpu = stack.enter_context(lb.server(build, lb.SERVER_ENV, log_dir, command))
+            env = dict(lb.SERVER_ENV)
+            if args.journal:
+                env["LSTM_SNAPSHOT_PATH"] = str(log_dir / build / "sessions.snapshot")
+            url, cpu = stack.enter_context(lb.server(build, env, log_dir, command))
             benches[build] = lb.Bench(url, cpu, 1.0, args.duration)
         for r in range(args.rounds):
             for scenario, clients in cases:
@@ -144,11 +153,11 @@ def main() -> int:
     print(
         f"\nthis checkout vs {args.base}, {args.rounds} alternating rounds of {args.duration:g} s"
     )
+    print("with the journal (write)" if args.journal else "no snapshot, no journal")
     print(summary(rows, cases, args.rounds))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"base": args.base, "machine": lb.machine(), "rows": rows}, indent=1)
-    )
+    recorded = {"base": args.base, "journal": args.journal, "machine": lb.machine(), "rows": rows}
+    args.out.write_text(json.dumps(recorded, indent=1))
     print(f"rows in {args.out}")
     return 0
 
