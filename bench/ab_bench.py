@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,8 @@ SCENARIOS = ("http_step", "websocket", "step_many", "ping", "predict")
 @contextlib.contextmanager
 def worktree(rev: str) -> Iterator[Path]:
     """A detached git worktree of ``rev``, removed afterwards."""
-    where = Path(tempfile.mkdtemp(prefix="ab-bench-base-")) / "tree"
+    parent = Path(tempfile.mkdtemp(prefix="ab-bench-base-"))
+    where = parent / "tree"
     subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev], check=True
     )
@@ -54,6 +56,7 @@ def worktree(rev: str) -> Iterator[Path]:
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False
         )
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def serve_from(tree: Path) -> Any:
@@ -89,6 +92,9 @@ def summary(rows: list[dict[str, Any]], cases: list[tuple[str, int]], rounds: in
         this = [rate["this", r] for r in range(rounds)]
         base = [rate["base", r] for r in range(rounds)]
         ratios = [a / b for a, b in zip(this, base, strict=True) if b]
+        if not ratios:  # the base answered nothing in every round
+            lines.append(f"| {scenario} | {clients} | {statistics.median(this):,.0f} | 0 | - |")
+            continue
         lines.append(
             f"| {scenario} | {clients} | {statistics.median(this):,.0f} ({min(this):,.0f}-"
             f"{max(this):,.0f}) | {statistics.median(base):,.0f} ({min(base):,.0f}-"
@@ -153,11 +159,11 @@ def main() -> int:
     print(
         f"\nthis checkout vs {args.base}, {args.rounds} alternating rounds of {args.duration:g} s"
     )
-    print("with the journal (write)" if args.journal else "no snapshot, no journal")
-    print(summary(rows, cases, args.rounds))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # the rows first: nothing measured is lost
     recorded = {"base": args.base, "journal": args.journal, "machine": lb.machine(), "rows": rows}
     args.out.write_text(json.dumps(recorded, indent=1))
+    print("with the journal (write)" if args.journal else "no snapshot, no journal")
+    print(summary(rows, cases, args.rounds))
     print(f"rows in {args.out}")
     return 0
 

@@ -113,7 +113,8 @@ class MicroBatcher:
         self.gather_passes = gather_passes
         self._queue: asyncio.Queue[Job | StepBlock] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._deferred: list[Job] = []
+        self._deferred: list[Job] = []  # a session's second job in a round: the next one's
+        self._overflow: list[Job] = []  # a block's steps past LSTM_MAX_BATCH: the next round's
         self._round_jobs: list[Job] = []  # the jobs of the round in flight
         self._closed = False
 
@@ -169,12 +170,12 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
-        unanswered = [*self._round_jobs, *self._deferred]
+        unanswered = [*self._round_jobs, *self._deferred, *self._overflow]
         while self._queue is not None and not self._queue.empty():
             self._take(self._queue.get_nowait(), unanswered)
         for job in unanswered:
             job.settle(ShuttingDown(STOPPING))
-        self._round_jobs, self._deferred = [], []
+        self._round_jobs, self._deferred, self._overflow = [], [], []
 
     def _enqueue(self, job: Job | StepBlock) -> asyncio.Future[Any]:
         if self._closed:
@@ -214,12 +215,13 @@ class MicroBatcher:
     async def _run(self) -> None:
         assert self._queue is not None
         while True:
-            jobs = self._deferred or self._take(await self._queue.get(), [])
-            self._deferred = []
+            jobs = [*self._deferred, *self._overflow] or self._take(await self._queue.get(), [])
+            self._deferred, self._overflow = [], []
             self._round_jobs = jobs  # the round adds to this list: close() sees them all
             try:
                 await self._round(jobs)
             except Exception as e:  # never leave a caller waiting: fail what is unanswered
+                # (a block's steps past the round's limit were not in it: they run next)
                 log.exception("a batch round failed; its %d requests answer 500", len(jobs))
                 failure = ModelFailure(f"the batcher failed: {type(e).__name__}")
                 for job in [*jobs, *self._deferred]:
@@ -242,7 +244,7 @@ class MicroBatcher:
         while len(jobs) < self.max_batch and not self._queue.empty():
             self._take(self._queue.get_nowait(), jobs)
         if len(jobs) > self.max_batch:  # a block went past the limit: the rest go next
-            self._deferred.extend(jobs[self.max_batch :])
+            self._overflow = jobs[self.max_batch :]
             del jobs[self.max_batch :]
         batch: list[Job] = []
         busy: set[Session] = set()

@@ -9,8 +9,8 @@ errors into responses. It is built with its limits and collaborators, and reads 
 
 Every operation on a session holds that session's lock for its whole length, through one
 construct: ``async with engine.locked(session_id) as session``. The only other holder is
-step_many's fast lane, which takes a free session's lock without waiting and frees it in one
-``finally`` once its step is done (``_submit_free`` / ``_finish_jobs``).
+step_many's fast lane, which takes free sessions' locks without waiting and frees them in one
+``finally`` once the request's block of steps is done (``_submit_free`` / ``_finish_jobs``).
 """
 
 from __future__ import annotations
@@ -447,37 +447,45 @@ class Engine:
         general: list[list[int]],
     ) -> tuple[list[int], list[StepJob], asyncio.Future[list[Any]] | None]:
         """Hand the items whose sessions are free to the batcher without waiting, as one block,
-        each under its session's lock; answer those refused before the model; pass busy ones to
-        ``general``. The chunks of one length become one array, each step's chunk a row of it."""
+        each under its session's lock; answer those refused before the model (and all of them
+        if the batcher refuses the block: it is stopping); pass busy ones to ``general``. The
+        chunks of one length become one array, each step's chunk a row of it. A session is
+        touched once, when its step is handed over (it is held until the step is done)."""
         limit = self.limits.max_chunk
         held: list[tuple[int, Session]] = []
-        for i in indices:
-            item = items[i]
-            try:
-                self.check_inputs(item.inputs, limit, "LSTM_MAX_CHUNK")
-                session = self.store.get(item.session_id)
-                if not session.try_acquire():
-                    general.append([i])  # another request holds it: wait in line
-                    continue
-                try:
-                    self.store.touch(session)
-                    replay = self._check_seq(session, item, None, True, count)
-                except BaseException:
-                    session.release()
-                    raise
-                if replay is not None:
-                    session.release()
-                    results[i] = {"ok": True, "result": replay}
-                    continue
-                held.append((i, session))  # its lock is freed by _finish_jobs
-            except ServiceError as e:
-                count(e.code)
-                results[i] = {"ok": False, "error": e.body()["error"]}
-        if not held:
-            return [], [], None
         try:
+            for i in indices:
+                item = items[i]
+                try:
+                    self.check_inputs(item.inputs, limit, "LSTM_MAX_CHUNK")
+                    session = self.store.get(item.session_id)
+                    if not session.try_acquire():
+                        general.append([i])  # another request holds it: wait in line
+                        continue
+                    try:
+                        self.store.touch(session)
+                        replay = self._check_seq(session, item, None, True, count)
+                    except BaseException:
+                        session.release()
+                        raise
+                    if replay is not None:
+                        session.release()
+                        results[i] = {"ok": True, "result": replay}
+                        continue
+                    held.append((i, session))  # its lock is freed by _finish_jobs
+                except ServiceError as e:
+                    count(e.code)
+                    results[i] = {"ok": False, "error": e.body()["error"]}
+            if not held:
+                return [], [], None
             order, jobs = self._block_jobs(items, held)
             return order, jobs, self.batcher.submit_steps(jobs)
+        except ServiceError as e:  # the batcher refused the block (shutting_down)
+            for i, session in held:
+                session.release()
+                count(e.code)
+                results[i] = {"ok": False, "error": e.body()["error"]}
+            return [], [], None
         except BaseException:
             for _, session in held:
                 session.release()

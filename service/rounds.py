@@ -140,7 +140,7 @@ class StepBlock:
     _UNSETTLED: Any = object()
 
     def __init__(self, jobs: list[StepJob]) -> None:
-        self.jobs = jobs
+        self.jobs = list(jobs)  # its own list: the caller's keeps the jobs (and their locks)
         for index, job in enumerate(jobs):
             job.block, job.index = self, index
         self.outcomes: list[Any] = [self._UNSETTLED] * len(jobs)

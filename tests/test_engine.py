@@ -439,3 +439,51 @@ def test_a_block_queued_when_the_batcher_closes_is_answered_shutting_down() -> N
         assert [s.t for s in sessions] == [0, 0, 0]
 
     run(scenario())
+
+
+def test_a_failed_round_fails_its_own_steps_not_the_rest_of_the_block() -> None:
+    # A block's steps past LSTM_MAX_BATCH waited with the session's duplicates, and a round that
+    # failed failed them too, uncomputed (found in review).
+    async def scenario() -> None:
+        engine = local_engine(max_batch=2)
+        ids = [f"f{i}" for i in range(5)]
+        for sid in ids:
+            await engine.create(sid, None)
+        original, calls = engine.batcher.runner.compute, []
+
+        def compute(batch: list[Any]) -> None:
+            calls.append(len(batch))
+            if len(calls) == 1:
+                raise RuntimeError("the first round fails")
+            original(batch)
+
+        engine.batcher.runner.compute = compute  # type: ignore[method-assign]
+        results = await engine.step_many([step(sid, [0.5]) for sid in ids])
+        codes = [r["error"]["code"] if not r["ok"] else "applied" for r in results]
+        assert calls == [2, 2, 1]
+        assert codes == ["model_failure"] * 2 + ["applied"] * 3
+        assert [(await engine.get(sid)).t for sid in ids] == [0, 0, 1, 1, 1]
+
+    run(scenario())
+
+
+def test_a_step_many_on_a_stopping_batcher_answers_each_item() -> None:
+    # The block's refusal (shutting_down) escaped as the whole request's error, dropping the
+    # items already answered, and left the fast lane's outcomes uncounted (found in review).
+    from collections import Counter
+
+    from service.engine import EngineEvents
+
+    async def scenario() -> None:
+        engine = local_engine(max_batch=16)
+        counted: Counter[str] = Counter()
+        engine.events = EngineEvents(step_outcomes=counted.update)
+        for sid in ("s1", "s2"):
+            await engine.create(sid, None)
+        await engine.batcher.close()
+        results = await engine.step_many([step("s1", [0.5]), step("ghost", [0.5])])
+        assert [r["error"]["code"] for r in results] == ["shutting_down", "session_not_found"]
+        assert counted == Counter({"shutting_down": 1, "session_not_found": 1})
+        assert engine.store.get("s1").try_acquire()  # its lock was freed
+
+    run(scenario())
