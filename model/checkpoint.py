@@ -5,8 +5,9 @@ A checkpoint is a directory with two files:
 - ``card.json``: format version, name, version, config, normalisation, training metrics, the data
   fingerprint, and the SHA-256 of the weights file, so a corrupted or swapped file is refused.
 
-The weights include the std's calibration (``std_scale``, fitted after training): a different
-factor is a different version, since the model answers differently.
+The weights include the std's calibration (``std_scale``) and the sampled forecast's per future
+step (``horizon_std_factor``, ``horizon_levels``), both fitted after training: a different
+calibration is a different version, since the model answers differently.
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ from model.scaling import RunningScaleForecaster
 
 AnyForecaster = LSTMForecaster | RunningScaleForecaster
 
-# /2: the weights hold the std's calibration (std_scale); /1 checkpoints, written before it
-# existed, load uncalibrated (ones), their version unchanged. Older code refuses /2 by name.
-FORMAT = "lstm-forecaster/2"
+# /3: the weights hold the sampled forecast's calibration per future step too (HorizonCalibration).
+# /2 (the std's calibration, std_scale, alone) and /1 (neither) checkpoints, written before
+# them, load with what they lack as identity, their version unchanged. Older code refuses /3 by
+# name.
+FORMAT = "lstm-forecaster/3"
 FORMAT_UNCALIBRATED = "lstm-forecaster/1"
+FORMAT_STD_CALIBRATED = "lstm-forecaster/2"
+FORMATS = (FORMAT, FORMAT_STD_CALIBRATED, FORMAT_UNCALIBRATED)
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 UNCALIBRATED_KEY = "std_scale"  # the weight a /1 checkpoint lacks
+HORIZON_KEYS = ("horizon_std_factor", "horizon_levels")  # the weights a /1 or /2 one lacks
 
 
 class CheckpointError(ValueError):
@@ -101,10 +107,10 @@ def read_card(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no {CARD_FILE} in {directory}") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(card, dict) or card.get("format") not in (FORMAT, FORMAT_UNCALIBRATED):
+    if not isinstance(card, dict) or card.get("format") not in FORMATS:
         found = card.get("format") if isinstance(card, dict) else None
         raise CheckpointError(
-            f"{path} has format {found!r}; this code reads {FORMAT!r} and {FORMAT_UNCALIBRATED!r}"
+            f"{path} has format {found!r}; this code reads {', '.join(map(repr, FORMATS))}"
         )
     return card
 
@@ -151,9 +157,13 @@ def load_any_checkpoint(
         weights = load_file(str(weights_path))
     except SafetensorError as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from e
+    # Written before they existed: what the model holds until fitted (ones, identity).
+    initial = model.state_dict()
     if card["format"] == FORMAT_UNCALIBRATED and UNCALIBRATED_KEY not in weights:
-        weights[UNCALIBRATED_KEY] = torch.ones(config.n_features)  # written before it existed
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        weights[UNCALIBRATED_KEY] = initial[UNCALIBRATED_KEY].clone()
+    if card["format"] != FORMAT and not any(k in weights for k in HORIZON_KEYS):
+        weights.update({k: initial[k].clone() for k in HORIZON_KEYS})
+    expected = {k: tuple(v.shape) for k, v in initial.items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != found:
         diff = sorted(
@@ -167,9 +177,24 @@ def load_any_checkpoint(
         raise CheckpointError(
             f"the std's calibration (std_scale) is {scale.tolist()}: not positive"
         )
+    check_horizon_calibration(weights[HORIZON_KEYS[0]], weights[HORIZON_KEYS[1]])
     model.load_state_dict(weights)
     model.to(device).eval()
     return AnyCheckpoint(model, card["name"], card["version"], card)
+
+
+def check_horizon_calibration(std_factor: torch.Tensor, levels: torch.Tensor) -> None:
+    """Refuse a forecast calibration that cannot be applied: a std factor that is not positive,
+    or quantile levels outside (0, 1) or out of order."""
+    if not (torch.isfinite(std_factor).all() and (std_factor > 0).all()):
+        raise CheckpointError(
+            "the forecast's std factors (horizon_std_factor) are not all positive and finite"
+        )
+    inside = torch.isfinite(levels).all() and (levels > 0).all() and (levels < 1).all()
+    if not (inside and (levels.diff(dim=1) >= 0).all()):
+        raise CheckpointError(
+            "the forecast's quantile levels (horizon_levels) are not in (0, 1) and in order"
+        )
 
 
 def build_forecaster(config: ForecasterConfig, normalisation: Normalisation) -> AnyForecaster:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 Scaling = Literal["global", "running"]
 SCALINGS: tuple[Scaling, ...] = ("global", "running")
 QUANTILES = (0.1, 0.5, 0.9)  # the quantiles a sampled forecast reports, per future step
+# Future steps with a calibration of their own (std factor, quantile levels: HorizonCalibration);
+# a step further ahead takes the last one's.
+CALIBRATED_HORIZONS = 32
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,9 @@ class Forecast(NamedTuple):
 
 def build_body(module: nn.Module, config: ForecasterConfig, norm: Normalisation) -> None:
     """What every forecaster holds: the training set's statistics as buffers, the stack, the
-    Gaussian head and its std's calibration (``input_mean``, ``input_std``, ``lstm``, ``head``,
-    ``std_scale``)."""
+    Gaussian head, its std's calibration and the sampled forecast's (``input_mean``,
+    ``input_std``, ``lstm``, ``head``, ``std_scale``, ``horizon_std_factor``,
+    ``horizon_levels``)."""
     # Not persistent: the statistics live in the checkpoint's JSON card, not in the weights.
     module.register_buffer("input_mean", torch.tensor(norm.mean), persistent=False)
     module.register_buffer("input_std", torch.tensor(norm.std), persistent=False)
@@ -122,6 +126,13 @@ def build_body(module: nn.Module, config: ForecasterConfig, norm: Normalisation)
     # validation series (model.evaluate.calibrate_std); part of the weights, so of the version.
     # Ones until fitted, and for checkpoints written before it existed.
     module.register_buffer("std_scale", torch.ones(config.n_features))
+    # Persistent: the sampled forecast's calibration per future step (HorizonCalibration), fitted
+    # after std_scale on the validation series (model.evaluate.calibrate_horizons). Identity (no
+    # change to the paths' std, the nominal quantile levels) until fitted, and for checkpoints
+    # written before it existed.
+    identity = HorizonCalibration.identity(config.n_features)
+    module.register_buffer("horizon_std_factor", identity.std_factor)
+    module.register_buffer("horizon_levels", identity.levels)
     module.lstm = StackedLSTM(
         config.n_features,
         config.hidden_size,
@@ -134,12 +145,18 @@ def build_body(module: nn.Module, config: ForecasterConfig, norm: Normalisation)
 
 
 class LSTMForecaster(nn.Module):
-    # Made by build_body: the statistics, the stack, the head, the std's calibration.
+    # Made by build_body: the statistics, the stack, the head, the std's and forecast's calibration.
     input_mean: Tensor
     input_std: Tensor
     lstm: StackedLSTM
     head: nn.Linear
     std_scale: Tensor
+    horizon_std_factor: Tensor
+    horizon_levels: Tensor
+
+    @property
+    def horizon_calibration(self) -> HorizonCalibration:
+        return HorizonCalibration(self.horizon_std_factor, self.horizon_levels)
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
@@ -222,37 +239,109 @@ class LSTMForecaster(nn.Module):
         *,
         paths: int,
         seed: int,
-        quantiles: Sequence[float] = QUANTILES,
     ) -> SampledForecast:
         """Forecast ``horizon`` future steps from ``paths`` sampled futures per row.
 
         Arguments as ``rollout``'s. Each path draws the next value from the Gaussian the model
         gives, feeds the draw back in as if observed and draws again, so the spread at step k
         holds the uncertainty of every step before it. Step 1 is the model's Gaussian itself
-        (exact, no sampling); later steps are the paths' mean, std and quantiles. The same
-        ``seed`` gives the same answer for the same inputs (on one device, batch of one).
+        (exact, no sampling); later steps are the paths' mean, std and quantiles. Each step's
+        std and quantiles go through the model's ``horizon_calibration``. The same ``seed``
+        gives the same answer for the same inputs (on one device, batch of one).
         """
-
-        def step(value: Tensor, s: LSTMState) -> tuple[Tensor, Tensor, LSTMState]:
-            mean, std, s, _ = self.forward(value.unsqueeze(1), s)
-            return mean[:, 0], std[:, 0], s
-
-        wide = LSTMState(
-            state.h.repeat_interleave(paths, dim=1), state.c.repeat_interleave(paths, dim=1)
-        )  # (layers, B * paths, H)
         return sample_paths(
-            step, next_mean, next_std, wide, horizon, paths=paths, seed=seed, quantiles=quantiles
+            self.path_step,
+            next_mean,
+            next_std,
+            self.widen(state, paths),
+            horizon,
+            paths=paths,
+            seed=seed,
+            calibration=self.horizon_calibration,
+        )
+
+    def path_step(self, value: Tensor, state: LSTMState) -> tuple[Tensor, Tensor, LSTMState]:
+        """One value per row fed in: the next value's mean and std (B, F) and the state."""
+        mean, std, state, _ = self.forward(value.unsqueeze(1), state)
+        return mean[:, 0], std[:, 0], state
+
+    @staticmethod
+    def widen(state: LSTMState, paths: int) -> LSTMState:
+        """Each row's state repeated ``paths`` times (repeat_interleave): (layers, B * paths, H)."""
+        return LSTMState(
+            state.h.repeat_interleave(paths, dim=1), state.c.repeat_interleave(paths, dim=1)
         )
 
 
 class SampledForecast(NamedTuple):
     mean: Tensor  # (B, horizon, F), raw units
     std: Tensor  # (B, horizon, F)
-    quantiles: Tensor  # (Q, B, horizon, F), in the order asked
+    quantiles: Tensor  # (Q, B, horizon, F), QUANTILES' order
     paths: int
 
 
+class HorizonCalibration(NamedTuple):
+    """What turns the sampled paths of future step h into the std and quantiles reported.
+
+    ``std_factor`` (CALIBRATED_HORIZONS, F): the reported std is the paths' std times it.
+    ``levels`` (CALIBRATED_HORIZONS, Q, F): the level at which the paths' distribution is read
+    for each of QUANTILES, so that, say, the 10% quantile reported is exceeded by 90% of the
+    values on the series it was fitted on (recalibration per horizon, Kuleshov et al. 2018).
+    Row h - 1 is step h's; steps beyond CALIBRATED_HORIZONS take the last row.
+    """
+
+    std_factor: Tensor
+    levels: Tensor
+
+    @classmethod
+    def identity(cls, n_features: int) -> HorizonCalibration:
+        """The paths as drawn: std unchanged, QUANTILES read at their own levels."""
+        levels = torch.tensor(QUANTILES).view(1, -1, 1)
+        return cls(
+            torch.ones(CALIBRATED_HORIZONS, n_features),
+            levels.expand(CALIBRATED_HORIZONS, -1, n_features).clone(),
+        )
+
+    def at(self, step: int) -> tuple[Tensor, Tensor]:
+        """Future step ``step`` (1-based): its std factor (F,) and its levels (Q, F)."""
+        row = min(step, len(self.std_factor)) - 1
+        return self.std_factor[row], self.levels[row]
+
+
 S = TypeVar("S")
+
+
+def draw_paths(
+    step: Callable[[Tensor, S], tuple[Tensor, Tensor, S]],
+    next_mean: Tensor,
+    next_std: Tensor,
+    wide_state: S,
+    horizon: int,
+    *,
+    paths: int,
+    seed: int,
+) -> Iterator[Tensor]:
+    """The sampled values of future steps 2..horizon, one (B, paths, F) tensor per step.
+
+    ``next_mean``/``next_std`` (B, F) forecast the first future value; ``wide_state`` is the state
+    after the last observed value, each row repeated ``paths`` times (``repeat_interleave``), and
+    ``step(value, state) -> (mean, std, state)`` the model fed one value per row. Each path draws
+    a value from the Gaussian, feeds it back in as if observed, and draws the next.
+    """
+    if horizon < 1 or paths < 2:
+        raise ValueError("horizon must be at least 1 and paths at least 2")
+    generator = torch.Generator(device=next_mean.device).manual_seed(seed)
+    batch, features = next_mean.shape
+    mean = next_mean.repeat_interleave(paths, dim=0)  # (B * paths, F)
+    std = next_std.repeat_interleave(paths, dim=0)
+    state = wide_state
+    for k in range(horizon):
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        drawn = mean + std * noise  # (B * paths, F)
+        if k > 0:
+            yield drawn.view(batch, paths, features)
+        if k + 1 < horizon:
+            mean, std, state = step(drawn, state)
 
 
 def sample_paths(
@@ -264,37 +353,31 @@ def sample_paths(
     *,
     paths: int,
     seed: int,
-    quantiles: Sequence[float] = QUANTILES,
+    calibration: HorizonCalibration | None = None,
 ) -> SampledForecast:
-    """Draw ``paths`` futures per row through ``step`` and summarise each future step.
-
-    ``next_mean``/``next_std`` (B, F) forecast the first future value; ``wide_state`` is the state
-    after the last observed value, each row repeated ``paths`` times (``repeat_interleave``), and
-    ``step(value, state) -> (mean, std, state)`` the model fed one value per row. Step 1 is the
-    Gaussian itself; each later step is summarised as it is drawn, so memory holds one step of
-    the paths, never the whole (paths, horizon, F).
+    """Draw ``paths`` futures per row through ``step`` (as ``draw_paths``) and summarise each
+    future step: its mean, and its std and QUANTILES through ``calibration`` (None: the paths as
+    drawn). Step 1 is the Gaussian itself, its quantiles the Gaussian's at the calibrated levels.
+    Each step is summarised as it is drawn, so memory holds one step of the paths, never the
+    whole (paths, horizon, F).
     """
-    if horizon < 1 or paths < 2:
-        raise ValueError("horizon must be at least 1 and paths at least 2")
-    generator = torch.Generator(device=next_mean.device).manual_seed(seed)
-    batch, features = next_mean.shape
-    q = torch.tensor(list(quantiles), dtype=next_mean.dtype).to(next_mean.device)
-    z = torch.tensor([normal_quantile(p) for p in quantiles], dtype=next_mean.dtype)
-    means, stds = [next_mean], [next_std]
-    qs = [next_mean + z.to(next_mean.device).view(-1, 1, 1) * next_std]  # (Q, B, F)
-    mean = next_mean.repeat_interleave(paths, dim=0)  # (B * paths, F)
-    std = next_std.repeat_interleave(paths, dim=0)
-    state = wide_state
-    for k in range(horizon):
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        drawn = mean + std * noise  # (B * paths, F)
-        if k > 0:
-            per_row = drawn.view(batch, paths, features)
-            means.append(per_row.mean(dim=1))
-            stds.append(per_row.std(dim=1))
-            qs.append(torch.quantile(per_row, q, dim=1))  # (Q, B, F)
-        if k + 1 < horizon:
-            mean, std, state = step(drawn, state)
+    features = next_mean.shape[1]
+    cal = calibration or HorizonCalibration.identity(features)
+    cal = HorizonCalibration(*(t.to(next_mean) for t in cal))
+    factor, levels = cal.at(1)
+    means, stds = [next_mean], [next_std * factor]
+    qs = [next_mean + torch.special.ndtri(levels).unsqueeze(1) * next_std]  # (Q, B, F)
+    draws = draw_paths(step, next_mean, next_std, wide_state, horizon, paths=paths, seed=seed)
+    for k, per_row in enumerate(draws, start=2):  # (B, paths, F)
+        factor, levels = cal.at(k)
+        means.append(per_row.mean(dim=1))
+        stds.append(per_row.std(dim=1) * factor)
+        qs.append(
+            torch.stack(
+                [torch.quantile(per_row[:, :, f], levels[:, f], dim=1) for f in range(features)],
+                dim=-1,
+            )
+        )  # (Q, B, F)
     return SampledForecast(
         torch.stack(means, dim=1), torch.stack(stds, dim=1), torch.stack(qs, dim=2), paths
     )

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.forecaster import (
-    QUANTILES,
     ForecasterConfig,
+    HorizonCalibration,
+    LSTMForecaster,
     Normalisation,
     SampledForecast,
     build_body,
@@ -120,6 +121,8 @@ class RunningScaleForecaster(nn.Module):
     lstm: StackedLSTM
     head: nn.Linear
     std_scale: Tensor
+    horizon_std_factor: Tensor
+    horizon_levels: Tensor
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
@@ -185,21 +188,31 @@ class RunningScaleForecaster(nn.Module):
         *,
         paths: int,
         seed: int,
-        quantiles: Sequence[float] = QUANTILES,
     ) -> SampledForecast:
         """As ``LSTMForecaster.sample_forecast``; each path updates its own running statistics."""
-
-        def step(value: Tensor, s: ScaledState) -> tuple[Tensor, Tensor, ScaledState]:
-            f = self.forward(value.unsqueeze(1), s)
-            return f.mean[:, 0], f.std[:, 0], f.state
-
-        wide = ScaledState(
-            LSTMState(
-                state.lstm.h.repeat_interleave(paths, dim=1),
-                state.lstm.c.repeat_interleave(paths, dim=1),
-            ),
-            state.stats.repeat_interleave(paths),
-        )
         return sample_paths(
-            step, next_mean, next_std, wide, horizon, paths=paths, seed=seed, quantiles=quantiles
+            self.path_step,
+            next_mean,
+            next_std,
+            self.widen(state, paths),
+            horizon,
+            paths=paths,
+            seed=seed,
+            calibration=self.horizon_calibration,
+        )
+
+    @property
+    def horizon_calibration(self) -> HorizonCalibration:
+        return HorizonCalibration(self.horizon_std_factor, self.horizon_levels)
+
+    def path_step(self, value: Tensor, state: ScaledState) -> tuple[Tensor, Tensor, ScaledState]:
+        """One value per row fed in: the next value's mean and std (B, F) and the state."""
+        f = self.forward(value.unsqueeze(1), state)
+        return f.mean[:, 0], f.std[:, 0], f.state
+
+    @staticmethod
+    def widen(state: ScaledState, paths: int) -> ScaledState:
+        """Each row's state, statistics included, repeated ``paths`` times."""
+        return ScaledState(
+            LSTMForecaster.widen(state.lstm, paths), state.stats.repeat_interleave(paths)
         )

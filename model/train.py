@@ -11,7 +11,9 @@ needs more than --warmup timesteps (each held-out part streams --warmup steps be
 scored). Training samples random windows, minimises the Gaussian NLL of the next value, and stops
 early on the validation NLL (whole validation series streamed from a zero state, as the service
 does). The std is then calibrated on the validation series (one factor per feature, so that the
-one-step mean ± 2 std covers 95.45% of them) before the test series are scored. An existing
+one-step mean ± 2 std covers 95.45% of them), and so is the sampled forecast, per future step
+up to 32 (its std and its quantile levels: model.evaluate.calibrate_horizons), before the test
+series are scored. An existing
 --out is never overwritten without --force.
 """
 
@@ -47,6 +49,7 @@ from model.data import (
 )
 from model.evaluate import (
     NothingToCalibrate,
+    calibrate_horizons,
     calibrate_std,
     calibration_report,
     format_tables,
@@ -357,6 +360,10 @@ def train_and_save(
             std_calibration = calibrate_std(model, val.series, settings.warmup)
         except NothingToCalibrate as e:  # no validation step: the head's std as trained
             std_calibration = {"std_scale": model.std_scale.tolist(), "not_fitted": str(e)}
+        try:
+            horizon_calibration = calibrate_horizons(model, val.series, settings.warmup)
+        except NothingToCalibrate as e:  # validation series too short: the paths as drawn
+            horizon_calibration = {"not_fitted": str(e)}
         report = test_report(model, train, test, settings)
     report["split"] = split.by  # served in /v1/model's metrics: how held-out the scores are
     scores = [report["model_nll"], *report["one_step_mse"].values()]
@@ -380,6 +387,7 @@ def train_and_save(
             "torch": torch.__version__,
             "history": history,
             "std_calibration": std_calibration,
+            "horizon_calibration": horizon_calibration,
         },
         "metrics": report,
     }

@@ -267,11 +267,16 @@ class ForecastStep(BaseModel):
     mean: list[float] = Field(description="mean of the value this many steps ahead, per feature")
     std: list[float] = Field(
         description="its standard deviation, per feature: the spread of the sampled paths, so "
-        "it holds the uncertainty of every step before it"
+        "it holds the uncertainty of every step before it, times the model's factor for this "
+        "step (fitted so that mean ± 2 std covered 95.45% of held-out values; the card's "
+        "training.horizon_calibration)"
     )
-    p10: list[float] = Field(description="10% quantile, per feature")
-    p50: list[float] = Field(description="median, per feature")
-    p90: list[float] = Field(description="90% quantile, per feature")
+    p10: list[float] = Field(
+        description="10% quantile, per feature: the paths read at the level for this step that "
+        "held-out values fell below 10% of the time (the card's training.horizon_calibration)"
+    )
+    p50: list[float] = Field(description="median, per feature, calibrated as p10 is")
+    p90: list[float] = Field(description="90% quantile, per feature, calibrated as p10 is")
 
 
 class ForecastResult(BaseModel):

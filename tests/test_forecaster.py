@@ -23,17 +23,26 @@ from model import (
     save_checkpoint,
 )
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
-from model.checkpoint import UNCALIBRATED_KEY, load_any_checkpoint
+from model.checkpoint import HORIZON_KEYS, UNCALIBRATED_KEY, load_any_checkpoint
 from model.data import SeriesSet, TooFewSeries, load_csv, split_by_series
 from model.evaluate import (
     TWO_STD_MASS,
+    calibrate_horizons,
     calibrate_std,
     calibration_report,
     format_tables,
     held_out,
     scale_free_report,
 )
-from model.forecaster import QUANTILES, sample_paths
+from model.forecaster import (
+    CALIBRATED_HORIZONS,
+    QUANTILES,
+    Forecast,
+    HorizonCalibration,
+    SampledForecast,
+    draw_paths,
+    sample_paths,
+)
 from model.scaling import RunningScaleForecaster, RunningStats
 from model.train import TrainSettings, evaluate, fit
 
@@ -264,6 +273,8 @@ def test_example_csv_trains_end_to_end(tmp_path: Path) -> None:
     assert card["config"]["feature_names"] == ["kwh"]
     calibration = card["training"]["std_calibration"]  # fitted on validation, in the weights
     assert load_checkpoint(out).model.std_scale.tolist() == calibration["std_scale"] != [1.0]
+    forecast = card["training"]["horizon_calibration"]  # fitted on validation too, in the weights
+    assert load_checkpoint(out).model.horizon_std_factor.tolist() == forecast["std_factor"]
     assert set(card["metrics"]["one_step_mse"]) == {
         "model",
         "persistence",
@@ -533,13 +544,19 @@ def test_the_std_is_calibrated_so_two_std_covers_a_gaussians_mass_per_feature() 
     torch.testing.assert_close(model.std_scale, factor, rtol=1e-3, atol=0)
 
 
-def without_the_factor(directory: Path, card_format: str | None) -> str:
-    """Rewrite a checkpoint's weights without std_scale and rehash its card (its format set too,
-    unless None); returns the new weights' SHA-256."""
+def without_the_factor(
+    directory: Path, card_format: str | None, keys: tuple[str, ...] = (UNCALIBRATED_KEY,)
+) -> str:
+    """Rewrite a checkpoint's weights without ``keys`` (std_scale) and rehash its card (its format
+    set too, unless None); returns the new weights' SHA-256. A /1 one lacks the forecast's
+    calibration as well."""
     from safetensors.torch import load_file, save_file
 
+    if card_format == "lstm-forecaster/1":
+        keys = (*keys, *HORIZON_KEYS)
     weights = load_file(str(directory / "model.safetensors"))
-    del weights[UNCALIBRATED_KEY]
+    for key in keys:
+        del weights[key]
     save_file(weights, str(directory / "model.safetensors"))
     card = json.loads((directory / "card.json").read_text())
     digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
@@ -626,3 +643,162 @@ def test_a_checkpoints_files_are_readable_as_any_file_written_here(tmp_path: Pat
     save_checkpoint(small_model(), tmp_path, name="tiny")
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes["model.safetensors"] == modes["card.json"], modes
+
+
+def forecast_of(
+    model: LSTMForecaster, x: torch.Tensor, horizon: int, paths: int, seed: int
+) -> tuple[Forecast, SampledForecast]:
+    with torch.no_grad():
+        f = model(x)
+        return f, model.sample_forecast(
+            f.mean[:, -1], f.std[:, -1], f.state, horizon, paths=paths, seed=seed
+        )
+
+
+def test_a_forecast_reports_its_paths_through_the_calibration_of_each_step() -> None:
+    """The std is the paths' spread times the step's factor; each quantile is the paths read at
+    the step's level (step 1: the Gaussian's); steps past CALIBRATED_HORIZONS take the last."""
+    model = small_model()
+    horizon = CALIBRATED_HORIZONS + 3
+    steps = torch.arange(1, CALIBRATED_HORIZONS + 1, dtype=torch.float32)
+    factor = (1 + steps / 10).view(-1, 1).repeat(1, 2)  # (H, F), a different factor per step
+    levels = torch.tensor([[0.2, 0.45, 0.85], [0.05, 0.5, 0.7]]).T  # (Q, F): per feature
+    levels = levels.expand(CALIBRATED_HORIZONS, -1, -1).clone()
+    levels[-1] = torch.tensor([[0.3, 0.3], [0.6, 0.5], [0.7, 0.95]])  # the last step's own
+    x = torch.randn(1, 5, 2)
+    f, plain = forecast_of(model, x, horizon, paths=64, seed=3)
+    model.horizon_std_factor.copy_(factor)
+    model.horizon_levels.copy_(levels)
+    _, calibrated = forecast_of(model, x, horizon, paths=64, seed=3)
+    draws = list(
+        draw_paths(
+            model.path_step,
+            f.mean[:, -1],
+            f.std[:, -1],
+            model.widen(f.state, 64),
+            horizon,
+            paths=64,
+            seed=3,
+        )
+    )  # steps 2..horizon, (1, 64, F) each
+    torch.testing.assert_close(calibrated.mean, plain.mean, rtol=0, atol=0)  # means untouched
+    gaussian = torch.distributions.Normal(f.mean[0, -1], f.std[0, -1])
+    torch.testing.assert_close(calibrated.std[0, 0], f.std[0, -1] * factor[0])
+    torch.testing.assert_close(calibrated.quantiles[:, 0, 0], gaussian.icdf(levels[0]))
+    for k in (2, 7, CALIBRATED_HORIZONS, horizon):
+        row = min(k, CALIBRATED_HORIZONS) - 1
+        drawn = draws[k - 2][0]  # (64, F)
+        torch.testing.assert_close(calibrated.std[0, k - 1], drawn.std(0) * factor[row])
+        torch.testing.assert_close(plain.std[0, k - 1], drawn.std(0))
+        for feature in (0, 1):
+            torch.testing.assert_close(
+                calibrated.quantiles[:, 0, k - 1, feature],
+                torch.quantile(drawn[:, feature], levels[row, :, feature]),
+            )
+
+
+def test_calibrating_the_horizons_brings_each_step_to_its_aim_on_the_series_it_saw() -> None:
+    """On the series fitted (same origins, same paths), mean ± 2 std covers a Gaussian's 95.45%
+    at every step and the 10-90% quantiles 80%, though the model, untrained, was far off;
+    step 1 keeps the one-step std (calibrated first, as training does)."""
+    model, warmup = small_model(), 24
+    series = random_walks(2, n=4, length=warmup + CALIBRATED_HORIZONS + 13 * 40)
+    calibrate_std(model, series, warmup)
+    horizons = (1, 2, 5, CALIBRATED_HORIZONS)  # the longest: the fit's own origins
+    before = calibration_report(model, series, warmup, horizons=horizons, paths=50)
+    result = calibrate_horizons(model, series, warmup, paths=50)
+    after = calibration_report(model, series, warmup, horizons=horizons, paths=50)
+    origins = after["origins"]
+    assert origins == before["origins"] >= 4 * 40
+    assert result["horizons"] == CALIBRATED_HORIZONS
+    assert torch.equal(model.horizon_std_factor[0], torch.ones(2))
+    assert torch.equal(model.horizon_std_factor, torch.tensor(result["std_factor"]))
+    was = before["coverage"]
+    assert max(abs(was[h]["sampled_2std"] - TWO_STD_MASS) for h in ("2", "5", "32")) > 0.02
+    assert max(abs(c["sampled_q10_q90"] - 0.8) for c in was.values()) > 0.05
+    for h in map(str, horizons):
+        if h != "1":  # step 1: calibrate_std's business, not this one's
+            assert after["coverage"][h]["sampled_2std"] == pytest.approx(TWO_STD_MASS, abs=0.01)
+        assert after["coverage"][h]["sampled_q10_q90"] == pytest.approx(0.8, abs=0.03)
+        assert after["coverage"][h]["rollout_2std"] == before["coverage"][h]["rollout_2std"]
+    levels = model.horizon_levels
+    assert ((levels > 0) & (levels < 1)).all() and (levels.diff(dim=1) >= 0).all()
+
+
+def test_a_checkpoint_keeps_the_forecasts_calibration_and_one_without_it_loads_as_drawn(
+    tmp_path: Path,
+) -> None:
+    model, warmup = small_model(), 24
+    series = random_walks(2, n=2, length=warmup + CALIBRATED_HORIZONS + 13 * 10)
+    plain = save_checkpoint(model, tmp_path / "plain", name="tiny")
+    calibrate_horizons(model, series, warmup, paths=20)
+    calibrated = save_checkpoint(model, tmp_path / "calibrated", name="tiny")
+    assert calibrated.version != plain.version  # other answers, another version
+    loaded = load_checkpoint(tmp_path / "calibrated").model
+    for key in HORIZON_KEYS:
+        assert torch.equal(getattr(loaded, key), getattr(model, key))
+    # A /2 checkpoint, written before the forecast's calibration existed.
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "plain", old)
+    digest = without_the_factor(old, card_format="lstm-forecaster/2", keys=HORIZON_KEYS)
+    ckpt = load_checkpoint(old)
+    identity = HorizonCalibration.identity(2)
+    assert ckpt.version == digest[:12]
+    assert torch.equal(ckpt.model.horizon_std_factor, identity.std_factor)
+    assert torch.equal(ckpt.model.horizon_levels, identity.levels)
+    # A /3 one that lacks it is refused.
+    shutil.copytree(tmp_path / "calibrated", tmp_path / "broken")
+    without_the_factor(tmp_path / "broken", card_format=None, keys=HORIZON_KEYS[1:])
+    with pytest.raises(CheckpointError, match="horizon_levels"):
+        load_checkpoint(tmp_path / "broken")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("horizon_std_factor", 0.0),
+        ("horizon_std_factor", float("nan")),
+        ("horizon_levels", 0.0),
+        ("horizon_levels", 1.0),
+        ("horizon_levels", "out of order"),
+    ],
+)
+def test_a_checkpoint_whose_forecast_calibration_cannot_apply_is_refused(
+    tmp_path: Path, key: str, value: float | str
+) -> None:
+    model = small_model()
+    buffer = getattr(model, key)
+    if value == "out of order":
+        buffer[5, :, 1] = torch.tensor([0.4, 0.3, 0.9])
+    else:
+        buffer[5, 1] = value  # step 6's: of the second feature (factor), or second level
+    save_checkpoint(model, tmp_path, name="tiny")
+    with pytest.raises(CheckpointError, match=key):
+        load_checkpoint(tmp_path)
+
+
+def test_the_shipped_models_forecast_calibration_is_its_cards() -> None:
+    ckpt = load_checkpoint(SHIPPED)
+    fitted = ckpt.card["training"]["horizon_calibration"]
+    assert ckpt.model.horizon_std_factor.tolist() == fitted["std_factor"]
+    for i, q in enumerate(QUANTILES):
+        assert ckpt.model.horizon_levels[:, i].tolist() == fitted["levels"][str(q)]
+    assert (ckpt.model.horizon_std_factor[1:] != 1).any()  # fitted, not the identity
+
+
+def test_the_running_scaled_model_calibrates_its_forecast_too() -> None:
+    """Its paths carry their own running statistics (its widen and path_step); the fit and the
+    forecast go through the same calibration."""
+    model, warmup = running_model(), 24
+    series = random_walks(2, n=2, length=warmup + CALIBRATED_HORIZONS + 13 * 10)
+    x = torch.from_numpy(series[0][:30]).unsqueeze(0)
+    with torch.no_grad():
+        f = model(x)
+        before = model.sample_forecast(f.mean[:, -1], f.std[:, -1], f.state, 6, paths=40, seed=1)
+    calibrate_horizons(model, series, warmup, paths=40)
+    with torch.no_grad():
+        after = model.sample_forecast(f.mean[:, -1], f.std[:, -1], f.state, 6, paths=40, seed=1)
+    factor = model.horizon_std_factor[:6]
+    assert (factor[1:] != 1).all()
+    torch.testing.assert_close(after.mean, before.mean, rtol=0, atol=0)
+    torch.testing.assert_close(after.std, before.std * factor, rtol=1e-5, atol=0)
