@@ -161,7 +161,18 @@ def load_any_checkpoint(
     initial = model.state_dict()
     if card["format"] == FORMAT_UNCALIBRATED and UNCALIBRATED_KEY not in weights:
         weights[UNCALIBRATED_KEY] = initial[UNCALIBRATED_KEY].clone()
-    if card["format"] != FORMAT and not any(k in weights for k in HORIZON_KEYS):
+    held = [k for k in HORIZON_KEYS if k in weights]
+    if card["format"] == FORMAT and len(held) < len(HORIZON_KEYS):
+        missing = ", ".join(k for k in HORIZON_KEYS if k not in weights)
+        raise CheckpointError(
+            f"a {FORMAT} checkpoint holds the forecast's calibration: no {missing}"
+        )
+    if card["format"] != FORMAT:
+        if held:
+            raise CheckpointError(
+                f"a {card['format']} checkpoint holds no forecast calibration, this one has "
+                f"{', '.join(held)}"
+            )
         weights.update({k: initial[k].clone() for k in HORIZON_KEYS})
     expected = {k: tuple(v.shape) for k, v in initial.items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}

@@ -212,9 +212,9 @@ def level_of(draws: Tensor, value: Tensor) -> Tensor:
     return torch.where(count == 0, 0.0, torch.where(count == paths, 1.0, level))
 
 
-# The reported quantile levels are kept this far inside (0, 1): 200 paths cannot tell a level
-# closer to 0 or 1 than half a path apart.
-LEVEL_MARGIN = 0.5 / PATHS
+# Fewer forecast origins than this fit nothing: each 10% tail needs values enough to place its
+# level (at 18 origins the 10% quantile was read above the paths' median).
+MIN_ORIGINS = 100
 
 
 @torch.no_grad()
@@ -264,13 +264,18 @@ def calibrate_horizons(
             spread = per_row.std(dim=1)
             ratios[h - 1].append(((y[:, 0] - per_row.mean(dim=1)).abs() / spread).cpu().numpy())
             shares[h - 1].append(level_of(per_row, y[:, 0]).cpu().numpy())
-    if not origins_total:
-        raise NothingToCalibrate(f"no series is longer than warmup + {far} timesteps")
+    if origins_total < MIN_ORIGINS:
+        raise NothingToCalibrate(
+            f"{origins_total} forecast origins (every {stride} steps from the warmup, on series "
+            f"of at least warmup + {far} timesteps), fewer than the {MIN_ORIGINS} it needs"
+        )
     features = model.config.n_features
     factor = np.ones((far, features))
     factor[1:] = [np.quantile(np.concatenate(r), TWO_STD_MASS, axis=0) / 2.0 for r in ratios[1:]]
     levels = np.stack([np.quantile(np.concatenate(u), QUANTILES, axis=0) for u in shares])
-    levels = np.maximum.accumulate(levels.clip(LEVEL_MARGIN, 1 - LEVEL_MARGIN), axis=1)
+    # Kept half a path inside (0, 1): ``paths`` draws cannot place a level closer to either end.
+    margin = 0.5 / paths
+    levels = np.maximum.accumulate(levels.clip(margin, 1 - margin), axis=1)
     if not (np.isfinite(factor).all() and (factor > 0).all()):
         raise ValueError(f"the forecast's std factors came out {factor.tolist()}")
     model.horizon_std_factor.copy_(torch.from_numpy(factor))

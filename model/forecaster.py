@@ -365,22 +365,33 @@ def sample_paths(
     cal = calibration or HorizonCalibration.identity(features)
     cal = HorizonCalibration(*(t.to(next_mean) for t in cal))
     factor, levels = cal.at(1)
-    means, stds = [next_mean], [next_std * factor]
-    qs = [next_mean + torch.special.ndtri(levels).unsqueeze(1) * next_std]  # (Q, B, F)
+    first_std = next_std * factor  # the fit keeps step 1's factor at 1: the step's own std
+    means, stds = [next_mean], [first_std]
+    qs = [next_mean + torch.special.ndtri(levels).unsqueeze(1) * first_std]  # (Q, B, F)
     draws = draw_paths(step, next_mean, next_std, wide_state, horizon, paths=paths, seed=seed)
     for k, per_row in enumerate(draws, start=2):  # (B, paths, F)
         factor, levels = cal.at(k)
         means.append(per_row.mean(dim=1))
         stds.append(per_row.std(dim=1) * factor)
-        qs.append(
-            torch.stack(
-                [torch.quantile(per_row[:, :, f], levels[:, f], dim=1) for f in range(features)],
-                dim=-1,
-            )
-        )  # (Q, B, F)
+        qs.append(quantiles_at(per_row, levels))  # (Q, B, F)
     return SampledForecast(
         torch.stack(means, dim=1), torch.stack(stds, dim=1), torch.stack(qs, dim=2), paths
     )
+
+
+def quantiles_at(draws: Tensor, levels: Tensor) -> Tensor:
+    """The quantiles of ``draws`` (B, P, F) along P at ``levels`` (Q, F), a level per quantile and
+    feature: (Q, B, F). Linear interpolation between order statistics, as ``torch.quantile``
+    (position level * (P - 1)), with one sort for every feature."""
+    ordered = draws.sort(dim=1).values
+    batch, paths, _ = ordered.shape
+    position = levels * (paths - 1)  # (Q, F)
+    lo = position.floor().clamp(0, paths - 1)
+    frac = (position - lo).unsqueeze(0)  # (1, Q, F)
+    index = lo.long().unsqueeze(0).expand(batch, -1, -1)  # (B, Q, F)
+    below = ordered.gather(1, index)
+    above = ordered.gather(1, (index + 1).clamp(max=paths - 1))
+    return (below + frac * (above - below)).permute(1, 0, 2)
 
 
 def normal_quantile(p: float) -> float:

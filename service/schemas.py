@@ -268,12 +268,13 @@ class ForecastStep(BaseModel):
     std: list[float] = Field(
         description="its standard deviation, per feature: the spread of the sampled paths, so "
         "it holds the uncertainty of every step before it, times the model's factor for this "
-        "step (fitted so that mean ± 2 std covered 95.45% of held-out values; the card's "
-        "training.horizon_calibration)"
+        "step (fitted so that mean ± 2 std covered 95.45% of held-out values; "
+        "training.horizon_calibration in the model's card.json)"
     )
     p10: list[float] = Field(
         description="10% quantile, per feature: the paths read at the level for this step that "
-        "held-out values fell below 10% of the time (the card's training.horizon_calibration)"
+        "held-out values fell below 10% of the time (training.horizon_calibration in the "
+        "model's card.json)"
     )
     p50: list[float] = Field(description="median, per feature, calibrated as p10 is")
     p90: list[float] = Field(description="90% quantile, per feature, calibrated as p10 is")
@@ -284,8 +285,8 @@ class ForecastResult(BaseModel):
     t: int
     forecast: list[ForecastStep] = Field(
         description="one per future step, nearest first; the first is the model's Gaussian "
-        "forecast itself (the last step's mean and std, quantiles from it), later ones are "
-        "summarised from the sampled paths"
+        "forecast itself (the last step's mean and std, quantiles from that Gaussian at the "
+        "calibrated levels), later ones are summarised from the sampled paths"
     )
     paths: int = Field(description="paths sampled")
     seed: int = Field(description="seed they were sampled with")

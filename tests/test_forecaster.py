@@ -273,8 +273,10 @@ def test_example_csv_trains_end_to_end(tmp_path: Path) -> None:
     assert card["config"]["feature_names"] == ["kwh"]
     calibration = card["training"]["std_calibration"]  # fitted on validation, in the weights
     assert load_checkpoint(out).model.std_scale.tolist() == calibration["std_scale"] != [1.0]
-    forecast = card["training"]["horizon_calibration"]  # fitted on validation too, in the weights
-    assert load_checkpoint(out).model.horizon_std_factor.tolist() == forecast["std_factor"]
+    # The forecast's calibration: too few validation origins here to fit it, so none
+    forecast = card["training"]["horizon_calibration"]
+    assert "fewer than the 100 it needs" in forecast["not_fitted"]
+    assert torch.equal(load_checkpoint(out).model.horizon_std_factor, torch.ones(32, 1))
     assert set(card["metrics"]["one_step_mse"]) == {
         "model",
         "persistence",
@@ -682,7 +684,8 @@ def test_a_forecast_reports_its_paths_through_the_calibration_of_each_step() -> 
         )
     )  # steps 2..horizon, (1, 64, F) each
     torch.testing.assert_close(calibrated.mean, plain.mean, rtol=0, atol=0)  # means untouched
-    gaussian = torch.distributions.Normal(f.mean[0, -1], f.std[0, -1])
+    # step 1: the Gaussian, its std times step 1's factor (1.1 here; the fit keeps it at 1)
+    gaussian = torch.distributions.Normal(f.mean[0, -1], f.std[0, -1] * factor[0])
     torch.testing.assert_close(calibrated.std[0, 0], f.std[0, -1] * factor[0])
     torch.testing.assert_close(calibrated.quantiles[:, 0, 0], gaussian.icdf(levels[0]))
     for k in (2, 7, CALIBRATED_HORIZONS, horizon):
@@ -729,7 +732,7 @@ def test_a_checkpoint_keeps_the_forecasts_calibration_and_one_without_it_loads_a
     tmp_path: Path,
 ) -> None:
     model, warmup = small_model(), 24
-    series = random_walks(2, n=2, length=warmup + CALIBRATED_HORIZONS + 13 * 10)
+    series = random_walks(2, n=2, length=warmup + CALIBRATED_HORIZONS + 13 * 50)
     plain = save_checkpoint(model, tmp_path / "plain", name="tiny")
     calibrate_horizons(model, series, warmup, paths=20)
     calibrated = save_checkpoint(model, tmp_path / "calibrated", name="tiny")
@@ -746,35 +749,64 @@ def test_a_checkpoint_keeps_the_forecasts_calibration_and_one_without_it_loads_a
     assert ckpt.version == digest[:12]
     assert torch.equal(ckpt.model.horizon_std_factor, identity.std_factor)
     assert torch.equal(ckpt.model.horizon_levels, identity.levels)
-    # A /3 one that lacks it is refused.
+    # A /3 one that lacks it is refused, and so is a /2 one that holds it.
     shutil.copytree(tmp_path / "calibrated", tmp_path / "broken")
     without_the_factor(tmp_path / "broken", card_format=None, keys=HORIZON_KEYS[1:])
-    with pytest.raises(CheckpointError, match="horizon_levels"):
+    with pytest.raises(CheckpointError, match=r"/3 checkpoint holds .*: no horizon_levels"):
         load_checkpoint(tmp_path / "broken")
+    shutil.copytree(tmp_path / "calibrated", tmp_path / "mislabelled")
+    without_the_factor(tmp_path / "mislabelled", card_format="lstm-forecaster/2", keys=())
+    with pytest.raises(CheckpointError, match="/2 checkpoint holds no forecast calibration"):
+        load_checkpoint(tmp_path / "mislabelled")
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
+    ("key", "index", "value"),
     [
-        ("horizon_std_factor", 0.0),
-        ("horizon_std_factor", float("nan")),
-        ("horizon_levels", 0.0),
-        ("horizon_levels", 1.0),
-        ("horizon_levels", "out of order"),
+        ("horizon_std_factor", (5, 1), 0.0),
+        ("horizon_std_factor", (5, 1), float("nan")),
+        ("horizon_levels", (5, 0, 1), 0.0),  # the 10% level at 0, the others in order
+        ("horizon_levels", (5, 2, 1), 1.0),  # the 90% level at 1
+        ("horizon_levels", (5, 1, 1), 0.05),  # the 50% level below the 10% one
     ],
 )
 def test_a_checkpoint_whose_forecast_calibration_cannot_apply_is_refused(
-    tmp_path: Path, key: str, value: float | str
+    tmp_path: Path, key: str, index: tuple[int, ...], value: float
 ) -> None:
     model = small_model()
-    buffer = getattr(model, key)
-    if value == "out of order":
-        buffer[5, :, 1] = torch.tensor([0.4, 0.3, 0.9])
-    else:
-        buffer[5, 1] = value  # step 6's: of the second feature (factor), or second level
+    getattr(model, key)[index] = value
     save_checkpoint(model, tmp_path, name="tiny")
     with pytest.raises(CheckpointError, match=key):
         load_checkpoint(tmp_path)
+
+
+def test_level_of_is_where_torch_quantile_reads_a_value() -> None:
+    """value >= quantile(draws, l) exactly when l <= level_of(draws, value): its inverse, ties and
+    values outside the draws included."""
+    from model.evaluate import level_of
+
+    draws = torch.randn(4, 50, 2, dtype=torch.float64)
+    for level in (0.0, 0.03, 0.1, 0.5, 0.77, 1.0):
+        q = torch.quantile(draws, level, dim=1)  # (4, 2)
+        assert torch.allclose(level_of(draws, q), torch.full_like(q, level), atol=1e-9)
+        assert (level_of(draws, q + 1e-9) >= level).all()
+    draws[0, :5, 0] = 0.25  # tied draws: a value equal to them is read at the last of them
+    below, above = draws.amin(dim=1) - 1, draws.amax(dim=1) + 1
+    assert (level_of(draws, below) == 0).all() and (level_of(draws, above) == 1).all()
+    assert (level_of(draws, torch.full((4, 2), 0.25))[0, 0]).item() == pytest.approx(
+        float((draws[0, :, 0] < 0.25).sum() + 4) / 49
+    )  # among ties: the last of them
+
+
+def test_quantiles_at_levels_per_feature_are_torch_quantiles() -> None:
+    from model.forecaster import quantiles_at
+
+    draws = torch.randn(5, 200, 3)
+    levels = torch.tensor([[0.0, 0.1, 0.2], [0.5, 0.55, 0.6], [0.9, 0.97, 1.0]])
+    expected = torch.stack(
+        [torch.quantile(draws[:, :, f], levels[:, f], dim=1) for f in range(3)], dim=-1
+    )
+    torch.testing.assert_close(quantiles_at(draws, levels), expected)
 
 
 def test_the_shipped_models_forecast_calibration_is_its_cards() -> None:
@@ -790,7 +822,7 @@ def test_the_running_scaled_model_calibrates_its_forecast_too() -> None:
     """Its paths carry their own running statistics (its widen and path_step); the fit and the
     forecast go through the same calibration."""
     model, warmup = running_model(), 24
-    series = random_walks(2, n=2, length=warmup + CALIBRATED_HORIZONS + 13 * 10)
+    series = random_walks(2, n=2, length=warmup + CALIBRATED_HORIZONS + 13 * 50)
     x = torch.from_numpy(series[0][:30]).unsqueeze(0)
     with torch.no_grad():
         f = model(x)
@@ -802,3 +834,4 @@ def test_the_running_scaled_model_calibrates_its_forecast_too() -> None:
     assert (factor[1:] != 1).all()
     torch.testing.assert_close(after.mean, before.mean, rtol=0, atol=0)
     torch.testing.assert_close(after.std, before.std * factor, rtol=1e-5, atol=0)
+    assert not torch.equal(after.quantiles[:, :, 1:], before.quantiles[:, :, 1:])  # the levels
