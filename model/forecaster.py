@@ -19,7 +19,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 Scaling = Literal["global", "running"]
 SCALINGS: tuple[Scaling, ...] = ("global", "running")
+S = TypeVar("S")  # a forecaster's state: LSTMState, or the running-scaled model's ScaledState
 QUANTILES = (0.1, 0.5, 0.9)  # the quantiles a sampled forecast reports, per future step
 # Future steps with a calibration of their own (std factor, quantile levels: HorizonCalibration);
 # a step further ahead takes the last one's.
@@ -144,7 +145,59 @@ def build_body(module: nn.Module, config: ForecasterConfig, norm: Normalisation)
     module.head = nn.Linear(config.hidden_size, 2 * config.n_features)  # (mean, raw std)
 
 
-class LSTMForecaster(nn.Module):
+class PathForecasts(Generic[S]):
+    """``sample_forecast`` for a forecaster of state type S: one that feeds one value per row in
+    (``path_step``), repeats its state per path (``widen``) and holds the forecast's calibration
+    (``horizon_std_factor``, ``horizon_levels``: build_body's)."""
+
+    horizon_std_factor: Tensor
+    horizon_levels: Tensor
+
+    def path_step(self, value: Tensor, state: S) -> tuple[Tensor, Tensor, S]:
+        """One value per row fed in: the next value's mean and std (B, F) and the state."""
+        raise NotImplementedError
+
+    def widen(self, state: S, paths: int) -> S:
+        """Each row's state repeated ``paths`` times (``repeat_interleave``)."""
+        raise NotImplementedError
+
+    @property
+    def horizon_calibration(self) -> HorizonCalibration:
+        return HorizonCalibration(self.horizon_std_factor, self.horizon_levels)
+
+    @torch.no_grad()
+    def sample_forecast(
+        self,
+        next_mean: Tensor,
+        next_std: Tensor,
+        state: S,
+        horizon: int,
+        *,
+        paths: int,
+        seed: int,
+    ) -> SampledForecast:
+        """Forecast ``horizon`` future steps from ``paths`` sampled futures per row.
+
+        Arguments as ``rollout``'s. Each path draws the next value from the Gaussian the model
+        gives, feeds the draw back in as if observed and draws again, so the spread at step k
+        holds the uncertainty of every step before it. Step 1 is the model's Gaussian itself
+        (exact, no sampling); later steps are the paths' mean, std and quantiles. Each step's
+        std and quantiles go through the model's ``horizon_calibration``. The same ``seed``
+        gives the same answer for the same inputs (on one device, batch of one).
+        """
+        return sample_paths(
+            self.path_step,
+            next_mean,
+            next_std,
+            self.widen(state, paths),
+            horizon,
+            paths=paths,
+            seed=seed,
+            calibration=self.horizon_calibration,
+        )
+
+
+class LSTMForecaster(nn.Module, PathForecasts[LSTMState]):
     # Made by build_body: the statistics, the stack, the head, the std's and forecast's calibration.
     input_mean: Tensor
     input_std: Tensor
@@ -153,10 +206,6 @@ class LSTMForecaster(nn.Module):
     std_scale: Tensor
     horizon_std_factor: Tensor
     horizon_levels: Tensor
-
-    @property
-    def horizon_calibration(self) -> HorizonCalibration:
-        return HorizonCalibration(self.horizon_std_factor, self.horizon_levels)
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
@@ -229,48 +278,19 @@ class LSTMForecaster(nn.Module):
             stds.append(std[:, 0])
         return torch.stack(means, dim=1), torch.stack(stds, dim=1)
 
-    @torch.no_grad()
-    def sample_forecast(
-        self,
-        next_mean: Tensor,
-        next_std: Tensor,
-        state: LSTMState,
-        horizon: int,
-        *,
-        paths: int,
-        seed: int,
-    ) -> SampledForecast:
-        """Forecast ``horizon`` future steps from ``paths`` sampled futures per row.
-
-        Arguments as ``rollout``'s. Each path draws the next value from the Gaussian the model
-        gives, feeds the draw back in as if observed and draws again, so the spread at step k
-        holds the uncertainty of every step before it. Step 1 is the model's Gaussian itself
-        (exact, no sampling); later steps are the paths' mean, std and quantiles. Each step's
-        std and quantiles go through the model's ``horizon_calibration``. The same ``seed``
-        gives the same answer for the same inputs (on one device, batch of one).
-        """
-        return sample_paths(
-            self.path_step,
-            next_mean,
-            next_std,
-            self.widen(state, paths),
-            horizon,
-            paths=paths,
-            seed=seed,
-            calibration=self.horizon_calibration,
-        )
-
     def path_step(self, value: Tensor, state: LSTMState) -> tuple[Tensor, Tensor, LSTMState]:
-        """One value per row fed in: the next value's mean and std (B, F) and the state."""
         mean, std, state, _ = self.forward(value.unsqueeze(1), state)
         return mean[:, 0], std[:, 0], state
 
-    @staticmethod
-    def widen(state: LSTMState, paths: int) -> LSTMState:
-        """Each row's state repeated ``paths`` times (repeat_interleave): (layers, B * paths, H)."""
-        return LSTMState(
-            state.h.repeat_interleave(paths, dim=1), state.c.repeat_interleave(paths, dim=1)
-        )
+    def widen(self, state: LSTMState, paths: int) -> LSTMState:
+        return widen_lstm_state(state, paths)
+
+
+def widen_lstm_state(state: LSTMState, paths: int) -> LSTMState:
+    """Each row's state repeated ``paths`` times (repeat_interleave): (layers, B * paths, H)."""
+    return LSTMState(
+        state.h.repeat_interleave(paths, dim=1), state.c.repeat_interleave(paths, dim=1)
+    )
 
 
 class SampledForecast(NamedTuple):
@@ -306,9 +326,6 @@ class HorizonCalibration(NamedTuple):
         """Future step ``step`` (1-based): its std factor (F,) and its levels (Q, F)."""
         row = min(step, len(self.std_factor)) - 1
         return self.std_factor[row], self.levels[row]
-
-
-S = TypeVar("S")
 
 
 def draw_paths(

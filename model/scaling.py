@@ -28,12 +28,10 @@ from torch import Tensor, nn
 
 from model.forecaster import (
     ForecasterConfig,
-    HorizonCalibration,
-    LSTMForecaster,
     Normalisation,
-    SampledForecast,
+    PathForecasts,
     build_body,
-    sample_paths,
+    widen_lstm_state,
 )
 from model.lstm import GateTrace, LSTMState, StackedLSTM
 
@@ -112,7 +110,7 @@ class ScaledForecast(NamedTuple):
     scale: Tensor
 
 
-class RunningScaleForecaster(nn.Module):
+class RunningScaleForecaster(nn.Module, PathForecasts[ScaledState]):
     """The forecaster with ``scaling="running"``: same LSTM and head, its own units per series."""
 
     # Made by build_body: the statistics, the stack, the head, the std's calibration.
@@ -178,41 +176,12 @@ class RunningScaleForecaster(nn.Module):
             stds.append(f.std[:, 0])
         return torch.stack(means, dim=1), torch.stack(stds, dim=1)
 
-    @torch.no_grad()
-    def sample_forecast(
-        self,
-        next_mean: Tensor,
-        next_std: Tensor,
-        state: ScaledState,
-        horizon: int,
-        *,
-        paths: int,
-        seed: int,
-    ) -> SampledForecast:
-        """As ``LSTMForecaster.sample_forecast``; each path updates its own running statistics."""
-        return sample_paths(
-            self.path_step,
-            next_mean,
-            next_std,
-            self.widen(state, paths),
-            horizon,
-            paths=paths,
-            seed=seed,
-            calibration=self.horizon_calibration,
-        )
-
-    @property
-    def horizon_calibration(self) -> HorizonCalibration:
-        return HorizonCalibration(self.horizon_std_factor, self.horizon_levels)
-
     def path_step(self, value: Tensor, state: ScaledState) -> tuple[Tensor, Tensor, ScaledState]:
-        """One value per row fed in: the next value's mean and std (B, F) and the state."""
         f = self.forward(value.unsqueeze(1), state)
         return f.mean[:, 0], f.std[:, 0], f.state
 
-    @staticmethod
-    def widen(state: ScaledState, paths: int) -> ScaledState:
+    def widen(self, state: ScaledState, paths: int) -> ScaledState:
         """Each row's state, statistics included, repeated ``paths`` times."""
         return ScaledState(
-            LSTMForecaster.widen(state.lstm, paths), state.stats.repeat_interleave(paths)
+            widen_lstm_state(state.lstm, paths), state.stats.repeat_interleave(paths)
         )
