@@ -29,7 +29,13 @@ from torch import Tensor
 
 from model.checkpoint import CARD_FILE, AnyForecaster, CheckpointError, load_any_checkpoint
 from model.data import SeriesSet, load_acsf1, load_csv, split_series
-from model.forecaster import CALIBRATED_HORIZONS, QUANTILES, LSTMForecaster, draw_paths
+from model.forecaster import (
+    CALIBRATED_HORIZONS,
+    QUANTILES,
+    LSTMForecaster,
+    draw_paths,
+    level_of,
+)
 from model.lstm import LSTMState
 from model.scaling import RunningStats, ScaledState
 
@@ -195,21 +201,6 @@ def forecast_origins(
             stds.append(f.std[:, -1])
         actual = np.stack([s[o : o + far] for o in at])
         yield index, Origins(at, torch.cat(means), torch.cat(stds), _cat_states(states), actual)
-
-
-def level_of(draws: Tensor, value: Tensor) -> Tensor:
-    """Where ``value`` (B, F) falls among ``draws`` (B, P, F): the level l at which
-    ``torch.quantile(draws, l)`` (linear interpolation) gives the value, 0 below the least draw
-    and 1 above the greatest; so value >= quantile(draws, l) exactly when level >= l."""
-    ordered = draws.sort(dim=1).values
-    paths = ordered.shape[1]
-    count = (ordered <= value.unsqueeze(1)).sum(dim=1)  # (B, F)
-    j = (count - 1).clamp(0, paths - 2)
-    lo = ordered.gather(1, j.unsqueeze(1)).squeeze(1)
-    hi = ordered.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
-    frac = ((value - lo) / (hi - lo)).nan_to_num(0.0).clamp(0, 1)  # two equal draws: 0
-    level = (j + frac) / (paths - 1)
-    return torch.where(count == 0, 0.0, torch.where(count == paths, 1.0, level))
 
 
 # Fewer forecast origins than this fit nothing: each 10% tail needs values enough to place its

@@ -16,7 +16,6 @@ reach the network in comparable units.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
@@ -198,14 +197,13 @@ class PathForecasts(Generic[S]):
 
 
 class LSTMForecaster(nn.Module, PathForecasts[LSTMState]):
-    # Made by build_body: the statistics, the stack, the head, the std's and forecast's calibration.
+    # Made by build_body: the statistics, the stack, the head, the std's calibration (and the
+    # forecast's, declared by PathForecasts).
     input_mean: Tensor
     input_std: Tensor
     lstm: StackedLSTM
     head: nn.Linear
     std_scale: Tensor
-    horizon_std_factor: Tensor
-    horizon_levels: Tensor
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
@@ -411,11 +409,20 @@ def quantiles_at(draws: Tensor, levels: Tensor) -> Tensor:
     return (below + frac * (above - below)).permute(1, 0, 2)
 
 
-def normal_quantile(p: float) -> float:
-    """The standard normal's quantile function, Phi^-1(p)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"a quantile lies strictly between 0 and 1, got {p}")
-    return math.sqrt(2.0) * float(torch.erfinv(torch.tensor(2.0 * p - 1.0, dtype=torch.float64)))
+def level_of(draws: Tensor, value: Tensor) -> Tensor:
+    """``quantiles_at``'s inverse: where ``value`` (B, F) falls among ``draws`` (B, P, F), the
+    level l at which ``torch.quantile(draws, l)`` (linear interpolation) gives the value, 0 below
+    the least draw and 1 above the greatest; so value >= quantile(draws, l) exactly when
+    level >= l."""
+    ordered = draws.sort(dim=1).values
+    paths = ordered.shape[1]
+    count = (ordered <= value.unsqueeze(1)).sum(dim=1)  # (B, F)
+    j = (count - 1).clamp(0, paths - 2)
+    lo = ordered.gather(1, j.unsqueeze(1)).squeeze(1)
+    hi = ordered.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
+    frac = ((value - lo) / (hi - lo)).nan_to_num(0.0).clamp(0, 1)  # two equal draws: 0
+    level = (j + frac) / (paths - 1)
+    return torch.where(count == 0, 0.0, torch.where(count == paths, 1.0, level))
 
 
 def gaussian_nll(mean: Tensor, std: Tensor, target: Tensor, beta: float = 0.0) -> Tensor:

@@ -113,14 +113,13 @@ class ScaledForecast(NamedTuple):
 class RunningScaleForecaster(nn.Module, PathForecasts[ScaledState]):
     """The forecaster with ``scaling="running"``: same LSTM and head, its own units per series."""
 
-    # Made by build_body: the statistics, the stack, the head, the std's calibration.
+    # Made by build_body: the statistics, the stack, the head, the std's calibration (and the
+    # forecast's, declared by PathForecasts).
     input_mean: Tensor
     input_std: Tensor
     lstm: StackedLSTM
     head: nn.Linear
     std_scale: Tensor
-    horizon_std_factor: Tensor
-    horizon_levels: Tensor
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()

@@ -783,7 +783,7 @@ def test_a_checkpoint_whose_forecast_calibration_cannot_apply_is_refused(
 def test_level_of_is_where_torch_quantile_reads_a_value() -> None:
     """value >= quantile(draws, l) exactly when l <= level_of(draws, value): its inverse, ties and
     values outside the draws included."""
-    from model.evaluate import level_of
+    from model.forecaster import level_of
 
     draws = torch.randn(4, 50, 2, dtype=torch.float64)
     for level in (0.0, 0.03, 0.1, 0.5, 0.77, 1.0):
