@@ -54,6 +54,9 @@ class ForecasterConfig:
     # running: the least scale, as a fraction of the training std, so a constant start (std 0)
     # divides by no zero
     scale_floor: float = 1e-4
+    # running: the half-life, in timesteps, of a value's weight in the running mean and std; 0
+    # weighs every value since the series' start alike (cumulative)
+    scale_halflife: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.feature_names:
@@ -66,6 +69,13 @@ class ForecasterConfig:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
         if not self.scale_floor > 0:
             raise ValueError("scale_floor must be positive")
+        if not self.scale_halflife >= 0:
+            raise ValueError("scale_halflife must be 0 (cumulative) or positive")
+
+    @property
+    def scale_decay(self) -> float:
+        """Each step's factor on the running statistics' weights: 1 when cumulative."""
+        return 2.0 ** (-1.0 / self.scale_halflife) if self.scale_halflife else 1.0
 
     @property
     def n_features(self) -> int:

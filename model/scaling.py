@@ -53,8 +53,14 @@ class RunningStats(NamedTuple):
         return RunningStats(torch.zeros(batch, 1, dtype=torch.float64, device=device), z, z)
 
     @staticmethod
-    def of(prefixes: Sequence[np.ndarray], features: int) -> RunningStats:
-        """The statistics after each of ``prefixes`` (each (T_i, F), T_i may be 0)."""
+    def of(prefixes: Sequence[np.ndarray], features: int, decay: float = 1.0) -> RunningStats:
+        """The statistics after each of ``prefixes`` (each (T_i, F), T_i may be 0).
+
+        With ``decay`` < 1 they are exponentially weighted (``update``'s): the value j steps
+        back weighs ``decay ** j``, ``n`` is the sum of the weights.
+        """
+        if decay < 1.0:
+            return RunningStats._of_weighted(prefixes, features, decay)
         n = np.array([[len(p)] for p in prefixes], dtype=np.float64)
         mean = np.array(
             [p.mean(axis=0) if len(p) else np.zeros(features) for p in prefixes], np.float64
@@ -68,14 +74,33 @@ class RunningStats(NamedTuple):
         )
         return RunningStats(torch.from_numpy(n), torch.from_numpy(mean), torch.from_numpy(m2))
 
-    def update(self, x: Tensor) -> tuple[RunningStats, Tensor, Tensor]:
+    @staticmethod
+    def _of_weighted(prefixes: Sequence[np.ndarray], features: int, decay: float) -> RunningStats:
+        n = np.zeros((len(prefixes), 1))
+        mean = np.zeros((len(prefixes), features))
+        m2 = np.zeros((len(prefixes), features))
+        for row, p in enumerate(prefixes):
+            if len(p):
+                w = decay ** np.arange(len(p) - 1, -1, -1, dtype=np.float64)[:, None]  # (T, 1)
+                n[row] = w.sum()
+                mean[row] = (w * p).sum(axis=0) / n[row]
+                m2[row] = (w * (p - mean[row]) ** 2).sum(axis=0)
+        return RunningStats(torch.from_numpy(n), torch.from_numpy(mean), torch.from_numpy(m2))
+
+    def update(self, x: Tensor, decay: float = 1.0) -> tuple[RunningStats, Tensor, Tensor]:
         """Fold in ``x`` (B, T, F); also the mean and variance after each timestep (B, T, F).
+
+        ``decay`` < 1 forgets: before each value, the weight of everything seen so far (``n``)
+        and its squared deviations (``m2``) are multiplied by it, so the statistics follow a
+        series whose level or scale moves (an appliance turned on); 1 keeps every value alike.
 
         Chan et al.'s parallel combination of the statistics so far with each prefix of the
         chunk, computed about a shift (the mean so far, or the first value of a fresh series)
         so float64 loses nothing to cancellation.
         """
         x = x.to(torch.float64)
+        if decay < 1.0:
+            return self._update_weighted(x, decay)
         steps = x.shape[1]
         shift = torch.where(self.n > 0, self.mean, x[:, 0])  # (B, F)
         d = x - shift.unsqueeze(1)  # (B, T, F)
@@ -91,6 +116,21 @@ class RunningStats(NamedTuple):
         mean = mean + shift.unsqueeze(1)
         after = RunningStats(n[:, -1], mean[:, -1], m2[:, -1])
         return after, mean, m2 / n
+
+    def _update_weighted(self, x: Tensor, decay: float) -> tuple[RunningStats, Tensor, Tensor]:
+        """Step by step (West's weighted update, the old weight ``decay * n``): a chunk gets
+        exactly the arithmetic the same values get one by one, so chunks equal the whole."""
+        n, mean, m2 = self
+        means, variances = [], []
+        for t in range(x.shape[1]):
+            old = decay * n
+            n = old + 1.0
+            delta = x[:, t] - mean
+            mean = mean + delta / n
+            m2 = decay * m2 + delta.square() * old / n
+            means.append(mean)
+            variances.append(m2 / n)
+        return RunningStats(n, mean, m2), torch.stack(means, 1), torch.stack(variances, 1)
 
     def repeat_interleave(self, repeats: int) -> RunningStats:
         return RunningStats(*(t.repeat_interleave(repeats, dim=0) for t in self))
@@ -145,7 +185,7 @@ class RunningScaleForecaster(nn.Module, PathForecasts[ScaledState]):
         """Mean and std of the next value in the running units (``loc``, ``scale``) of each step."""
         if state is None:
             state = self.zero_state(x.shape[0])
-        stats, loc64, var = state.stats.update(x)
+        stats, loc64, var = state.stats.update(x, self.config.scale_decay)
         floor = self.config.scale_floor * self.input_std.to(torch.float64)
         loc = loc64.to(x.dtype)
         scale = (var + floor.square()).sqrt().to(x.dtype)  # (B, T, F)

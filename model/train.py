@@ -73,6 +73,10 @@ class TrainSettings:
     # gradient; on ACSF1's test appliances MSE went 0.076 -> 0.060, NLL -1.7 -> -2.5.
     nll_beta: float = 0.5
     grad_clip: float = 1.0  # LSTMs on spiky power data occasionally blow a gradient up
+    # scaling="running": targets beyond this many running scales count as this far (0: as they
+    # are); a series switched on from near zero lands thousands of scales away, and those few
+    # steps, unforeseeable, ruled the loss
+    target_clip: float = 0.0
     max_epochs: int = 40
     steps_per_epoch: int = 50
     patience: int = 10  # epochs without a better validation NLL before stopping (NLL is noisy)
@@ -243,7 +247,9 @@ def fit(
                 target = (windows[:, 1:] - model.input_mean) / model.input_std
                 loss = gaussian_nll(mean, std, target, settings.nll_beta)
             else:
-                loss = running_scale_loss(model, windows, before, settings.nll_beta)
+                loss = running_scale_loss(
+                    model, windows, before, settings.nll_beta, settings.target_clip
+                )
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -275,16 +281,23 @@ def fit(
 
 
 def running_scale_loss(
-    model: RunningScaleForecaster, windows: torch.Tensor, before: list[np.ndarray], beta: float
+    model: RunningScaleForecaster,
+    windows: torch.Tensor,
+    before: list[np.ndarray],
+    beta: float,
+    target_clip: float = 0.0,
 ) -> torch.Tensor:
     """The NLL in each step's running units, the statistics carried from the series' start."""
-    stats = RunningStats.of(before, windows.shape[-1])
+    stats = RunningStats.of(before, windows.shape[-1], model.config.scale_decay)
     state = model.zero_state(windows.shape[0])._replace(
         stats=RunningStats(*(t.to(windows.device) for t in stats))
     )
     f = model.forward_normalised(windows[:, :-1], state)
     target = (windows[:, 1:] - f.loc) / f.scale
-    counted = stats.n.to(windows.device).view(-1, 1) + torch.arange(
+    if target_clip > 0:
+        target = target.clamp(-target_clip, target_clip)
+    seen = torch.tensor([len(b) for b in before], device=windows.device)  # n is a weight if decayed
+    counted = seen.view(-1, 1) + torch.arange(
         1, windows.shape[1], device=windows.device
     )  # (B, T): values in the statistics after each input step
     keep = counted >= MIN_SCALE_COUNT
@@ -478,6 +491,13 @@ def parser() -> argparse.ArgumentParser:
         "service cannot serve yet): each series in its own causal running mean and std",
     )
     m.add_argument(
+        "--scale-halflife",
+        type=float,
+        default=c.scale_halflife,
+        help="with --scaling running: the half-life in timesteps of a value's weight in the "
+        "running mean and std (0: every value since the series' start alike)",
+    )
+    m.add_argument(
         "--variant",
         default=c.variant,
         choices=["standard", "peephole", "coupled"],
@@ -499,6 +519,13 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--nll-beta", type=float, default=d.nll_beta, help="beta-NLL weight (0: plain NLL)"
+    )
+    t.add_argument(
+        "--target-clip",
+        type=float,
+        default=d.target_clip,
+        help="with --scaling running: train on targets clipped to this many running scales "
+        "(0: unclipped)",
     )
     t.add_argument(
         "--warmup",
@@ -563,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             num_layers=args.num_layers,
             variant=args.variant,
             scaling=args.scaling,
+            scale_halflife=args.scale_halflife,
         )
         settings = TrainSettings(
             seed=args.seed,
@@ -571,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             window=args.window,
             patience=args.patience,
             nll_beta=args.nll_beta,
+            target_clip=args.target_clip,
             warmup=args.warmup,
             max_lag=args.max_lag,
             device=args.device,

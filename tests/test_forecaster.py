@@ -44,7 +44,7 @@ from model.forecaster import (
     sample_paths,
 )
 from model.scaling import RunningScaleForecaster, RunningStats
-from model.train import TrainSettings, evaluate, fit
+from model.train import TrainSettings, evaluate, fit, running_scale_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "acsf1-forecaster"
@@ -427,17 +427,48 @@ def test_running_stats_are_the_series_mean_and_variance_in_any_chunking(features
         torch.testing.assert_close(a, b)
 
 
-def running_model(features: int = 2) -> RunningScaleForecaster:
+@pytest.mark.parametrize("features", [1, 2])
+def test_decayed_running_stats_weigh_the_past_by_its_age_in_any_chunking(features: int) -> None:
+    """scale_halflife > 0: the value j steps back weighs decay**j, and chunking changes nothing."""
+    decay = ForecasterConfig(scaling="running", scale_halflife=6.0).scale_decay
+    assert decay == pytest.approx(0.5 ** (1 / 6))
+    x = torch.randn(3, 60, features, dtype=torch.float64) * 1e3 + 1e5
+    stats, means, variances = RunningStats.zeros(3, features).update(x, decay)
+    for t in (0, 1, 17, 59):
+        w = decay ** torch.arange(t, -1, -1, dtype=torch.float64).view(1, -1, 1)
+        mean = (w * x[:, : t + 1]).sum(1) / w.sum(1)
+        var = (w * (x[:, : t + 1] - mean.unsqueeze(1)) ** 2).sum(1) / w.sum(1)
+        torch.testing.assert_close(means[:, t], mean)
+        torch.testing.assert_close(variances[:, t], var)
+    chunked, pieces = RunningStats.zeros(3, features), []
+    for lo, hi in [(0, 1), (1, 20), (20, 21), (21, 60)]:
+        chunked, m, _ = chunked.update(x[:, lo:hi], decay)
+        pieces.append(m)
+    assert torch.equal(torch.cat(pieces, 1), means)  # the same arithmetic, bit for bit
+    of = RunningStats.of([s.numpy() for s in x], features, decay)
+    for a, b in zip(of, stats, strict=True):
+        torch.testing.assert_close(a, b)
+    # A level shift: the decayed mean follows it, the cumulative one lags by half of it.
+    shift = torch.cat([torch.zeros(1, 100, 1), torch.full((1, 100, 1), 1e3)], 1).double()
+    _, followed, _ = RunningStats.zeros(1, 1).update(shift, decay)
+    _, cumulative, _ = RunningStats.zeros(1, 1).update(shift)
+    assert float(followed[0, -1, 0]) > 999.0 and float(cumulative[0, -1, 0]) == pytest.approx(500.0)
+
+
+def running_model(features: int = 2, halflife: float = 0.0) -> RunningScaleForecaster:
     torch.manual_seed(0)
     names = tuple(f"f{i}" for i in range(features))
-    config = ForecasterConfig(names, hidden_size=8, num_layers=2, scaling="running")
+    config = ForecasterConfig(
+        names, hidden_size=8, num_layers=2, scaling="running", scale_halflife=halflife
+    )
     return RunningScaleForecaster(
         config, Normalisation((0.0,) * features, (1.0,) * features)
     ).eval()
 
 
-def test_running_scale_streams_exactly_and_ignores_magnitude() -> None:
-    model = running_model()
+@pytest.mark.parametrize("halflife", [0.0, 5.0])
+def test_running_scale_streams_exactly_and_ignores_magnitude(halflife: float) -> None:
+    model = running_model(halflife=halflife)
     x = torch.randn(2, 40, 2)
     with torch.no_grad():
         whole = model(x)
@@ -453,6 +484,24 @@ def test_running_scale_streams_exactly_and_ignores_magnitude() -> None:
         big.mean[:, 1:], whole.mean[:, 1:] * 1000.0 + 5000.0, rtol=1e-4, atol=1e-2
     )
     torch.testing.assert_close(big.std[:, 1:], whole.std[:, 1:] * 1000.0, rtol=1e-4, atol=1e-3)
+
+
+def test_target_clip_bounds_the_loss_of_a_series_switched_on() -> None:
+    """A series near zero that jumps a thousandfold: unclipped, the few steps after the jump rule
+    the running-scaled model's loss; clipped, each counts as at most target_clip scales away."""
+    model = running_model(features=1, halflife=8.0)
+    quiet = np.random.default_rng(0).normal(0.0, 1e-3, size=(1, 40, 1))
+    on = np.concatenate([quiet, 5.0 + quiet], axis=1)[:, :64]
+    windows = torch.from_numpy(on.astype(np.float32))
+    before = [np.zeros((0, 1), dtype=np.float32)]
+    with torch.no_grad():
+        unclipped = float(running_scale_loss(model, windows, before, 0.5))
+        clipped = float(running_scale_loss(model, windows, before, 0.5, target_clip=10.0))
+        calm = float(
+            running_scale_loss(model, torch.from_numpy(quiet.astype(np.float32)), before, 0.5)
+        )
+    assert unclipped > 100 * clipped
+    assert clipped < 100 * max(calm, 1.0)
 
 
 def test_a_running_scale_checkpoint_loads_for_evaluation_but_is_not_served(tmp_path: Path) -> None:
