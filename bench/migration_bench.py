@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import LSTMForecaster, load_checkpoint  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+from model.checkpoint import AnyForecaster  # noqa: E402
 from model.data import load_acsf1  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -40,7 +41,7 @@ WINDOWS = (16, 64, 128, 256, 1024)
 
 
 def forecasts_after(
-    new: LSTMForecaster, history: np.ndarray, future: np.ndarray, w: int | None
+    new: AnyForecaster, history: np.ndarray, future: np.ndarray, w: int | None
 ) -> np.ndarray:
     """The new model's one-step means for ``future`` after a replay of the last ``w`` inputs of
     ``history`` (None: all of it), in raw units."""

@@ -48,7 +48,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    model: LSTMForecaster
+    model: AnyForecaster
     name: str
     version: str  # the first 12 hex digits of the weights' SHA-256: equal weights, equal version
     card: dict[str, Any] = field(default_factory=dict)
@@ -120,14 +120,9 @@ def load_checkpoint(
     *,
     device: torch.device | str = "cpu",
 ) -> Checkpoint:
-    """Load and verify a servable checkpoint; raise CheckpointError naming what is wrong."""
+    """Load and verify a servable checkpoint (either scaling: a running-scaled model's sessions
+    keep its statistics beside (h, c)); raise CheckpointError naming what is wrong."""
     ckpt = load_any_checkpoint(directory, device=device)
-    if not isinstance(ckpt.model, LSTMForecaster):
-        raise CheckpointError(
-            f"{directory} holds a model with scaling={ckpt.model.config.scaling!r}: serving it "
-            "needs each session's running statistics in its state (pool, blobs, snapshots, "
-            "Redis), which this service does not keep yet"
-        )
     return Checkpoint(ckpt.model, ckpt.name, ckpt.version, ckpt.card)
 
 

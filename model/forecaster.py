@@ -170,6 +170,27 @@ class PathForecasts(Generic[S]):
         """Each row's state repeated ``paths`` times (``repeat_interleave``)."""
         raise NotImplementedError
 
+    def join_state(self, lstm: LSTMState, stats: Tensor | None) -> S:
+        """Its state from a session's (h, c) and kept statistics (``stats_width`` float64 values
+        per row; None when it keeps none)."""
+        raise NotImplementedError
+
+    def sample_kept_forecast(
+        self,
+        next_mean: Tensor,
+        next_std: Tensor,
+        lstm: LSTMState,
+        stats: Tensor | None,
+        horizon: int,
+        *,
+        paths: int,
+        seed: int,
+    ) -> SampledForecast:
+        """``sample_forecast`` from a state as a service keeps it: (h, c) and the statistics."""
+        return self.sample_forecast(
+            next_mean, next_std, self.join_state(lstm, stats), horizon, paths=paths, seed=seed
+        )
+
     @property
     def horizon_calibration(self) -> HorizonCalibration:
         return HorizonCalibration(self.horizon_std_factor, self.horizon_levels)
@@ -237,6 +258,18 @@ class LSTMForecaster(nn.Module, PathForecasts[LSTMState]):
 
     def zero_state(self, batch: int) -> LSTMState:
         return self.lstm.zero_state(batch)
+
+    # A session's state beyond the stack's (h, c), as a service keeps it: none here. The
+    # running-scaled model (model/scaling.py) keeps its statistics, ``stats_width`` float64
+    # values per session; ``join_state`` / ``split_state`` convert between a forecaster's state
+    # and the pair (LSTMState, those values as (B, stats_width), or None when the width is 0).
+    stats_width = 0
+
+    def join_state(self, lstm: LSTMState, stats: Tensor | None) -> LSTMState:
+        return lstm
+
+    def split_state(self, state: LSTMState) -> tuple[LSTMState, Tensor | None]:
+        return state, None
 
     def forward_normalised(
         self,

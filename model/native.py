@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.lstm import VARIANTS, GateTrace, LSTMState, StackedLSTM
+from model.scaling import INPUT_CLIP
 
 if TYPE_CHECKING:
-    from model.forecaster import LSTMForecaster
+    from model.checkpoint import AnyForecaster
 
 SOURCE = Path(__file__).with_name("native_lstm.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -362,8 +363,9 @@ def _softplus(x: np.ndarray) -> np.ndarray:
 
 
 class NativeForecaster:
-    """``LSTMForecaster.forward`` without gates, on numpy arrays: normalise, the stack through a
-    ``NativeLSTM``, the head, softplus, back to raw units; what a server's round calls on a CPU.
+    """A forecaster's forward without gates, on numpy arrays: normalise (by the training set's
+    statistics, or a running-scaled model's running ones), the stack through a ``NativeLSTM``,
+    the head, softplus, back to raw units; what a server's round calls on a CPU.
 
     Around a batch-1 step the forecaster's torch ops (normalisation, the head, softplus, each
     dispatched for a few values) cost several times the native stack itself; here they are numpy
@@ -371,7 +373,7 @@ class NativeForecaster:
     forecaster's outputs to float32 rounding (tests/test_native.py). Like the engine, it serves
     the stack's weights it was built from."""
 
-    def __init__(self, model: LSTMForecaster, engine: NativeLSTM) -> None:
+    def __init__(self, model: AnyForecaster, engine: NativeLSTM) -> None:
         if engine.stack is not model.lstm:
             raise ValueError("the engine was built for another stack")
         self.model, self.engine = model, engine
@@ -383,9 +385,14 @@ class NativeForecaster:
         self.w, self.b = model.head.weight.detach(), model.head.bias.detach()
         self.min_std = np.float32(model.config.min_std)
         self.std_scale = model.std_scale.detach().cpu().numpy().astype(np.float32)
+        # A running-scaled model (model/scaling.py): its statistics' update, in float64.
+        self.stats_width = model.stats_width
+        self.decay = model.config.scale_decay
+        floor = model.config.scale_floor * model.input_std.detach().cpu().double().numpy()
+        self.floor2 = np.square(floor)
 
     @staticmethod
-    def of(model: LSTMForecaster) -> NativeForecaster | None:
+    def of(model: AnyForecaster) -> NativeForecaster | None:
         """The array path of ``model`` when its stack runs through a NativeLSTM, else None."""
         engine = model.engine
         return NativeForecaster(model, engine) if isinstance(engine, NativeLSTM) else None
@@ -395,18 +402,48 @@ class NativeForecaster:
         return not self.model.training
 
     def __call__(
-        self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """x (B, T, F) raw values, h0, c0 (layers, B, hidden) -> the next value's mean and std
-        after each step (B, T, F) in raw units, and the final hn, cn."""
+        self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray, stats: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """x (B, T, F) raw values, h0, c0 (layers, B, hidden) and, for a running-scaled model,
+        ``stats`` (B, stats_width) float64 -> the next value's mean and std after each step
+        (B, T, F) in raw units, the final hn, cn and statistics (None for the global model)."""
         B, T, F_ = x.shape
-        z = (x - self.in_mean) / self.in_std
+        if self.stats_width:
+            if stats is None:
+                raise ValueError("a running-scaled model needs each row's statistics")
+            loc, scale, stats = self._running(x, stats)
+            z = np.clip((x - loc) / scale, -INPUT_CLIP, INPUT_CLIP)
+        else:
+            loc, scale = self.in_mean, self.in_std
+            z = (x - loc) / scale
         out, hn, cn = self.engine.forward_arrays(z.transpose(1, 0, 2), h0, c0)  # (T, B, H)
         head = F.linear(torch.from_numpy(out.reshape(T * B, -1)), self.w, self.b).numpy()
         head = head.reshape(T, B, 2 * F_).transpose(1, 0, 2)  # (B, T, 2F)
-        mean = head[..., :F_] * self.in_std + self.in_mean
-        std = (_softplus(head[..., F_:]) + self.min_std) * self.std_scale * self.in_std
-        return mean, std, hn, cn
+        mean = loc + scale * head[..., :F_]
+        std = scale * ((_softplus(head[..., F_:]) + self.min_std) * self.std_scale)
+        return mean, std, hn, cn, stats
+
+    def _running(
+        self, x: np.ndarray, stats: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``RunningStats.update`` step by step (West's weighted update; Welford's when nothing
+        decays), float64: each step's running mean and scale (B, T, F) as float32, and the
+        statistics after the chunk. The same arithmetic whatever the chunking."""
+        F_ = self.features
+        n, mean, m2 = stats[:, :1], stats[:, 1 : 1 + F_], stats[:, 1 + F_ :]
+        steps = x.shape[1]
+        means = np.empty(x.shape, np.float64)
+        variances = np.empty(x.shape, np.float64)
+        values = x.astype(np.float64)
+        for t in range(steps):
+            old = self.decay * n
+            n = old + 1.0
+            delta = values[:, t] - mean
+            mean = mean + delta / n
+            m2 = self.decay * m2 + np.square(delta) * old / n
+            means[:, t], variances[:, t] = mean, m2 / n
+        scale = np.sqrt(variances + self.floor2).astype(np.float32)
+        return means.astype(np.float32), scale, np.concatenate([n, mean, m2], axis=1)
 
 
 def build_engine(name: str, stack: StackedLSTM, cache: Path | None = None) -> StackEngine:

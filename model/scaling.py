@@ -19,7 +19,7 @@ checkpoint, ``load_any_checkpoint`` loads it for training and evaluation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from model.forecaster import (
     widen_lstm_state,
 )
 from model.lstm import GateTrace, LSTMState, StackedLSTM
+
+if TYPE_CHECKING:
+    from model.native import StackEngine
 
 # |z| beyond this reaches the network clipped: right after a constant start (std 0, the scale at
 # its floor) the first change is thousands of scales away, and would saturate every gate.
@@ -132,6 +135,22 @@ class RunningStats(NamedTuple):
             variances.append(m2 / n)
         return RunningStats(n, mean, m2), torch.stack(means, 1), torch.stack(variances, 1)
 
+    @staticmethod
+    def width(features: int) -> int:
+        """How many float64 values ``flat`` makes of one series' statistics."""
+        return 1 + 2 * features
+
+    def flat(self) -> Tensor:
+        """(B, 1 + 2F) float64: n, the means, the squared deviations; what a session keeps."""
+        return torch.cat([self.n, self.mean, self.m2], dim=1)
+
+    @staticmethod
+    def from_flat(values: Tensor) -> RunningStats:
+        """``flat``'s inverse (float64, on the values' device)."""
+        features = (values.shape[1] - 1) // 2
+        values = values.to(torch.float64)
+        return RunningStats(values[:, :1], values[:, 1 : 1 + features], values[:, 1 + features :])
+
     def repeat_interleave(self, repeats: int) -> RunningStats:
         return RunningStats(*(t.repeat_interleave(repeats, dim=0) for t in self))
 
@@ -171,6 +190,26 @@ class RunningScaleForecaster(nn.Module, PathForecasts[ScaledState]):
         # The training set's statistics: only its std is used, for the scale's floor and so NLLs
         # are reported in the same units as the global model's.
         build_body(self, config, norm)
+        # What runs the stack's forward (LSTMForecaster's, model/native.py): None, eager.
+        self.engine: StackEngine | None = None
+
+    def use_engine(self, engine: StackEngine | None) -> None:
+        """As ``LSTMForecaster.use_engine``: the stack's forward through ``engine``."""
+        self.engine = None if engine is self.lstm else engine
+
+    @property
+    def stats_width(self) -> int:
+        """The float64 values a session keeps beside (h, c): its ``RunningStats``, flat."""
+        return RunningStats.width(self.config.n_features)
+
+    def join_state(self, lstm: LSTMState, stats: Tensor | None) -> ScaledState:
+        """A session's state from its (h, c) and its kept statistics (B, stats_width)."""
+        if stats is None:
+            raise ValueError("a running-scaled session's state needs its statistics")
+        return ScaledState(lstm, RunningStats.from_flat(stats))
+
+    def split_state(self, state: ScaledState) -> tuple[LSTMState, Tensor | None]:
+        return state.lstm, state.stats.flat()
 
     def zero_state(self, batch: int) -> ScaledState:
         device = self.input_std.device
@@ -190,7 +229,8 @@ class RunningScaleForecaster(nn.Module, PathForecasts[ScaledState]):
         loc = loc64.to(x.dtype)
         scale = (var + floor.square()).sqrt().to(x.dtype)  # (B, T, F)
         z = ((x - loc) / scale).clamp(-INPUT_CLIP, INPUT_CLIP)
-        out, lstm_state, gates = self.lstm(z, state.lstm, return_gates=return_gates)
+        stack = self.lstm if self.engine is None else self.engine
+        out, lstm_state, gates = stack(z, state.lstm, return_gates=return_gates)
         mean, raw_std = self.head(out).chunk(2, dim=-1)  # (B, T, F) each
         std = (F.softplus(raw_std) + self.config.min_std) * self.std_scale
         return ScaledForecast(mean, std, ScaledState(lstm_state, stats), gates, loc, scale)

@@ -30,7 +30,7 @@ from typing import Any, cast
 import numpy as np
 from torch import Tensor
 
-from model import LSTMForecaster
+from model.checkpoint import AnyForecaster
 from model.native import StackEngine
 from service.errors import ModelFailure, ShuttingDown
 from service.results import ForecastOutputs, Outputs, StepDone
@@ -91,7 +91,7 @@ STOPPING = "the service is stopping: retry the request (with the same seq)"
 class MicroBatcher:
     def __init__(
         self,
-        model: LSTMForecaster,
+        model: AnyForecaster,
         pool: StatePool,
         *,
         max_batch: int = 256,

@@ -300,7 +300,14 @@ class Engine:
 
     def check_blob(self, header: dict[str, Any], state: SessionState) -> None:
         pool = self.store.pool
-        check_blob(header, state, self.model, (pool.h.shape[0], pool.h.shape[2]), self.n_features)
+        check_blob(
+            header,
+            state,
+            self.model,
+            (pool.h.shape[0], pool.h.shape[2]),
+            self.n_features,
+            pool.stats_width,
+        )
 
     # --- steps -------------------------------------------------------------------------------
 

@@ -147,25 +147,29 @@ class StateLayout:
     layers: int
     hidden: int
     features: int
+    stats: int = 0  # the model's float64 statistics per session (a running-scaled model's)
 
     @property
     def nbytes(self) -> int:
-        return 4 * (2 * self.layers * self.hidden + 2 * self.features)
+        return 4 * (2 * self.layers * self.hidden + 2 * self.features) + 8 * self.stats
 
     def to_bytes(self, state: SessionState) -> bytes:
-        # h, c, mean, std only: a journal holds no window (a state blob's fifth array)
-        return b"".join(a.astype("<f4").tobytes() for a in state.arrays()[:4])
+        # h, c, mean, std (float32), then the statistics (float64): no window (a blob's fifth)
+        floats = b"".join(a.astype("<f4").tobytes() for a in state.arrays()[:4])
+        return floats + state.stats_array().tobytes()
 
     def from_bytes(self, raw: bytes) -> SessionState:
-        values = np.frombuffer(raw, dtype="<f4").astype(np.float32)
         lh, f = self.layers * self.hidden, self.features
+        values = np.frombuffer(raw, dtype="<f4", count=2 * lh + 2 * f).astype(np.float32)
         h, c, mean, std = np.split(values, [lh, 2 * lh, 2 * lh + f])
         shape = (self.layers, self.hidden)
+        stats = np.frombuffer(raw, dtype="<f8", count=self.stats, offset=4 * (2 * lh + 2 * f))
         return SessionState(
             torch.from_numpy(h.reshape(shape).copy()),
             torch.from_numpy(c.reshape(shape).copy()),
             torch.from_numpy(mean.copy()),
             torch.from_numpy(std.copy()),
+            stats=torch.from_numpy(stats.astype(np.float64)) if self.stats else None,
         )
 
 
@@ -335,6 +339,7 @@ def journal_header(model: tuple[str, str], layout: StateLayout, *, base: bool = 
             "layers": layout.layers,
             "hidden": layout.hidden,
             "features": layout.features,
+            "stats": layout.stats,
         },
         sort_keys=True,
     ).encode()
@@ -344,13 +349,18 @@ def _check_header(record: bytes, layout: StateLayout, *, base: bool) -> dict[str
     """A file's header record checked against the layout; the model its states belong to."""
     try:
         header = json.loads(record)
-        shapes = (int(header["layers"]), int(header["hidden"]), int(header["features"]))
+        shapes = (
+            int(header["layers"]),
+            int(header["hidden"]),
+            int(header["features"]),
+            int(header.get("stats", 0)),  # journals from before statistics keep none
+        )
         model = {"model": str(header["model"]), "model_version": str(header["model_version"])}
     except (ValueError, KeyError, TypeError) as e:
         raise BlobError(f"not a session journal: {e}") from e
     if header.get("format") != FORMAT or bool(header.get("base")) != base:
         raise BlobError(f"not a session journal {'base' if base else 'file'}")
-    if shapes != (layout.layers, layout.hidden, layout.features):
+    if shapes != (layout.layers, layout.hidden, layout.features, layout.stats):
         raise BlobError(f"the journal holds states of shape {shapes}, not this model's")
     return model
 
@@ -497,7 +507,7 @@ class _Capture:
     ttl_s: np.ndarray  # float64
     created_at: np.ndarray
     last_active: np.ndarray
-    states: np.ndarray  # (N, state floats), float32 in a state's byte layout
+    states: np.ndarray  # (N, ...) in a state's byte layout (_rows)
 
     def payload(self) -> bytes:
         """``b"B" | u32 n | n x u16 id length | ids | n x i64 t | n x f64 ttl_s, created_at,
@@ -511,7 +521,7 @@ class _Capture:
                 self.ttl_s.astype("<f8").tobytes(),
                 self.created_at.astype("<f8").tobytes(),
                 self.last_active.astype("<f8").tobytes(),
-                self.states.astype("<f4", copy=False).tobytes(),
+                np.ascontiguousarray(self.states).tobytes(),
                 np.array([len(r) for r in self.records], dtype="<u4").tobytes(),
                 *self.records,
             ]
@@ -702,7 +712,9 @@ class StoreFiles:
     def _bind(self, store: SessionStore) -> None:
         self.store = store
         pool = store.pool
-        self.layout = StateLayout(pool.h.shape[0], pool.h.shape[2], pool.next_mean.shape[1])
+        self.layout = StateLayout(
+            pool.h.shape[0], pool.h.shape[2], pool.next_mean.shape[1], pool.stats_width
+        )
         self._zero = self.layout.to_bytes(pool.zero_state())
 
     def _entry(self, replayed: Replayed) -> tuple[dict[str, Any], SessionState]:
@@ -879,6 +891,7 @@ class StoreFiles:
                 pool.c.index_select(1, slots),
                 pool.next_mean.index_select(0, slots),
                 pool.next_std.index_select(0, slots),
+                pool.gather_stats(slots),
             ),
         )
 
@@ -925,18 +938,29 @@ class StoreFiles:
 def _state_rows(group: Group) -> np.ndarray:
     """A batch's new states, one row each in a state's byte layout (h, c, mean, std), made in
     one conversion: per-row tensor views cost more than the batch's step."""
-    return _rows(group.h, group.c, group.next_mean, group.next_std)
+    return _rows(group.h, group.c, group.next_mean, group.next_std, group.stats)
 
 
-def _rows(h: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-    """States (h, c as (layers, N, hidden); mean, std as (N, F)) as N rows of float32, in numpy
-    (on a CPU the tensors' own memory: a round's handful of torch ops cost more than its step)."""
+def _rows(
+    h: torch.Tensor,
+    c: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    stats: torch.Tensor | None = None,
+) -> np.ndarray:
+    """States (h, c as (layers, N, hidden); mean, std as (N, F); the statistics (N, S) if the
+    model keeps any) as N rows, each a state's bytes once ``tobytes``'d: float32, or, with
+    statistics, bytes (float32 then float64). In numpy (on a CPU the tensors' own memory: a
+    round's handful of torch ops cost more than its step)."""
     ha, ca, ma, sa = _array(h), _array(c), _array(mean), _array(std)
     n, lh = ma.shape[0], ha.shape[0] * ha.shape[2]
     rows = np.concatenate(
         [ha.transpose(1, 0, 2).reshape(n, lh), ca.transpose(1, 0, 2).reshape(n, lh), ma, sa], axis=1
-    )
-    return rows.astype("<f4", copy=False)
+    ).astype("<f4", copy=False)
+    if stats is None or not stats.shape[1]:
+        return rows
+    kept = stats.detach().cpu().numpy().astype("<f8")
+    return np.concatenate([rows.view(np.uint8), kept.view(np.uint8)], axis=1)
 
 
 def _array(x: torch.Tensor) -> np.ndarray:

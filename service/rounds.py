@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model import LSTMForecaster, LSTMState
+from model import LSTMState
+from model.checkpoint import AnyForecaster
 from model.native import NativeForecaster, StackEngine
 from service.errors import ModelFailure
 from service.results import ForecastOutputs, Outputs
@@ -54,6 +55,7 @@ class Group:
     z: Tensor | None = None
     x: Tensor | None = None  # (B, T, F): the chunks, for the sessions' windows
     pool: StatePool | None = None  # where they will go (a state for Redis: window_of)
+    stats: Tensor | None = None  # (B, S) float64: the model's statistics, when it keeps any
 
 
 @dataclass(slots=True)
@@ -72,7 +74,12 @@ class Computed:
         if slot is not None and g.pool is not None and g.x is not None:
             window = g.pool.window_of(slot, then=g.x[b])
         return SessionState(
-            g.h[:, b].cpu(), g.c[:, b].cpu(), g.next_mean[b].cpu(), g.next_std[b].cpu(), window
+            g.h[:, b].cpu(),
+            g.c[:, b].cpu(),
+            g.next_mean[b].cpu(),
+            g.next_std[b].cpu(),
+            window,
+            None if g.stats is None else g.stats[b].cpu(),
         )
 
 
@@ -189,9 +196,7 @@ class BurnInJob(Job):
         return int(self.x.shape[0])
 
 
-def replay(
-    model: LSTMForecaster, windows: list[Tensor], device: torch.device
-) -> list[SessionState]:
+def replay(model: AnyForecaster, windows: list[Tensor], device: torch.device) -> list[SessionState]:
     """The states ``model`` reaches over each window (k, F) from a zero state, windows of one
     length at a time in one batched forward: a migration's replay. Each state keeps its window."""
     out: list[SessionState | None] = [None] * len(windows)
@@ -201,13 +206,23 @@ def replay(
     with torch.no_grad():
         for indices in by_length.values():
             x = torch.stack([windows[i] for i in indices]).to(device)  # (B, k, F)
-            mean, std, state, _ = model(x, None)
+            f = model(x, None)
+            mean, std = f.mean, f.std
             if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
                 raise FloatingPointError("non-finite model output")
-            h, c = state.h.cpu(), state.c.cpu()
+            lstm, stats = model.split_state(f.state)
+            h, c = lstm.h.cpu(), lstm.c.cpu()
+            kept = None if stats is None else stats.cpu()
             last_mean, last_std = mean[:, -1].cpu(), std[:, -1].cpu()
             for b, i in enumerate(indices):
-                out[i] = SessionState(h[:, b], c[:, b], last_mean[b], last_std[b], windows[i].cpu())
+                out[i] = SessionState(
+                    h[:, b],
+                    c[:, b],
+                    last_mean[b],
+                    last_std[b],
+                    windows[i].cpu(),
+                    None if kept is None else kept[b],
+                )
     return [s for s in out if s is not None]
 
 
@@ -230,7 +245,7 @@ class RoundRunner:
 
     def __init__(
         self,
-        model: LSTMForecaster,
+        model: AnyForecaster,
         pool: StatePool,
         observer: BatchObserver,
         stack_engine: StackEngine | None = None,
@@ -280,13 +295,15 @@ class RoundRunner:
             slots.append(job.session.slot)
         for group, (rows, slots) in by_group.items():
             h, c, mean, std, x = group.h, group.c, group.next_mean, group.next_std, group.x
+            stats = group.stats
             if len(rows) < mean.shape[0]:  # some were refused: scatter the others' rows only
                 keep = torch.tensor(rows, device=self.device)
                 h, c = h.index_select(1, keep), c.index_select(1, keep)
                 mean, std = mean.index_select(0, keep), std.index_select(0, keep)
                 x = None if x is None else x.index_select(0, keep)
+                stats = None if stats is None else stats.index_select(0, keep)
             target = torch.tensor(slots, device=self.device)
-            self.pool.scatter(target, LSTMState(h, c), mean, std)
+            self.pool.scatter(target, LSTMState(h, c), mean, std, stats)
             if x is not None:
                 self.pool.record(target, x)
 
@@ -321,10 +338,12 @@ class RoundRunner:
         started = time.perf_counter()
         slots = torch.tensor([j.session.slot for j in jobs], device=self.device)
         x = torch.from_numpy(np.stack([j.x for j in jobs])).to(self.device)  # (B, T, F)
-        state = self.pool.gather(slots)
+        state = self.model.join_state(self.pool.gather(slots), self.pool.gather_stats(slots))
         prev_mean = self.pool.next_mean.index_select(0, slots)  # (B, F)
         prev_std = self.pool.next_std.index_select(0, slots)
-        mean, std, new_state, gates = self.model(x, state, return_gates=jobs[0].return_gates)
+        f = self.model(x, state, return_gates=jobs[0].return_gates)
+        mean, std, gates = f.mean, f.std, f.gates
+        new_state, stats = self.model.split_state(f.state)
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
             raise FloatingPointError("non-finite model output")
         # The forecast each value is scored against: the pool's for the first, then the chunk's.
@@ -334,7 +353,9 @@ class RoundRunner:
         self.observer.model_time(time.perf_counter() - started)
         self.observer.batch(len(jobs))
         self.observer.timesteps(x.shape[0] * x.shape[1])
-        group = Group(new_state.h, new_state.c, mean[:, -1], std[:, -1], mean, std, z, x, self.pool)
+        group = Group(
+            new_state.h, new_state.c, mean[:, -1], std[:, -1], mean, std, z, x, self.pool, stats
+        )
         # One conversion per tensor for the whole batch: per-row views and tolist() calls cost
         # more than the model's step at these sizes.
         means, stds, zs = mean.tolist(), std.tolist(), z.tolist()
@@ -364,7 +385,8 @@ class RoundRunner:
         slots = np.array([j.session.slot for j in jobs])
         x = np.stack([j.x for j in jobs])  # (B, T, F)
         h, c, prev_mean, prev_std = pool.gather(slots)
-        mean, std, hn, cn = model(x, h, c)
+        kept = pool.stats[slots] if model.stats_width else None
+        mean, std, hn, cn, stats = model(x, h, c, kept)
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
             raise FloatingPointError("non-finite model output")
         mean, std = np.ascontiguousarray(mean), np.ascontiguousarray(std)
@@ -377,7 +399,16 @@ class RoundRunner:
         self.observer.timesteps(x.shape[0] * x.shape[1])
         t = torch.from_numpy
         group = Group(
-            t(hn), t(cn), t(mean[:, -1]), t(std[:, -1]), t(mean), t(std), t(z), t(x), self.pool
+            t(hn),
+            t(cn),
+            t(mean[:, -1]),
+            t(std[:, -1]),
+            t(mean),
+            t(std),
+            t(z),
+            t(x),
+            self.pool,
+            None if stats is None else t(stats),
         )
         means, stds, zs = mean.tolist(), std.tolist(), z.tolist()
         return [
@@ -397,11 +428,11 @@ class RoundRunner:
 
     def _forecast(self, job: ForecastJob) -> ForecastOutputs:
         slot = torch.tensor([job.session.slot], device=self.device)
-        state = self.pool.gather(slot)
-        f = self.model.sample_forecast(
+        f = self.model.sample_kept_forecast(
             self.pool.next_mean[slot],
             self.pool.next_std[slot],
-            state,
+            self.pool.gather(slot),
+            self.pool.gather_stats(slot),
             job.horizon,
             paths=job.paths,
             seed=job.seed,
@@ -414,7 +445,8 @@ class RoundRunner:
             return self._predict_on_arrays(job, self.arrays)
         started = time.perf_counter()
         x = job.x.unsqueeze(0).to(self.device)  # (1, T, F)
-        mean, std, _, gates = self.model(x, None, return_gates=job.return_gates)
+        f = self.model(x, None, return_gates=job.return_gates)
+        mean, std, gates = f.mean, f.std, f.gates
         z = torch.cat(
             [torch.full_like(x[:, :1], float("nan")), (x[:, 1:] - mean[:, :-1]) / std[:, :-1]],
             dim=1,
@@ -437,7 +469,8 @@ class RoundRunner:
         x = job.x.numpy()[None]  # (1, T, F)
         layers, hidden = self.pool.h.shape[0], self.pool.h.shape[2]
         zeros = np.zeros((layers, 1, hidden), np.float32)
-        mean, std, _, _ = model(x, zeros, zeros)
+        none_seen = np.zeros((1, model.stats_width)) if model.stats_width else None
+        mean, std, _, _, _ = model(x, zeros, zeros, none_seen)
         z = np.concatenate(
             [np.full_like(x[:, :1], np.nan), (x[:, 1:] - mean[:, :-1]) / std[:, :-1]], axis=1
         )

@@ -348,6 +348,7 @@ class LSTMSessions:
             settings.max_sessions,
             self.device,
             window=settings.migration_window,
+            stats_width=model.stats_width,
         )
         authoritative = self.redis is None
         store = SessionStore(

@@ -1,7 +1,8 @@
 """The in-process session store: each session's (h, c) in a preallocated pool on the model's device.
 
-The pool holds, per slot, the recurrent state of every layer and the forecast already made for the
-session's next value (for anomaly scores and ``forecast``). Sessions are bookkeeping around a slot:
+The pool holds, per slot, the recurrent state of every layer, the model's statistics when it keeps
+some (a running-scaled model's, float64), and the forecast already made for the session's next
+value (for anomaly scores and ``forecast``). Sessions are bookkeeping around a slot:
 ``t``, times, the last applied step (for exactly-once retries) and an ``asyncio.Lock`` that orders
 a session's operations in arrival order (asyncio locks are FIFO) and never lets two run at once.
 
@@ -73,10 +74,14 @@ class StatePool:
         capacity: int,
         device: torch.device | str,
         window: int = 0,
+        stats_width: int = 0,
     ) -> None:
         self.capacity = capacity
         self.h = torch.zeros(layers, capacity, hidden, device=device)
         self.c = torch.zeros(layers, capacity, hidden, device=device)
+        # The model's state beyond (h, c), float64 (``stats_width`` of the model: a running-scaled
+        # one's statistics, model/scaling.py); (capacity, 0) for the global model.
+        self.stats = torch.zeros(capacity, stats_width, dtype=torch.float64, device=device)
         self.next_mean = torch.zeros(capacity, features, device=device)
         self.next_std = torch.ones(capacity, features, device=device)
         # Each session's last ``window`` inputs, a ring: input number n (0-based, counted by
@@ -92,7 +97,15 @@ class StatePool:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.h, self.c, self.next_mean, self.next_std, self.inputs, self.recorded)
+        tensors = (
+            self.h,
+            self.c,
+            self.stats,
+            self.next_mean,
+            self.next_std,
+            self.inputs,
+            self.recorded,
+        )
         return sum(t.element_size() * t.nelement() for t in tensors)
 
     def allocate(self) -> int:
@@ -113,12 +126,22 @@ class StatePool:
             torch.zeros(layers, hidden),
             torch.zeros(features),
             torch.ones(features),
+            stats=self.zero_stats(),
         )
+
+    @property
+    def stats_width(self) -> int:
+        return self.stats.shape[1]
+
+    def zero_stats(self) -> Tensor | None:
+        """A new session's statistics (none seen), None when the model keeps none."""
+        return torch.zeros(self.stats_width, dtype=torch.float64) if self.stats_width else None
 
     def zero(self, slot: int) -> None:
         """``zero_state()`` into a slot, in place: every create and reset does this."""
         self.h[:, slot].zero_()
         self.c[:, slot].zero_()
+        self.stats[slot].zero_()
         self.next_mean[slot].zero_()
         self.next_std[slot].fill_(1.0)
         self.recorded[slot] = 0
@@ -131,6 +154,7 @@ class StatePool:
             self.next_mean[slot].cpu().clone(),
             self.next_std[slot].cpu().clone(),
             self.window_of(slot),
+            self.stats[slot].cpu().clone() if self.stats_width else None,
         )
 
     def window_of(self, slot: int, then: Tensor | None = None) -> Tensor | None:
@@ -149,6 +173,10 @@ class StatePool:
     def write(self, slot: int, state: SessionState) -> None:
         self.h[:, slot] = state.h.to(self.h.device)
         self.c[:, slot] = state.c.to(self.c.device)
+        if self.stats_width:
+            if state.stats is None or state.stats.shape != (self.stats_width,):
+                raise ValueError("the state's statistics do not match the model's")
+            self.stats[slot] = state.stats.to(self.stats.device, torch.float64)
         self.next_mean[slot] = state.next_mean.to(self.next_mean.device)
         self.next_std[slot] = state.next_std.to(self.next_std.device)
         kept = 0
@@ -177,10 +205,23 @@ class StatePool:
     def gather(self, slots: Tensor) -> LSTMState:
         return LSTMState(self.h.index_select(1, slots), self.c.index_select(1, slots))
 
-    def scatter(self, slots: Tensor, state: LSTMState, next_mean: Tensor, next_std: Tensor) -> None:
+    def gather_stats(self, slots: Tensor) -> Tensor | None:
+        """The slots' statistics (B, stats_width) float64, None when the model keeps none."""
+        return self.stats.index_select(0, slots) if self.stats_width else None
+
+    def scatter(
+        self,
+        slots: Tensor,
+        state: LSTMState,
+        next_mean: Tensor,
+        next_std: Tensor,
+        stats: Tensor | None = None,
+    ) -> None:
         if self.arrays is not None:
-            self.arrays.scatter(slots.numpy(), state, next_mean, next_std)
+            self.arrays.scatter(slots.numpy(), state, next_mean, next_std, stats)
             return
+        if stats is not None:
+            self.stats.index_copy_(0, slots, stats.to(self.stats.device))
         self.h.index_copy_(1, slots, state.h)
         self.c.index_copy_(1, slots, state.c)
         self.next_mean.index_copy_(0, slots, next_mean)
@@ -197,6 +238,7 @@ class PoolArrays:
     next_std: np.ndarray
     inputs: np.ndarray  # (capacity, window, F)
     recorded: np.ndarray  # (capacity,) int64
+    stats: np.ndarray  # (capacity, stats_width) float64
 
     @staticmethod
     def of(pool: StatePool) -> PoolArrays:
@@ -207,6 +249,7 @@ class PoolArrays:
             pool.next_std.numpy(),
             pool.inputs.numpy(),
             pool.recorded.numpy(),
+            pool.stats.numpy(),
         )
 
     def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -214,8 +257,15 @@ class PoolArrays:
         return self.h[:, slots], self.c[:, slots], self.next_mean[slots], self.next_std[slots]
 
     def scatter(
-        self, slots: np.ndarray, state: LSTMState, next_mean: Tensor, next_std: Tensor
+        self,
+        slots: np.ndarray,
+        state: LSTMState,
+        next_mean: Tensor,
+        next_std: Tensor,
+        stats: Tensor | None = None,
     ) -> None:
+        if stats is not None:
+            self.stats[slots] = stats.numpy()
         self.h[:, slots] = state.h.numpy()
         self.c[:, slots] = state.c.numpy()
         self.next_mean[slots] = next_mean.numpy()

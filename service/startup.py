@@ -29,7 +29,8 @@ from typing import NoReturn
 
 import bentoml
 
-from model import Checkpoint, CheckpointError, LSTMForecaster
+from model import Checkpoint, CheckpointError
+from model.checkpoint import AnyForecaster
 from model.native import NativeLSTM, NativeUnavailable, StackEngine, build_engine
 from service.auth import ApiKeys, KeyFileError
 
@@ -190,7 +191,7 @@ def load_model(tag: str | None, model_dir: Path, device: str) -> Checkpoint:
         refuse_to_start(f"the stored model {tag!r} is unusable: {e}")
 
 
-def model_engine(name: str, model: LSTMForecaster, cache: Path | None = None) -> StackEngine:
+def model_engine(name: str, model: AnyForecaster, cache: Path | None = None) -> StackEngine:
     """The engine the batcher runs the stack with (``LSTM_MODEL_ENGINE``), built and checked
     against the eager stack before the service is ready. ``native`` asked for and unable to run
     stops the start; ``auto`` then serves eager and says why."""

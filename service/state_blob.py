@@ -8,8 +8,10 @@ The header names the model (name and version) the state belongs to, the shapes, 
 session's times, how many inputs its ``window`` holds and whether the blob is ``signed``; the
 payload is h and c (layers x hidden each), then the forecast already made for the next value (mean
 and std, one per feature), then the window's inputs (window x features, oldest first: what a
-migration to another model version replays), little-endian float32. A blob without ``window`` in
-its header (made before windows) has none. The digest is an HMAC-SHA256 under the deployment's
+migration to another model version replays), little-endian float32; then, for a running-scaled
+model, its ``stats`` (1 + 2 x features values, little-endian float64: the series' running
+statistics, model/scaling.py). A blob without ``window`` or ``stats`` in its header (made before
+them) has none. The digest is an HMAC-SHA256 under the deployment's
 key (``LSTM_BLOB_KEY``) when the blob is signed, a plain SHA-256 otherwise: the first proves who
 made the blob, the second only that it was not damaged (anyone can compute it for a blob of their
 own making).
@@ -61,6 +63,15 @@ class SessionState:
     # The session's last inputs, oldest first, (k, F) raw values (k <= LSTM_MIGRATION_WINDOW):
     # what a migration to another model version replays. None: none kept.
     window: Tensor | None = None
+    # The model's state beyond (h, c): a running-scaled model's statistics (model/scaling.py),
+    # (stats_width,) float64. None: the model keeps none.
+    stats: Tensor | None = None
+
+    def stats_array(self) -> np.ndarray:
+        """The statistics as little-endian float64 (empty when there are none)."""
+        if self.stats is None:
+            return np.zeros(0, "<f8")
+        return self.stats.detach().to("cpu", torch.float64).contiguous().numpy().astype("<f8")
 
     def arrays(self) -> list[np.ndarray]:
         tensors = [self.h, self.c, self.next_mean, self.next_std]
@@ -81,11 +92,12 @@ def encode(state: SessionState, header: dict[str, Any], key: bytes | None = None
         "hidden": arrays[0].shape[1],
         "features": arrays[2].shape[0],
         "window": state.window_rows(),
+        "stats": 0 if state.stats is None else int(state.stats.shape[0]),
         "dtype": "float32",
         "signed": key is not None,
     }
     head = json.dumps(full_header, sort_keys=True, separators=(",", ":")).encode()
-    payload = b"".join(a.astype("<f4").tobytes() for a in arrays)
+    payload = b"".join(a.astype("<f4").tobytes() for a in arrays) + state.stats_array().tobytes()
     body = MAGIC + struct.pack("<I", len(head)) + head + payload
     return body + digest(body, key)
 
@@ -121,21 +133,27 @@ def decode(blob: bytes, key: bytes | None = None) -> tuple[dict[str, Any], Sessi
     except (ValueError, KeyError, TypeError) as e:
         raise BlobError(f"the session state blob has an unreadable header: {e}") from e
     window = header.get("window", 0)  # blobs from before windows have none
+    stats = header.get("stats", 0)  # nor statistics
     if header.get("dtype") != "float32" or min(layers, hidden, features) < 1:
         raise BlobError("the session state blob's header has impossible shapes or dtype")
     if not (type(window) is int and 0 <= window <= WINDOW_CEILING):
         raise BlobError(f"the session state blob's window is not a count in [0, {WINDOW_CEILING}]")
-    payload = np.frombuffer(body, dtype="<f4", offset=start + head_len)
+    if not (type(stats) is int and 0 <= stats <= 1 + 2 * features):
+        raise BlobError("the session state blob's statistics are not a count in [0, 1 + 2F]")
     sizes = [layers * hidden, layers * hidden, features, features, window * features]
-    if payload.size != sum(sizes):
+    offset = start + head_len
+    if len(body) - offset != 4 * sum(sizes) + 8 * stats:
         raise BlobError("the session state blob's payload does not match its header's shapes")
+    payload = np.frombuffer(body, dtype="<f4", offset=offset, count=sum(sizes))
     parts = np.split(payload.astype(np.float32), np.cumsum(sizes)[:-1])
+    values = np.frombuffer(body, dtype="<f8", offset=offset + 4 * sum(sizes), count=stats)
     state = SessionState(
         torch.from_numpy(parts[0].reshape(layers, hidden).copy()),
         torch.from_numpy(parts[1].reshape(layers, hidden).copy()),
         torch.from_numpy(parts[2].copy()),
         torch.from_numpy(parts[3].copy()),
         torch.from_numpy(parts[4].reshape(window, features).copy()) if window else None,
+        torch.from_numpy(values.astype(np.float64)) if stats else None,
     )
     return header, state
 
@@ -146,6 +164,7 @@ def check_blob(
     model: tuple[str, str],
     shape: tuple[int, int],
     features: int,
+    stats_width: int = 0,
 ) -> None:
     """Whether a decoded blob may become a session here: of this ``model`` (name, version), of
     its ``shape`` (layers, hidden) and ``features``, and within what the model can produce.
@@ -162,6 +181,11 @@ def check_blob(
         )
     if (tuple(state.h.shape), state.next_mean.shape[0]) != (shape, features):
         raise BlobCorrupted("the blob's shapes do not match the model's")
+    theirs_width = 0 if state.stats is None else int(state.stats.shape[0])
+    if theirs_width != stats_width:
+        raise BlobCorrupted(
+            f"the blob keeps {theirs_width} statistics per session; this model keeps {stats_width}"
+        )
     tensors = (state.h, state.c, state.next_mean, state.next_std)
     if not all(bool(torch.isfinite(a).all()) for a in tensors):
         raise BlobCorrupted("the blob was refused: the state holds NaN or infinite values")
@@ -178,6 +202,8 @@ def check_blob(
         raise BlobOutOfRange(f"the blob was refused: a forecast mean beyond {VALUE_CEILING:g}")
     if not (float(state.next_std.min()) > 0 and float(state.next_std.max()) <= VALUE_CEILING):
         raise BlobOutOfRange(f"the blob was refused: a forecast std not in (0, {VALUE_CEILING:g}]")
+    if state.stats is not None:
+        check_stats(state.stats, t, features)
     if state.window is not None:
         if state.window.shape[1] != features:
             raise BlobCorrupted("the blob's window does not match the model's features")
@@ -188,3 +214,24 @@ def check_blob(
             and float(state.window.abs().max()) <= VALUE_CEILING
         ):
             raise BlobOutOfRange(f"the blob was refused: a window value beyond {VALUE_CEILING:g}")
+
+
+def check_stats(stats: Tensor, t: int, features: int) -> None:
+    """A running-scaled session's statistics (model/scaling.py's RunningStats, flat: n, the
+    means, the squared deviations) within what ``t`` values no larger than VALUE_CEILING make:
+    each value adds at most 1 to n (less once the past decays) and at least 1 is kept after the
+    first, the means lie among the values, and each variance is at most (2 * VALUE_CEILING)^2."""
+    from service.errors import BlobCorrupted, BlobOutOfRange
+    from service.schemas import VALUE_CEILING
+
+    if not bool(torch.isfinite(stats).all()):
+        raise BlobCorrupted("the blob was refused: its statistics hold NaN or infinite values")
+    n, mean, m2 = float(stats[0]), stats[1 : 1 + features], stats[1 + features :]
+    if not (min(t, 1) * (1 - 1e-9) <= n <= t * (1 + 1e-9)):
+        raise BlobOutOfRange(f"the blob was refused: its statistics' weight is not in [1, t = {t}]")
+    if float(mean.abs().max()) > VALUE_CEILING:
+        raise BlobOutOfRange(f"the blob was refused: a running mean beyond {VALUE_CEILING:g}")
+    if not (float(m2.min()) >= 0 and float(m2.max()) <= n * (2 * VALUE_CEILING) ** 2):
+        raise BlobOutOfRange(
+            "the blob was refused: a running variance below 0 or beyond its values'"
+        )

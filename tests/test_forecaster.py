@@ -504,16 +504,27 @@ def test_target_clip_bounds_the_loss_of_a_series_switched_on() -> None:
     assert clipped < 100 * max(calm, 1.0)
 
 
-def test_a_running_scale_checkpoint_loads_for_evaluation_but_is_not_served(tmp_path: Path) -> None:
-    model = running_model()
+def test_a_running_scale_checkpoint_loads_for_serving_and_its_state_splits_and_joins(
+    tmp_path: Path,
+) -> None:
+    """load_checkpoint serves it; a state split into (h, c) and the flat statistics a session
+    keeps, and joined again, continues the series exactly."""
+    model = running_model(halflife=4.0)
     save_checkpoint(model, tmp_path / "m", name="m")
-    with pytest.raises(CheckpointError, match="running statistics"):
-        load_checkpoint(tmp_path / "m")
-    loaded = load_any_checkpoint(tmp_path / "m").model
+    loaded = load_checkpoint(tmp_path / "m").model
     assert isinstance(loaded, RunningScaleForecaster)
-    x = torch.randn(1, 9, 2)
+    assert isinstance(load_any_checkpoint(tmp_path / "m").model, RunningScaleForecaster)
+    x = torch.randn(3, 9, 2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).mean, model(x).mean, atol=0, rtol=0)
+        first = loaded(x[:, :4])
+        lstm, stats = loaded.split_state(first.state)
+        assert stats is not None and stats.shape == (3, loaded.stats_width) == (3, 5)
+        assert stats.dtype == torch.float64
+        rest = loaded(x[:, 4:], loaded.join_state(lstm, stats.clone()))
+        whole = loaded(x)
+    assert torch.equal(torch.cat([first.mean, rest.mean], 1), whole.mean)
+    assert small_model().stats_width == 0
 
 
 def test_scale_free_report_scores_every_series_in_its_own_units() -> None:

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from model import ForecasterConfig, LSTMForecaster
+from model.checkpoint import AnyForecaster
+from model.scaling import RunningScaleForecaster
 from service.backends import EmbeddedBackend
 from service.batcher import MicroBatcher
 from service.engine import Engine, EngineLimits
@@ -60,22 +62,35 @@ def test_a_checksum_mismatch_drops_that_record_and_all_after_it(where: str) -> N
 # --- an engine on a journal --------------------------------------------------------------------
 
 
-def tiny_model() -> LSTMForecaster:
+def tiny_model(running: bool = False) -> AnyForecaster:
     torch.manual_seed(0)
+    if running:  # sessions keep its statistics too (float64, beside h and c)
+        config = ForecasterConfig(
+            ("v",), hidden_size=8, num_layers=2, scaling="running", scale_halflife=3.0
+        )
+        return RunningScaleForecaster(config).eval()
     return LSTMForecaster(ForecasterConfig(("v",), hidden_size=8, num_layers=2)).eval()
 
 
 class Server:
     """An engine on the embedded store with its files at ``path``, as the service wires it."""
 
-    def __init__(self, path: Path, mode: str, max_bytes: int = 1 << 20, window: int = 0) -> None:
-        pool = StatePool(2, 8, 1, 16, "cpu", window=window)
+    def __init__(
+        self,
+        path: Path,
+        mode: str,
+        max_bytes: int = 1 << 20,
+        window: int = 0,
+        running: bool = False,
+    ) -> None:
+        model = tiny_model(running)
+        pool = StatePool(2, 8, 1, 16, "cpu", window=window, stats_width=model.stats_width)
         self.store = SessionStore(pool, StoreLimits(16, 60, 60, False, 10))
         self.files = StoreFiles(
             path, mode, max_bytes, model=MODEL, header_of=lambda s: self.engine.blob_header(s)
         )
         backend = EmbeddedBackend(self.store, self.files)
-        batcher = MicroBatcher(tiny_model(), pool, persist=backend.persist)
+        batcher = MicroBatcher(model, pool, persist=backend.persist)
         self.engine = Engine(
             backend, batcher, model=MODEL, n_features=1, limits=EngineLimits(16, 64, 8, 4)
         )
@@ -86,7 +101,8 @@ class Server:
         s = self.store.peek(sid)
         assert s is not None
         state = self.store.pool.read(s.slot)
-        return [state.h, state.c, state.next_mean, state.next_std]
+        kept = [] if state.stats is None else [state.stats]
+        return [state.h, state.c, state.next_mean, state.next_std, *kept]
 
 
 def step(sid: str, rows: list[float], seq: int | None) -> Step:
@@ -101,13 +117,15 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("window", [0, 8])  # 8: states carry windows (the journal keeps none)
+@pytest.mark.parametrize(
+    ("window", "running"), [(0, False), (8, False), (0, True)]
+)  # 8: states carry windows (the journal keeps none); running: and statistics
 @pytest.mark.parametrize("mode", ["write", "fsync"])
 def test_a_crash_loses_no_answered_change_and_a_retry_is_answered_once(
-    tmp_path: Path, mode: str, window: int
+    tmp_path: Path, mode: str, window: int, running: bool
 ) -> None:
     path = tmp_path / "s.snapshot"
-    before = Server(path, mode, window=window)
+    before = Server(path, mode, window=window, running=running)
     assert before.recovery is None  # nothing on disk yet
 
     async def serve() -> dict[str, Any]:
@@ -128,8 +146,9 @@ def test_a_crash_loses_no_answered_change_and_a_retry_is_answered_once(
 
     replies = run(serve())
     # no clean stop: the next server reads what the journal holds
-    after = Server(path, mode, window=window)
+    after = Server(path, mode, window=window, running=running)
     assert after.recovery is not None and after.recovery.restored.sessions == 4
+    assert len(after.state("a")) == 4 + running
     assert {s.id for s in after.store.sessions()} == {"a", "b", "copy", "zeroed"}
     for sid in ("a", "b"):
         assert same(after.state(sid), before.state(sid))
@@ -153,9 +172,12 @@ def test_a_crash_loses_no_answered_change_and_a_retry_is_answered_once(
     run(retry())
 
 
-def test_a_step_that_returned_its_gates_is_answered_again_with_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("running", [False, True])
+def test_a_step_that_returned_its_gates_is_answered_again_with_them(
+    tmp_path: Path, running: bool
+) -> None:
     path = tmp_path / "s.snapshot"
-    before = Server(path, "write")
+    before = Server(path, "write", running=running)
     body = Step(session_id="g", inputs=[[v] for v in VALUES[:3]], seq=0, return_gates=True)
 
     async def serve() -> dict[str, Any]:
@@ -164,7 +186,7 @@ def test_a_step_that_returned_its_gates_is_answered_again_with_them(tmp_path: Pa
 
     first = run(serve())
     assert first["gates"] is not None
-    after = Server(path, "write")
+    after = Server(path, "write", running=running)
     again = run(after.engine.step(body))
     assert again == first and after.store.get("g").t == 3
     assert same(after.state("g"), before.state("g"))
@@ -190,9 +212,12 @@ def test_a_round_cut_short_by_the_crash_is_not_applied_at_all(tmp_path: Path) ->
     assert (after.store.get("p").t, after.store.get("q").t) == (3, 2)  # the round before it
 
 
-def test_compaction_moves_the_journal_into_the_snapshot_and_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("running", [False, True])
+def test_compaction_moves_the_journal_into_the_snapshot_and_loses_nothing(
+    tmp_path: Path, running: bool
+) -> None:
     path = tmp_path / "s.snapshot"
-    server = Server(path, "write", max_bytes=4096)  # a few rounds a journal
+    server = Server(path, "write", max_bytes=4096, running=running)  # a few rounds a journal
     first = server.files.journals()[0][0]
 
     async def serve() -> None:
@@ -211,7 +236,7 @@ def test_compaction_moves_the_journal_into_the_snapshot_and_loses_nothing(tmp_pa
     assert [g for g, _ in journals] != [first] and len(journals) == 1  # rotated, old ones gone
     assert [g for g, _ in bases] == [g for g, _ in journals]  # the base its journal follows
     assert not path.exists()  # the base holds what the snapshot held
-    after = Server(path, "write", max_bytes=4096)
+    after = Server(path, "write", max_bytes=4096, running=running)
     assert after.store.get("m").t == after.store.get("n").t == len(VALUES)
     assert same(after.state("m"), server.state("m"))
     assert same(after.state("n"), server.state("n"))

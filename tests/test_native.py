@@ -352,7 +352,8 @@ def test_the_array_forecaster_equals_the_forecaster(
     for state in (model.zero_state(batch), served_state(model.lstm, batch)):
         with torch.no_grad():
             ref = model(x, state)
-        mean, std, hn, cn = arrays(x.numpy(), state.h.numpy(), state.c.numpy())
+        mean, std, hn, cn, stats = arrays(x.numpy(), state.h.numpy(), state.c.numpy())
+        assert stats is None
         assert mean.dtype == std.dtype == hn.dtype == np.float32
         torch.testing.assert_close(torch.from_numpy(mean), ref.mean, atol=ATOL, rtol=0)
         torch.testing.assert_close(torch.from_numpy(std), ref.std, atol=ATOL, rtol=0)
@@ -371,11 +372,49 @@ def test_the_array_forecaster_passes_nan_and_large_values_as_the_forecaster() ->
     state = model.zero_state(2)
     with torch.no_grad():
         ref = model(x, state)
-    mean, std, _, cn = arrays(x.numpy(), state.h.numpy(), state.c.numpy())
+    mean, std, _, cn, _ = arrays(x.numpy(), state.h.numpy(), state.c.numpy())
     assert np.isnan(mean[0, 1:]).all() and np.isfinite(mean[1]).all()
     torch.testing.assert_close(torch.from_numpy(mean), ref.mean, atol=ATOL, rtol=0, equal_nan=True)
     torch.testing.assert_close(torch.from_numpy(std), ref.std, atol=1e-5, rtol=1e-6, equal_nan=True)
     torch.testing.assert_close(torch.from_numpy(cn), ref.state.c, atol=ATOL, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("halflife", [0.0, 6.0])
+def test_the_array_forecaster_of_a_running_scaled_model_equals_it_in_any_chunking(
+    halflife: float,
+) -> None:
+    """A running-scaled model (model/scaling.py) on arrays: its statistics updated in numpy,
+    float64, equal to the model's torch forward, and the same bits whatever the chunking."""
+    from model import Normalisation
+    from model.native import NativeForecaster
+    from model.scaling import RunningScaleForecaster, RunningStats
+
+    torch.manual_seed(3)
+    config = ForecasterConfig(
+        ("a", "b"), hidden_size=16, num_layers=2, scaling="running", scale_halflife=halflife
+    )
+    model = RunningScaleForecaster(config, Normalisation((0.0, 0.0), (2.0, 3.0))).eval()
+    arrays = NativeForecaster(model, NativeLSTM(model.lstm))
+    x = torch.randn(3, 20, 2) * torch.tensor([1.0, 1000.0]) + torch.tensor([5.0, -4000.0])
+    with torch.no_grad():
+        ref = model(x)
+    h = np.zeros((2, 3, 16), np.float32)
+    state = (h, h.copy(), np.zeros((3, model.stats_width)))
+    whole = arrays(x.numpy(), *state)
+    torch.testing.assert_close(torch.from_numpy(whole[0]), ref.mean, atol=0, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(whole[1]), ref.std, atol=0, rtol=1e-5)
+    assert whole[4] is not None
+    torch.testing.assert_close(
+        torch.from_numpy(whole[4]), ref.state.stats.flat(), atol=0, rtol=1e-12
+    )
+    means = []
+    for lo, hi in [(0, 1), (1, 8), (8, 9), (9, 20)]:
+        mean, _, hn, cn, stats = arrays(x[:, lo:hi].numpy(), *state)
+        state = (hn, cn, stats)
+        means.append(mean)
+    # the head's product may round by its shape (float32); the statistics are the same bits
+    np.testing.assert_allclose(np.concatenate(means, axis=1), whole[0], rtol=1e-6, atol=0)
+    assert np.array_equal(state[2], whole[4]) and isinstance(ref.state.stats, RunningStats)
 
 
 def test_the_array_forecaster_needs_the_engine_of_its_stack_and_eval_mode() -> None:
