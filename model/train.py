@@ -432,6 +432,19 @@ def default_name(csv: Path | None) -> str:
     return name or "model"
 
 
+# The command line's settings for --scaling running when none are given: what won on ACSF1 and
+# PLAID (README, "Series of any magnitude") and trained the shipped model.
+RUNNING_HALFLIFE = 16.0
+RUNNING_TARGET_CLIP = 10.0
+
+
+def running_default(value: float | None, scaling: str, recommended: float) -> float:
+    """An option of the running scaling: as given, else ``recommended`` for it (0 for global)."""
+    if value is not None:
+        return value
+    return recommended if scaling == "running" else 0.0
+
+
 def parser() -> argparse.ArgumentParser:
     d = TrainSettings()
     c = ForecasterConfig(("x",))
@@ -485,17 +498,19 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--num-layers", type=int, default=c.num_layers, help="stacked LSTM layers")
     m.add_argument(
         "--scaling",
-        default=c.scaling,
+        default="running",
         choices=["global", "running"],
-        help="global: every series in the training set's units; running (a prototype the "
-        "service cannot serve yet): each series in its own causal running mean and std",
+        help="running (the shipped model's): each series in its own causal running mean and "
+        "std, kept in its session, whatever its magnitude; global: every series in the "
+        "training set's units",
     )
     m.add_argument(
         "--scale-halflife",
         type=float,
-        default=c.scale_halflife,
+        default=None,
         help="with --scaling running: the half-life in timesteps of a value's weight in the "
-        "running mean and std (0: every value since the series' start alike)",
+        f"running mean and std (0: every value since the series' start alike; unset: "
+        f"{RUNNING_HALFLIFE:g})",
     )
     m.add_argument(
         "--variant",
@@ -523,9 +538,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--target-clip",
         type=float,
-        default=d.target_clip,
+        default=None,
         help="with --scaling running: train on targets clipped to this many running scales "
-        "(0: unclipped)",
+        f"(0: unclipped; unset: {RUNNING_TARGET_CLIP:g})",
     )
     t.add_argument(
         "--warmup",
@@ -590,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             num_layers=args.num_layers,
             variant=args.variant,
             scaling=args.scaling,
-            scale_halflife=args.scale_halflife,
+            scale_halflife=running_default(args.scale_halflife, args.scaling, RUNNING_HALFLIFE),
         )
         settings = TrainSettings(
             seed=args.seed,
@@ -599,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             window=args.window,
             patience=args.patience,
             nll_beta=args.nll_beta,
-            target_clip=args.target_clip,
+            target_clip=running_default(args.target_clip, args.scaling, RUNNING_TARGET_CLIP),
             warmup=args.warmup,
             max_lag=args.max_lag,
             device=args.device,

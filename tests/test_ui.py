@@ -160,6 +160,12 @@ def test_the_page_streams_a_series_and_draws_forecast_and_gates(page: Page, serv
     browser.execute_script("const s = document.getElementById('speed'); s.value = 50; s.oninput()")
     browser.find_element(By.ID, "start").click()
     page.wait_for(lambda: page.data_t() >= 40, "40 timesteps streamed")
+    # the steps ahead (/v1/sessions/forecast, 16 by default) drawn right of the last value,
+    # and the legend saying what the bands mean
+    ahead = "return document.getElementById('forecast-chart').dataset.ahead"
+    page.wait_for(lambda: browser.execute_script(ahead) == "16", "16 steps ahead drawn")
+    legend = browser.find_element(By.ID, "ahead-legend").text
+    assert "10-90%" in legend and "8 in 10" in legend and "2 std" in legend, legend
     before = browser.execute_script(INK, "#forecast-chart, #anomaly-chart, .gate-chart")
     assert len(before) == 4, page.report()  # forecast, anomaly, one gate chart per layer (2)
     assert all(ink > 500 for ink in before), f"{before}\n{page.report()}"

@@ -4,6 +4,8 @@
 
 const WINDOW = 200;  // timesteps shown
 const COLORS = { value: "#222", mean: "#1f6fd1", band: "rgba(31,111,209,0.18)",
+                 ahead: "#e67e22", aheadInner: "rgba(230,126,34,0.35)",
+                 aheadOuter: "rgba(230,126,34,0.15)",
                  anomaly: "#d11f1f", forget: "#8e44ad", input: "#27ae60", output: "#e67e22" };
 const $ = (id) => document.getElementById(id);
 
@@ -14,6 +16,8 @@ const state = {
   // feature each), gate means per layer
   history: [],
   pendingForecast: null,  // forecast for the next value (made after the last one sent)
+  ahead: null,  // the forecast of the steps after the last value sent (/v1/sessions/forecast)
+  aheadAsked: false,  // one such request at a time: a fast stream skips the steps meanwhile
   generation: 0,  // bumped by start/stop/reset/new: a reply of an older run is ignored
 };
 
@@ -86,7 +90,7 @@ async function newSession() {
   if (state.sessionId) await api("/v1/sessions/delete", { session_id: state.sessionId }).catch(() => {});
   const info = await api("/v1/sessions/create", {});
   Object.assign(state, { sessionId: info.session_id, t: info.t, cursor: 0, history: [],
-                         pendingForecast: null });
+                         pendingForecast: null, ahead: null });
   state.values = await loadValues();
   $("reset").disabled = false;
   setStatus();
@@ -113,6 +117,7 @@ async function step(generation) {
     state.t = reply.t;
     state.cursor += 1;
     showError(null);
+    forecastAhead();
   } catch (err) {
     if (generation !== state.generation) return;
     showError(err);
@@ -120,6 +125,28 @@ async function step(generation) {
   }
   setStatus();
   draw();
+}
+
+// The steps ahead of the last value: asked after a step, unless one is still on its way.
+async function forecastAhead() {
+  const horizon = Math.min(64, Math.max(0, Math.round(Number($("ahead").value) || 0)));
+  if (horizon === 0) { state.ahead = null; return; }
+  if (state.aheadAsked) return;
+  state.aheadAsked = true;
+  const asked = { sessionId: state.sessionId, t: state.t };
+  try {
+    const reply = await api("/v1/sessions/forecast", { session_id: asked.sessionId, horizon });
+    // Drawn from the value it was made after (a fast stream may have sent a few more since),
+    // never after a reset or a new session.
+    if (state.sessionId === asked.sessionId && reply.t <= state.t && reply.t === asked.t) {
+      state.ahead = { t: reply.t, steps: reply.forecast };
+      draw();
+    }
+  } catch (err) {
+    showError(err);
+  } finally {
+    state.aheadAsked = false;
+  }
 }
 
 function start() {
@@ -188,12 +215,13 @@ function featureView(history, f) {
   }));
 }
 
-function drawForecast(view, threshold) {
+function drawForecast(view, threshold, ahead, from) {
   const canvas = $("forecast-chart");
   const ctx = canvas.getContext("2d");
   const spans = view.flatMap((h) => h.forecast
     ? [h.value, h.forecast.mean - 2 * h.forecast.std, h.forecast.mean + 2 * h.forecast.std]
     : [h.value]);
+  ahead.forEach((a) => spans.push(a.mean - 2 * a.std, a.mean + 2 * a.std, a.p10, a.p90));
   const lo = spans.length ? Math.min(...spans) : -1;
   const hi = spans.length ? Math.max(...spans) : 1;
   canvas.dataset.range = `${lo},${hi}`;  // the span drawn, readable by a test or a reader
@@ -206,6 +234,21 @@ function drawForecast(view, threshold) {
   });
   line(ctx, view.map((h, i) => (h.forecast ? [x(i), y(h.forecast.mean)] : null)), COLORS.mean);
   line(ctx, view.map((h, i) => [x(i), y(h.value)]), COLORS.value, 1);
+  // The steps ahead, right after the last value: ± 2 std, then the 10-90% quantiles, the mean.
+  const at = (k) => x(from + k);  // step k + 1 ahead of the value at from - 1
+  const area = (lo, hi, color) => {
+    if (!ahead.length) return;
+    ctx.fillStyle = color;
+    ctx.beginPath();
+    ahead.forEach((a, k) => (k ? ctx.lineTo(at(k), y(hi(a))) : ctx.moveTo(at(k), y(hi(a)))));
+    for (let k = ahead.length - 1; k >= 0; k--) ctx.lineTo(at(k), y(lo(ahead[k])));
+    ctx.closePath();
+    ctx.fill();
+  };
+  area((a) => a.mean - 2 * a.std, (a) => a.mean + 2 * a.std, COLORS.aheadOuter);
+  area((a) => a.p10, (a) => a.p90, COLORS.aheadInner);
+  line(ctx, ahead.map((a, k) => [at(k), y(a.mean)]), COLORS.ahead, 2);
+  canvas.dataset.ahead = String(ahead.length);  // the steps ahead drawn
   ctx.fillStyle = COLORS.anomaly;
   view.forEach((h, i) => {
     if (h.z !== null && Math.abs(h.z) > threshold) {
@@ -247,10 +290,20 @@ function drawGates(view) {
   });
 }
 
+// The steps ahead, for the feature drawn: what fits right of the history in the window.
+function aheadView(f) {
+  if (!state.ahead || state.ahead.t > state.t) return [];
+  return state.ahead.steps.slice(0, WINDOW / 4).map((s) => (
+    { mean: s.mean[f], std: s.std[f], p10: s.p10[f], p90: s.p90[f] }));
+}
+
 function draw() {
-  const view = featureView(state.history.slice(-WINDOW), state.drawn);
+  const ahead = aheadView(state.drawn);
+  const since = ahead.length ? state.t - state.ahead.t : 0;  // values sent after it was made
+  const shown = WINDOW - Math.max(0, ahead.length - since);
+  const view = featureView(state.history.slice(-shown), state.drawn);
   const threshold = Number($("threshold").value) || 3;
-  drawForecast(view, threshold);
+  drawForecast(view, threshold, ahead, view.length - since);
   drawAnomaly(view, threshold);
   drawGates(view);
 }
@@ -299,7 +352,8 @@ async function init() {
     stop();
     try {
       const info = await api("/v1/sessions/reset", { session_id: state.sessionId });
-      Object.assign(state, { t: info.t, cursor: 0, history: [], pendingForecast: null });
+      Object.assign(state, { t: info.t, cursor: 0, history: [], pendingForecast: null,
+                             ahead: null });
       state.values = await loadValues();
       setStatus(); draw(); showError(null);
     } catch (err) { showError(err); }
