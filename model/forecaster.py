@@ -238,6 +238,8 @@ class LSTMForecaster(nn.Module, PathForecasts[LSTMState]):
 
     def __init__(self, config: ForecasterConfig, normalisation: Normalisation | None = None):
         super().__init__()
+        if config.scaling != "global":  # model/scaling.py's (model.checkpoint.build_forecaster)
+            raise ValueError("LSTMForecaster is the scaling='global' model")
         self.config = config
         norm = normalisation or Normalisation.identity(config.n_features)
         if len(norm.mean) != config.n_features or len(norm.std) != config.n_features:
@@ -264,6 +266,9 @@ class LSTMForecaster(nn.Module, PathForecasts[LSTMState]):
     # values per session; ``join_state`` / ``split_state`` convert between a forecaster's state
     # and the pair (LSTMState, those values as (B, stats_width), or None when the width is 0).
     stats_width = 0
+    # The first value of a series an anomaly score is given for: none precedes the first value's
+    # forecast. (The running-scaled model's first forecasts are untrained: it says 8.)
+    scored_from = 1
 
     def join_state(self, lstm: LSTMState, stats: Tensor | None) -> LSTMState:
         return lstm

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 # |z| beyond this reaches the network clipped: right after a constant start (std 0, the scale at
 # its floor) the first change is thousands of scales away, and would saturate every gate.
 INPUT_CLIP = 10.0
+# Forecasts made from statistics of fewer values than this are not in the training loss (their
+# scale, from a handful of values, makes the target arbitrary), so the first MIN_SCALE_COUNT
+# values of a series are scored against forecasts the model never learnt to make: a service
+# gives them no anomaly score (``scored_from``).
+MIN_SCALE_COUNT = 8
 
 
 class RunningStats(NamedTuple):
@@ -196,6 +201,10 @@ class RunningScaleForecaster(nn.Module, PathForecasts[ScaledState]):
     def use_engine(self, engine: StackEngine | None) -> None:
         """As ``LSTMForecaster.use_engine``: the stack's forward through ``engine``."""
         self.engine = None if engine is self.lstm else engine
+
+    # The first value of a series an anomaly score is given for (LSTMForecaster's: 1, since no
+    # forecast precedes the first value).
+    scored_from = MIN_SCALE_COUNT
 
     @property
     def stats_width(self) -> int:

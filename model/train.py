@@ -56,11 +56,7 @@ from model.evaluate import (
     scale_free_report,
 )
 from model.forecaster import ForecasterConfig, LSTMForecaster, Normalisation, gaussian_nll
-from model.scaling import RunningScaleForecaster, RunningStats
-
-# scaling="running": steps whose running statistics hold fewer values than this are not in the
-# loss (their scale, from a handful of values, makes the target arbitrary)
-MIN_SCALE_COUNT = 8
+from model.scaling import MIN_SCALE_COUNT, RunningScaleForecaster, RunningStats
 
 
 @dataclass(frozen=True)

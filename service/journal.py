@@ -255,9 +255,11 @@ def _apply_round(
         entry = sessions.get(session_id)
         if entry is None:
             continue  # see apply_group
-        anomaly: list[list[float] | None] = list(zs[i])
+        # What its answer said: no score for the values before the model's first scored one
+        # (NaN rows; a journal from before them wrote the first value's z, refused at seq 0).
+        anomaly: list[list[float] | None] = [None if row[0] != row[0] else row for row in zs[i]]
         if seqs[i] == 0:
-            anomaly[0] = None  # what its answer said: no forecast to score the first value by
+            anomaly[0] = None
         done = StepDone(ts[i], Outputs(means[i], stds[i], anomaly, None))
         digest = digests[16 * i : 16 * (i + 1)]
         entry.header["t"], entry.header["last_active"] = ts[i], at

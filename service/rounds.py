@@ -350,6 +350,10 @@ class RoundRunner:
         before_mean = torch.cat([prev_mean.unsqueeze(1), mean[:, :-1]], dim=1)  # (B, T, F)
         before_std = torch.cat([prev_std.unsqueeze(1), std[:, :-1]], dim=1)
         z = (x - before_mean) / before_std
+        unscored = self._unscored(jobs, x.shape[1])
+        for b, k in enumerate(unscored):
+            if k:
+                z[b, :k] = float("nan")
         self.observer.model_time(time.perf_counter() - started)
         self.observer.batch(len(jobs))
         self.observer.timesteps(x.shape[0] * x.shape[1])
@@ -366,7 +370,7 @@ class RoundRunner:
                     means[b],
                     stds[b],
                     zs[b],
-                    first_scored=jobs[b].session.t > 0,
+                    unscored=unscored[b],
                     gates=gate_lists,
                     row=b,
                 ),
@@ -375,6 +379,14 @@ class RoundRunner:
             )
             for b in range(len(jobs))
         ]
+
+    def _unscored(self, jobs: list[StepJob], steps: int) -> list[int]:
+        """How many of each step's first values get no anomaly score: those before the model's
+        ``scored_from`` (the first value of a session, which no forecast precedes; a running-
+        scaled model's first 8, whose forecasts it was not trained on). Their z is NaN in the
+        batch's tensor (what a journal writes; ``sessions.pack_step``'s convention too)."""
+        first = self.model.scored_from
+        return [max(0, min(steps, first - j.session.t)) for j in jobs]
 
     def _steps_on_arrays(self, jobs: list[StepJob], model: NativeForecaster) -> list[Computed]:
         """``_steps`` on numpy arrays (a CPU, the native engine, no gate traces): the same
@@ -394,6 +406,10 @@ class RoundRunner:
         before_mean = np.concatenate([prev_mean[:, None], mean[:, :-1]], axis=1)  # (B, T, F)
         before_std = np.concatenate([prev_std[:, None], std[:, :-1]], axis=1)
         z = (x - before_mean) / before_std
+        unscored = self._unscored(jobs, x.shape[1])
+        for b, k in enumerate(unscored):
+            if k:
+                z[b, :k] = np.nan
         self.observer.model_time(time.perf_counter() - started)
         self.observer.batch(len(jobs))
         self.observer.timesteps(x.shape[0] * x.shape[1])
@@ -413,9 +429,7 @@ class RoundRunner:
         means, stds, zs = mean.tolist(), std.tolist(), z.tolist()
         return [
             Computed(
-                self._outputs(
-                    means[b], stds[b], zs[b], first_scored=jobs[b].session.t > 0, gates=None, row=b
-                ),
+                self._outputs(means[b], stds[b], zs[b], unscored=unscored[b], gates=None, row=b),
                 group,
                 b,
             )
@@ -456,7 +470,7 @@ class RoundRunner:
             mean[0].tolist(),
             std[0].tolist(),
             z[0].tolist(),
-            first_scored=False,
+            unscored=min(x.shape[1], self.model.scored_from),
             gates=self._gate_lists(gates),
             row=0,
         )
@@ -476,7 +490,12 @@ class RoundRunner:
         )
         self.observer.model_time(time.perf_counter() - started)
         return self._outputs(
-            mean[0].tolist(), std[0].tolist(), z[0].tolist(), first_scored=False, gates=None, row=0
+            mean[0].tolist(),
+            std[0].tolist(),
+            z[0].tolist(),
+            unscored=min(x.shape[1], self.model.scored_from),
+            gates=None,
+            row=0,
         )
 
     @staticmethod
@@ -492,14 +511,15 @@ class RoundRunner:
         std: list[list[float]],
         z: list[list[float]],
         *,
-        first_scored: bool,
+        unscored: int,
         gates: dict[str, list[Any]] | None,
         row: int,
     ) -> Outputs:
-        """Row ``row``'s outputs, from lists of the whole batch's (T, F) rows."""
+        """Row ``row``'s outputs, from lists of the whole batch's (T, F) rows; its first
+        ``unscored`` values get no anomaly score (``_unscored``)."""
         anomaly: list[list[float] | None] = list(z)
-        if not first_scored:
-            anomaly[0] = None
+        for k in range(unscored):
+            anomaly[k] = None
         gate_rows = None
         if gates is not None:
             gate_rows = {name: [layer[row] for layer in trace] for name, trace in gates.items()}

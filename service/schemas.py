@@ -192,7 +192,9 @@ class StepOutput(BaseModel):
     std: list[float] = Field(description="standard deviation of that forecast, per feature")
     anomaly_z: NullableNumbers = Field(
         description="z-score of the value just received against the forecast made one step "
-        "before, per feature; null at t = 0"
+        "before, per feature; null for the values the model gives no score: at t = 0, and "
+        "for a running-scaled model (the shipped one) at t < 8, whose forecasts, from so few "
+        "values, it was not trained on"
     )
 
 

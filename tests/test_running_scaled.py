@@ -121,6 +121,30 @@ def test_chunks_equal_the_whole_series_and_the_model_in_process(
     assert_close([forecast["forecast"][0]["mean"][0]], whole[-1:])  # the next value's forecast
 
 
+def test_the_first_values_get_no_anomaly_score_in_any_chunking(
+    embedded: tuple[str, dict[str, str]],
+) -> None:
+    """The model was not trained on forecasts from fewer than 8 values (their scale, from a
+    handful of values, is arbitrary: z of 1e4 and more): the first 8 values' anomaly_z is null,
+    however the values are chunked, on a retry, and in a prediction."""
+    url, _ = embedded
+    values = series(12)
+    post(url, "/v1/sessions/create", {"session_id": "warming"})
+    scores = []
+    for t, size in ((0, 3), (3, 6), (9, 3)):
+        body = {"session_id": "warming", "inputs": values[t : t + size], "seq": t}
+        status, reply = post(url, "/v1/sessions/step", body)
+        assert status == 200
+        assert post(url, "/v1/sessions/step", body)[1] == reply  # a retry: the same answer
+        scores += [o["anomaly_z"] for o in reply["outputs"]]
+    assert scores[:8] == [None] * 8 and all(z is not None for z in scores[8:])
+    _, predicted = post(url, "/v1/predict", {"inputs": values})
+    assert [o["anomaly_z"] for o in predicted["outputs"]][:8] == [None] * 8
+    assert [o["anomaly_z"][0] for o in predicted["outputs"][8:]] == pytest.approx(
+        [z[0] for z in scores[8:]], rel=1e-4, abs=1e-4
+    )
+
+
 def test_export_import_and_a_clean_restart_keep_the_statistics(
     checkpoint: Path, embedded: tuple[str, dict[str, str]]
 ) -> None:

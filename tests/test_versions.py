@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from model import ForecasterConfig, LSTMForecaster, load_checkpoint, save_checkpoint
+from model.checkpoint import AnyForecaster, build_forecaster
 from tests.servers import ROOT, bentoml_server
 
 pytestmark = pytest.mark.slow
@@ -26,15 +27,15 @@ pytestmark = pytest.mark.slow
 SHIPPED = ROOT / "models" / "acsf1-forecaster"
 
 
-def second_version(directory: Path) -> LSTMForecaster:
+def second_version(directory: Path) -> AnyForecaster:
     """Another version of the shipped model's name: a smaller network (its states have other
-    shapes), the same features and normalisation."""
+    shapes), the same features, normalisation and scaling."""
     shipped = load_checkpoint(SHIPPED)
     config = ForecasterConfig(
         **{**shipped.model.config.to_dict(), "hidden_size": 16, "num_layers": 1}
     )
     torch.manual_seed(7)
-    model = LSTMForecaster(config, shipped.model.normalisation)
+    model = build_forecaster(config, shipped.model.normalisation)
     save_checkpoint(model, directory, name=shipped.name)
     return model
 
@@ -53,7 +54,7 @@ def import_into(home: Path, directory: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, LSTMForecaster]]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, AnyForecaster]]:
     where = tmp_path_factory.mktemp("versions")
     home = where / "home"
     with bentoml_server({"BENTOML_HOME": str(home)}) as url:
@@ -66,7 +67,7 @@ def post(url: str, route: str, body: dict[str, Any] | None = None) -> httpx.Resp
 
 
 def test_a_second_version_goes_live_and_sessions_stay_on_theirs(
-    served: tuple[str, str, LSTMForecaster], held_out_series: list[np.ndarray]
+    served: tuple[str, str, AnyForecaster], held_out_series: list[np.ndarray]
 ) -> None:
     url, v2_tag, v2_model = served
     listed = post(url, "/v1/admin/models").json()["models"]
@@ -158,7 +159,7 @@ def test_a_second_version_goes_live_and_sessions_stay_on_theirs(
 
 
 def test_the_cli_lists_loads_and_activates(
-    served: tuple[str, str, LSTMForecaster], capsys: pytest.CaptureFixture[str]
+    served: tuple[str, str, AnyForecaster], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from client.cli import main
 
@@ -270,7 +271,7 @@ async def stream_one(
                 await asyncio.sleep(0.005)
 
 
-def expected_means(net: LSTMForecaster, values: np.ndarray, start: int, first: int) -> list[float]:
+def expected_means(net: AnyForecaster, values: np.ndarray, start: int, first: int) -> list[float]:
     """``net`` over values[start:], from a zero state: its means from index ``first`` on."""
     with torch.no_grad():
         out = net.eval()(torch.from_numpy(values[start:])[None])
@@ -280,7 +281,7 @@ def expected_means(net: LSTMForecaster, values: np.ndarray, start: int, first: i
 @pytest.fixture(scope="module")
 def windowed(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[str, str, str, LSTMForecaster]]:
+) -> Iterator[tuple[str, str, str, AnyForecaster]]:
     where = tmp_path_factory.mktemp("windowed")
     home = where / "home"
     env = {"BENTOML_HOME": str(home), "LSTM_MIGRATION_WINDOW": str(WINDOW)}
@@ -294,7 +295,7 @@ def windowed(
 
 @pytest.mark.parametrize("mode", ["none", "on_next_step", "now"])
 def test_fifty_sessions_stream_through_an_activation(
-    windowed: tuple[str, str, str, LSTMForecaster], held_out_series: list[np.ndarray], mode: str
+    windowed: tuple[str, str, str, AnyForecaster], held_out_series: list[np.ndarray], mode: str
 ) -> None:
     """50 sessions (half HTTP, half WebSocket) stream while the other version is activated with
     ``mode``: no request fails, every reply names its version, and each session's outputs are
