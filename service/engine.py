@@ -307,6 +307,7 @@ class Engine:
             (pool.h.shape[0], pool.h.shape[2]),
             self.n_features,
             pool.stats_width,
+            pool.stats_decay,
         )
 
     # --- steps -------------------------------------------------------------------------------

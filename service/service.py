@@ -349,6 +349,7 @@ class LSTMSessions:
             self.device,
             window=settings.migration_window,
             stats_width=model.stats_width,
+            stats_decay=config.scale_decay,
         )
         authoritative = self.redis is None
         store = SessionStore(

@@ -75,6 +75,7 @@ class StatePool:
         device: torch.device | str,
         window: int = 0,
         stats_width: int = 0,
+        stats_decay: float = 1.0,
     ) -> None:
         self.capacity = capacity
         self.h = torch.zeros(layers, capacity, hidden, device=device)
@@ -82,6 +83,8 @@ class StatePool:
         # The model's state beyond (h, c), float64 (``stats_width`` of the model: a running-scaled
         # one's statistics, model/scaling.py); (capacity, 0) for the global model.
         self.stats = torch.zeros(capacity, stats_width, dtype=torch.float64, device=device)
+        # Their weights' decay per value (the model's scale_decay): what bounds a blob's weight.
+        self.stats_decay = stats_decay
         self.next_mean = torch.zeros(capacity, features, device=device)
         self.next_std = torch.ones(capacity, features, device=device)
         # Each session's last ``window`` inputs, a ring: input number n (0-based, counted by

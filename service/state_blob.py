@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,7 @@ def check_blob(
     shape: tuple[int, int],
     features: int,
     stats_width: int = 0,
+    stats_decay: float = 1.0,
 ) -> None:
     """Whether a decoded blob may become a session here: of this ``model`` (name, version), of
     its ``shape`` (layers, hidden) and ``features``, and within what the model can produce.
@@ -203,7 +205,7 @@ def check_blob(
     if not (float(state.next_std.min()) > 0 and float(state.next_std.max()) <= VALUE_CEILING):
         raise BlobOutOfRange(f"the blob was refused: a forecast std not in (0, {VALUE_CEILING:g}]")
     if state.stats is not None:
-        check_stats(state.stats, t, features)
+        check_stats(state.stats, t, features, stats_decay)
     if state.window is not None:
         if state.window.shape[1] != features:
             raise BlobCorrupted("the blob's window does not match the model's features")
@@ -216,19 +218,24 @@ def check_blob(
             raise BlobOutOfRange(f"the blob was refused: a window value beyond {VALUE_CEILING:g}")
 
 
-def check_stats(stats: Tensor, t: int, features: int) -> None:
+def check_stats(stats: Tensor, t: int, features: int, decay: float = 1.0) -> None:
     """A running-scaled session's statistics (model/scaling.py's RunningStats, flat: n, the
     means, the squared deviations) within what ``t`` values no larger than VALUE_CEILING make:
-    each value adds at most 1 to n (less once the past decays) and at least 1 is kept after the
-    first, the means lie among the values, and each variance is at most (2 * VALUE_CEILING)^2."""
+    each value adds 1 to n after n is multiplied by ``decay`` (so n is at most
+    (1 - decay^t) / (1 - decay), t when nothing decays, and at least 1 after the first), the
+    means lie among the values, and each variance is at most (2 * VALUE_CEILING)^2."""
     from service.errors import BlobCorrupted, BlobOutOfRange
     from service.schemas import VALUE_CEILING
 
     if not bool(torch.isfinite(stats).all()):
         raise BlobCorrupted("the blob was refused: its statistics hold NaN or infinite values")
     n, mean, m2 = float(stats[0]), stats[1 : 1 + features], stats[1 + features :]
-    if not (min(t, 1) * (1 - 1e-9) <= n <= t * (1 + 1e-9)):
-        raise BlobOutOfRange(f"the blob was refused: its statistics' weight is not in [1, t = {t}]")
+    most = float(t) if decay >= 1.0 else -math.expm1(t * math.log(decay)) / (1.0 - decay)
+    if not (min(t, 1) * (1 - 1e-9) <= n <= most * (1 + 1e-9)):
+        raise BlobOutOfRange(
+            f"the blob was refused: its statistics' weight is not in [{min(t, 1)}, {most:.6g}], "
+            f"what t = {t} values make"
+        )
     if float(mean.abs().max()) > VALUE_CEILING:
         raise BlobOutOfRange(f"the blob was refused: a running mean beyond {VALUE_CEILING:g}")
     if not (float(m2.min()) >= 0 and float(m2.max()) <= n * (2 * VALUE_CEILING) ** 2):

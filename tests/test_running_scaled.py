@@ -6,6 +6,7 @@ snapshot) and Redis; a blob whose statistics no series could make is refused."""
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,11 @@ def test_export_import_and_a_clean_restart_keep_the_statistics(
     )
     assert status == 200 and info["t"] == 12
     assert_close(stream(url, "copied", values, [18], t=12), whole[12:])
-    # statistics no series of 12 values makes: a weight beyond t, a negative variance
-    for bad in ([13.0, 4000.0, 1.0], [5.0, 4000.0, -1.0], [5.0, float("nan"), 1.0]):
+    # statistics no series of 12 values makes: a weight beyond t, or beyond what 12 values
+    # weigh at half-life 8 (7.78), a negative variance, a NaN
+    assert float(state.stats[0]) == pytest.approx((1 - 2 ** (-12 / 8)) / (1 - 2 ** (-1 / 8)))
+    bad_stats = ([13.0, 4000.0, 1.0], [7.9, 4000.0, 1.0], [5.0, 4000.0, -1.0], [5.0, math.nan, 1.0])
+    for bad in bad_stats:
         forged = encode(
             type(state)(state.h, state.c, state.next_mean, state.next_std, None, torch.tensor(bad)),
             header,

@@ -143,7 +143,9 @@ async function forecastAhead() {
       draw();
     }
   } catch (err) {
-    showError(err);
+    // An answer for a session reset or replaced meanwhile is no news (a 409 or a 404); one for
+    // the value still last sent is (a horizon past LSTM_MAX_HORIZON: set fewer steps ahead).
+    if (state.sessionId === asked.sessionId && state.t === asked.t) showError(err);
   } finally {
     state.aheadAsked = false;
   }
