@@ -54,16 +54,6 @@ class Checkpoint:
     card: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class AnyCheckpoint:
-    """A checkpoint of either scaling, for training and evaluation (not for serving)."""
-
-    model: AnyForecaster
-    name: str
-    version: str
-    card: dict[str, Any] = field(default_factory=dict)
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -74,7 +64,7 @@ def save_checkpoint(
     *,
     name: str,
     extra: dict[str, Any] | None = None,
-) -> AnyCheckpoint:
+) -> Checkpoint:
     """Write weights and card into ``directory``; ``extra`` (metrics, data...) joins the card."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -96,7 +86,7 @@ def save_checkpoint(
         **(extra or {}),
     }
     (directory / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    return AnyCheckpoint(model, name, card["version"], card)
+    return Checkpoint(model, name, card["version"], card)
 
 
 def read_card(directory: str | Path) -> dict[str, Any]:
@@ -120,18 +110,8 @@ def load_checkpoint(
     *,
     device: torch.device | str = "cpu",
 ) -> Checkpoint:
-    """Load and verify a servable checkpoint (either scaling: a running-scaled model's sessions
-    keep its statistics beside (h, c)); raise CheckpointError naming what is wrong."""
-    ckpt = load_any_checkpoint(directory, device=device)
-    return Checkpoint(ckpt.model, ckpt.name, ckpt.version, ckpt.card)
-
-
-def load_any_checkpoint(
-    directory: str | Path,
-    *,
-    device: torch.device | str = "cpu",
-) -> AnyCheckpoint:
-    """Load and verify a checkpoint of either scaling; CheckpointError names what is wrong."""
+    """Load and verify a checkpoint of either scaling (a running-scaled model's sessions keep its
+    statistics beside (h, c)); raise CheckpointError naming what is wrong."""
     directory = Path(directory)
     card = read_card(directory)
     weights_path = directory / WEIGHTS_FILE
@@ -186,7 +166,7 @@ def load_any_checkpoint(
     check_horizon_calibration(weights[HORIZON_KEYS[0]], weights[HORIZON_KEYS[1]])
     model.load_state_dict(weights)
     model.to(device).eval()
-    return AnyCheckpoint(model, card["name"], card["version"], card)
+    return Checkpoint(model, card["name"], card["version"], card)
 
 
 def check_horizon_calibration(std_factor: torch.Tensor, levels: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.checkpoint import CARD_FILE, AnyForecaster, CheckpointError, load_any_checkpoint
+from model.checkpoint import CARD_FILE, AnyForecaster, CheckpointError, load_checkpoint
 from model.data import SeriesSet, load_acsf1, load_csv, split_series
 from model.forecaster import (
     CALIBRATED_HORIZONS,
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        ckpt = load_any_checkpoint(args.model)
+        ckpt = load_checkpoint(args.model)
         if args.csv:
             cols = args.value_cols.split(",") if args.value_cols else None
             data = load_csv(args.csv, id_col=args.id_col, time_col=args.time_col, value_cols=cols)

@@ -8,7 +8,7 @@ Several steps ahead, ``sample_forecast`` draws paths through the model (each dra
 if observed), so the spread of later steps carries the uncertainty compounded along the way;
 ``rollout`` feeds back the means alone and does not.
 
-``scaling="running"`` (a prototype, not servable yet: see ``RunningStats``) normalises each series
+``scaling="running"`` (model/scaling.py, the shipped model's) normalises each series
 by its own causal running mean and std instead of the training set's, so series of any magnitude
 reach the network in comparable units.
 """

@@ -1,6 +1,6 @@
 """Per-series scaling: each series reaches the network in its own causal running units.
 
-The shipped forecaster normalises every series by the training set's mean and std, so a series
+The global forecaster normalises every series by the training set's mean and std, so a series
 a thousand times smaller than the training data looks constant to it, and one a thousand times
 larger saturates it. ``RunningScaleForecaster`` instead keeps, per series, the count, mean and
 sum of squared deviations of every value seen so far (``RunningStats``, Welford's update) and
@@ -11,9 +11,8 @@ feeds the network
 where ``mean_t`` and ``var_t`` include ``x_t`` and nothing later: the forecast of ``x_{t+1}`` is
 ``mean_t + scale_t * mu`` with std ``scale_t * sigma``, ``(mu, sigma)`` the head's output. The
 statistics are part of the state (``ScaledState``), so a series streamed in chunks gets exactly
-what it gets whole. Serving it needs them in every session's state (pool, blobs, snapshots,
-Redis), which the service does not carry yet: ``model.checkpoint.load_checkpoint`` refuses such a
-checkpoint, ``load_any_checkpoint`` loads it for training and evaluation.
+what it gets whole; a service keeps them in every session's state beside (h, c)
+(``stats_width``, ``split_state``, ``join_state``). The shipped model is one (half-life 16).
 """
 
 from __future__ import annotations

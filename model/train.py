@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from model import pick_device
 from model.baselines import persistence_mse, seasonal_lag_mse, training_mean_mse
-from model.checkpoint import AnyCheckpoint, AnyForecaster, build_forecaster, save_checkpoint
+from model.checkpoint import AnyForecaster, Checkpoint, build_forecaster, save_checkpoint
 from model.data import (
     SeriesSet,
     TooFewSeries,
@@ -348,7 +348,7 @@ def train_and_save(
     name: str,
     config: ForecasterConfig,
     settings: TrainSettings,
-) -> AnyCheckpoint:
+) -> Checkpoint:
     """Split, train, score against the baselines, save; nothing is written unless all worked."""
     check_settings(settings)
     check_lengths(data, settings.warmup)
