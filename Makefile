@@ -6,7 +6,7 @@ export BENTOML_DO_NOT_TRACK := true
 # BentoML's model store: $BENTOML_HOME, else bentoml_home/ in the checkout. Defined once, in
 # service/model_registry.py, which every entry point below goes through.
 
-.PHONY: install serve test test-fast lint train evaluate bench import-model clean image up down
+.PHONY: install serve test test-fast lint train evaluate bench gpu-wheels import-model clean image up down
 
 install: $(STAMP)
 
@@ -65,6 +65,14 @@ bench: $(STAMP)
 	$(PY) bench/load_bench.py --journal $(BENCH_FLAGS)
 	$(PY) bench/scale_bench.py $(BENCH_FLAGS)
 	$(PY) bench/store_bench.py $(BENCH_FLAGS)
+
+# A GPU device run (bench/gpu_run.sh, issue 14): the wheels of the service core that the device
+# image (Python 3.12, a CUDA torch, no BentoML) lacks, into .whl/ (git-ignored), to carry there.
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 pydantic_core==2.50.5 \
+		annotated-types==0.8.0 typing-inspection==0.4.5 orjson==3.13.0 redis==8.1.0
 
 # The Compose stack (docker-compose.yml): docker compose where a Docker engine answers, else
 # podman-compose; offline (no image registry) every image is built here from Debian's packages.

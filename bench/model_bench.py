@@ -7,7 +7,9 @@ Two shapes, each with two layers: the served one (input 1, hidden 64; batch {1, 
 wide one (input 64, hidden 256; batch {1, 64, 1024}), timesteps {1, 32, 256}; inference
 (no_grad), one CPU thread unless ``--threads``. The contenders hold the same weights:
 - ``ours``: the eager ``StackedLSTM`` (model/lstm.py), the reference and the training path;
-- ``engine``: ``NativeLSTM`` (model/native.py), what the service runs on a CPU;
+- ``engine``: what the service runs: ``NativeLSTM`` (model/native.py) on a CPU, ``GraphedLSTM``
+  (model/graphed.py: CUDA graphs at bucketed batch sizes, the pointwise part compiled) on a GPU,
+  its build and capture time in the JSON (``engine_build_s``); ``nn.LSTM`` there is cuDNN;
 - ``nn.LSTM``: oneDNN's fused RNN primitive on this CPU; ``nn.LSTM (ATen)`` the same module with
   oneDNN off (the ATen kernels our eager cell calls too);
 - ``ORT`` and ``OpenVINO``: ``nn.LSTM`` exported to ONNX (``torch.onnx.export(dynamo=False)``,
@@ -46,6 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import LSTMState, StackedLSTM
+from model.graphed import GraphedLSTM
 from model.native import NativeLSTM
 
 LAYERS = 2
@@ -179,7 +182,9 @@ class Models:
         self.ref = nn.LSTM(input_size, hidden, LAYERS, batch_first=True).to(device).eval()
         self.ours = StackedLSTM.from_torch(self.ref).eval()
         self.device = device
-        self.engine = NativeLSTM(self.ours) if device == "cpu" else None
+        started = time.perf_counter()
+        self.engine: Any = NativeLSTM(self.ours) if device == "cpu" else GraphedLSTM(self.ours)
+        self.engine_build_s = time.perf_counter() - started
         self.ort = self.openvino = None
         self.compiled: Any = None
         self.ours_in_ort: dict[int, Any] = {}
@@ -264,6 +269,13 @@ def bench_device(
                 torch.randn(LAYERS, batch, hidden, device=device) * 0.5,
             )
             fns = models.contenders(x, state)
+            first_call_s = None
+            if "engine" in fns:  # its first call at a shape builds (on a GPU: captures) programs
+                with torch.no_grad():
+                    started = time.perf_counter()
+                    fns["engine"]()
+                    sync(device)
+                    first_call_s = time.perf_counter() - started
             with torch.no_grad():
                 expected = models.ours(x, state)[0].cpu().numpy()
                 diffs = {
@@ -282,6 +294,8 @@ def bench_device(
                     "timesteps": steps,
                     "max_abs_diff": diffs,
                     "seconds": medians,
+                    "engine_build_s": models.engine_build_s,
+                    "engine_first_call_s": first_call_s,
                 }
             )
     return rows
@@ -317,6 +331,32 @@ def summarise(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         row["best peer"] = min(peers_ms, key=peers_ms.__getitem__)
         table.append(row)
     return table
+
+
+def gpu_targets(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14's GPU targets against cuDNN (``nn.LSTM`` on CUDA): one step <= 0.25x at batch 1
+    and <= 0.5x at 1024; sequences <= 1.0x at every batch."""
+    checks = []
+    for row in table:
+        ratio = row.get("engine / nn.LSTM")
+        if ratio is None:
+            continue
+        if row["timesteps"] == 1 and row["batch"] in (1, 1024):
+            bound = 0.25 if row["batch"] == 1 else 0.5
+        elif row["timesteps"] > 1:
+            bound = 1.0
+        else:
+            continue
+        lo, hi = row["engine / nn.LSTM spread"]
+        checks.append(
+            {
+                "name": f"{row['shape']}, batch {row['batch']}, {row['timesteps']} steps: "
+                f"engine <= {bound}x cuDNN",
+                "measured": f"{ratio:.2f}x ({lo:.2f}-{hi:.2f})",
+                "passed": ratio <= bound,
+            }
+        )
+    return checks
 
 
 def print_table(table: list[dict[str, Any]]) -> None:
@@ -423,6 +463,11 @@ def main() -> int:
         suffix = "" if args.block == 1 else f"-block{args.block}"
         suffix += "-candidates" if args.candidates else ""
         out = results / f"model_bench-{device}{suffix}.json"
+        targets = gpu_targets(table) if device == "cuda" else []
+        for check in targets:
+            print(
+                f"- {'pass' if check['passed'] else 'MISS'}  {check['name']}: {check['measured']}"
+            )
         out.write_text(
             json.dumps(
                 {
@@ -431,6 +476,7 @@ def main() -> int:
                     "block": args.block,
                     "runs": args.runs,
                     "rows": table,
+                    "targets": targets,
                 },
                 indent=2,
             )

@@ -55,6 +55,35 @@ class GateTrace(NamedTuple):
     output: Tensor
 
 
+def cell_update(
+    gates: Tensor, c: Tensor, variant: Variant, peephole: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The pointwise part of a timestep, from the pre-activations ``gates`` (B, blocks * H) and
+    the previous cell state: the new ``h`` and ``c``, and the forget, input and output gates.
+
+    Everything of the cell but its two matrix products; the GPU engine (model/graphed.py)
+    compiles this function into one kernel, so both run the same gates.
+    """
+    if variant == "coupled":
+        f_pre, g_pre, o_pre = gates.chunk(3, dim=-1)
+        forget_gate = torch.sigmoid(f_pre)
+        input_gate = 1.0 - forget_gate
+    else:
+        i_pre, f_pre, g_pre, o_pre = gates.chunk(4, dim=-1)
+        if peephole is not None:
+            i_pre = i_pre + peephole[0] * c
+            f_pre = f_pre + peephole[1] * c
+        input_gate = torch.sigmoid(i_pre)
+        forget_gate = torch.sigmoid(f_pre)
+    candidate = torch.tanh(g_pre)
+    c = forget_gate * c + input_gate * candidate
+    if peephole is not None:
+        o_pre = o_pre + peephole[2] * c
+    output_gate = torch.sigmoid(o_pre)
+    h = output_gate * torch.tanh(c)
+    return h, c, forget_gate, input_gate, output_gate
+
+
 class LSTMCell(nn.Module):
     """One timestep of an LSTM layer: ``(x, h, c) -> (h, c)``.
 
@@ -111,23 +140,8 @@ class LSTMCell(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Advance one timestep from the projected input; append (f, i, o) means to ``trace``."""
         gates = torch.addmm(x_proj, h, self.weight_hh.t())  # (B, blocks * H)
-        if self.variant == "coupled":
-            f_pre, g_pre, o_pre = gates.chunk(3, dim=-1)
-            forget_gate = torch.sigmoid(f_pre)
-            input_gate = 1.0 - forget_gate
-        else:
-            i_pre, f_pre, g_pre, o_pre = gates.chunk(4, dim=-1)
-            if self.variant == "peephole":
-                i_pre = i_pre + self.peephole[0] * c
-                f_pre = f_pre + self.peephole[1] * c
-            input_gate = torch.sigmoid(i_pre)
-            forget_gate = torch.sigmoid(f_pre)
-        candidate = torch.tanh(g_pre)
-        c = forget_gate * c + input_gate * candidate
-        if self.variant == "peephole":
-            o_pre = o_pre + self.peephole[2] * c
-        output_gate = torch.sigmoid(o_pre)
-        h = output_gate * torch.tanh(c)
+        peephole = self.peephole if self.variant == "peephole" else None
+        h, c, forget_gate, input_gate, output_gate = cell_update(gates, c, self.variant, peephole)
         if trace is not None:
             trace.append(
                 torch.stack(

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 SOURCE = Path(__file__).with_name("native_lstm.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-ENGINES = ("auto", "eager", "native")
+ENGINES = ("auto", "eager", "native", "graphed")
 
 
 class NativeUnavailable(RuntimeError):
@@ -446,16 +446,29 @@ class NativeForecaster:
         return means.astype(np.float32), scale, np.concatenate([n, mean, m2], axis=1)
 
 
-def build_engine(name: str, stack: StackedLSTM, cache: Path | None = None) -> StackEngine:
+def build_engine(
+    name: str, stack: StackedLSTM, cache: Path | None = None, max_batch: int | None = None
+) -> StackEngine:
     """The engine called ``name`` for ``stack``: ``eager`` (the stack itself), ``native``
-    (``NativeUnavailable`` when it cannot run here), or ``auto``: native where it can run (a CPU,
-    float32, a compiler, its self-check passed), else eager."""
+    (``NativeUnavailable`` when it cannot run here), ``graphed`` (model/graphed.py: CUDA graphs,
+    its one-timestep programs captured up to ``max_batch`` rows; ``GraphUnavailable`` when it
+    cannot run here), or ``auto``: native on a CPU, graphed on a GPU, where it can run (float32,
+    a compiler or CUDA, its self-check passed), else eager."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; expected one of {ENGINES}")
     if name == "eager":
         return stack
-    native_here = stack.cells[0].weight_hh.device.type == "cpu"
-    native_here = native_here and stack.cells[0].weight_hh.dtype == torch.float32
+    device = stack.cells[0].weight_hh.device.type
+    if name == "graphed" or (name == "auto" and device == "cuda"):
+        from model.graphed import GraphUnavailable, graphed_engine
+
+        try:
+            return graphed_engine(stack, max_batch)
+        except GraphUnavailable:
+            if name == "graphed":
+                raise
+            return stack
+    native_here = device == "cpu" and stack.cells[0].weight_hh.dtype == torch.float32
     if name == "native" and not native_here:
         raise NativeUnavailable("the native engine runs float32 models on a CPU only")
     if not native_here:

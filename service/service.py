@@ -379,7 +379,9 @@ class LSTMSessions:
             wait_s=settings.batch_wait_ms / 1000,
             persist=backend.persist,
             inline_work=settings.inline_work,
-            stack_engine=model_engine(settings.model_engine, model, settings.native_cache_dir),
+            stack_engine=model_engine(
+                settings.model_engine, model, settings.native_cache_dir, settings.max_batch
+            ),
             observer=BatchObserver(
                 batch=metrics.BATCH_SESSIONS.observe,
                 queue_wait=metrics.QUEUE_WAIT.observe,

@@ -92,11 +92,13 @@ class Settings(BaseSettings):
         "per-request stack (service/fast_routes.py); false: through it, as every other route",
     )
     max_batch: int = Field(256, ge=1, le=65_536, description="sessions stepped in one batch")
-    model_engine: Literal["auto", "eager", "native"] = Field(
+    model_engine: Literal["auto", "eager", "native", "graphed"] = Field(
         "auto",
         description="what runs the LSTM stack's forward: native (model/native.py, one C++ call "
         "per chunk, built at start with the machine's C++ compiler and cached; CPU, float32), "
-        "eager (the reference StackedLSTM), or auto: native where it can run, else eager",
+        "graphed (model/graphed.py, the stack replayed from CUDA graphs captured at bucketed "
+        "batch sizes; CUDA, float32), eager (the reference StackedLSTM), or auto: native on a "
+        "CPU, graphed on a GPU, where it can run, else eager",
     )
     native_cache_dir: Path | None = Field(
         None,

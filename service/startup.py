@@ -31,6 +31,7 @@ import bentoml
 
 from model import Checkpoint, CheckpointError
 from model.checkpoint import AnyForecaster
+from model.graphed import GraphedLSTM, GraphUnavailable
 from model.native import NativeLSTM, NativeUnavailable, StackEngine, build_engine
 from service.auth import ApiKeys, KeyFileError
 
@@ -191,20 +192,30 @@ def load_model(tag: str | None, model_dir: Path, device: str) -> Checkpoint:
         refuse_to_start(f"the stored model {tag!r} is unusable: {e}")
 
 
-def model_engine(name: str, model: AnyForecaster, cache: Path | None = None) -> StackEngine:
+def model_engine(
+    name: str, model: AnyForecaster, cache: Path | None = None, max_batch: int | None = None
+) -> StackEngine:
     """The engine the batcher runs the stack with (``LSTM_MODEL_ENGINE``), built and checked
-    against the eager stack before the service is ready. ``native`` asked for and unable to run
-    stops the start; ``auto`` then serves eager and says why."""
+    against the eager stack before the service is ready: on ``auto``, native on a CPU and graphed
+    on a GPU (its one-timestep programs captured up to ``max_batch`` rows). An engine asked for
+    by name and unable to run stops the start; ``auto`` then serves eager and says why."""
     started = time.perf_counter()
     on_cpu = model.input_mean.device.type == "cpu"
+    wanted = name if name != "auto" else "native" if on_cpu else "graphed"
     try:
-        engine = build_engine("native" if name == "auto" and on_cpu else name, model.lstm, cache)
-    except NativeUnavailable as e:
-        if name == "native":
-            refuse_to_start(f"LSTM_MODEL_ENGINE=native: {e}; set LSTM_MODEL_ENGINE=auto or eager")
-        log.warning("model engine: eager, the native engine cannot run here: %s", e)
+        engine = build_engine(wanted, model.lstm, cache, max_batch=max_batch)
+    except (NativeUnavailable, GraphUnavailable) as e:
+        if name != "auto":
+            refuse_to_start(f"LSTM_MODEL_ENGINE={name}: {e}; set LSTM_MODEL_ENGINE=auto or eager")
+        log.warning("model engine: eager, the %s engine cannot run here: %s", wanted, e)
         return model.lstm
-    kind = "native" if isinstance(engine, NativeLSTM) else "eager"
+    if isinstance(engine, NativeLSTM):
+        kind = "native"
+    elif isinstance(engine, GraphedLSTM):
+        fused = "fused" if engine.fused else "eager"
+        kind = f"graphed ({len(engine.programs)} programs, pointwise {fused})"
+    else:
+        kind = "eager"
     log.info(
         "model engine: %s (LSTM_MODEL_ENGINE=%s), ready in %.2f s",
         kind,
