@@ -836,8 +836,8 @@ def journal_targets(costs: list[JournalCost]) -> list[Target]:
 def bench_model(batches: tuple[int, ...], duration: float, quiet_wait: float) -> list[Row]:
     """The served model's one-timestep step in this process, batched: the compute floor.
 
-    Run with torch's default thread count (what the server gets unless told otherwise) and, where
-    that is more than one, again with one thread.
+    The eager forecaster, with torch's default thread count and, where that is more than one,
+    again with one thread; then the array path a server's CPU round runs (one thread).
     """
     import torch
 
@@ -860,8 +860,58 @@ def bench_model(batches: tuple[int, ...], duration: float, quiet_wait: float) ->
             rows.append(quietest(tries))
             rows[-1].extra["torch_threads"] = threads
             print_progress(rows[-1])
+    # What a server's CPU round runs instead: the array path (model/native.py's
+    # NativeForecaster: the native stack, the running statistics in numpy), one thread.
+    from model.native import NativeForecaster, NativeLSTM, build_engine
+
+    engine = build_engine("auto", model.lstm)
+    if isinstance(engine, NativeLSTM):
+        torch.set_num_threads(1)
+        served = NativeForecaster(model, engine)
+        for batch in batches:
+            tries = []
+            for _ in range(1 + (BUSY_RETRIES if quiet_wait else 0)):
+                if quiet_wait:
+                    wait_for_quiet(quiet_wait)
+                tries.append(time_served(served, batch, duration))
+                if not is_busy(tries[-1]):
+                    break
+            rows.append(quietest(tries))
+            print_progress(rows[-1])
     torch.set_num_threads(default)
     return rows
+
+
+def time_served(served: Any, batch: int, duration: float) -> Row:
+    """``time_model`` for the array path a server's round calls (``NativeForecaster``)."""
+    import numpy as np
+
+    model = served.model
+    x = np.full((batch, 1, model.config.n_features), 0.5, np.float32)
+    shape = (model.config.num_layers, batch, model.config.hidden_size)
+    h, c = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    stats = np.zeros((batch, model.stats_width)) if model.stats_width else None
+    for _ in range(20):
+        served(x, h, c, stats)
+    latencies: list[float] = []
+    meter, end = CpuMeter(None), time.perf_counter() + duration
+    while (started := time.perf_counter()) < end:
+        _, _, h, c, stats = served(x, h, c, stats)
+        latencies.append(time.perf_counter() - started)
+    cpu = meter.stop()
+    wall = sum(latencies)
+    return Row(
+        "model as served",
+        batch,
+        timesteps_s=batch * len(latencies) / wall,
+        req_s=len(latencies) / wall,
+        p50_ms=quantile_ms(latencies, 0.5),
+        p99_ms=quantile_ms(latencies, 0.99),
+        client_cpu_pct=cpu.client,
+        other_cpu_pct=cpu.other,
+        note=busy_note(cpu),
+        extra={"calls": len(latencies), "torch_threads": 1},
+    )
 
 
 def time_model(model: Any, batch: int, duration: float, scenario: str) -> Row:
@@ -1194,6 +1244,7 @@ SERIES = {
     "floor_stream_replay": "stream message replayed (the stream's floor)",
     "model in-process": "model in process (no HTTP)",
     "model in-process, 1 thread": "model in process, 1 torch thread",
+    "model as served": "model as a CPU round runs it (array path, 1 thread)",
 }
 
 
