@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -41,12 +42,26 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
 MAX_STEPS = 256
+# A shape whose capture failed runs eager for this long before it is tried again.
+RETRY_CAPTURE_S = 60.0
+# Every engine compiles the same pointwise function; dynamo keeps a compiled entry per variant,
+# batch (static, then dynamic) and stride pattern, and with fullgraph=True the default limit of
+# 8 entries is an error, not a fallback: a few engines in one process (model versions, tests)
+# reach it.
+RECOMPILE_LIMIT = 64
+# One capture at a time in a process (engines of several model versions share the GPU): a
+# capture must not interleave with another.
+_CAPTURING = threading.Lock()
 
 Pointwise = Callable[[Tensor, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
 
 
 class GraphUnavailable(RuntimeError):
     """The graphed engine cannot run here: no CUDA, a failed capture, or a failed self-check."""
+
+
+class _RecentlyFailed(GraphUnavailable):
+    """A shape whose capture failed within ``RETRY_CAPTURE_S``: eager, without trying again."""
 
 
 def buckets(limit: int) -> list[int]:
@@ -78,6 +93,10 @@ def _pointwise(variant: Variant, fuse: bool) -> tuple[Pointwise, bool]:
     if not fuse:
         return update, False
     try:
+        dynamo = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the name moved between versions
+            if hasattr(dynamo, name):
+                setattr(dynamo, name, max(getattr(dynamo, name), RECOMPILE_LIMIT))
         return torch.compile(update, fullgraph=True), True
     except Exception as e:  # torch.compile raises many kinds; eager is always right
         log.warning("graphed engine: the cell's pointwise part runs eager: %s", e)
@@ -123,18 +142,28 @@ class _Program:
 
     def capture(self) -> None:
         """Capture ``body`` into a CUDA graph over this program's buffers (after warm-up runs on
-        a side stream, as CUDA graphs need: cuBLAS's workspace, the compiled kernels' loading)."""
+        a side stream, as CUDA graphs need: cuBLAS's workspace, the compiled kernels' loading).
+
+        ``thread_local``: other threads (the event loop's scatter, another version's rounds) may
+        go on using CUDA meanwhile. The current stream is restored even when the capture fails.
+        cuBLAS's workspaces are cleared first, so this graph allocates its own in its private
+        pool rather than use one that another graph's pool owns (as inductor's CUDA graph trees
+        do)."""
         device = self.engine.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.out, self.hn, self.cn = self.body()
-        self.graph = graph
+        with _CAPTURING, torch.cuda.stream(torch.cuda.current_stream(device)):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.body()
+            torch.cuda.current_stream(device).wait_stream(side)
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:
+                clear()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.out, self.hn, self.cn = self.body()
+            self.graph = graph
 
     def run(self) -> None:
         if self.graph is not None:
@@ -177,15 +206,17 @@ class GraphedLSTM:
         ]
         self.programs: dict[tuple[int, int], _Program] = {}
         self._lock = threading.Lock()
+        self._failed: dict[tuple[int, int], float] = {}  # shape -> when its capture failed
         try:
             self.self_check()
         except Exception as e:
-            if self.fused and not isinstance(e, GraphUnavailable):
-                # A compiled pointwise part that cannot run here (a backend missing at run
-                # time): the programs again, eager.
+            if self.fused:
+                # A compiled pointwise part that cannot run, or be captured, here (a backend
+                # missing at run time, a kernel that differs): the programs again, eager.
                 log.warning("graphed engine: the compiled pointwise part failed (%s); eager", e)
                 self.pointwise, self.fused = _pointwise(stack.variant, False)
                 self.programs.clear()
+                self._failed.clear()
                 self.self_check()
             else:
                 raise
@@ -214,6 +245,8 @@ class GraphedLSTM:
             return self.stack(x, state, return_gates=return_gates)
         try:
             out, new_state = self.forward(x, state)
+        except _RecentlyFailed:
+            return self.stack(x, state)  # said when it failed
         except GraphUnavailable as e:
             # A shape first met while serving whose capture failed (memory, say): this call
             # runs eager, and the next one of that shape tries again.
@@ -261,17 +294,24 @@ class GraphedLSTM:
         return out, h.clone(), c.clone()
 
     def program(self, batch: int, steps: int) -> _Program:
-        """The program of one (bucket batch, steps) shape: captured on first use, then kept."""
+        """The program of one (bucket batch, steps) shape: built and captured on first use, then
+        kept; ``GraphUnavailable`` when that fails (and for ``RETRY_CAPTURE_S`` after)."""
         key = (batch, steps)
         program = self.programs.get(key)
-        if program is None:
+        if program is not None:
+            return program
+        failed = self._failed.get(key)
+        if failed is not None and time.monotonic() - failed < RETRY_CAPTURE_S:
+            raise _RecentlyFailed(f"the {key} program's capture failed less than a minute ago")
+        try:
             program = _Program(self, batch, steps)
             if self.capture:
-                try:
-                    program.capture()
-                except Exception as e:
-                    raise GraphUnavailable(f"capturing the {key} program failed: {e}") from e
-            self.programs[key] = program
+                program.capture()
+        except Exception as e:
+            self._failed[key] = time.monotonic()
+            raise GraphUnavailable(f"capturing the {key} program failed: {e}") from e
+        self._failed.pop(key, None)
+        self.programs[key] = program
         return program
 
     def shapes(self) -> Iterator[tuple[int, int]]:
