@@ -126,6 +126,7 @@ def test_refuses_what_it_cannot_serve() -> None:
 
 
 def test_the_service_start_refuses_graphed_without_a_gpu() -> None:
+    pytest.importorskip("bentoml", reason="the service start needs BentoML; a GPU image lacks it")
     from service.startup import model_engine
 
     model = LSTMForecaster(ForecasterConfig(hidden_size=8, num_layers=2)).eval()
