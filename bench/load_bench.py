@@ -889,45 +889,41 @@ def time_served(served: Any, batch: int, duration: float) -> Row:
     model = served.model
     x = np.full((batch, 1, model.config.n_features), 0.5, np.float32)
     shape = (model.config.num_layers, batch, model.config.hidden_size)
-    h, c = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    stats = np.zeros((batch, model.stats_width)) if model.stats_width else None
-    for _ in range(20):
-        served(x, h, c, stats)
-    latencies: list[float] = []
-    meter, end = CpuMeter(None), time.perf_counter() + duration
-    while (started := time.perf_counter()) < end:
-        _, _, h, c, stats = served(x, h, c, stats)
-        latencies.append(time.perf_counter() - started)
-    cpu = meter.stop()
-    wall = sum(latencies)
-    return Row(
-        "model as served",
-        batch,
-        timesteps_s=batch * len(latencies) / wall,
-        req_s=len(latencies) / wall,
-        p50_ms=quantile_ms(latencies, 0.5),
-        p99_ms=quantile_ms(latencies, 0.99),
-        client_cpu_pct=cpu.client,
-        other_cpu_pct=cpu.other,
-        note=busy_note(cpu),
-        extra={"calls": len(latencies), "torch_threads": 1},
-    )
+    state: list[Any] = [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
+    state.append(np.zeros((batch, model.stats_width)) if model.stats_width else None)
+
+    def step() -> None:
+        state[:] = served(x, *state)[2:]
+
+    return time_steps("model as served", batch, duration, step, {"torch_threads": 1})
 
 
 def time_model(model: Any, batch: int, duration: float, scenario: str) -> Row:
     import torch
 
     x = torch.full((batch, 1, model.config.n_features), 0.5)
-    state = model.zero_state(batch)
-    latencies: list[float] = []
+    state = [model.zero_state(batch)]
+
+    def step() -> None:
+        state[0] = model(x, state[0]).state
+
     with torch.no_grad():
-        for _ in range(20):  # warm-up: allocator, oneDNN primitives
-            model(x, state)
-        meter, end = CpuMeter(None), time.perf_counter() + duration
-        while (started := time.perf_counter()) < end:
-            state = model(x, state).state
-            latencies.append(time.perf_counter() - started)
-        cpu = meter.stop()
+        return time_steps(scenario, batch, duration, step, {})
+
+
+def time_steps(
+    scenario: str, batch: int, duration: float, step: Callable[[], None], extra: dict[str, Any]
+) -> Row:
+    """``step`` (one batched timestep) called for ``duration`` seconds after 20 warm-up calls
+    (the allocator, oneDNN's primitives): a row of timesteps/s and latencies."""
+    for _ in range(20):
+        step()
+    latencies: list[float] = []
+    meter, end = CpuMeter(None), time.perf_counter() + duration
+    while (started := time.perf_counter()) < end:
+        step()
+        latencies.append(time.perf_counter() - started)
+    cpu = meter.stop()
     wall = sum(latencies)
     return Row(
         scenario,
@@ -939,7 +935,7 @@ def time_model(model: Any, batch: int, duration: float, scenario: str) -> Row:
         client_cpu_pct=cpu.client,
         other_cpu_pct=cpu.other,
         note=busy_note(cpu),
-        extra={"calls": len(latencies)},
+        extra={"calls": len(latencies), **extra},
     )
 
 

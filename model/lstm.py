@@ -211,6 +211,22 @@ class StackedLSTM(nn.Module):
     def cells(self) -> list[LSTMCell]:
         return [layer.cell for layer in self.cell_layers]
 
+    def plain_inference(self, x: Tensor, return_gates: bool) -> bool:
+        """Whether a forward of ``x`` is plain inference that a serving engine may stand in
+        for: no gate traces, eval mode, no gradient wanted, a non-empty float32 (B, T, input)."""
+        return (
+            not return_gates
+            and x.dtype is torch.float32
+            and x.dim() == 3
+            and x.shape[2] == self.input_size
+            and x.numel() > 0
+            and not self.training
+            and not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            )
+        )
+
     def zero_state(self, batch: int) -> LSTMState:
         p = self.cells[0].weight_hh
         return LSTMState.zeros(

@@ -213,20 +213,7 @@ class NativeLSTM:
 
     def handles(self, x: Tensor, return_gates: bool) -> bool:
         """Whether this call runs natively; the eager stack answers every other."""
-        return (
-            not return_gates
-            and x.is_cpu
-            and self.on_cpu
-            and x.dtype is torch.float32
-            and x.dim() == 3
-            and x.shape[2] == self.input_size
-            and x.numel() > 0
-            and not self.stack.training
-            and not (torch.is_grad_enabled() and (x.requires_grad or self._needs_grad()))
-        )
-
-    def _needs_grad(self) -> bool:
-        return any(p.requires_grad for p in self.stack.parameters())
+        return x.is_cpu and self.on_cpu and self.stack.plain_inference(x, return_gates)
 
     def __call__(
         self, x: Tensor, state: LSTMState | None = None, *, return_gates: bool = False
