@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14's one device run, prepared so a session lent a GPU spends its 15 minutes measuring:
-# the `gpu` tests, then the GPU benchmark (three runs), everything under $OUT (the device tool's
+# the `gpu` tests, then the GPU benchmarks (three runs each), everything under $OUT (the device tool's
 # folder that comes back) or else bench/results/gpu/. About 5-8 minutes on an H200.
 #
 #   make gpu-wheels    # here, first: the service core's wheels the device image lacks, in .whl/
@@ -34,3 +34,14 @@ timeout 200 "$py" -m pytest -p no:cacheprovider -q -rs -m gpu \
 # The benchmark: the served and the wide shape, eager / graphed engine / cuDNN, 3 runs.
 timeout 330 "$py" bench/model_bench.py --device cuda --runs 3 --record 2>&1 | tee "$out/model_bench-cuda.txt"
 cp bench/results/model_bench-cuda.json "$out/" 2>/dev/null || echo "no model_bench-cuda.json"
+
+# Then, in what is left of 550 s: a round of the service's steps in process (bench/round_bench.py:
+# eager, the graphed engine alone, the round's graphed steps), 3 runs.
+left=$((550 - SECONDS))
+if [ "$left" -gt 60 ]; then
+    timeout "$left" "$py" bench/round_bench.py --device cuda --runs 3 --budget 1.0 --record 2>&1 \
+        | tee "$out/round_bench-cuda.txt"
+    cp bench/results/round_bench-cuda.json "$out/" 2>/dev/null || echo "no round_bench-cuda.json"
+else
+    echo "no time left for bench/round_bench.py ($left s)"
+fi

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from model.lstm import VARIANTS, GateTrace, LSTMState, StackedLSTM, Variant
 
 if TYPE_CHECKING:
+    from model.checkpoint import AnyForecaster
     from model.native import StackEngine
 
 Scaling = Literal["global", "running"]
@@ -122,6 +123,45 @@ class Forecast(NamedTuple):
     std: Tensor  # (B, T, F)
     state: LSTMState
     gates: GateTrace | None
+
+
+class KeptStep(NamedTuple):
+    """A step from a state as a service keeps it (``step_kept``)."""
+
+    mean: Tensor  # (B, T, F): the next value's forecast after each value, raw units
+    std: Tensor
+    z: Tensor  # (B, T, F): each value's anomaly score against the forecast made before it
+    lstm: LSTMState  # the state after the chunk
+    stats: Tensor | None  # the statistics after it (B, stats_width) float64; None: none kept
+    gates: GateTrace | None
+
+
+def anomaly_z(x: Tensor, prev_mean: Tensor, prev_std: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Each value of ``x`` (B, T, F) scored against the forecast made before it: ``prev_mean`` and
+    ``prev_std`` (B, F) for the first, then the chunk's own (``mean``, ``std`` (B, T, F))."""
+    before_mean = torch.cat([prev_mean.unsqueeze(1), mean[:, :-1]], dim=1)
+    before_std = torch.cat([prev_std.unsqueeze(1), std[:, :-1]], dim=1)
+    return (x - before_mean) / before_std
+
+
+def step_kept(
+    model: AnyForecaster,
+    x: Tensor,
+    lstm: LSTMState,
+    stats: Tensor | None,
+    prev_mean: Tensor,
+    prev_std: Tensor,
+    *,
+    return_gates: bool = False,
+    stack: StackEngine | None = None,
+) -> KeptStep:
+    """``model`` over a chunk ``x`` (B, T, F) from a state as a service keeps it: (h, c), the
+    statistics (None when it keeps none) and the forecast made for the chunk's first value.
+    No host synchronisation: a CUDA graph may capture it (model/graphed.py)."""
+    f = model(x, model.join_state(lstm, stats), return_gates=return_gates, stack=stack)
+    lstm_after, stats_after = model.split_state(f.state)
+    z = anomaly_z(x, prev_mean, prev_std, f.mean, f.std)
+    return KeptStep(f.mean, f.std, z, lstm_after, stats_after, f.gates)
 
 
 def build_body(module: nn.Module, config: ForecasterConfig, norm: Normalisation) -> None:
@@ -282,11 +322,13 @@ class LSTMForecaster(nn.Module, PathForecasts[LSTMState]):
         state: LSTMState | None = None,
         *,
         return_gates: bool = False,
+        stack: StackEngine | None = None,
     ) -> Forecast:
-        """Everything in normalised units: what training's loss is computed on."""
+        """Everything in normalised units: what training's loss is computed on. ``stack``: what
+        runs the stack for this call (by default the engine, else the stack itself)."""
         z = (x - self.input_mean) / self.input_std
-        stack = self.lstm if self.engine is None else self.engine
-        out, state, gates = stack(z, state, return_gates=return_gates)
+        run = stack if stack is not None else self.engine if self.engine is not None else self.lstm
+        out, state, gates = run(z, state, return_gates=return_gates)
         mean, raw_std = self.head(out).chunk(2, dim=-1)  # (B, T, F) each
         std = (F.softplus(raw_std) + self.config.min_std) * self.std_scale
         return Forecast(mean, std, state, gates)
@@ -297,9 +339,12 @@ class LSTMForecaster(nn.Module, PathForecasts[LSTMState]):
         state: LSTMState | None = None,
         *,
         return_gates: bool = False,
+        stack: StackEngine | None = None,
     ) -> Forecast:
         """(B, T, F) raw values -> the next value's mean and std after each step, in raw units."""
-        mean, std, state, gates = self.forward_normalised(x, state, return_gates=return_gates)
+        mean, std, state, gates = self.forward_normalised(
+            x, state, return_gates=return_gates, stack=stack
+        )
         return Forecast(mean * self.input_std + self.input_mean, std * self.input_std, state, gates)
 
     @torch.no_grad()

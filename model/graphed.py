@@ -30,13 +30,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
+from model.forecaster import KeptStep, step_kept
 from model.lstm import GateTrace, LSTMState, StackedLSTM, Variant, cell_update
+
+if TYPE_CHECKING:
+    from model.checkpoint import AnyForecaster
 
 log = logging.getLogger(__name__)
 
@@ -104,41 +108,19 @@ def _pointwise(variant: Variant, fuse: bool) -> tuple[Pointwise, bool]:
 
 
 class _Program:
-    """The stack's forward at one (batch, steps) shape over buffers of its own.
+    """A computation at one shape over buffers of its own: ``inputs`` are written before a run,
+    ``outputs`` hold its results until the next run of the same program. ``body`` computes the
+    outputs from the inputs, op by op; ``capture`` records that into a CUDA graph, replayed
+    since."""
 
-    ``x``, ``h0`` and ``c0`` are written before a run; ``out``, ``hn`` and ``cn`` hold its
-    results until the next run of the same program.
-    """
-
-    def __init__(self, engine: GraphedLSTM, batch: int, steps: int) -> None:
-        stack, device = engine.stack, engine.device
-        L, H = stack.num_layers, stack.hidden_size
-        self.engine = engine
-        self.batch, self.steps = batch, steps
-        self.x = torch.zeros(batch, steps, stack.input_size, device=device)
-        self.h0 = torch.zeros(L, batch, H, device=device)
-        self.c0 = torch.zeros(L, batch, H, device=device)
+    def __init__(self, inputs: tuple[Tensor, ...], body: Callable[..., tuple[Tensor, ...]]) -> None:
+        self.inputs = inputs
+        self._body = body
         self.graph: Any = None
-        self.out, self.hn, self.cn = self.body()
+        self.outputs = self.body()
 
-    def body(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The eager stack's inference forward, layer by layer, timestep by timestep."""
-        engine = self.engine
-        out = self.x
-        hs, cs = [], []
-        for k, cell in enumerate(engine.stack.cells):
-            x_proj = cell.project_input(out)  # (B, T, blocks * H)
-            w_hh_t = cell.weight_hh.t()
-            h, c = self.h0[k], self.c0[k]
-            steps = []
-            for t in range(self.steps):
-                gates = torch.addmm(x_proj[:, t], h, w_hh_t)
-                h, c = engine.pointwise(gates, c, engine.peephole[k])
-                steps.append(h)
-            out = torch.stack(steps, dim=1)
-            hs.append(h)
-            cs.append(c)
-        return out, torch.stack(hs), torch.stack(cs)
+    def body(self) -> tuple[Tensor, ...]:
+        return self._body(*self.inputs)
 
     def capture(self) -> None:
         """Capture ``body`` into a CUDA graph over this program's buffers (after warm-up runs on
@@ -149,7 +131,7 @@ class _Program:
         cuBLAS's workspaces are cleared first, so this graph allocates its own in its private
         pool rather than use one that another graph's pool owns (as inductor's CUDA graph trees
         do)."""
-        device = self.engine.device
+        device = self.inputs[0].device
         with _CAPTURING, torch.cuda.stream(torch.cuda.current_stream(device)):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -162,14 +144,41 @@ class _Program:
                 clear()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.out, self.hn, self.cn = self.body()
+                self.outputs = self.body()
             self.graph = graph
 
-    def run(self) -> None:
+    def run(self) -> tuple[Tensor, ...]:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.out, self.hn, self.cn = self.body()
+            self.outputs = self.body()
+        return self.outputs
+
+
+class _Programs:
+    """Programs by shape: each made (built and, on a GPU, captured) on its first use and kept.
+    A shape whose making failed raises ``GraphUnavailable``, then ``_RecentlyFailed`` until
+    ``RETRY_CAPTURE_S`` have passed, when it is tried again."""
+
+    def __init__(self) -> None:
+        self.built: dict[Hashable, _Program] = {}
+        self.failed: dict[Hashable, float] = {}  # shape -> when its capture failed
+
+    def get(self, key: Hashable, make: Callable[[], _Program]) -> _Program:
+        program = self.built.get(key)
+        if program is not None:
+            return program
+        failed = self.failed.get(key)
+        if failed is not None and time.monotonic() - failed < RETRY_CAPTURE_S:
+            raise _RecentlyFailed(f"the {key} program's capture failed less than a minute ago")
+        try:
+            program = make()
+        except Exception as e:
+            self.failed[key] = time.monotonic()
+            raise GraphUnavailable(f"capturing the {key} program failed: {e}") from e
+        self.failed.pop(key, None)
+        self.built[key] = program
+        return program
 
 
 class GraphedLSTM:
@@ -204,9 +213,8 @@ class GraphedLSTM:
         self.peephole: list[Tensor | None] = [
             cell.peephole if stack.variant == "peephole" else None for cell in stack.cells
         ]
-        self.programs: dict[tuple[int, int], _Program] = {}
+        self._programs = _Programs()
         self._lock = threading.Lock()
-        self._failed: dict[tuple[int, int], float] = {}  # shape -> when its capture failed
         try:
             self.self_check()
         except Exception as e:
@@ -215,11 +223,15 @@ class GraphedLSTM:
                 # missing at run time, a kernel that differs): the programs again, eager.
                 log.warning("graphed engine: the compiled pointwise part failed (%s); eager", e)
                 self.pointwise, self.fused = _pointwise(stack.variant, False)
-                self.programs.clear()
-                self._failed.clear()
+                self._programs = _Programs()
                 self.self_check()
             else:
                 raise
+
+    @property
+    def programs(self) -> dict[Hashable, _Program]:
+        """The stack's programs built so far, by (bucket batch, steps)."""
+        return self._programs.built
 
     def handles(self, x: Tensor, return_gates: bool) -> bool:
         """Whether this call runs from the programs; the eager stack answers every other."""
@@ -270,12 +282,13 @@ class GraphedLSTM:
         start = 0
         for steps in step_pieces(x.shape[1], self.max_steps):
             program = self.program(bucket, steps)
-            program.x[:b].copy_(x[:, start : start + steps])
-            program.h0[:, :b].copy_(h)
-            program.c0[:, :b].copy_(c)
-            program.run()
-            outs.append(program.out[:b].clone())
-            h, c = program.hn[:, :b], program.cn[:, :b]
+            x_in, h_in, c_in = program.inputs
+            x_in[:b].copy_(x[:, start : start + steps])
+            h_in[:, :b].copy_(h)
+            c_in[:, :b].copy_(c)
+            out, hn, cn = program.run()
+            outs.append(out[:b].clone())
+            h, c = hn[:, :b], cn[:, :b]
             start += steps
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out, h.clone(), c.clone()
@@ -283,26 +296,53 @@ class GraphedLSTM:
     def program(self, batch: int, steps: int) -> _Program:
         """The program of one (bucket batch, steps) shape: built and captured on first use, then
         kept; ``GraphUnavailable`` when that fails (and for ``RETRY_CAPTURE_S`` after)."""
-        key = (batch, steps)
-        program = self.programs.get(key)
-        if program is not None:
-            return program
-        failed = self._failed.get(key)
-        if failed is not None and time.monotonic() - failed < RETRY_CAPTURE_S:
-            raise _RecentlyFailed(f"the {key} program's capture failed less than a minute ago")
-        try:
-            program = _Program(self, batch, steps)
-            if self.capture:
-                program.capture()
-        except Exception as e:
-            self._failed[key] = time.monotonic()
-            raise GraphUnavailable(f"capturing the {key} program failed: {e}") from e
-        self._failed.pop(key, None)
-        self.programs[key] = program
+
+        def make() -> _Program:
+            L, H = self.stack.num_layers, self.stack.hidden_size
+            inputs = (
+                torch.zeros(batch, steps, self.stack.input_size, device=self.device),
+                torch.zeros(L, batch, H, device=self.device),
+                torch.zeros(L, batch, H, device=self.device),
+            )
+            return self._made(_Program(inputs, self._body))
+
+        return self._programs.get((batch, steps), make)
+
+    def _made(self, program: _Program) -> _Program:
+        """``program``, captured when this engine captures."""
+        if self.capture:
+            program.capture()
         return program
 
-    def shapes(self) -> Iterator[tuple[int, int]]:
-        return iter(sorted(self.programs))
+    def _body(self, x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out, state, _ = self.unrolled(x, LSTMState(h0, c0))
+        return out, state.h, state.c
+
+    def unrolled(
+        self, x: Tensor, state: LSTMState | None = None, *, return_gates: bool = False
+    ) -> tuple[Tensor, LSTMState, GateTrace | None]:
+        """The eager stack's inference forward as the programs compute it, layer by layer,
+        timestep by timestep, with this engine's pointwise part: what a program captures, and
+        what runs the stack inside a caller's own program (``GraphedSteps``)."""
+        if return_gates:
+            raise ValueError("the graphed engine has no gate traces")
+        if state is None:
+            state = self.stack.zero_state(x.shape[0])
+        out = x
+        hs, cs = [], []
+        for k, cell in enumerate(self.stack.cells):
+            x_proj = cell.project_input(out)  # (B, T, blocks * H)
+            w_hh_t = cell.weight_hh.t()
+            h, c = state.h[k], state.c[k]
+            steps = []
+            for t in range(x.shape[1]):
+                gates = torch.addmm(x_proj[:, t], h, w_hh_t)
+                h, c = self.pointwise(gates, c, self.peephole[k])
+                steps.append(h)
+            out = torch.stack(steps, dim=1)
+            hs.append(h)
+            cs.append(c)
+        return out, LSTMState(torch.stack(hs), torch.stack(cs)), None
 
     @torch.no_grad()
     def warm(self, batches: list[int] | None = None, steps: tuple[int, ...] = (1,)) -> None:
@@ -354,3 +394,204 @@ def graphed_engine(stack: StackedLSTM, max_batch: int | None = None) -> GraphedL
     except Exception as e:  # a capture or a compile that fails here: eager serves instead
         raise GraphUnavailable(f"building the graphed engine failed: {e}") from e
     return engine
+
+
+class StateRows(Protocol):
+    """Where a service keeps its sessions' states, one row (slot) each, in tensors that are
+    written in place and never replaced (service/sessions.py's ``StatePool``)."""
+
+    h: Tensor  # (layers, capacity, hidden)
+    c: Tensor
+    stats: Tensor  # (capacity, stats_width) float64: a running-scaled model's statistics
+    next_mean: Tensor  # (capacity, F): the forecast made for each session's next value
+    next_std: Tensor
+
+
+class GraphedSteps:
+    """A round's steps (``model.forecaster.step_kept``) from captured programs on a GPU: each
+    gathers its rows' states from ``rows`` by slot, runs the whole forecaster (normalisation or
+    the running statistics, the stack, the head) and scores each value, all inside one CUDA
+    graph; around the engine's stack programs those were some forty kernel launches a round (a
+    running-scaled model's statistics ten more per timestep), each costing more than its work.
+
+    The engine's bucketing: batches in the program of the next power of two (padding rows gather
+    whatever slot their buffer last held, and are dropped), chunks as power-of-two pieces, the
+    first gathering from ``rows``, each later one starting from the piece before. Writing the new
+    states back stays with the caller (``StatePool.scatter``), after the persister accepted them.
+    ``__call__`` answers None where a program cannot be made (its capture failed): the caller
+    runs the step eagerly, through the engine's stack programs."""
+
+    def __init__(self, model: AnyForecaster, engine: GraphedLSTM, rows: StateRows) -> None:
+        if engine.stack is not model.lstm:
+            raise ValueError("the engine was built for another stack")
+        self.model, self.engine, self.rows = model, engine, rows
+        self._programs = _Programs()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def of(model: AnyForecaster, rows: StateRows) -> GraphedSteps | None:
+        """The captured steps of ``model`` over ``rows`` when its stack runs through a
+        ``GraphedLSTM``, checked against the eager steps and, on a GPU, the one-timestep
+        programs captured; None otherwise, or where that fails (said in the log)."""
+        engine = model.engine
+        if not isinstance(engine, GraphedLSTM):
+            return None
+        steps = GraphedSteps(model, engine, rows)
+        try:
+            steps.self_check()
+            if engine.capture:
+                steps.warm()
+        except Exception as e:  # eager steps are always right
+            log.warning("graphed steps: %s; a round's steps run eager around the engine", e)
+            return None
+        return steps
+
+    @property
+    def programs(self) -> dict[Hashable, _Program]:
+        """The programs built so far, by (bucket batch, steps, whether it gathers)."""
+        return self._programs.built
+
+    def handles(self, return_gates: bool) -> bool:
+        return not return_gates and not self.model.training
+
+    @torch.no_grad()
+    def __call__(self, slots: Tensor, x: Tensor) -> KeptStep | None:
+        """``step_kept`` for the sessions at ``slots`` (B,) over chunks ``x`` (B, T, F), their
+        states and last forecasts read from ``rows``; None where no program can run it."""
+        if x.shape[0] > self.engine.max_batch:
+            return None
+        try:
+            with self._lock:
+                return self._pieces(slots, x)
+        except _RecentlyFailed:
+            return None  # said when it failed
+        except GraphUnavailable as e:
+            log.warning("graphed steps: %s; this round's steps ran eager", e)
+            return None
+
+    def _pieces(self, slots: Tensor, x: Tensor) -> KeptStep:
+        b = x.shape[0]
+        bucket = batch_bucket(b, self.engine.max_batch)
+        means, stds, zs = [], [], []
+        outputs: tuple[Tensor, ...] = ()
+        start = 0
+        for steps in step_pieces(x.shape[1], self.engine.max_steps):
+            chunk = x[:, start : start + steps]
+            program = self.program(bucket, steps, gathers=not outputs)
+            if not outputs:
+                slots_in, x_in = program.inputs
+                slots_in[:b].copy_(slots)
+            else:  # from the piece before: its state, its last forecast
+                x_in, *state_in = program.inputs
+                mean, std, _, h, c, stats = outputs
+                after = (h, c, stats, mean[:, -1], std[:, -1])
+                for into, value in zip(state_in, after, strict=True):
+                    into.copy_(value)
+            x_in[:b].copy_(chunk)
+            outputs = program.run()
+            mean, std, z = (t[:b] for t in outputs[:3])
+            means.append(mean)
+            stds.append(std)
+            zs.append(z)
+            start += steps
+        _, _, _, h, c, stats = outputs
+        kept = stats[:b].clone() if self.model.stats_width else None
+        return KeptStep(
+            _joined(means),
+            _joined(stds),
+            _joined(zs),
+            LSTMState(h[:, :b].clone(), c[:, :b].clone()),
+            kept,
+            None,
+        )
+
+    def program(self, batch: int, steps: int, *, gathers: bool) -> _Program:
+        """The program of one (bucket batch, steps) shape: the first piece of a chunk
+        (``gathers``: its inputs the slots and the values) or a later one (the values and the
+        state after the piece before)."""
+        device = self.engine.device
+        L, H = self.model.lstm.num_layers, self.model.lstm.hidden_size
+        F_, S = self.model.config.n_features, self.rows.stats.shape[1]
+
+        def make() -> _Program:
+            x = torch.zeros(batch, steps, F_, device=device)
+            if gathers:
+                slots = torch.zeros(batch, dtype=torch.long, device=device)
+                return self.engine._made(_Program((slots, x), self._gathered))
+            state = (
+                torch.zeros(L, batch, H, device=device),
+                torch.zeros(L, batch, H, device=device),
+                torch.zeros(batch, S, dtype=torch.float64, device=device),
+                torch.zeros(batch, F_, device=device),
+                torch.ones(batch, F_, device=device),
+            )
+            return self.engine._made(_Program((x, *state), self._chained))
+
+        return self._programs.get((batch, steps, gathers), make)
+
+    def _gathered(self, slots: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+        rows = self.rows
+        return self._chained(
+            x,
+            rows.h.index_select(1, slots),
+            rows.c.index_select(1, slots),
+            rows.stats.index_select(0, slots),
+            rows.next_mean.index_select(0, slots),
+            rows.next_std.index_select(0, slots),
+        )
+
+    def _chained(
+        self, x: Tensor, h: Tensor, c: Tensor, stats: Tensor, prev_mean: Tensor, prev_std: Tensor
+    ) -> tuple[Tensor, ...]:
+        kept = stats if self.model.stats_width else None
+        step = step_kept(
+            self.model, x, LSTMState(h, c), kept, prev_mean, prev_std, stack=self.engine.unrolled
+        )
+        stats_after = stats if step.stats is None else step.stats
+        return step.mean, step.std, step.z, step.lstm.h, step.lstm.c, stats_after
+
+    @torch.no_grad()
+    def warm(self, batches: list[int] | None = None, steps: tuple[int, ...] = (1,)) -> None:
+        """Make the gathering programs of these batch buckets (every one by default) and chunk
+        lengths ahead of their first round."""
+        with self._lock:
+            for batch in buckets(self.engine.max_batch) if batches is None else batches:
+                for n in steps:
+                    self.program(batch_bucket(batch, self.engine.max_batch), n, gathers=True)
+
+    @torch.no_grad()
+    def self_check(self, atol: float = 1e-5) -> None:
+        """The programs against the eager steps (the eager stack, not the engine's programs) on
+        3 rows (a padded bucket) of 5 values (two chained pieces) from slots 0 and 1 of
+        ``rows`` as they are, before any round."""
+        capacity = self.rows.h.shape[1]
+        slots = torch.tensor([0, min(1, capacity - 1), 0], device=self.engine.device)
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 5, self.model.config.n_features, generator=generator) + 1.0
+        x = x.to(self.engine.device)
+        rows = self.rows
+        want = step_kept(
+            self.model,
+            x,
+            LSTMState(rows.h.index_select(1, slots), rows.c.index_select(1, slots)),
+            rows.stats.index_select(0, slots) if self.model.stats_width else None,
+            rows.next_mean.index_select(0, slots),
+            rows.next_std.index_select(0, slots),
+            stack=self.model.lstm,
+        )
+        got = self(slots, x)
+        if got is None:
+            raise GraphUnavailable("its programs could not be made")
+        pairs = [(got.mean, want.mean), (got.std, want.std), (got.lstm.h, want.lstm.h)]
+        pairs += [(got.lstm.c, want.lstm.c), (got.z.nan_to_num(), want.z.nan_to_num())]
+        if want.stats is not None and got.stats is not None:
+            pairs.append((got.stats.float(), want.stats.float()))
+        worst = max((a - b).abs().max().item() for a, b in pairs)
+        if not worst <= atol:
+            raise GraphUnavailable(f"the graphed steps differ from the eager ones by {worst}")
+
+
+def _joined(pieces: list[Tensor]) -> Tensor:
+    """Pieces along time as one new tensor (a program's buffers are overwritten by its next
+    run)."""
+    return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces, dim=1)

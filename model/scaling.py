@@ -227,9 +227,15 @@ class RunningScaleForecaster(nn.Module, PathForecasts[ScaledState]):
         )
 
     def forward_normalised(
-        self, x: Tensor, state: ScaledState | None = None, *, return_gates: bool = False
+        self,
+        x: Tensor,
+        state: ScaledState | None = None,
+        *,
+        return_gates: bool = False,
+        stack: StackEngine | None = None,
     ) -> ScaledForecast:
-        """Mean and std of the next value in the running units (``loc``, ``scale``) of each step."""
+        """Mean and std of the next value in the running units (``loc``, ``scale``) of each step
+        (``stack``: as ``LSTMForecaster.forward_normalised``'s)."""
         if state is None:
             state = self.zero_state(x.shape[0])
         stats, loc64, var = state.stats.update(x, self.config.scale_decay)
@@ -237,17 +243,22 @@ class RunningScaleForecaster(nn.Module, PathForecasts[ScaledState]):
         loc = loc64.to(x.dtype)
         scale = (var + floor.square()).sqrt().to(x.dtype)  # (B, T, F)
         z = ((x - loc) / scale).clamp(-INPUT_CLIP, INPUT_CLIP)
-        stack = self.lstm if self.engine is None else self.engine
-        out, lstm_state, gates = stack(z, state.lstm, return_gates=return_gates)
+        run = stack if stack is not None else self.engine if self.engine is not None else self.lstm
+        out, lstm_state, gates = run(z, state.lstm, return_gates=return_gates)
         mean, raw_std = self.head(out).chunk(2, dim=-1)  # (B, T, F) each
         std = (F.softplus(raw_std) + self.config.min_std) * self.std_scale
         return ScaledForecast(mean, std, ScaledState(lstm_state, stats), gates, loc, scale)
 
     def forward(
-        self, x: Tensor, state: ScaledState | None = None, *, return_gates: bool = False
+        self,
+        x: Tensor,
+        state: ScaledState | None = None,
+        *,
+        return_gates: bool = False,
+        stack: StackEngine | None = None,
     ) -> ScaledForecast:
         """(B, T, F) raw values -> the next value's mean and std after each step, raw units."""
-        f = self.forward_normalised(x, state, return_gates=return_gates)
+        f = self.forward_normalised(x, state, return_gates=return_gates, stack=stack)
         return f._replace(mean=f.loc + f.scale * f.mean, std=f.scale * f.std)
 
     @torch.no_grad()

@@ -29,6 +29,8 @@ from torch import Tensor
 
 from model import LSTMState
 from model.checkpoint import AnyForecaster
+from model.forecaster import step_kept
+from model.graphed import GraphedSteps
 from model.native import NativeForecaster, StackEngine
 from service.errors import ModelFailure
 from service.results import ForecastOutputs, Outputs
@@ -261,6 +263,9 @@ class RoundRunner:
         # NativeForecaster, the pool's PoolArrays): at the batches a server forms, the ~30 torch
         # ops of a round cost several times the model's arithmetic.
         self.arrays = NativeForecaster.of(self.model) if pool.arrays is not None else None
+        # With the graphed engine (a GPU) a round's steps run from CUDA graphs that gather the
+        # sessions' states from the pool, run the whole forecaster and score each value.
+        self.graphed = GraphedSteps.of(self.model, pool)
 
     def compute(self, batch: list[Job]) -> None:
         """Each job's ``result``: a step's ``Computed`` (not in the pool yet), a forecast's
@@ -338,32 +343,36 @@ class RoundRunner:
         started = time.perf_counter()
         slots = torch.tensor([j.session.slot for j in jobs], device=self.device)
         x = torch.from_numpy(np.stack([j.x for j in jobs])).to(self.device)  # (B, T, F)
-        state = self.model.join_state(self.pool.gather(slots), self.pool.gather_stats(slots))
-        prev_mean = self.pool.next_mean.index_select(0, slots)  # (B, F)
-        prev_std = self.pool.next_std.index_select(0, slots)
-        f = self.model(x, state, return_gates=jobs[0].return_gates)
-        mean, std, gates = f.mean, f.std, f.gates
-        new_state, stats = self.model.split_state(f.state)
+        step = None
+        if self.graphed is not None and self.graphed.handles(jobs[0].return_gates):
+            step = self.graphed(slots, x)  # gathered from the pool inside a CUDA graph
+        if step is None:
+            step = step_kept(
+                self.model,
+                x,
+                self.pool.gather(slots),
+                self.pool.gather_stats(slots),
+                self.pool.next_mean.index_select(0, slots),  # (B, F)
+                self.pool.next_std.index_select(0, slots),
+                return_gates=jobs[0].return_gates,
+            )
+        mean, std, z = step.mean, step.std, step.z
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
             raise FloatingPointError("non-finite model output")
-        # The forecast each value is scored against: the pool's for the first, then the chunk's.
-        before_mean = torch.cat([prev_mean.unsqueeze(1), mean[:, :-1]], dim=1)  # (B, T, F)
-        before_std = torch.cat([prev_std.unsqueeze(1), std[:, :-1]], dim=1)
-        z = (x - before_mean) / before_std
         unscored = self._unscored(jobs, x.shape[1])
-        for b, k in enumerate(unscored):
-            if k:
-                z[b, :k] = float("nan")
+        if any(unscored):  # one masked write for the batch (a write per row: a launch each)
+            first = torch.tensor(unscored, device=self.device).unsqueeze(1)  # (B, 1)
+            mask = torch.arange(x.shape[1], device=self.device) < first  # (B, T)
+            z.masked_fill_(mask.unsqueeze(-1), float("nan"))
         self.observer.model_time(time.perf_counter() - started)
         self.observer.batch(len(jobs))
         self.observer.timesteps(x.shape[0] * x.shape[1])
-        group = Group(
-            new_state.h, new_state.c, mean[:, -1], std[:, -1], mean, std, z, x, self.pool, stats
-        )
+        h, c = step.lstm
+        group = Group(h, c, mean[:, -1], std[:, -1], mean, std, z, x, self.pool, step.stats)
         # One conversion per tensor for the whole batch: per-row views and tolist() calls cost
         # more than the model's step at these sizes.
         means, stds, zs = mean.tolist(), std.tolist(), z.tolist()
-        gate_lists = self._gate_lists(gates)
+        gate_lists = self._gate_lists(step.gates)
         return [
             Computed(
                 self._outputs(

@@ -16,7 +16,7 @@ import torch
 
 from model import load_checkpoint
 from model.graphed import GraphedLSTM
-from model.native import build_engine
+from model.native import StackEngine, build_engine
 from service.backends import EmbeddedBackend
 from service.batcher import MicroBatcher
 from service.engine import Engine, EngineLimits
@@ -24,10 +24,12 @@ from service.schemas import Step
 from service.sessions import SessionStore, StatePool, StoreLimits
 from tests.conftest import SHIPPED
 
-# Each test runs on the CPU too (the native engine there), so its own logic is checked where no
-# GPU is; the cuda case is the one that matters.
+# Each test runs on the CPU too (the native engine there, and the graphed one with its programs
+# run uncaptured: the round's GraphedSteps), so its own logic is checked where no GPU is; the
+# cuda case is the one that matters.
 DEVICES = [
     "cpu",
+    "cpu-graphed",
     pytest.param(
         "cuda",
         marks=[
@@ -40,7 +42,8 @@ DEVICES = [
 VALUES = [float(v) for v in torch.linspace(0, 6, 40).sin() * 3 + 100]
 
 
-def engine_on(device: str, graphed: bool = True) -> Engine:
+def engine_on(where: str, graphed: bool = True) -> Engine:
+    device, _, kind = where.partition("-")
     checkpoint = load_checkpoint(SHIPPED, device=device)
     model, config = checkpoint.model.eval(), checkpoint.model.config
     pool = StatePool(
@@ -55,10 +58,18 @@ def engine_on(device: str, graphed: bool = True) -> Engine:
     )
     store = SessionStore(pool, StoreLimits(64, 600, 600, evict_when_full=False, tombstones=10))
     backend = EmbeddedBackend(store)
-    stack_engine = build_engine("auto", model.lstm, max_batch=64) if graphed else model.lstm
+    stack_engine: StackEngine = model.lstm
+    if kind == "graphed":
+        stack_engine = GraphedLSTM(model.lstm, max_batch=64, capture=False, fuse=False)
+    elif graphed:
+        stack_engine = build_engine("auto", model.lstm, max_batch=64)
     if device == "cuda" and graphed:
         assert isinstance(stack_engine, GraphedLSTM) and stack_engine.capture
     batcher = MicroBatcher(model, pool, max_batch=64, stack_engine=stack_engine)
+    if graphed and (device == "cuda" or kind == "graphed"):  # the rounds' captured steps
+        steps = batcher.runner.graphed
+        assert steps is not None and steps.programs
+        assert all((p.graph is not None) == (device == "cuda") for p in steps.programs.values())
     return Engine(
         backend,
         batcher,
@@ -83,14 +94,21 @@ def test_chunks_equal_the_whole_and_a_retry_is_answered_once(device: str) -> Non
         sid = (await engine.create(None, None)).session_id
         whole = await engine.predict([[v] for v in VALUES], False)
         got: list[float] = []
+        scored: list[bool] = []
         t = 0
-        for size in (1, 7, 16, 3, 13):
+        for size in (1, 5, 16, 5, 13):
             reply = await engine.step(step(sid, VALUES[t : t + size], seq=t))
             assert await engine.step(step(sid, VALUES[t : t + size], seq=t)) == reply
             t += size
             got += means(reply)
+            scored += [o["anomaly_z"] is not None for o in reply["outputs"]]
+        # The running-scaled model scores no value before its 8th (in a chunk that spans it too).
+        assert scored == [False] * 8 + [True] * (len(VALUES) - 8)
         assert t == len(VALUES)
         assert got == pytest.approx([m[0] for m in whole.mean], rel=1e-5, abs=1e-5)
+        if device != "cpu":  # the steps ran from the round's programs: 13 = 8 + 4 + 1, 5 = 4 + 1
+            programs = engine.batcher.runner.graphed.programs  # type: ignore[union-attr]
+            assert {(1, 16, True), (1, 8, True), (1, 4, False), (1, 1, False)} <= set(programs)
         forecast = await engine.forecast(sid, 16, paths=64, seed=1)
         assert len(forecast.means) == 16
         assert forecast == await engine.forecast(sid, 16, paths=64, seed=1)

@@ -13,9 +13,19 @@ import pytest
 import torch
 
 import model.graphed as graphed
-from model import ForecasterConfig, LSTMForecaster, LSTMState, StackedLSTM
-from model.graphed import GraphedLSTM, GraphUnavailable, batch_bucket, buckets, step_pieces
+from model import ForecasterConfig, LSTMForecaster, LSTMState, Normalisation, StackedLSTM
+from model.checkpoint import AnyForecaster, build_forecaster
+from model.forecaster import KeptStep, step_kept
+from model.graphed import (
+    GraphedLSTM,
+    GraphedSteps,
+    GraphUnavailable,
+    batch_bucket,
+    buckets,
+    step_pieces,
+)
 from model.native import build_engine
+from service.sessions import StatePool
 
 VARIANTS = ["standard", "peephole", "coupled"]
 ATOL = 1e-6  # issue 14's bound for float32
@@ -66,7 +76,7 @@ def test_equals_the_eager_stack_at_every_batch_and_chunk(variant: str) -> None:
         assert_same((got[0], got[1]), (want[0], want[1]))
         assert got[0].shape == (batch, steps, stack.hidden_size)
     # Every call (and the self-check's 3 rows x 5 steps) ran from 2 batch buckets x 4 lengths.
-    assert set(engine.shapes()) == set(itertools.product([1, 4], [1, 2, 4, 8]))
+    assert set(engine.programs) == set(itertools.product([1, 4], [1, 2, 4, 8]))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -178,11 +188,11 @@ def test_a_capture_that_fails_while_serving_runs_that_call_eager(
         torch.testing.assert_close(engine(x)[0], want[0], atol=0, rtol=0)
     assert caplog.text == ""
     monkeypatch.undo()
-    engine._failed[(8, 2)] -= graphed.RETRY_CAPTURE_S
+    engine._programs.failed[(8, 2)] -= graphed.RETRY_CAPTURE_S
     engine.capture = False  # (a CPU: the retried program runs uncaptured)
     with torch.no_grad():
         assert_same(engine(x)[:2], want[:2])
-    assert (8, 2) in engine.programs and not engine._failed
+    assert (8, 2) in engine.programs and not engine._programs.failed
 
 
 @pytest.mark.slow
@@ -204,6 +214,149 @@ def test_the_compiled_pointwise_part_equals_the_written_gates() -> None:
                 assert_same(engine(x, state)[:2], stack(x, state)[:2])
 
 
+# A round's steps as programs (GraphedSteps): the pool's gather, the whole forecaster, the scores.
+
+
+def forecaster(scaling: str, variant: str = "standard") -> AnyForecaster:
+    torch.manual_seed(7)
+    config = ForecasterConfig(
+        feature_names=("a", "b"),
+        hidden_size=9,
+        variant=variant,  # type: ignore[arg-type]
+        scaling=scaling,  # type: ignore[arg-type]
+        scale_halflife=4.0 if scaling == "running" else 0.0,
+    )
+    return build_forecaster(config, Normalisation([10.0, -3.0], [2.0, 0.5])).eval()
+
+
+def pool_for(model: AnyForecaster, capacity: int = 12) -> StatePool:
+    """A pool whose rows hold states a few chunks in: random (h, c), forecasts and statistics."""
+    config = model.config
+    pool = StatePool(
+        config.num_layers,
+        config.hidden_size,
+        config.n_features,
+        capacity,
+        "cpu",
+        stats_width=model.stats_width,
+    )
+    pool.h.normal_()
+    pool.c.normal_()
+    pool.next_mean.normal_()
+    pool.next_std.uniform_(0.5, 2.0)
+    if model.stats_width:
+        x = torch.randn(capacity, 6, config.n_features) * 3 + 5
+        pool.stats.copy_(model.zero_state(capacity).stats.update(x, config.scale_decay)[0].flat())
+    return pool
+
+
+def eager_steps(model: AnyForecaster, pool: StatePool, slots: torch.Tensor, x: torch.Tensor):
+    return step_kept(
+        model,
+        x,
+        pool.gather(slots),
+        pool.gather_stats(slots),
+        pool.next_mean.index_select(0, slots),
+        pool.next_std.index_select(0, slots),
+    )
+
+
+def assert_same_steps(got: KeptStep | None, want: KeptStep) -> None:
+    assert got is not None
+    for a, b in [(got.mean, want.mean), (got.std, want.std), (got.z, want.z)]:
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.lstm.h, want.lstm.h, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.lstm.c, want.lstm.c, atol=ATOL, rtol=0)
+    if want.stats is None:
+        assert got.stats is None
+    else:
+        assert got.stats is not None
+        torch.testing.assert_close(got.stats, want.stats, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("scaling", "variant"), [("global", "peephole"), ("running", "coupled")])
+def test_graphed_steps_gather_from_the_pool_and_equal_the_eager_steps(
+    scaling: str, variant: str
+) -> None:
+    model = forecaster(scaling, variant)
+    engine = GraphedLSTM(model.lstm, max_batch=4, max_steps=8, fuse=False)
+    model.use_engine(engine)
+    pool = pool_for(model)
+    steps = GraphedSteps.of(model, pool)
+    assert steps is not None  # its self-check passed
+    # Batches: one row, a padded bucket, the largest; chunks: one value, three chained
+    # pieces (4 + 2 + 1), above max_steps (8 + 8 + 2 + 1).
+    for batch, length in itertools.product([1, 3, 4], [1, 7, 19]):
+        slots = torch.randperm(pool.capacity)[:batch]
+        x = torch.randn(batch, length, 2) * 2 + torch.tensor([10.0, -3.0])
+        assert_same_steps(steps(slots, x), eager_steps(model, pool, slots, x))
+    assert (4, 1, True) in steps.programs and (4, 2, False) in steps.programs
+    # A program reads the pool's rows at each run, not those of its first.
+    slots, x = torch.tensor([2, 5]), torch.randn(2, 1, 2)
+    before = steps(slots, x)
+    pool.h[:, 5] += 1.0
+    after = steps(slots, x)
+    assert before is not None and after is not None
+    torch.testing.assert_close(after.mean[0], before.mean[0], atol=0, rtol=0)
+    assert not torch.allclose(after.mean[1], before.mean[1])
+    assert_same_steps(after, eager_steps(model, pool, slots, x))
+    # Above the engine's largest bucket: not its to run.
+    assert steps(torch.arange(5), torch.randn(5, 1, 2)) is None
+
+
+def test_graphed_steps_stream_chunks_as_the_whole() -> None:
+    """Each chunk's new state scattered into the pool, as a round does: the chunks' outputs and
+    final state are the whole sequence's."""
+    model = forecaster("running")
+    model.use_engine(GraphedLSTM(model.lstm, max_batch=4, max_steps=8, fuse=False))
+    pool = pool_for(model)
+    steps = GraphedSteps.of(model, pool)
+    assert steps is not None
+    slots = torch.tensor([3, 0, 7])
+    x = torch.randn(3, 23, 2) * 2 + 10
+    whole = eager_steps(model, pool, slots, x)
+    means, zs, t = [], [], 0
+    for size in (1, 5, 8, 9):
+        got = steps(slots, x[:, t : t + size])
+        assert got is not None
+        pool.scatter(slots, got.lstm, got.mean[:, -1], got.std[:, -1], got.stats)
+        means.append(got.mean)
+        zs.append(got.z)
+        t += size
+    torch.testing.assert_close(torch.cat(means, 1), whole.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(zs, 1), whole.z, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pool.gather(slots).h, whole.lstm.h, atol=1e-5, rtol=0)
+
+
+def test_graphed_steps_that_cannot_capture_leave_the_round_eager(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = forecaster("global")
+    engine = GraphedLSTM(model.lstm, max_batch=8, fuse=False)
+    model.use_engine(engine)
+    pool = pool_for(model)
+    steps = GraphedSteps.of(model, pool)
+    assert steps is not None
+    engine.capture = True  # as on a GPU
+
+    def out_of_memory(self: object) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(graphed._Program, "capture", out_of_memory)
+    slots, x = torch.tensor([1, 2, 3]), torch.randn(3, 2, 2)
+    with caplog.at_level("WARNING", logger="model.graphed"):
+        assert steps(slots, x) is None
+    assert "capturing the (4, 2, True) program failed: CUDA out of memory" in caplog.text
+    # GraphedSteps.of where the one-timestep programs cannot be captured: none, said why.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.graphed"):
+        assert GraphedSteps.of(model, pool) is None
+    assert "a round's steps run eager around the engine" in caplog.text
+    # The models whose stack runs elsewhere have none.
+    model.use_engine(None)
+    assert GraphedSteps.of(model, pool) is None
+
+
 # On a GPU: the programs captured into CUDA graphs.
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -216,7 +369,7 @@ def test_on_cuda_auto_serves_captured_programs() -> None:
     engine = build_engine("auto", stack, max_batch=256)
     assert isinstance(engine, GraphedLSTM) and engine.capture
     assert engine.fused, "torch.compile (Triton) did not compile the pointwise part: see the log"
-    assert set(engine.shapes()) >= {(b, 1) for b in buckets(256)}
+    assert set(engine.programs) >= {(b, 1) for b in buckets(256)}
     assert all(p.graph is not None for p in engine.programs.values())
 
 
@@ -257,3 +410,35 @@ def test_on_cuda_a_replay_reads_this_calls_inputs_and_chunks_equal_the_whole() -
             outs.append(out)
     assert state is not None
     assert_same((torch.cat(outs, dim=1), state), (whole, whole_state))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("scaling", ["global", "running"])
+def test_on_cuda_the_graphed_steps_gather_in_the_graph_and_equal_the_eager_steps(
+    scaling: str,
+) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = forecaster(scaling)
+    pool = pool_for(model, capacity=80)
+    model.cuda()
+    model.use_engine(GraphedLSTM(model.lstm, max_batch=64, max_steps=64))
+    for name in ("h", "c", "stats", "next_mean", "next_std", "inputs", "recorded"):
+        setattr(pool, name, getattr(pool, name).cuda())
+    steps = GraphedSteps.of(model, pool)
+    assert steps is not None and steps.programs
+    assert all(p.graph is not None for p in steps.programs.values())
+    for batch, length in itertools.product([1, 3, 64], [1, 7, 100]):
+        slots = torch.randperm(pool.capacity, device="cuda")[:batch]
+        x = torch.randn(batch, length, 2, device="cuda") * 2 + 10
+        with torch.no_grad():
+            assert_same_steps(steps(slots, x), eager_steps(model, pool, slots, x))
+    # The replay reads the pool as it is now.
+    slots, x = torch.tensor([2, 5], device="cuda"), torch.randn(2, 1, 2, device="cuda")
+    with torch.no_grad():
+        before = steps(slots, x)
+        pool.h[:, 5] += 1.0
+        after = steps(slots, x)
+        assert before is not None and after is not None
+        assert not torch.allclose(after.mean[1], before.mean[1])
+        assert_same_steps(after, eager_steps(model, pool, slots, x))
