@@ -183,7 +183,7 @@ def print_table(table: list[dict[str, Any]]) -> None:
         for r in ratios:
             lo, hi = row[f"{r} spread"]
             cells.append(f"{row[r]:.2f} ({lo:.2f}-{hi:.2f})")
-        cells.append(" / ".join(f"{row['build_s'][n]:.1f}" for n in names))
+        cells.append(" / ".join(f"{row['build_s'][n]:.2f}" for n in names))
         cells.append(" / ".join(f"{v:.0f}" for v in row["cuda_mib"].values()) or "-")
         cells.append(f"{row['max_abs_diff']:.1e}")
         print(" | ".join(cells), flush=True)

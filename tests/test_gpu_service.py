@@ -145,3 +145,24 @@ def test_step_many_equals_the_cpu_and_a_blob_moves_to_it(device: str) -> None:
         await cpu.batcher.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_round_with_and_without_gate_traces_agrees(device: str) -> None:
+    """One round holding steps with gate traces (the eager stack's) and without (the round's
+    programs where the engine is graphed): the same values for both sessions, and the traces."""
+
+    async def scenario() -> None:
+        engine = engine_on(device)
+        for sid in ("plain", "traced"):
+            await engine.create(sid, None)
+        rows = [[v] for v in VALUES[:12]]
+        plain, traced = await asyncio.gather(
+            engine.step(Step(session_id="plain", inputs=rows, seq=0)),
+            engine.step(Step(session_id="traced", inputs=rows, seq=0, return_gates=True)),
+        )
+        assert plain["gates"] is None and traced["gates"] is not None
+        assert means(plain) == pytest.approx(means(traced), rel=1e-5, abs=1e-5)
+        await engine.batcher.close()
+
+    asyncio.run(scenario())
