@@ -54,16 +54,7 @@ def runner_for(device: str, kind: str, batch: int) -> tuple[RoundRunner, list[St
     so every value is scored), and a round's jobs, one per session."""
     checkpoint = load_checkpoint(SHIPPED, device=device)
     model, config = checkpoint.model.eval(), checkpoint.model.config
-    pool = StatePool(
-        config.num_layers,
-        config.hidden_size,
-        config.n_features,
-        batch,
-        device,
-        window=16,
-        stats_width=model.stats_width,
-        stats_decay=config.scale_decay,
-    )
+    pool = StatePool.for_model(model, batch, device, window=16)
     store = SessionStore(pool, StoreLimits(batch, 600, 600, evict_when_full=False, tombstones=1))
     sessions = [store.create(f"s{k}") for k in range(batch)]
     max_batch = 1 << (batch - 1).bit_length()

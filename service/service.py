@@ -340,16 +340,9 @@ class LSTMSessions:
     def _build_version(self, checkpoint: Checkpoint, durable: bool = False) -> Version:
         """A model version's engine: its pool, store, backend and micro-batcher; ``durable``:
         with the snapshot and journal (the version the server started with)."""
-        model, config = checkpoint.model, checkpoint.model.config
-        pool = StatePool(
-            config.num_layers,
-            config.hidden_size,
-            config.n_features,
-            settings.max_sessions,
-            self.device,
-            window=settings.migration_window,
-            stats_width=model.stats_width,
-            stats_decay=config.scale_decay,
+        model = checkpoint.model
+        pool = StatePool.for_model(
+            model, settings.max_sessions, self.device, window=settings.migration_window
         )
         authoritative = self.redis is None
         store = SessionStore(
@@ -393,7 +386,7 @@ class LSTMSessions:
             backend,
             batcher,
             model=(checkpoint.name, checkpoint.version),
-            n_features=config.n_features,
+            n_features=model.config.n_features,
             blob_key=settings.blob_key.get_secret_value().encode() if settings.blob_key else None,
             limits=EngineLimits(
                 max_chunk=settings.max_chunk,

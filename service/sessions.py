@@ -23,7 +23,7 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -42,6 +42,9 @@ from service.errors import (
 )
 from service.results import Outputs, StepDone
 from service.state_blob import SessionState
+
+if TYPE_CHECKING:
+    from model.checkpoint import AnyForecaster
 
 
 def new_session_id() -> str:
@@ -97,6 +100,23 @@ class StatePool:
         # sessions' rows, and each torch op's dispatch cost more than its copy (the tensors are
         # never replaced, only written in place, so the views stay theirs).
         self.arrays = PoolArrays.of(self) if self.h.device.type == "cpu" else None
+
+    @staticmethod
+    def for_model(
+        model: AnyForecaster, capacity: int, device: torch.device | str, window: int = 0
+    ) -> StatePool:
+        """A pool of ``capacity`` sessions of ``model``: its state's shapes, its statistics."""
+        config = model.config
+        return StatePool(
+            config.num_layers,
+            config.hidden_size,
+            config.n_features,
+            capacity,
+            device,
+            window=window,
+            stats_width=model.stats_width,
+            stats_decay=config.scale_decay,
+        )
 
     @property
     def nbytes(self) -> int:

@@ -46,16 +46,7 @@ def engine_on(where: str, graphed: bool = True) -> Engine:
     device, _, kind = where.partition("-")
     checkpoint = load_checkpoint(SHIPPED, device=device)
     model, config = checkpoint.model.eval(), checkpoint.model.config
-    pool = StatePool(
-        config.num_layers,
-        config.hidden_size,
-        config.n_features,
-        64,
-        device,
-        window=16,
-        stats_width=model.stats_width,
-        stats_decay=config.scale_decay,
-    )
+    pool = StatePool.for_model(model, 64, device, window=16)
     store = SessionStore(pool, StoreLimits(64, 600, 600, evict_when_full=False, tombstones=10))
     backend = EmbeddedBackend(store)
     stack_engine: StackEngine = model.lstm

@@ -267,14 +267,7 @@ def forecaster(scaling: str, variant: str = "standard") -> AnyForecaster:
 def pool_for(model: AnyForecaster, capacity: int = 12, device: str = "cpu") -> StatePool:
     """A pool whose rows hold states a few chunks in: random (h, c), forecasts and statistics."""
     config = model.config
-    pool = StatePool(
-        config.num_layers,
-        config.hidden_size,
-        config.n_features,
-        capacity,
-        device,
-        stats_width=model.stats_width,
-    )
+    pool = StatePool.for_model(model, capacity, device)
     pool.h.normal_()
     pool.c.normal_()
     pool.next_mean.normal_()
