@@ -411,8 +411,9 @@ class GraphedSteps:
     """A round's steps (``model.forecaster.step_kept``) from captured programs on a GPU: each
     gathers its rows' states from ``rows`` by slot, runs the whole forecaster (normalisation or
     the running statistics, the stack, the head) and scores each value, all inside one CUDA
-    graph; around the engine's stack programs those were some forty kernel launches a round (a
-    running-scaled model's statistics ten more per timestep), each costing more than its work.
+    graph; around the engine's stack programs those were about forty kernel launches a round
+    for the shipped model at one value (counted from the code, not profiled), each costing more
+    than its work, and its running statistics' ten more per further value.
 
     The engine's bucketing: batches in the program of the next power of two (padding rows gather
     whatever slot their buffer last held, and are dropped), chunks as power-of-two pieces, the
