@@ -611,6 +611,7 @@ class StoreFiles:
         # nothing is answered on top of a journal whose last records may be gone.
         self._unsafe = False
         self._retiring: set[asyncio.Task[None]] = set()
+        self.rejected_as = ".rejected"  # the suffix the last files set aside were given
 
     @property
     def journalled(self) -> bool:
@@ -651,7 +652,8 @@ class StoreFiles:
     ) -> Recovery | None:
         """The snapshot and the journals after it, into ``store``, all or nothing; None if there
         was neither. SnapshotRefused, with the files kept aside as ``….rejected``, if they
-        cannot be restored whole (another model's, a bad entry, no room). ``migrate``: the
+        cannot be restored whole (another model's, a bad entry, no room; ``rejected_as`` says
+        the suffix). ``migrate``: the
         entries of a snapshot of another version (a restart with a new model), moved to this
         one, each by its window (those that cannot move are left out: it says which)."""
         self._bind(store)
@@ -729,9 +731,17 @@ class StoreFiles:
         return header, state
 
     def _reject(self, files: list[tuple[int, Path]]) -> None:
-        for path in [self.snapshot, *(p for _, p in files)]:
-            if path.exists():
-                path.replace(path.with_name(path.name + ".rejected"))
+        """The snapshot and these files set aside as ``….rejected``, or ``….rejected.N`` (the
+        least N free for all of them) where an earlier rejection's are: never overwritten (a
+        switch of model and back again lost the first set; found by an outside test run)."""
+        paths = [p for p in [self.snapshot, *(p for _, p in files)] if p.exists()]
+        suffix, n = ".rejected", 0
+        while any(p.with_name(p.name + suffix).exists() for p in paths):
+            n += 1
+            suffix = f".rejected.{n}"
+        for path in paths:
+            path.replace(path.with_name(path.name + suffix))
+        self.rejected_as = suffix
 
     # --- while serving -------------------------------------------------------------------------
 

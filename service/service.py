@@ -81,7 +81,7 @@ from service.schemas import (
 )
 from service.sessions import SessionStore, StatePool, StoreEvents, StoreLimits
 from service.settings import Settings, cors_origin_list, load_settings
-from service.snapshot import SnapshotRefused
+from service.snapshot import SnapshotInUse, SnapshotRefused, hold_snapshot
 from service.startup import (
     enforce_single_worker,
     in_arbiter,
@@ -90,6 +90,7 @@ from service.startup import (
     model_engine,
     package_version,
     prepare_arbiter,
+    refuse_to_start,
     serving_host,
     tune_gc,
     warn_if_open,
@@ -353,7 +354,14 @@ class LSTMSessions:
             files = None
             if durable and settings.snapshot_path is not None:
                 # The version started with keeps the snapshot and the journal (its store is the
-                # one a restart restores).
+                # one a restart restores), this process alone.
+                try:
+                    hold_snapshot(settings.snapshot_path)
+                except SnapshotInUse as e:
+                    refuse_to_start(
+                        f"{e}: give each server its own LSTM_SNAPSHOT_PATH (empty: none), or "
+                        "stop the other"
+                    )
                 files = self.files = StoreFiles(
                     settings.snapshot_path,
                     settings.journal,
@@ -684,9 +692,10 @@ class LSTMSessions:
             )
         except SnapshotRefused as e:
             log.error(
-                "snapshot %s and its journal not restored, none of it (%s); kept as ….rejected",
+                "snapshot %s and its journal not restored, none of it (%s); kept as …%s",
                 files.snapshot,
                 e,
+                files.rejected_as,
             )
             done = None
         if done is not None:

@@ -12,6 +12,7 @@ JSON keeps the outputs' doubles exact (Python writes the shortest repr that read
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 from collections.abc import Callable
@@ -28,6 +29,40 @@ MAGIC = b"LSTMSNAP1\n"
 
 class SnapshotRefused(Exception):
     """The snapshot cannot be restored whole; nothing of it was restored."""
+
+
+class SnapshotInUse(Exception):
+    """Another process holds this snapshot path: a server serving from it."""
+
+
+# The snapshot paths this process holds, each by an open lock file: path -> its descriptor.
+_HELD: dict[Path, int] = {}
+
+
+def hold_snapshot(path: Path) -> None:
+    """Hold ``path`` and its journal for this process until it exits (an exclusive ``flock`` of
+    ``<path>.lock``, which the kernel lets go of however the process ends, ``kill -9`` too).
+
+    A second server started with the same ``LSTM_SNAPSHOT_PATH`` (two from one checkout) would
+    restore the first's live sessions and remove the journal the first is writing, so the steps
+    the first answers after that are gone at its crash (found by an outside test run). Where
+    another process holds it: ``SnapshotInUse``, naming that process. Again in this process:
+    nothing (several services in one process, as tests make, share one snapshot anyway)."""
+    key = path.absolute()
+    if key in _HELD:
+        return
+    key.parent.mkdir(parents=True, exist_ok=True)
+    lock = key.with_name(key.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SnapshotInUse(f"{path} is in use by another server (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = fd
 
 
 @dataclass(frozen=True)

@@ -351,6 +351,13 @@ def test_a_journal_of_another_model_is_refused_whole_and_kept(tmp_path: Path) ->
         Server(path, "write")
     assert journal.with_name(journal.name + ".rejected").exists()
     assert not journal.exists()
+    # Refused again (a switch of model and back): the first set stays, the second beside it.
+    first = journal.with_name(journal.name + ".rejected").read_bytes()
+    journal.write_bytes(first)  # another model's journal again, of that generation
+    with pytest.raises(SnapshotRefused):
+        Server(path, "write")
+    assert journal.with_name(journal.name + ".rejected").read_bytes() == first
+    assert journal.with_name(journal.name + ".rejected.1").exists()
 
 
 def test_a_write_that_fails_answers_503_and_changes_nothing(
@@ -599,3 +606,37 @@ def test_kill_9_three_times_loses_no_acknowledged_step(
             assert info["t"] == len(values)
     for (values, _), (means, _) in zip(plans, results, strict=True):
         np.testing.assert_allclose(means, offline(values)[:, 0], atol=1e-5)
+
+
+def test_a_snapshot_path_is_held_by_one_process(tmp_path: Path) -> None:
+    """Another process holding the path (a second server from the same checkout, found by an
+    outside test run): refused, naming it; this process again: nothing; the holder gone,
+    however it ended: free."""
+    import subprocess
+    import sys
+
+    from service.snapshot import SnapshotInUse, hold_snapshot
+
+    path = tmp_path / "state" / "s.snapshot"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from service.snapshot import hold_snapshot; "
+            "hold_snapshot(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(SnapshotInUse, match=f"in use by another server \\(pid {holder.pid}\\)"):
+            hold_snapshot(path)
+    finally:
+        holder.kill()  # as kill -9: the kernel lets go of its lock
+        holder.wait()
+    hold_snapshot(path)
+    hold_snapshot(path)  # again in this process
+    assert (tmp_path / "state" / "s.snapshot.lock").read_text() == f"{os.getpid()}\n"

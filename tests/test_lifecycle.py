@@ -94,6 +94,30 @@ def test_a_failed_start_exits_non_zero_in_a_few_lines_saying_what_to_do(
 
 
 @pytest.mark.slow
+def test_a_second_server_on_the_same_snapshot_refuses_to_start(tmp_path: Path) -> None:
+    """Two servers from one checkout share LSTM_SNAPSHOT_PATH's default: the second restored the
+    first's sessions and removed the journal it was writing, so the first's answered steps were
+    gone at its crash (found by an outside test run). Now the second refuses in a line or two,
+    and the first's journal stays."""
+    env = {"LSTM_SNAPSHOT_PATH": str(tmp_path / "s.snapshot"), "LSTM_JOURNAL": "write"}
+    with bentoml_server(env) as first:
+        assert post(first, "/v1/sessions/create", {"session_id": "kept"}).status_code == 200
+        journals = sorted(p.name for p in tmp_path.glob("s.snapshot.journal.*"))
+        assert journals
+        second = run_server_to_exit(env)
+        output = second.stdout + second.stderr
+        assert second.returncode != 0, output
+        assert "is in use by another server" in output and "LSTM_SNAPSHOT_PATH" in output
+        assert len(output.splitlines()) < 15 and "Traceback" not in output, output
+        assert sorted(p.name for p in tmp_path.glob("s.snapshot.journal.*")) == journals
+        step = {"session_id": "kept", "inputs": [[0.5]], "seq": 0}
+        assert post(first, "/v1/sessions/step", step).status_code == 200
+        kill_hard(first)
+    with bentoml_server(env) as again:  # the step answered after the refused start survived
+        assert post(again, "/v1/sessions/get", {"session_id": "kept"}).json()["t"] == 1
+
+
+@pytest.mark.slow
 def test_each_server_keeps_its_own_metrics() -> None:
     # Every server of a test run shares one BENTOML_HOME, as two started from one checkout do.
     with bentoml_server() as first:
