@@ -109,6 +109,10 @@ def value_columns(
     value_cols = args.value_cols.split(",") if args.value_cols else None
     if value_cols is None and len(features) > 1:
         value_cols = features  # the model's feature order, matched by column name
+    elif value_cols is not None and sorted(value_cols) == sorted(features):
+        # The model's features named in another order: read in the model's (sent as typed, each
+        # column went in as another feature; found by an outside test run).
+        value_cols = features
     missing = [c for c in value_cols or [] if c not in header]
     if missing:
         how = (
@@ -143,7 +147,18 @@ def stream_csv(args: argparse.Namespace) -> int:
     try:
         with LSTMClient(args.url, timeout_s=args.timeout, api_key=args.api_key) as probe:
             card = probe.model()
-    except (httpx.HTTPError, APIError) as e:
+    except APIError as e:
+        if e.status in (401, 403):  # a setup error, not a server down (an outside test run)
+            raise StreamError(
+                f"the service at {args.url} refused the request ({e}): pass its key with "
+                "--api-key or LSTM_API_KEY"
+            ) from e
+        raise StreamError(
+            f"cannot read the model card at {args.url} ({e}): is the service "
+            "running there (`make serve`)? choose it with --url",
+            1,
+        ) from e
+    except httpx.HTTPError as e:
         raise StreamError(
             f"cannot read the model card at {args.url} ({e}): is the service "
             "running there (`make serve`)? choose it with --url",

@@ -100,9 +100,13 @@ def read_long_csv(
         rows: dict[str, list[tuple[str, list[float]]]] = defaultdict(list)
         for line, row in enumerate(reader, start=2):
             try:
-                rows[row[id_col]].append((row[time_col], [float(row[c]) for c in values]))
+                numbers = [float(row[c]) for c in values]
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{line}: {e}") from e
+            for c, v in zip(values, numbers, strict=True):
+                if not math.isfinite(v):  # float() reads "nan" and "inf"; no model takes them
+                    raise ValueError(f"{path}:{line}: {c} is {row[c]!r}: values must be finite")
+            rows[row[id_col]].append((row[time_col], numbers))
 
     def time_key(item: tuple[str, list[float]]) -> tuple[float, str]:
         try:

@@ -543,3 +543,21 @@ def test_the_client_sends_its_key_on_every_call(monkeypatch: pytest.MonkeyPatch)
     with LSTMClient(http=httpx.Client(transport=transport, base_url="http://x")) as c:
         c.model()
     assert seen == [f"Bearer {key}", f"Bearer {key}", None]
+
+
+@pytest.mark.slow
+def test_the_cli_stream_without_its_key_says_to_pass_one(
+    keyed: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A setup error, exit 2, naming the flag (it said 'is the service running there?', exit 1;
+    found by an outside test run)."""
+    from client.cli import main
+
+    url, keys, _, _ = keyed
+    monkeypatch.delenv("LSTM_API_KEY", raising=False)
+    source = tmp_path / "in.csv"
+    source.write_text("series_id,time,power\nm,0,1.5\n")
+    assert main(["stream", str(source), "--url", url, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "401" in err and "--api-key or LSTM_API_KEY" in err, err
+    assert main(["stream", str(source), "--url", url, "--quiet", "--api-key", keys["eve"]]) == 0

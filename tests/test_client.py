@@ -231,6 +231,23 @@ def test_cli_stream_refuses_a_missing_column_in_one_line(
     assert err.count("\n") == 1 and err.startswith("lstm-serve: ") and says in err, err
 
 
+def test_cli_stream_reads_the_model_s_features_named_in_another_order_in_its_order() -> None:
+    """--value-cols load,temp for a model of (temp, load): each column goes in as its own
+    feature (sent as typed, load went in as temp; found by an outside test run)."""
+    import argparse
+
+    from client.cli import value_columns
+
+    def columns(value_cols: str | None, features: list[str]) -> list[str] | None:
+        args = argparse.Namespace(value_cols=value_cols, file="in.csv")
+        return value_columns(args, ["series_id", "time", "load", "temp", "other"], features)
+
+    assert columns("load,temp", ["temp", "load"]) == ["temp", "load"]
+    assert columns(None, ["temp", "load"]) == ["temp", "load"]
+    assert columns("other,load", ["temp", "load"]) == ["other", "load"]  # as chosen: a warning
+    assert columns("load", ["power"]) == ["load"]
+
+
 def test_cli_stream_of_a_missing_file_or_server_says_so_without_a_traceback(
     tmp_path: Path,
 ) -> None:
@@ -279,6 +296,9 @@ def test_cli_stream_warns_when_the_csv_s_columns_are_not_the_model_s_features(
     [
         (METER_ROWS, ["--value-cols", "watts"], "no column 'watts' (--value-cols)", 2),
         (["m0,0,1.5", "m0,1,lots"], [], "in.csv:3: could not convert string to float", 2),
+        # float() reads these; JSON cannot carry them (a traceback before; an outside test run)
+        (["m0,0,1.5", "m0,1,nan"], [], "in.csv:3: power is 'nan': values must be finite", 2),
+        (["m0,0,-inf"], [], "in.csv:2: power is '-inf': values must be finite", 2),
         (METER_ROWS, ["--value-cols", "power,power"], "the model takes 1", 2),
         (METER_ROWS, ["--chunk", "100000"], "over the service's limit of 512", 2),
         (METER_ROWS, ["--out", "/nonexistent/dir/out.csv"], "cannot write /nonexistent/dir", 2),
