@@ -27,6 +27,12 @@ class InvalidRequest(ServiceError):
     status, code = 422, "invalid_request"
 
 
+class BadSessionId(ServiceError):
+    """A session id that is not of the pattern (what the schemas' validation answers too)."""
+
+    status, code = 422, "bad_session_id"
+
+
 class ApiKeyMissing(ServiceError):
     """LSTM_API_KEYS is set and the request has no ``Authorization: Bearer`` header."""
 
@@ -261,6 +267,8 @@ def validation_error_body(errors: list[dict[str, Any]]) -> tuple[int, dict[str, 
         code = "seq_out_of_range"
     elif kind == "less_than_equal" and loc and loc[-1] == "ttl_s":
         code = "ttl_too_long"
+    elif kind == "string_pattern_mismatch" and loc and loc[-1] == "tag":
+        code = "bad_model_tag"  # (it said bad_session_id; found by an outside test run)
     where = ".".join(str(p) for p in loc) or "body"
     fields = [
         {"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in errors

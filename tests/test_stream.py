@@ -172,7 +172,9 @@ def test_the_size_limit_counts_bytes_not_characters() -> None:
     assert fake.seen == []
 
 
-def test_schema_refused_messages_are_counted_by_code() -> None:
+def test_schema_refused_messages_are_counted_by_code_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     refused: list[str] = []
     fake = FakeService()
     endpoint = StreamEndpoint(LIMITS, admit=lambda ws: fake, refused=refused.append)
@@ -181,30 +183,44 @@ def test_schema_refused_messages_are_counted_by_code() -> None:
         await endpoint.serve(ws)
 
     client = TestClient(Starlette(routes=[WebSocketRoute("/stream", route)]))
-    with client.websocket_connect("/stream?session_id=s") as ws:
+    with (
+        caplog.at_level("INFO", logger="lstm_sessions.stream"),
+        client.websocket_connect("/stream?session_id=s") as ws,
+    ):
         assert send(ws, {"inputs": [[1.0]], "seq": 2**64})["error"]["code"] == "seq_out_of_range"
         assert send(ws, {"inputs": [["x"]]})["error"]["code"] == "not_a_number"
     assert refused == ["seq_out_of_range", "not_a_number"]
+    assert caplog.messages == [
+        "refused WS /v1/stream message: 422 seq_out_of_range",
+        "refused WS /v1/stream message: 422 not_a_number",
+    ]
 
 
 @pytest.mark.parametrize(
     ("query", "status", "code"),
     [
         ("session_id=ghost", 404, "session_not_found"),
-        ("session_id=no%20spaces", 422, None),
-        ("", 422, None),
+        # HTTP's code for an id off the pattern (it was invalid_request; an outside test run)
+        ("session_id=no%20spaces", 422, "bad_session_id"),
+        ("", 422, "bad_session_id"),
     ],
 )
 def test_a_connection_to_no_valid_session_is_refused(
-    query: str, status: int, code: str | None
+    query: str, status: int, code: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client, _, _ = endpoint_client(LIMITS)
-    with client.websocket_connect(f"/stream?{query}") as ws:
+    with (
+        caplog.at_level("INFO", logger="lstm_sessions.stream"),
+        client.websocket_connect(f"/stream?{query}") as ws,
+    ):
         error = json.loads(ws.receive_text())
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_text()
     assert error["status"] == status and closed.value.code == 4000 + status
-    assert error["error"]["code"] == (code or "invalid_request")
+    assert error["error"]["code"] == code
+    # One line, as an HTTP refusal gets (none before; an outside test run).
+    closing = 4000 + status
+    assert caplog.messages == [f"refused WS /v1/stream: {status} {code} (closed {closing})"]
 
 
 # --- tier 2: the service in process ------------------------------------------------------------

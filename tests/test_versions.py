@@ -156,6 +156,9 @@ def test_a_second_version_goes_live_and_sessions_stay_on_theirs(
     assert (gone.status_code, gone.json()["error"]["code"]) == (404, "model_version_not_loaded")
     missing = post(url, "/v1/admin/models/load", {"tag": "acsf1-forecaster:000000000000"})
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "model_not_in_store")
+    # A tag off the pattern: its own code (it said bad_session_id; an outside test run).
+    bad = post(url, "/v1/admin/models/load", {"tag": "bad tag"})
+    assert (bad.status_code, bad.json()["error"]["code"]) == (422, "bad_model_tag")
 
 
 def test_the_cli_lists_loads_and_activates(
