@@ -192,6 +192,8 @@ def test_expired_session_says_so(client: TestClient) -> None:
 
 BAD_STEPS: list[tuple[str, bytes | dict[str, Any], int, str]] = [
     ("wrong feature count", {"inputs": [[1.0, 2.0]]}, 422, "wrong_feature_count"),
+    # (a row of none was invalid_request; an outside test run)
+    ("a row of no values", {"inputs": [[]]}, 422, "wrong_feature_count"),
     ("T = 0", {"inputs": []}, 422, "empty_chunk"),
     ("T over the limit", {"inputs": [[0.0]] * 513}, 422, "chunk_too_long"),
     ("T over the ceiling", {"inputs": [[0.0]] * 4097}, 422, "chunk_too_long"),
