@@ -269,7 +269,7 @@ def validation_error_body(errors: list[dict[str, Any]]) -> tuple[int, dict[str, 
         code = "seq_out_of_range"
     elif kind == "less_than_equal" and loc and loc[-1] == "ttl_s":
         code = "ttl_too_long"
-    elif kind == "string_pattern_mismatch" and loc and loc[-1] == "tag":
+    elif kind == "string_pattern_mismatch" and loc and loc[-1] in ("tag", "to"):
         code = "bad_model_tag"  # (it said bad_session_id; found by an outside test run)
     where = ".".join(str(p) for p in loc) or "body"
     fields = [

@@ -252,6 +252,8 @@ SCHEMA_CODES = (
     "ttl_too_long",
     "value_out_of_range",
     "seq_out_of_range",
+    "wrong_feature_count",
+    "bad_model_tag",
     "invalid_request",
 )
 

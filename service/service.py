@@ -91,6 +91,7 @@ from service.startup import (
     package_version,
     prepare_arbiter,
     refuse_to_start,
+    server_identity,
     serving_host,
     tune_gc,
     warn_if_open,
@@ -356,11 +357,21 @@ class LSTMSessions:
                 # The version started with keeps the snapshot and the journal (its store is the
                 # one a restart restores), this process alone.
                 try:
-                    hold_snapshot(settings.snapshot_path)
+                    held = hold_snapshot(settings.snapshot_path, server_identity())
                 except SnapshotInUse as e:
                     refuse_to_start(
                         f"{e}: give each server its own LSTM_SNAPSHOT_PATH (empty: none), or "
                         "stop the other"
+                    )
+                except OSError as e:
+                    refuse_to_start(
+                        f"cannot lock {settings.snapshot_path} for this server ({e}); choose "
+                        "another LSTM_SNAPSHOT_PATH (empty: none)"
+                    )
+                if not held:
+                    log.warning(
+                        "%s: its filesystem has no locks; nothing stops a second server on it",
+                        settings.snapshot_path,
                     )
                 files = self.files = StoreFiles(
                     settings.snapshot_path,
@@ -692,9 +703,10 @@ class LSTMSessions:
             )
         except SnapshotRefused as e:
             log.error(
-                "snapshot %s and its journal not restored, none of it (%s); kept as …%s",
+                "snapshot %s and its journal not restored, none of it (%s); kept as %s%s",
                 files.snapshot,
                 e,
+                files.snapshot.name,
                 files.rejected_as,
             )
             done = None

@@ -12,6 +12,7 @@ JSON keeps the outputs' doubles exact (Python writes the shortest repr that read
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -39,30 +40,44 @@ class SnapshotInUse(Exception):
 _HELD: dict[Path, int] = {}
 
 
-def hold_snapshot(path: Path) -> None:
+def hold_snapshot(path: Path, holder: str) -> bool:
     """Hold ``path`` and its journal for this process until it exits (an exclusive ``flock`` of
-    ``<path>.lock``, which the kernel lets go of however the process ends, ``kill -9`` too).
+    ``<path>.lock``, which the kernel lets go of however the process ends, ``kill -9`` too);
+    ``holder`` (who is serving: the server's pid, host) is written in it for the next to read.
 
     A second server started with the same ``LSTM_SNAPSHOT_PATH`` (two from one checkout) would
     restore the first's live sessions and remove the journal the first is writing, so the steps
     the first answers after that are gone at its crash (found by an outside test run). Where
-    another process holds it: ``SnapshotInUse``, naming that process. Again in this process:
-    nothing (several services in one process, as tests make, share one snapshot anyway)."""
-    key = path.absolute()
+    another process holds it: ``SnapshotInUse``, naming that holder. Again in this process:
+    True, nothing more (several services in one process, as tests make, share one snapshot
+    anyway). False where the filesystem has no locks (NFS without lockd, some FUSE mounts):
+    unheld, as before. Any other failure to open the lock file: its OSError."""
+    key = path.resolve()
     if key in _HELD:
-        return
+        return True
     key.parent.mkdir(parents=True, exist_ok=True)
     lock = key.with_name(key.name + ".lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
+        writable = True
+    except PermissionError:  # another user's lock file (a server once run as root): lock it
+        fd, writable = os.open(lock, os.O_RDONLY), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        other = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise SnapshotInUse(f"{path} is in use by another server (pid {holder})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        raise SnapshotInUse(f"{path} is in use by another server ({other})") from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return False
+        raise
+    if writable:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder}\n".encode(), 0)
     _HELD[key] = fd
+    return True
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,14 @@ def refuse_in_worker() -> NoReturn:
 log = logging.getLogger("lstm_sessions")
 
 
+def server_identity() -> str:
+    """Who is serving, as another server's refusal names it: the pid to stop (under bentoml
+    serve its arbiter's: a worker killed alone is restarted) and the host."""
+    if bentoml.server_context.worker_index is not None:
+        return f"pid {os.getppid()}, worker {os.getpid()}, on {socket.gethostname()}"
+    return f"pid {os.getpid()}, on {socket.gethostname()}"
+
+
 def refuse_to_start(message: str) -> NoReturn:
     """Stop the whole server with ``message``: under bentoml serve, the worker stops its arbiter
     and exits, and the arbiter exits non-zero; in process, it raises."""

@@ -192,7 +192,10 @@ class StreamEndpoint:
         if ws.application_state != WebSocketState.CONNECTED:
             return
         close = code or 4000 + error.status
-        log.info("refused %s: %d %s (closed %d)", STREAM_ROUTE, error.status, error.code, close)
+        if error.status < 500:
+            log.info("refused %s: %d %s (closed %d)", STREAM_ROUTE, error.status, error.code, close)
+        else:
+            log.error("failed %s: %d %s (closed %d)", STREAM_ROUTE, error.status, error.code, close)
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             await ws.send_text(error_text(error.status, error.body()))
             await ws.close(close, reason=error.code)

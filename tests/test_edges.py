@@ -16,7 +16,14 @@ from pydantic import ValidationError
 from starlette.testclient import TestClient
 
 from model import load_checkpoint
-from service.schemas import SEQ_CEILING, SESSION_ID_PATTERN, VALUE_CEILING, Step
+from service.schemas import (
+    SEQ_CEILING,
+    SESSION_ID_PATTERN,
+    VALUE_CEILING,
+    Migrate,
+    ModelRef,
+    Step,
+)
 from service.sessions import new_session_id
 from tests.conftest import SHIPPED
 
@@ -186,3 +193,23 @@ def test_a_blob_that_is_no_blob_is_a_coded_422(asgi_client: TestClient, blob: st
     # schemathesis found "\u009a" answered 500 after the import moved to the engine
     status, reply = post(asgi_client, "/v1/sessions/import", {"blob": blob})
     assert (status, reply["error"]["code"]) == (422, "blob_corrupted"), reply
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (lambda: ModelRef(tag="bad tag"), "bad_model_tag"),
+        (lambda: Migrate(session_id="a", to="bad tag!"), "bad_model_tag"),
+        (lambda: Step(session_id="no spaces!", inputs=[[1.0]]), "bad_session_id"),
+        (lambda: Step(session_id="a", inputs=[[]]), "wrong_feature_count"),
+    ],
+)
+def test_a_pattern_or_a_row_refused_by_the_schema_names_its_field(make: Any, code: str) -> None:
+    """A tag off its pattern said bad_session_id, a row of no values invalid_request (an
+    outside test run)."""
+    from service.errors import validation_error_body
+
+    with pytest.raises(ValidationError) as refused:
+        make()
+    status, body = validation_error_body(refused.value.errors())  # type: ignore[arg-type]
+    assert (status, body["error"]["code"]) == (422, code)

@@ -623,7 +623,8 @@ def test_a_snapshot_path_is_held_by_one_process(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import sys; from pathlib import Path; from service.snapshot import hold_snapshot; "
-            "hold_snapshot(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()",
+            "hold_snapshot(Path(sys.argv[1]), 'pid 7, on there'); print('held', flush=True); "
+            "sys.stdin.read()",
             str(path),
         ],
         stdin=subprocess.PIPE,
@@ -632,11 +633,13 @@ def test_a_snapshot_path_is_held_by_one_process(tmp_path: Path) -> None:
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        with pytest.raises(SnapshotInUse, match=f"in use by another server \\(pid {holder.pid}\\)"):
-            hold_snapshot(path)
+        with pytest.raises(SnapshotInUse, match=r"in use by another server \(pid 7, on there\)"):
+            hold_snapshot(path, "me")
     finally:
         holder.kill()  # as kill -9: the kernel lets go of its lock
         holder.wait()
-    hold_snapshot(path)
-    hold_snapshot(path)  # again in this process
-    assert (tmp_path / "state" / "s.snapshot.lock").read_text() == f"{os.getpid()}\n"
+    assert hold_snapshot(path, "me")
+    # Again in this process, by another spelling of the path: held already (flock locks are
+    # each open file's: a second open would have refused this very process).
+    assert hold_snapshot(tmp_path / "state" / ".." / "state" / "s.snapshot", "me")
+    assert (tmp_path / "state" / "s.snapshot.lock").read_text() == "me\n"
