@@ -18,6 +18,7 @@ from service.sessions import AppliedStep
 from service.snapshot import read_snapshot, step_from_json, step_to_json, write_snapshot
 from service.state_blob import SessionState
 from tests.servers import (
+    PROCESS_GROUPS,
     PROCESSES,
     bentoml_server,
     free_port,
@@ -108,6 +109,8 @@ def test_a_second_server_on_the_same_snapshot_refuses_to_start(tmp_path: Path) -
         output = second.stdout + second.stderr
         assert second.returncode != 0, output
         assert "is in use by another server" in output and "LSTM_SNAPSHOT_PATH" in output
+        # the pid that stops it: its arbiter's (a worker killed alone is restarted)
+        assert f"(pid {PROCESS_GROUPS[first]}, worker " in output, output
         assert len(output.splitlines()) < 15 and "Traceback" not in output, output
         assert sorted(p.name for p in tmp_path.glob("s.snapshot.journal.*")) == journals
         step = {"session_id": "kept", "inputs": [[0.5]], "seq": 0}
