@@ -10,6 +10,7 @@ here once, and both clients follow it to the letter.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -146,7 +147,15 @@ class ClientBase(Generic[HTTP]):
 
 
 def rows(inputs: Rows) -> list[list[float]]:
-    return [list(r) for r in inputs]
+    """The rows as lists; a NaN or an infinity refused here, nothing sent (JSON cannot carry
+    them: it was httpx's 'Out of range float values are not JSON compliant'; an outside test
+    run), in the words of the service's ``non_finite_number``."""
+    out = [list(r) for r in inputs]
+    for t, row in enumerate(out):
+        for f, v in enumerate(row):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"inputs[{t}][{f}] is {v}: values must be finite numbers")
+    return out
 
 
 def raw(route: str, body: dict[str, Any], session_id: str | None) -> Op[Reply]:

@@ -100,6 +100,12 @@ def test_errors_raise_with_their_code(http: TestClient) -> None:
         assert bad.value.status == 422 and bad.value.code == "wrong_feature_count"
         assert bad.value.details["expected"] == 1
         assert session.t == 0
+        # JSON has no NaN: refused before sending, saying where (it was httpx's
+        # "Out of range float values are not JSON compliant"; an outside test run)
+        for v in (float("nan"), float("-inf")):
+            with pytest.raises(ValueError, match=r"inputs\[1\]\[0\] is .*: values must be finite"):
+                session.step([[1.0], [v]])
+        assert session.t == 0
 
 
 def test_cli_serve_says_what_to_do_when_the_port_is_taken() -> None:
