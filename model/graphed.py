@@ -41,6 +41,7 @@ from model.lstm import GateTrace, LSTMState, StackedLSTM, Variant, cell_update
 
 if TYPE_CHECKING:
     from model.checkpoint import AnyForecaster
+    from model.native import StackEngine
 
 log = logging.getLogger(__name__)
 
@@ -530,7 +531,9 @@ class GraphedSteps:
 
         return self._programs.get((batch, steps, gathers), make)
 
-    def _gathered(self, slots: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+    def _gathered(
+        self, slots: Tensor, x: Tensor, stack: StackEngine | None = None
+    ) -> tuple[Tensor, ...]:
         rows = self.rows
         if self.model.stats_width:
             stats = rows.stats.index_select(0, slots)
@@ -543,15 +546,24 @@ class GraphedSteps:
             stats,
             rows.next_mean.index_select(0, slots),
             rows.next_std.index_select(0, slots),
+            stack,
         )
 
     def _chained(
-        self, x: Tensor, h: Tensor, c: Tensor, stats: Tensor, prev_mean: Tensor, prev_std: Tensor
+        self,
+        x: Tensor,
+        h: Tensor,
+        c: Tensor,
+        stats: Tensor,
+        prev_mean: Tensor,
+        prev_std: Tensor,
+        stack: StackEngine | None = None,
     ) -> tuple[Tensor, ...]:
+        """A piece's outputs (mean, std, z, h, c, stats): ``step_kept`` with the stack run by
+        ``stack``, by default the engine's unrolled ops (what a program captures)."""
         kept = stats if self.model.stats_width else None
-        step = step_kept(
-            self.model, x, LSTMState(h, c), kept, prev_mean, prev_std, stack=self.engine.unrolled
-        )
+        run = self.engine.unrolled if stack is None else stack
+        step = step_kept(self.model, x, LSTMState(h, c), kept, prev_mean, prev_std, stack=run)
         stats_after = stats if step.stats is None else step.stats
         return step.mean, step.std, step.z, step.lstm.h, step.lstm.c, stats_after
 
@@ -580,23 +592,14 @@ class GraphedSteps:
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(3, 5, self.model.config.n_features, generator=generator) + 1.0
         x = x.to(self.engine.device)
-        rows = self.rows
-        want = step_kept(
-            self.model,
-            x,
-            LSTMState(rows.h.index_select(1, slots), rows.c.index_select(1, slots)),
-            rows.stats.index_select(0, slots) if self.model.stats_width else None,
-            rows.next_mean.index_select(0, slots),
-            rows.next_std.index_select(0, slots),
-            stack=self.model.lstm,
-        )
+        mean, std, z, h, c, stats = self._gathered(slots, x, stack=self.model.lstm)
         got = self(slots, x)
         if got is None:
             raise GraphUnavailable("its programs could not be made")
-        pairs = [(got.mean, want.mean), (got.std, want.std), (got.lstm.h, want.lstm.h)]
-        pairs += [(got.lstm.c, want.lstm.c), (got.z.nan_to_num(), want.z.nan_to_num())]
-        if want.stats is not None and got.stats is not None:
-            pairs.append((got.stats.float(), want.stats.float()))
+        pairs = [(got.mean, mean), (got.std, std), (got.lstm.h, h), (got.lstm.c, c)]
+        pairs.append((got.z.nan_to_num(), z.nan_to_num()))
+        if got.stats is not None:
+            pairs.append((got.stats.float(), stats.float()))
         # Relative to the values' size above 1: the forecasts are in the series' raw units.
         worst = max(((a - b).abs() / (1 + b.abs())).max().item() for a, b in pairs)
         if not worst <= tolerance:
