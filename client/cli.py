@@ -9,12 +9,13 @@ lstm-serve bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -136,7 +137,6 @@ def stream(args: argparse.Namespace) -> int:
 
 def stream_csv(args: argparse.Namespace) -> int:
     import httpx
-    from tqdm import tqdm
 
     from client.client import APIError, LSTMClient
     from model.data import read_long_csv
@@ -191,6 +191,59 @@ def stream_csv(args: argparse.Namespace) -> int:
             "the data it was trained on",
             file=sys.stderr,
         )
+    with LSTMClient(args.url, timeout_s=args.timeout, api_key=args.api_key) as api:
+        if args.keep:
+            for series_id in rows:
+                with service_errors(series_id, args.url):
+                    refuse_if_taken(api, series_id)
+        write_outputs(api, values, rows, args)
+    return 0
+
+
+@contextlib.contextmanager
+def service_errors(series_id: str, url: str) -> Iterator[None]:
+    """The service's refusal (4xx: exit 2) or failure (5xx, no answer: exit 1) as a StreamError."""
+    import httpx
+
+    from client.client import APIError
+
+    try:
+        yield
+    except APIError as e:
+        raise StreamError(
+            f"series {series_id!r}: the service answered {e}", 2 if e.status < 500 else 1
+        ) from e
+    except httpx.HTTPError as e:
+        raise StreamError(f"series {series_id!r}: {url} failed ({e})", 1) from e
+
+
+def refuse_if_taken(api: LSTMClient, series_id: str) -> None:
+    """A kept series streams into the session of its own id: one there already is refused before
+    ``--out`` is opened (a second ``--keep`` run truncated the first's output, then met a 409
+    session_exists; found by an outside test run)."""
+    from client.client import APIError
+
+    try:
+        api.attach(series_id)
+    except APIError as e:
+        if e.status == 404:
+            return
+        raise
+    raise StreamError(
+        f"series {series_id!r}: a session of that id exists already (kept by an earlier "
+        "--keep run?): delete it, or stream without --keep"
+    )
+
+
+def write_outputs(
+    api: LSTMClient,
+    values: list[str],
+    rows: dict[str, list[tuple[str, list[float]]]],
+    args: argparse.Namespace,
+) -> None:
+    """Stream every series, writing its outputs to ``--out`` (or standard output) as they come."""
+    from tqdm import tqdm
+
     try:
         out: TextIO = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
     except OSError as e:
@@ -208,24 +261,13 @@ def stream_csv(args: argparse.Namespace) -> int:
             ]
         )
         total = sum(len(r) for r in rows.values())
-        with (
-            LSTMClient(args.url, timeout_s=args.timeout, api_key=args.api_key) as api,
-            tqdm(total=total, unit="step", file=sys.stderr, disable=args.quiet) as bar,
-        ):
+        with tqdm(total=total, unit="step", file=sys.stderr, disable=args.quiet) as bar:
             for series_id, series in rows.items():
-                try:
+                with service_errors(series_id, args.url):
                     stream_series(api, series_id, series, args, writer, bar.update)
-                except APIError as e:  # 4xx: this input is refused; 5xx: the service failed
-                    raise StreamError(
-                        f"series {series_id!r}: the service answered {e}",
-                        2 if e.status < 500 else 1,
-                    ) from e
-                except httpx.HTTPError as e:
-                    raise StreamError(f"series {series_id!r}: {args.url} failed ({e})", 1) from e
     finally:
         if args.out:
             out.close()
-    return 0
 
 
 def stream_series(

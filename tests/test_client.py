@@ -327,6 +327,30 @@ def test_cli_stream_refuses_bad_input_in_one_line(
     assert err.count("\n") == 1 and err.startswith("lstm-serve: ") and says in err, err
 
 
+@pytest.mark.slow
+def test_cli_stream_keep_refuses_ids_in_use_before_touching_out(
+    server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A second --keep run truncated the first's --out to its header, then failed on a 409
+    # session_exists (an outside test run): the ids are checked before --out is opened.
+    source = write_csv(
+        tmp_path / "in.csv", "series_id,time,power", [f"keep-{r}" for r in METER_ROWS]
+    )
+    out = tmp_path / "out.csv"
+    status, _, err = run_stream([str(source), "--url", server, "--keep", "--out", str(out)], capsys)
+    assert status == 0, err
+    first = out.read_text()
+    assert len(first.splitlines()) == 1 + len(METER_ROWS)
+    status, _, err = run_stream([str(source), "--url", server, "--keep", "--out", str(out)], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert "series 'keep-m0': a session of that id exists already" in err
+    assert out.read_text() == first
+    from client.client import LSTMClient
+
+    with LSTMClient(server) as api:  # the kept sessions are as the first run left them
+        assert [api.attach(f"keep-m{i}").t for i in (0, 1)] == [6, 6]
+
+
 # --- the shared core: both clients, the same scripted answers, the same requests and results ---
 #
 # No server: httpx.MockTransport answers each request with the next answer of a script. Each
