@@ -33,6 +33,12 @@ class BadSessionId(ServiceError):
     status, code = 422, "bad_session_id"
 
 
+class MissingField(ServiceError):
+    """A field that must be given and was not (what the schemas' validation answers too)."""
+
+    status, code = 422, "missing_field"
+
+
 class ApiKeyMissing(ServiceError):
     """LSTM_API_KEYS is set and the request has no ``Authorization: Bearer`` header."""
 

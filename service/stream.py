@@ -46,6 +46,7 @@ from service.errors import (
     BadSessionId,
     BodyTooLarge,
     IdleTimeout,
+    MissingField,
     ServiceError,
     SessionGone,
     TooManyStreams,
@@ -118,6 +119,8 @@ class StreamEndpoint:
         self.opened(self.open)
         try:
             try:
+                if "session_id" not in ws.query_params:  # (bad_session_id before; an outside run)
+                    raise MissingField("the query parameter session_id is required")
                 if not re.fullmatch(SESSION_ID_PATTERN, session_id):
                     raise BadSessionId(
                         f"the query parameter session_id must match {SESSION_ID_PATTERN}"

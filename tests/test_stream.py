@@ -202,7 +202,9 @@ def test_schema_refused_messages_are_counted_by_code_and_logged(
         ("session_id=ghost", 404, "session_not_found"),
         # HTTP's code for an id off the pattern (it was invalid_request; an outside test run)
         ("session_id=no%20spaces", 422, "bad_session_id"),
-        ("", 422, "bad_session_id"),
+        # no session_id at all: HTTP's code for a field not given (bad_session_id before)
+        ("", 422, "missing_field"),
+        ("session_id=", 422, "bad_session_id"),
     ],
 )
 def test_a_connection_to_no_valid_session_is_refused(
