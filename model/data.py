@@ -98,6 +98,7 @@ def read_long_csv(
         if missing or not values:
             raise ValueError(f"{path}: value columns {missing or values} not found in {header}")
         rows: dict[str, list[tuple[str, list[float]]]] = defaultdict(list)
+        seen: dict[tuple[str, tuple[float, str]], int] = {}  # (series, time) -> its line
         for line, row in enumerate(reader, start=2):
             try:
                 numbers = [float(row[c]) for c in values]
@@ -106,15 +107,23 @@ def read_long_csv(
             for c, v in zip(values, numbers, strict=True):
                 if not math.isfinite(v):  # float() reads "nan" and "inf"; no model takes them
                     raise ValueError(f"{path}:{line}: {c} is {row[c]!r}: values must be finite")
+            at = (row[id_col], time_key(row[time_col]))
+            if at in seen:  # which of the two comes first is arbitrary (accepted silently before)
+                raise ValueError(
+                    f"{path}:{line}: series {row[id_col]!r} has time {row[time_col]!r} again "
+                    f"(line {seen[at]}): each (series, time) must be one row"
+                )
+            seen[at] = line
             rows[row[id_col]].append((row[time_col], numbers))
+    return values, {i: sorted(rows[i], key=lambda r: time_key(r[0])) for i in sorted(rows)}
 
-    def time_key(item: tuple[str, list[float]]) -> tuple[float, str]:
-        try:
-            return (float(item[0]), "")
-        except ValueError:
-            return (0.0, item[0])
 
-    return values, {i: sorted(rows[i], key=time_key) for i in sorted(rows)}
+def time_key(time: str) -> tuple[float, str]:
+    """A time's place in its series: numerically when it parses as a number, else as text."""
+    try:
+        return (float(time), "")
+    except ValueError:
+        return (0.0, time)
 
 
 def load_csv(

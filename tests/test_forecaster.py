@@ -237,6 +237,13 @@ def test_csv_long_format(tmp_path: Path) -> None:
     assert data.series[1].shape == (2, 2)
     with pytest.raises(ValueError, match="no column 'series'"):
         load_csv(path, id_col="series")
+    # one (series, time) twice, "10" and "10.0" the same time: which comes first was arbitrary
+    # and it was accepted silently (an outside test run)
+    path.write_text("series_id,time,kw,volts\na,10,1.0,231\nb,10,2.0,229\na,10.0,1.5,230\n")
+    with pytest.raises(
+        ValueError, match=r"meters.csv:4: series 'a' has time '10.0' again \(line 2\)"
+    ):
+        load_csv(path)
 
 
 def test_example_csv_trains_end_to_end(tmp_path: Path) -> None:
