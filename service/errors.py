@@ -265,8 +265,8 @@ def validation_error_body(errors: list[dict[str, Any]]) -> tuple[int, dict[str, 
     bound = kind in ("less_than_equal", "greater_than_equal", "greater_than")
     if kind in ("too_short", "too_long") and loc and loc[-1] == "inputs":
         code = "empty_chunk" if kind == "too_short" else "chunk_too_long"
-    elif kind in ("too_short", "too_long") and len(loc) >= 2 and loc[-2] == "inputs":
-        code = "wrong_feature_count"  # a row of no values, or of more than any model takes
+    elif kind == "too_long" and len(loc) >= 2 and loc[-2] == "inputs":
+        code = "wrong_feature_count"  # a row of more values than any model takes
     elif bound and "horizon" in loc:
         code = "horizon_too_long" if kind == "less_than_equal" else "invalid_request"
     elif bound and "inputs" in loc:

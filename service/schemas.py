@@ -49,10 +49,11 @@ Paths = Annotated[int, Field(strict=True, ge=2, le=PATHS_CEILING), BeforeValidat
 Number = Annotated[
     float, Field(strict=True, allow_inf_nan=False, ge=-VALUE_CEILING, le=VALUE_CEILING)
 ]
+# No min_length: a row of no values is the engine's wrong_feature_count, which says how many the
+# model takes (the schema's said only that it was short; an outside test run).
 Row = Annotated[
     list[Number],
     Field(
-        min_length=1,
         max_length=FEATURE_CEILING,
         description="one value per feature, in the model's order",
     ),

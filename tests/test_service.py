@@ -240,6 +240,8 @@ def test_bad_steps_are_refused_and_change_nothing(
     got_status, got = post(client, "/v1/sessions/step", body)
     assert got_status == status, got
     assert got["error"]["code"] == code and got["error"]["message"]
+    if code == "wrong_feature_count":  # a row of none said only that it was short
+        assert (got["error"]["expected"], got["error"]["got"]) == (1, len(body["inputs"][0]))
     _, after = post(client, "/v1/sessions/forecast", {"session_id": "victim", "horizon": 3})
     assert after == before  # same t, same state, same next forecast
 
@@ -264,6 +266,7 @@ def test_bad_steps_are_refused_and_change_nothing(
         ("/v1/sessions/create", {"ttl_s": 10**7}, 422, "ttl_too_long"),
         ("/v1/sessions/create", {"ttl_s": -1}, 422, "invalid_request"),
         ("/v1/predict", {"inputs": [[0.0]] * 4097}, 422, "chunk_too_long"),
+        ("/v1/predict", {"inputs": [[0.0], []]}, 422, "wrong_feature_count"),
         ("/v1/sessions/delete", {"session_id": "ghost"}, 404, "session_not_found"),
     ],
 )
@@ -436,7 +439,14 @@ def test_step_many_limits(client: TestClient) -> None:
 
 
 # Errors the handler finds fail their item alone; schema errors refuse the whole request.
-ITEM_LEVEL = {"wrong feature count", "T over the limit", "seq conflict", "unknown session"}
+# the engine's refusals, per item (a row of no values among them: the engine counts features)
+ITEM_LEVEL = {
+    "wrong feature count",
+    "a row of no values",
+    "T over the limit",
+    "seq conflict",
+    "unknown session",
+}
 
 
 @pytest.mark.parametrize(
