@@ -194,6 +194,36 @@ def build_body(module: nn.Module, config: ForecasterConfig, norm: Normalisation)
     module.head = nn.Linear(config.hidden_size, 2 * config.n_features)  # (mean, raw std)
 
 
+class ForecastBounds(NamedTuple):
+    """Per feature (float64, raw units): the largest |mean| and std of any forecast a model makes
+    from inputs within ±``max_abs_input``, and the smallest std."""
+
+    mean: Tensor
+    std_max: Tensor
+    std_min: Tensor
+
+
+def head_bounds(
+    head: nn.Linear, std_scale: Tensor, config: ForecasterConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """build_body's head over every last-layer h in [-1, 1]^hidden (h = o * tanh(c), in every
+    variant): the largest |mean| and the std's range, in the head's units (float64, per
+    feature). |w . h + b| is at most sum |w| + |b|; softplus is increasing."""
+    f = config.n_features
+    reach = head.weight.detach().double().abs().sum(1) + head.bias.detach().double().abs()
+    mean, raw_std = reach[:f].cpu(), reach[f:].cpu()
+    scale = std_scale.detach().double().cpu()
+    return (
+        mean,
+        (F.softplus(raw_std) + config.min_std) * scale,
+        (F.softplus(-raw_std) + config.min_std) * scale,
+    )
+
+
+# Slack for float32 rounding between the bound (exact, float64) and what a round computes.
+BOUND_SLACK = 1e-5
+
+
 class PathForecasts(Generic[S]):
     """``sample_forecast`` for a forecaster of state type S: one that feeds one value per row in
     (``path_step``), repeats its state per path (``widen``) and holds the forecast's calibration
@@ -315,6 +345,17 @@ class LSTMForecaster(nn.Module, PathForecasts[LSTMState]):
 
     def split_state(self, state: LSTMState) -> tuple[LSTMState, Tensor | None]:
         return state, None
+
+    def forecast_bounds(self, max_abs_input: float) -> ForecastBounds:
+        """What no forecast goes beyond, whatever the inputs (``max_abs_input`` is unused: the
+        stack's h is in [-1, 1] for any input, and the training set's statistics are fixed)."""
+        mean, std_max, std_min = head_bounds(self.head, self.std_scale, self.config)
+        loc = self.input_mean.detach().double().cpu()
+        unit = self.input_std.detach().double().cpu()
+        slack = 1 + BOUND_SLACK
+        return ForecastBounds(
+            (mean * unit + loc.abs()) * slack, std_max * unit * slack, std_min * unit / slack
+        )
 
     def forward_normalised(
         self,

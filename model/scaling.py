@@ -26,10 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.forecaster import (
+    BOUND_SLACK,
+    ForecastBounds,
     ForecasterConfig,
     Normalisation,
     PathForecasts,
     build_body,
+    head_bounds,
     widen_lstm_state,
 )
 from model.lstm import GateTrace, LSTMState, StackedLSTM
@@ -224,6 +227,20 @@ class RunningScaleForecaster(nn.Module, PathForecasts[ScaledState]):
         return ScaledState(
             self.lstm.zero_state(batch),
             RunningStats.zeros(batch, self.config.n_features, device=device),
+        )
+
+    def forecast_bounds(self, max_abs_input: float) -> ForecastBounds:
+        """What no forecast goes beyond from inputs within ±``max_abs_input``: the running mean
+        lies among the inputs, the running variance is at most (2 max_abs_input)^2 (as
+        service.state_blob.check_stats holds it), the scale's floor is the configured one."""
+        mean, std_max, std_min = head_bounds(self.head, self.std_scale, self.config)
+        floor = self.config.scale_floor * self.input_std.detach().double().cpu()
+        widest = ((2 * max_abs_input) ** 2 + floor.square()).sqrt()
+        slack = 1 + BOUND_SLACK
+        return ForecastBounds(
+            (max_abs_input + widest * mean) * slack,
+            widest * std_max * slack,
+            floor * std_min / slack,
         )
 
     def forward_normalised(

@@ -40,7 +40,7 @@ from service.errors import (
     WrongFeatureCount,
 )
 from service.results import ForecastOutputs, Outputs, StepDone
-from service.schemas import DEFAULT_PATHS, SESSION_ID_PATTERN, Step
+from service.schemas import DEFAULT_PATHS, SESSION_ID_PATTERN, VALUE_CEILING, Step
 from service.sessions import Session, public_id
 from service.state_blob import (
     BlobError,
@@ -174,6 +174,8 @@ class Engine:
         self.n_features = n_features
         self.limits = limits
         self.events = events or EngineEvents()
+        # What no forecast of the model goes beyond from inputs the schema accepts (check_blob).
+        self.forecast_bounds = batcher.runner.model.forecast_bounds(VALUE_CEILING)
 
     # --- the one way to hold a session -------------------------------------------------------
 
@@ -308,6 +310,7 @@ class Engine:
             self.n_features,
             pool.stats_width,
             pool.stats_decay,
+            bounds=self.forecast_bounds,
         )
 
     # --- steps -------------------------------------------------------------------------------

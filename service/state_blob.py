@@ -28,11 +28,14 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from model.forecaster import ForecastBounds
 
 MAGIC = b"LSTMSTATE1\n"
 DIGEST = 32
@@ -167,9 +170,12 @@ def check_blob(
     features: int,
     stats_width: int = 0,
     stats_decay: float = 1.0,
+    *,
+    bounds: ForecastBounds,
 ) -> None:
     """Whether a decoded blob may become a session here: of this ``model`` (name, version), of
-    its ``shape`` (layers, hidden) and ``features``, and within what the model can produce.
+    its ``shape`` (layers, hidden) and ``features``, and within what the model can produce
+    (its forecasts within ``bounds``, the model's ``forecast_bounds``).
     ModelMismatch, BlobCorrupted, or BlobOutOfRange."""
     from service.errors import BlobCorrupted, BlobOutOfRange, ModelMismatch
     from service.schemas import SEQ_CEILING, VALUE_CEILING
@@ -200,10 +206,18 @@ def check_blob(
         raise BlobOutOfRange("the blob was refused: |h| > 1, which no LSTM state reaches")
     if float(state.c.abs().max()) > t * (1 + 1e-5) + 1e-6:
         raise BlobOutOfRange(f"the blob was refused: |c| exceeds t = {t}, which no LSTM reaches")
-    if float(state.next_mean.abs().max()) > VALUE_CEILING:
-        raise BlobOutOfRange(f"the blob was refused: a forecast mean beyond {VALUE_CEILING:g}")
-    if not (float(state.next_std.min()) > 0 and float(state.next_std.max()) <= VALUE_CEILING):
-        raise BlobOutOfRange(f"the blob was refused: a forecast std not in (0, {VALUE_CEILING:g}]")
+    if t == 0:  # no forecast made yet: what a fresh session holds
+        fresh = bool((state.next_mean == 0).all()) and bool((state.next_std == 1).all())
+        if not fresh:
+            raise BlobOutOfRange("the blob was refused: a forecast before any value (t = 0)")
+    else:
+        # The model's own bounds: a fixed ceiling refused forecasts the model makes from inputs
+        # it accepts, and with them every session of a snapshot at restore (a review).
+        mean, std = state.next_mean.double().cpu(), state.next_std.double().cpu()
+        if bool((mean.abs() > bounds.mean).any()):
+            raise BlobOutOfRange("the blob was refused: a forecast mean beyond the model's reach")
+        if not bool(((std >= bounds.std_min) & (std <= bounds.std_max)).all()):
+            raise BlobOutOfRange("the blob was refused: a forecast std beyond the model's range")
     if state.stats is not None:
         check_stats(state.stats, t, features, stats_decay)
     if state.window is not None:

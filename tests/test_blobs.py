@@ -162,6 +162,64 @@ def test_a_blob_out_of_the_models_range_is_refused_and_nothing_is_created(
     run(scenario())
 
 
+def test_a_forecast_is_held_to_the_models_own_bounds() -> None:
+    """A fixed ±1e15 refused forecasts the model makes from inputs it accepts (a review); the
+    model's bounds are what its head reaches, so a forecast just past them is refused, and a
+    session at t = 0 holds no forecast but the fresh one."""
+
+    async def scenario() -> None:
+        source = engine(None)
+        bounds = source.forecast_bounds
+        blob = await exported(source)
+        mean, std_max, std_min = (float(b[0]) for b in bounds)
+        for changes in (
+            {"next_mean": mean * 1.001},
+            {"next_mean": -mean * 1.001},
+            {"next_std": std_max * 1.001},
+            {"next_std": std_min / 1.001},
+        ):
+            with pytest.raises(BlobOutOfRange, match="beyond the model's"):
+                await engine(None).import_blob(forge_unsigned(blob, None, **changes), "f", None)
+        edge = forge_unsigned(blob, None, next_mean=mean * 0.999, next_std=std_max * 0.999)
+        assert (await engine(None).import_blob(edge, "edge", None)).t == len(VALUES)
+        await source.create("fresh", None)
+        fresh = (await source.export("fresh"))[1]
+        assert (await engine(None).import_blob(fresh, "fresh", None)).t == 0
+        with pytest.raises(BlobOutOfRange, match=r"a forecast before any value \(t = 0\)"):
+            await engine(None).import_blob(forge_unsigned(fresh, None, next_mean=0.5), "f", None)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_no_forecast_from_inputs_the_schema_accepts_goes_beyond_the_bounds(running: bool) -> None:
+    from model.forecaster import ForecasterConfig, LSTMForecaster
+    from model.scaling import RunningScaleForecaster
+    from service.schemas import VALUE_CEILING
+
+    torch.manual_seed(1)
+    config = ForecasterConfig(("v", "w"), hidden_size=8, num_layers=2)
+    if running:
+        config = dataclasses.replace(config, scaling="running", scale_halflife=3.0)
+    model = (RunningScaleForecaster if running else LSTMForecaster)(config).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(4.0)  # forecasts far out, so that the bounds are approached
+    bounds = model.forecast_bounds(VALUE_CEILING)
+    inputs = torch.cat(
+        [
+            (torch.rand(16, 64, 2) * 2 - 1) * VALUE_CEILING,
+            torch.sign(torch.randn(16, 64, 2)) * VALUE_CEILING,
+            torch.randn(16, 64, 2),
+        ]
+    )
+    with torch.no_grad():
+        f = model(inputs)
+    mean, std = f.mean.double(), f.std.double()
+    assert bool((mean.abs() <= bounds.mean).all()) and bool((std <= bounds.std_max).all())
+    assert bool((std >= bounds.std_min).all())
+    assert float((mean.abs() / bounds.mean).max()) > 0.05  # not a bound no forecast comes near
+
+
 def test_states_the_model_produces_are_in_range() -> None:
     """The bounds are not too tight: a long stream of large inputs exports and imports."""
 

@@ -16,6 +16,7 @@ import torch
 
 from model import ForecasterConfig, LSTMForecaster
 from model.checkpoint import AnyForecaster
+from model.forecaster import Normalisation
 from model.scaling import RunningScaleForecaster
 from service.backends import EmbeddedBackend
 from service.batcher import MicroBatcher
@@ -62,14 +63,23 @@ def test_a_checksum_mismatch_drops_that_record_and_all_after_it(where: str) -> N
 # --- an engine on a journal --------------------------------------------------------------------
 
 
-def tiny_model(running: bool = False) -> AnyForecaster:
+def tiny_model(running: bool = False, far: bool = False) -> AnyForecaster:
+    """``far``: a head whose mean is 3 of its units (training std, or running scale) and more
+    from the centre, as a trained model's can be."""
     torch.manual_seed(0)
+    model: AnyForecaster
     if running:  # sessions keep its statistics too (float64, beside h and c)
         config = ForecasterConfig(
             ("v",), hidden_size=8, num_layers=2, scaling="running", scale_halflife=3.0
         )
-        return RunningScaleForecaster(config).eval()
-    return LSTMForecaster(ForecasterConfig(("v",), hidden_size=8, num_layers=2)).eval()
+        model = RunningScaleForecaster(config).eval()
+    else:  # far: in the units of a series of 1e15's spread
+        norm = Normalisation((0.0,), (1e15,)) if far else None
+        model = LSTMForecaster(ForecasterConfig(("v",), hidden_size=8, num_layers=2), norm).eval()
+    if far:
+        with torch.no_grad():
+            model.head.bias[0] += 3.0
+    return model
 
 
 class Server:
@@ -82,8 +92,9 @@ class Server:
         max_bytes: int = 1 << 20,
         window: int = 0,
         running: bool = False,
+        far: bool = False,
     ) -> None:
-        model = tiny_model(running)
+        model = tiny_model(running, far)
         pool = StatePool(2, 8, 1, 16, "cpu", window=window, stats_width=model.stats_width)
         self.store = SessionStore(pool, StoreLimits(16, 60, 60, False, 10))
         self.files = StoreFiles(
@@ -170,6 +181,30 @@ def test_a_crash_loses_no_answered_change_and_a_retry_is_answered_once(
         assert got == pytest.approx([m[0] for m in whole.mean[6:9]], abs=1e-5)
 
     run(retry())
+
+
+@pytest.mark.parametrize("running", [False, True])
+@pytest.mark.parametrize("stop", ["crash", "clean"])
+def test_inputs_at_the_value_ceiling_restore(tmp_path: Path, running: bool, stop: str) -> None:
+    """Inputs of ±1e15, which the schema accepts, gave forecasts beyond 1e15, which the restore's
+    blob check refused: every session of the snapshot set aside, after a crash or a clean stop
+    (a review). The check now holds forecasts to what the model can reach."""
+    path = tmp_path / "s.snapshot"
+    before = Server(path, "write", running=running, far=True)
+
+    async def serve() -> None:
+        for sid in ("small", "huge"):
+            await before.engine.create(sid, None)
+        await before.engine.step(step("small", [1.0, 2.0, 3.0], 0))
+        await before.engine.step(step("huge", [1e15, -1e15] * 8, 0))
+
+    run(serve())
+    answered = {sid: before.state(sid) for sid in ("small", "huge")}
+    if stop == "clean":
+        before.files.close()
+    after = Server(path, "write", running=running, far=True)
+    assert after.recovery is not None and after.recovery.restored.sessions == 2
+    assert all(same(after.state(sid), answered[sid]) for sid in answered)
 
 
 @pytest.mark.parametrize("running", [False, True])
