@@ -70,13 +70,23 @@ class EmbeddedBackend:
         return self.store.get(session_id)
 
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
-        session = self.store.create(session_id, ttl_s)
-        if self.files is not None:
-            try:
-                await self.files.created(session)
-            except BaseException:
-                self.store.drop(session)
-                raise
+        return await self._journalled(self.store.create(session_id, ttl_s), None)
+
+    async def _journalled(self, session: Session, state: SessionState | None) -> Session:
+        """A session just put in the store, once its entry is journalled; dropped if that fails.
+        Its lock is held meanwhile: a step on the new id waits for the verdict and then finds no
+        session, where before it stepped the slot the failure had let go of (a review)."""
+        if self.files is None:
+            return session
+        taken = session.try_acquire()
+        assert taken, "a session just made is held by nobody"
+        try:
+            await self.files.created(session, state)
+        except BaseException:
+            self.store.drop(session)
+            raise
+        finally:
+            session.release()
         return session
 
     async def delete(self, session: Session) -> None:
@@ -103,14 +113,9 @@ class EmbeddedBackend:
     async def restore(
         self, session_id: str, state: SessionState, t: int, ttl_s: float | None
     ) -> Session:
-        session = self.store.restore(session_id, state, t=t, ttl_s=ttl_s)
-        if self.files is not None:
-            try:
-                await self.files.created(session, state)
-            except BaseException:
-                self.store.drop(session)
-                raise
-        return session
+        return await self._journalled(
+            self.store.restore(session_id, state, t=t, ttl_s=ttl_s), state
+        )
 
 
 def encode_last_step(step: AppliedStep) -> bytes:

@@ -444,6 +444,8 @@ class JournalFile:
         async with self._sync_lock:
             if self._synced >= upto:  # the fdatasync we waited behind covered us
                 return
+            if self.broken:  # it failed: a second fdatasync may report success for lost pages
+                raise OSError(f"an earlier fdatasync of {self.path} failed")
             target, fd = self.size, self._fd
             try:
                 await asyncio.to_thread(os.fdatasync, fd)
@@ -602,7 +604,9 @@ class StoreFiles:
         self._file: JournalFile | None = None
         self._generation = 0
         self._zero: bytes = b""
-        self._round_open = False  # a round's group is appended, its states not yet in the pool
+        # Entries appended whose change is not yet in the pool (a round's states, a reset, a
+        # delete: applied once on the disk): no compaction captures the pool meanwhile.
+        self._unapplied = 0
         self._compaction: asyncio.Task[None] | None = None
         self._snapshot_lock = threading.Lock()  # one snapshot or base written at a time
         self._base_bytes = 0
@@ -767,7 +771,7 @@ class StoreFiles:
                 record = pack_step(AppliedStep(c.seq, c.digest, done), at)
                 state = rows[c.computed.row].tobytes()
                 parts.append(step_entry(c.session.id, c.t, at, state, record))
-        error = await self._append(b"".join(parts), round_open=True)
+        error = await self._append(b"".join(parts), unapplied=True)
         return [error] * len(commits)
 
     async def created(self, session: Session, state: SessionState | None = None) -> None:
@@ -782,25 +786,28 @@ class StoreFiles:
             raise error
 
     async def reset(self, session: Session, apply: Callable[[], None]) -> None:
-        """A reset (t 0, the zero state, no last step), journalled, then ``apply``-ed, then (fsync
-        mode) on the disk; nothing is reset if it cannot be journalled."""
+        """A reset (t 0, the zero state, no last step), journalled (in fsync mode on the disk),
+        then ``apply``-ed; nothing is reset if it cannot be journalled (it was applied before
+        the fdatasync, and stayed applied when that failed; a review)."""
         failure = self._writable()
         if failure is not None:
             raise failure
         entry = step_entry(session.id, 0, self.clock(), self._zero, b"")
-        error = await self._append(entry, then=apply)
+        error = await self._append(entry, unapplied=True)
         if error is not None:
             raise error
+        apply()  # no await since the verdict: no compaction captured the pool in between
 
     async def deleted(self, session: Session, apply: Callable[[], None]) -> None:
-        """A delete, journalled, then ``apply``-ed, then (fsync mode) on the disk; nothing is
+        """A delete, journalled (in fsync mode on the disk), then ``apply``-ed; nothing is
         deleted if it cannot be journalled."""
         failure = self._writable()
         if failure is not None:
             raise failure
-        error = await self._append(delete_entry(session.id), then=apply)
+        error = await self._append(delete_entry(session.id), unapplied=True)
         if error is not None:
             raise error
+        apply()
 
     def _writable(self) -> ServiceError | None:
         if self._closed or self._file is None:
@@ -810,9 +817,10 @@ class StoreFiles:
             return StoreUnavailable("the session journal cannot be written (see the server log)")
         return None
 
-    async def _append(
-        self, payload: bytes, *, round_open: bool = False, then: Callable[[], None] | None = None
-    ) -> ServiceError | None:
+    async def _append(self, payload: bytes, *, unapplied: bool = False) -> ServiceError | None:
+        """Append one entry and (fsync mode) wait for the disk; None, or the error to answer.
+        ``unapplied``: the caller applies the entry's change after a None, with no await in
+        between, so no compaction may capture the pool until then."""
         assert self._file is not None
         file = self._file
         try:
@@ -820,26 +828,29 @@ class StoreFiles:
         except OSError as e:
             log.error("the session journal %s could not be written: %s", file.path, e)
             return StoreUnavailable("the session journal cannot be written (see the server log)")
-        if then is not None:
-            then()
-        if round_open:
-            self._round_open = True
+        self._unapplied += unapplied
         try:
             await file.sync(end)
         except OSError as e:
             log.error("the session journal %s could not be synced: %s", file.path, e)
-            return StoreUnavailable("the session journal cannot be written (see the server log)")
+            failed = True
+        else:
+            failed = False
         finally:
-            if round_open:
-                self._round_open = False
-        return None
+            self._unapplied -= unapplied
+        if not failed:
+            return None
+        # Nothing of this entry is applied: the compaction that mends the journal may start now
+        # (it waited for the next write before, and with no traffic never came; a review).
+        self._maybe_compact()
+        return StoreUnavailable("the session journal cannot be written (see the server log)")
 
     def _maybe_compact(self) -> None:
         """Start a compaction when the journal outgrew its limit (and the snapshot) or broke;
         never while a round's group is appended and its states not yet in the pool (the capture
         would miss them while the journal holding them goes)."""
         file = self._file
-        if file is None or self._round_open or self._compaction is not None:
+        if file is None or self._unapplied or self._compaction is not None:
             return
         force = file.broken or self._unsafe
         if not force and file.size < max(self.max_bytes, self._base_bytes):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -438,6 +439,15 @@ def test_a_failed_fsync_refuses_writes_until_a_new_snapshot_holds_what_was_answe
             raise OSError(errno.EIO, "Input/output error")
         real_fdatasync(fd)
 
+    base_may_go = threading.Event()  # the base waits, so that the refusal meanwhile is seen
+    write_base = server.files._write_base
+
+    def held_base(*args: Any) -> Any:
+        assert base_may_go.wait(10)
+        return write_base(*args)
+
+    monkeypatch.setattr(server.files, "_write_base", held_base)
+
     async def serve() -> None:
         e = server.engine
         await e.create("io", None)
@@ -446,11 +456,12 @@ def test_a_failed_fsync_refuses_writes_until_a_new_snapshot_holds_what_was_answe
         with pytest.raises(StoreUnavailable):
             await e.step(step("io", VALUES[2:4], 2))
         assert e.store.get("io").t == 2
-        with pytest.raises(StoreUnavailable):  # refused while the new snapshot is written
+        # the compaction started at the failure; until its base is written, writes are refused
+        assert server.files._compaction is not None and not await e.backend.ready()
+        with pytest.raises(StoreUnavailable):
             await e.step(step("io", VALUES[2:4], 2))
-        assert not await e.backend.ready()
-        while server.files._compaction is not None:
-            await asyncio.sleep(0.01)
+        base_may_go.set()
+        await settled(server)
         assert await e.backend.ready()
         assert (await e.step(step("io", VALUES[2:4], 2)))["t"] == 4
 
@@ -458,6 +469,134 @@ def test_a_failed_fsync_refuses_writes_until_a_new_snapshot_holds_what_was_answe
     after = Server(path, "fsync")
     assert after.store.get("io").t == 4
     assert same(after.state("io"), server.state("io"))
+
+
+class FailingSync:
+    """os.fdatasync that fails once, when armed, after ``delay_s`` (others queue behind it)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.real, self.delay_s, self.armed = os.fdatasync, delay_s, False
+        self.calls: list[tuple[str, str]] = []  # (the file, what it answered)
+
+    def __call__(self, fd: int) -> None:
+        if self.armed:
+            self.armed = False
+            time.sleep(self.delay_s)
+            self.calls.append((os.readlink(f"/proc/self/fd/{fd}"), "EIO"))
+            raise OSError(errno.EIO, "Input/output error")
+        self.calls.append((os.readlink(f"/proc/self/fd/{fd}"), "ok"))
+        self.real(fd)
+
+
+async def settled(server: Server) -> None:
+    """Once the compaction a failed fdatasync starts has written its base, asking nothing."""
+    for _ in range(500):
+        if server.files.healthy and server.files._compaction is None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no compaction mended the journal")
+
+
+def test_a_write_queued_behind_a_failed_fdatasync_is_refused_and_the_journal_mends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group waiting behind an fdatasync that failed was synced again, told success (as Linux
+    does once the error is reported), and acknowledged; and no compaction mended the journal
+    until a later request came (a review)."""
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+    sync = FailingSync(delay_s=0.05)
+
+    async def serve() -> None:
+        e = server.engine
+        await e.create("a", None)
+        monkeypatch.setattr(os, "fdatasync", sync)
+        sync.armed = True
+
+        async def step_a() -> Any:
+            await asyncio.sleep(0.01)  # behind the create's fdatasync, under way
+            return await e.step(step("a", VALUES[:2], 0))
+
+        made, stepped = await asyncio.gather(e.create("x", None), step_a(), return_exceptions=True)
+        assert isinstance(made, StoreUnavailable) and isinstance(stepped, StoreUnavailable)
+        (file, said), *later = sync.calls
+        assert said == "EIO" and file not in [f for f, _ in later]  # that file not synced again
+        assert e.store.get("a").t == 0 and e.store.peek("x") is None
+        await settled(server)  # with no request after the failure
+
+    run(serve())
+    after = Server(path, "fsync")
+    assert after.store.get("a").t == 0 and after.store.peek("x") is None
+
+
+def test_a_step_on_an_id_whose_create_fails_finds_no_session_and_steps_no_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step on a new id, waiting while the create's fdatasync failed, was applied to the slot
+    the failed create let go of (another session's row), and the round stopped half-way: a
+    session's state advanced without its t, its retry applied twice (a review)."""
+    server = Server(tmp_path / "s.snapshot", "fsync")
+    reference = Server(tmp_path / "reference.snapshot", "fsync")
+    sync = FailingSync(delay_s=0.05)
+
+    async def serve() -> None:
+        e = server.engine
+        for engine in (e, reference.engine):
+            for sid in ("a", "b"):
+                await engine.create(sid, None)
+                await engine.step(step(sid, [0.3], 0))
+        pool_before = [t.clone() for t in (e.store.pool.h, e.store.pool.c)]
+        monkeypatch.setattr(os, "fdatasync", sync)
+        sync.armed = True
+
+        async def many() -> list[dict[str, Any]]:
+            await asyncio.sleep(0.01)  # x is in the store, its entry's fdatasync under way
+            return await e.step_many(
+                [step("x", [1.0], 0), step("a", [1.7], 1), step("b", [1.7], 1)]
+            )
+
+        made, results = await asyncio.gather(e.create("x", None), many(), return_exceptions=True)
+        assert isinstance(made, StoreUnavailable)
+        assert not isinstance(results, BaseException), results
+        assert results[0]["error"]["code"] == "session_not_found"
+        # the others went with the step on x, behind the failure: refused, unchanged
+        assert [r["error"]["code"] for r in results[1:]] == ["store_unavailable"] * 2
+        assert [e.store.get(sid).t for sid in ("a", "b")] == [1, 1]
+        pool_after = (e.store.pool.h, e.store.pool.c)
+        assert all(torch.equal(x, y) for x, y in zip(pool_before, pool_after, strict=True))
+        await settled(server)
+        again = await e.step(step("a", [1.7], 1))  # the retry, applied once
+        assert again == await reference.engine.step(step("a", [1.7], 1))
+
+    run(serve())
+
+
+@pytest.mark.parametrize("op", ["reset", "delete"])
+def test_a_reset_or_delete_whose_fdatasync_fails_is_not_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """They were applied before the fdatasync and stayed applied when it failed: answered 503
+    (nothing applied), then made durable by the compaction (a review)."""
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+    sync = FailingSync()
+
+    async def serve() -> None:
+        e = server.engine
+        await e.create("s", None)
+        await e.step(step("s", VALUES[:3], 0))
+        kept = server.state("s")
+        monkeypatch.setattr(os, "fdatasync", sync)
+        sync.armed = True
+        with pytest.raises(StoreUnavailable):
+            await (e.reset("s") if op == "reset" else e.delete("s"))
+        assert e.store.get("s").t == 3 and same(server.state("s"), kept)
+        await settled(server)
+        assert (await e.step(step("s", VALUES[3:4], 3)))["t"] == 4
+
+    run(serve())
+    after = Server(path, "fsync")
+    assert after.store.get("s").t == 4 and same(after.state("s"), server.state("s"))
 
 
 def test_a_clean_stop_leaves_the_snapshot_alone_and_refuses_later_steps(tmp_path: Path) -> None:
