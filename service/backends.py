@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from service.batcher import Commit, Persister
@@ -73,20 +74,10 @@ class EmbeddedBackend:
         return await self._journalled(self.store.create(session_id, ttl_s), None)
 
     async def _journalled(self, session: Session, state: SessionState | None) -> Session:
-        """A session just put in the store, once its entry is journalled; dropped if that fails.
-        Its lock is held meanwhile: a step on the new id waits for the verdict and then finds no
-        session, where before it stepped the slot the failure had let go of (a review)."""
-        if self.files is None:
-            return session
-        taken = session.try_acquire()
-        assert taken, "a session just made is held by nobody"
-        try:
-            await self.files.created(session, state)
-        except BaseException:
-            self.store.drop(session)
-            raise
-        finally:
-            session.release()
+        """A session just put in the store, once its entry is journalled."""
+        if self.files is not None:
+            with being_made(self.store, session):
+                await self.files.created(session, state)
         return session
 
     async def delete(self, session: Session) -> None:
@@ -116,6 +107,22 @@ class EmbeddedBackend:
         return await self._journalled(
             self.store.restore(session_id, state, t=t, ttl_s=ttl_s), state
         )
+
+
+@contextlib.contextmanager
+def being_made(store: SessionStore, session: Session) -> Iterator[None]:
+    """Hold a session just put in the store while its creation is written elsewhere (journal,
+    Redis); drop it if that fails. A step on the new id waits for the verdict and then finds no
+    session, where before it stepped the slot the failure had let go of (a review)."""
+    taken = session.try_acquire()
+    assert taken, "a session just made is held by nobody"
+    try:
+        yield
+    except BaseException:
+        store.drop(session)
+        raise
+    finally:
+        session.release()
 
 
 def encode_last_step(step: AppliedStep) -> bytes:
@@ -185,7 +192,7 @@ class RedisBackend:
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
         session = self.store.create(session_id, ttl_s)
         session.epoch = secrets.token_hex(8)
-        try:
+        with being_made(self.store, session):
             created = await self.redis.create(
                 session.id,
                 self._blob(session.id, 0, self.store.pool.zero_state()),
@@ -193,12 +200,8 @@ class RedisBackend:
                 session.ttl_s,
                 session.epoch,
             )
-        except ServiceError:
-            self.store.drop(session)
-            raise
-        if not created:
-            self.store.drop(session)
-            raise SessionExists(f"session {session.id!r} already exists", session_id=session.id)
+            if not created:
+                raise SessionExists(f"session {session.id!r} already exists", session_id=session.id)
         return session
 
     async def delete(self, session: Session) -> None:
@@ -241,6 +244,14 @@ class RedisBackend:
                 await self.delete(session)
             self.store.drop(session)
             raise
+        if ok == -2:  # Redis refused the write: the session it was created as goes too
+            with contextlib.suppress(ServiceError):
+                await self.delete(session)
+            self.store.drop(session)
+            raise StoreUnavailable(
+                f"the session store (Redis) refused the import of {session.id!r}; nothing was "
+                "created, retry"
+            )
         if ok != 1:
             self.store.drop(session)
             raise StaleSession(f"session {session.id!r} changed while it was imported")

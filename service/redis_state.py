@@ -137,6 +137,17 @@ def _applied(reply: Any) -> bool:
     return reply == 1
 
 
+def _done(reply: Any, what: str) -> bool:
+    """A script's reply as whether it did what it was for; an error reply (the pipeline answers
+    them as values: OOM under noeviction, a MOVED slot) is StoreUnavailable, where before it was
+    a truthy exception object and so a success that never happened (a review)."""
+    if isinstance(reply, Exception):
+        raise StoreUnavailable(
+            f"the session store (Redis) refused {what}: {reply}; nothing was applied, retry"
+        )
+    return bool(reply)
+
+
 class RedisState:
     def __init__(
         self,
@@ -315,7 +326,7 @@ class RedisState:
                 f"LSTM_REDIS_WAIT_REPLICAS={self.wait_replicas} replicas in time; it was not "
                 f"created, retry"
             ) from None
-        return bool(reply)
+        return _done(reply, "the new session")
 
     async def load(self, session_id: str) -> Stored | None:
         fields = await self._call(self.client.hgetall(self._keys(session_id)[0]))
@@ -395,7 +406,7 @@ class RedisState:
         ttl_ms = max(1, int(ttl_s * 1000))
         args: list[Arg] = [state, ttl_ms, epoch]
         (reply,) = await self._scripts([(self._reset, RESET, self._keys(session_id), args)])
-        return bool(reply)
+        return _done(reply, "the reset")
 
     async def touch(self, session_id: str, ttl_s: float) -> None:
         ttl_ms = max(1, int(ttl_s * 1000))

@@ -131,3 +131,59 @@ def test_a_create_retried_after_its_reply_was_lost_is_still_its_own(redis: Redis
         await state.client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_write_redis_refuses_is_answered_as_refused_and_leaves_nothing(
+    redis: RedisServer,
+) -> None:
+    """Under maxmemory with noeviction Redis answers a script with an OOM error, which the
+    pipeline hands back as a value: create and reset took it for success (the session never
+    made, the reset never done), and an import whose write was refused left its t = 0 session
+    behind in Redis (a review)."""
+    import pytest
+    import redis as sync_redis
+    import torch
+
+    from service.backends import RedisBackend
+    from service.errors import StoreUnavailable
+    from service.sessions import SessionStore, StatePool, StoreLimits
+    from service.state_blob import SessionState
+
+    direct = sync_redis.Redis(port=redis.port)
+    pool = StatePool(2, 8, 1, 16, "cpu")
+    store = SessionStore(pool, StoreLimits(16, 60, 60, False, 10))
+    state = RedisState(redis.url)
+    backend = RedisBackend(store, state, {"model": "tiny", "model_version": "v1"})
+    key = state._keys("old")[0]
+
+    async def scenario() -> None:
+        old = await backend.create("old", None)
+        epoch = direct.hget(key, "epoch")
+        direct.config_set("maxmemory-policy", "noeviction")
+        direct.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(StoreUnavailable, match="refused the new session"):
+                await backend.create("new", None)
+            assert store.peek("new") is None
+            with pytest.raises(StoreUnavailable, match="refused the reset"):
+                await backend.reset(old)
+            assert old.epoch == epoch.decode()  # the cached copy is Redis's, unchanged
+        finally:
+            direct.config_set("maxmemory", 0)
+        real_commit = state.commit
+
+        async def refused(writes: list[Write]) -> list[tuple[int, int]]:
+            return [(-2, -2)] * len(writes)  # what commit answers for an error reply
+
+        state.commit = refused  # type: ignore[method-assign]
+        blob = SessionState(
+            torch.full((2, 8), 0.1), torch.full((2, 8), 0.2), torch.zeros(1), torch.ones(1)
+        )
+        with pytest.raises(StoreUnavailable, match="refused the import"):
+            await backend.restore("imported", blob, 5, None)
+        state.commit = real_commit  # type: ignore[method-assign]
+        assert store.peek("imported") is None and not direct.exists(state._keys("imported")[0])
+        assert (await backend.restore("imported", blob, 5, None)).t == 5  # the retry lands
+        await state.client.aclose()
+
+    asyncio.run(scenario())
