@@ -81,7 +81,7 @@ from service.schemas import (
 )
 from service.sessions import SessionStore, StatePool, StoreEvents, StoreLimits
 from service.settings import Settings, cors_origin_list, load_settings
-from service.snapshot import SnapshotInUse, SnapshotRefused, hold_snapshot
+from service.snapshot import SnapshotInUse, SnapshotRefused, hold_snapshot, set_aside
 from service.startup import (
     enforce_single_worker,
     in_arbiter,
@@ -681,17 +681,31 @@ class LSTMSessions:
         for i in lost:
             self.store.remember_gone(str(entries[i][0]["session_id"]), "unmigratable")
         metrics.MIGRATIONS.labels("migrated").inc(len(replayable))
-        if lost:
-            metrics.MIGRATIONS.labels("migration_impossible").inc(len(lost))
         log.warning(
             "the snapshot's %d sessions of %s (other versions) moved to %s:%s by replaying their "
-            "windows; %d kept no inputs and could not (they answer migration_impossible)",
+            "windows",
             len(replayable),
             name,
             name,
             version,
-            len(lost),
         )
+        if lost:
+            # Kept as they were, a snapshot of their own: the version they are on can serve them
+            # again (before, they were gone for good at the next compaction; an outside run).
+            assert self.files is not None
+            aside = set_aside(self.files.snapshot, ".unmigrated", [entries[i] for i in lost])
+            metrics.MIGRATIONS.labels("migration_impossible").inc(len(lost))
+            versions = sorted({str(entries[i][0].get("model_version")) for i in lost})
+            log.warning(
+                "%d sessions could not move (no window, or one shorter than t since a crash's "
+                "recovery): they answer migration_impossible here, and are kept in %s; to serve "
+                "them, start %s:%s on it (LSTM_MODEL_TAG, LSTM_SNAPSHOT_PATH=%s)",
+                len(lost),
+                aside,
+                name,
+                "/".join(versions),
+                aside,
+            )
         return kept
 
     def _recover(self, files: StoreFiles) -> None:

@@ -194,6 +194,17 @@ def restore_entries(
     return Restored(len(restored), len(entries) - len(live) - evicted, evicted)
 
 
+def set_aside(path: Path, suffix: str, sessions: list[tuple[dict[str, Any], SessionState]]) -> Path:
+    """``sessions`` as a snapshot of their own beside ``path``: ``….suffix``, or ``….suffix.N``
+    (the least N free) where one is already; never over an earlier one. Its path."""
+    aside, n = path.with_name(path.name + suffix), 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}{suffix}.{n}")
+    write_snapshot(aside, sessions)
+    return aside
+
+
 def write_snapshot(path: Path, sessions: list[tuple[dict[str, Any], SessionState]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
