@@ -90,7 +90,7 @@ class StreamError(Exception):
 def csv_header(args: argparse.Namespace) -> list[str]:
     """The CSV's column names, once its id and time columns are known to be there."""
     try:
-        with args.file.open(newline="") as f:
+        with args.file.open(newline="", encoding="utf-8-sig") as f:  # as read_long_csv reads
             header = next(csv.reader(f), [])
     except (OSError, UnicodeDecodeError) as e:
         raise StreamError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from e

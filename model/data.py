@@ -12,6 +12,7 @@ import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +74,14 @@ def load_acsf1() -> SeriesSet:
     )
 
 
+# The largest |value| a model is trained on or streamed (the service's VALUE_CEILING: float32
+# keeps everything derived from it finite; tests/test_forecaster.py holds the two equal).
+MAX_ABS_VALUE = 1e15
+
+TimeKey = tuple[int, float]  # (its kind: 0 a number, 1 a time with a UTC offset, 2 one without)
+TIME_KINDS = ("a number", "an ISO 8601 time with a UTC offset", "an ISO 8601 time without one")
+
+
 def read_long_csv(
     path: str | Path,
     *,
@@ -83,11 +92,13 @@ def read_long_csv(
     """Long format: one row per (series, time), one or more value columns.
 
     Returns the value column names and, per series id (sorted), its rows as (time, values)
-    ordered by time: numerically when the time parses as a number, else as text (which suits
-    ISO 8601 timestamps).
+    ordered by time: numbers numerically, ISO 8601 times as instants (``+02:00`` and ``+01:00``
+    across a change of clocks in their order, not as text). A series' times are all of one
+    kind. ValueError, naming the file and line, for anything else: a time of neither kind, one
+    (series, time) twice, a value that is not a finite number within ±MAX_ABS_VALUE.
     """
     path = Path(path)
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         for col in (id_col, time_col):
@@ -97,33 +108,69 @@ def read_long_csv(
         missing = [c for c in values if c not in header]
         if missing or not values:
             raise ValueError(f"{path}: value columns {missing or values} not found in {header}")
-        rows: dict[str, list[tuple[str, list[float]]]] = defaultdict(list)
-        seen: dict[tuple[str, tuple[float, str]], int] = {}  # (series, time) -> its line
+        keyed: dict[str, list[tuple[TimeKey, str, list[float]]]] = defaultdict(list)
+        seen: dict[tuple[str, TimeKey], int] = {}  # (series, time) -> its line
+        first_kind: dict[str, tuple[int, int]] = {}  # series -> (its times' kind, first line)
         for line, row in enumerate(reader, start=2):
-            try:
-                numbers = [float(row[c]) for c in values]
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{line}: {e}") from e
-            for c, v in zip(values, numbers, strict=True):
-                if not math.isfinite(v):  # float() reads "nan" and "inf"; no model takes them
-                    raise ValueError(f"{path}:{line}: {c} is {row[c]!r}: values must be finite")
-            at = (row[id_col], time_key(row[time_col]))
-            if at in seen:  # which of the two comes first is arbitrary (accepted silently before)
+            numbers = [value_at(path, line, row, c) for c in values]
+            series, time = row[id_col], row[time_col]
+            key = time_key(time)
+            if key is None:
                 raise ValueError(
-                    f"{path}:{line}: series {row[id_col]!r} has time {row[time_col]!r} again "
-                    f"(line {seen[at]}): each (series, time) must be one row"
+                    f"{path}:{line}: time {time!r} is neither a number nor an ISO 8601 time "
+                    f"({time_col})"
                 )
-            seen[at] = line
-            rows[row[id_col]].append((row[time_col], numbers))
-    return values, {i: sorted(rows[i], key=lambda r: time_key(r[0])) for i in sorted(rows)}
+            kind, first = first_kind.setdefault(series, (key[0], line))
+            if kind != key[0]:
+                raise ValueError(
+                    f"{path}:{line}: series {series!r} has time {time!r}, {TIME_KINDS[key[0]]}, "
+                    f"after {TIME_KINDS[kind]} (line {first}): one kind of time per series"
+                )
+            if (series, key) in seen:  # which comes first was arbitrary (accepted silently)
+                raise ValueError(
+                    f"{path}:{line}: series {series!r} has time {time!r} again "
+                    f"(line {seen[series, key]}): each (series, time) must be one row"
+                )
+            seen[series, key] = line
+            keyed[series].append((key, time, numbers))
+    return values, {
+        i: [(time, v) for _, time, v in sorted(keyed[i], key=lambda r: r[0])] for i in sorted(keyed)
+    }
 
 
-def time_key(time: str) -> tuple[float, str]:
-    """A time's place in its series: numerically when it parses as a number, else as text."""
+def value_at(path: Path, line: int, row: dict[str, Any], column: str) -> float:
+    """Row ``line``'s value in ``column``, a finite number within ±MAX_ABS_VALUE."""
+    raw = row[column]
     try:
-        return (float(time), "")
+        value = float(raw)
+    except (TypeError, ValueError):
+        what = "no value" if raw in (None, "") else f"{raw!r}, not a number"
+        raise ValueError(f"{path}:{line}: {column} is {what}") from None
+    if not math.isfinite(value):  # float() reads "nan" and "inf"; no model takes them
+        raise ValueError(f"{path}:{line}: {column} is {raw!r}: values must be finite")
+    if abs(value) > MAX_ABS_VALUE:
+        raise ValueError(
+            f"{path}:{line}: {column} is {raw!r}: beyond ±{MAX_ABS_VALUE:g}, which the service "
+            "refuses"
+        )
+    return value
+
+
+def time_key(time: str) -> TimeKey | None:
+    """A time's place in its series (None: neither a number nor an ISO 8601 time): a number as
+    itself, an ISO 8601 time as its instant (seconds; one without an offset as if it were UTC,
+    comparable only to others without)."""
+    try:
+        return (0, float(time))
     except ValueError:
-        return (0.0, time)
+        pass
+    try:
+        at = datetime.fromisoformat(time.strip())
+    except ValueError:
+        return None
+    if at.tzinfo is None:
+        return (2, at.replace(tzinfo=UTC).timestamp())
+    return (1, at.timestamp())
 
 
 def load_csv(

@@ -301,7 +301,7 @@ def test_cli_stream_warns_when_the_csv_s_columns_are_not_the_model_s_features(
     ("rows", "options", "says", "code"),
     [
         (METER_ROWS, ["--value-cols", "watts"], "no column 'watts' (--value-cols)", 2),
-        (["m0,0,1.5", "m0,1,lots"], [], "in.csv:3: could not convert string to float", 2),
+        (["m0,0,1.5", "m0,1,lots"], [], "in.csv:3: power is 'lots', not a number", 2),
         # float() reads these; JSON cannot carry them (a traceback before; an outside test run)
         (["m0,0,1.5", "m0,1,nan"], [], "in.csv:3: power is 'nan': values must be finite", 2),
         (["m0,0,-inf"], [], "in.csv:2: power is '-inf': values must be finite", 2),

@@ -246,6 +246,47 @@ def test_csv_long_format(tmp_path: Path) -> None:
         load_csv(path)
 
 
+def test_csv_times_are_ordered_as_instants_and_refused_when_they_cannot_be(
+    tmp_path: Path,
+) -> None:
+    """ISO times were sorted as text: across a change of clocks (02:00+02:00, then 02:00+01:00)
+    the rows came out of order, and a series mixing numbers and times, or times of no known
+    form, was put in some order silently (an outside test run)."""
+    from model.data import MAX_ABS_VALUE, read_long_csv
+    from service.schemas import VALUE_CEILING
+
+    assert MAX_ABS_VALUE == VALUE_CEILING  # what training takes is what the service takes
+    path = tmp_path / "clocks.csv"
+    path.write_text(
+        "\ufeffseries_id,time,kw\n"  # a spreadsheet's byte-order mark
+        "b,2026-10-25T02:30:00+01:00,4\n"
+        "b,2026-10-25T02:00:00+01:00,3\n"
+        "b,2026-10-25T02:30:00+02:00,2\n"
+        "b,2026-10-25T02:00:00+02:00,1\n"
+        "b,2026-10-24T23:30:00Z,0\n"
+        "a,2026-01-02,2\na,2026-01-01 12:00,1\n"
+    )
+    values, rows = read_long_csv(path)
+    assert values == ["kw"]
+    assert [v for _, (v,) in rows["b"]] == [0, 1, 2, 3, 4]
+    assert [t for t, _ in rows["a"]] == ["2026-01-01 12:00", "2026-01-02"]
+    for body, says in [
+        (
+            "a,1,0\na,2026-01-01,1\n",
+            r"clocks.csv:3: series 'a' has time '2026-01-01', an ISO "
+            r"8601 time without one, after a number \(line 2\)",
+        ),
+        ("a,2026-01-01T00:00Z,0\na,2026-01-01T01:00,1\n", "after an ISO 8601 time with a UTC"),
+        ("a,Jan 1,0\n", r"clocks.csv:2: time 'Jan 1' is neither a number nor an ISO 8601 time"),
+        ("a,2026-01-01,0\na,2026-01-01,1\n", "has time '2026-01-01' again"),  # dates only
+        ("a,0,\n", "clocks.csv:2: kw is no value"),
+        ("a,0,2e15\n", r"clocks.csv:2: kw is '2e15': beyond ±1e\+15"),
+    ]:
+        path.write_text("series_id,time,kw\n" + body)
+        with pytest.raises(ValueError, match=says):
+            read_long_csv(path)
+
+
 def test_example_csv_trains_end_to_end(tmp_path: Path) -> None:
     from model.train import main
 
