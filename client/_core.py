@@ -61,8 +61,10 @@ class Op(Generic[T]):
     @property
     def headers(self) -> dict[str, str]:
         # The session-aware proxy hashes on this header, so a session's calls reach the replica
-        # that caches it; calls of no session carry none.
-        return {"X-Session-Id": self.session_id} if self.session_id else {}
+        # that caches it; calls of no session carry none, nor those of an id no header can carry
+        # (not ASCII: httpx raised UnicodeEncodeError; the service answers it bad_session_id).
+        routed = self.session_id and self.session_id.isascii()
+        return {"X-Session-Id": self.session_id} if routed else {}
 
 
 def retryable(outcome: Outcome) -> bool:

@@ -529,6 +529,20 @@ def test_both_clients_resend_a_lost_step_with_the_same_seq_and_advance_t_once(
     assert run.slept == [0.01]
 
 
+def test_an_id_no_header_can_carry_is_sent_for_the_service_to_refuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A non-ASCII id raised httpx's UnicodeEncodeError from the X-Session-Id header (an
+    outside test run): it goes without the header, and the service's 422 is the APIError."""
+
+    def scenario(api: Any) -> Any:
+        api.session("zähler")
+
+    run = run_both(monkeypatch, [error(422, "bad_session_id")], scenario)
+    assert run.raised is not None and run.raised[:3] == (APIError, 422, "bad_session_id")
+    assert run.sent == [("/v1/sessions/create", None, {"session_id": "zähler"})]
+
+
 def test_both_clients_raise_a_seq_conflict_at_once_and_resync_t_from_info(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
