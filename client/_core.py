@@ -63,8 +63,8 @@ class Op(Generic[T]):
         # The session-aware proxy hashes on this header, so a session's calls reach the replica
         # that caches it; calls of no session carry none, nor those of an id no header can carry
         # (not ASCII: httpx raised UnicodeEncodeError; the service answers it bad_session_id).
-        routed = self.session_id and self.session_id.isascii()
-        return {"X-Session-Id": self.session_id} if routed else {}
+        sid = self.session_id
+        return {"X-Session-Id": sid} if sid and sid.isascii() else {}
 
 
 def retryable(outcome: Outcome) -> bool:
@@ -97,10 +97,11 @@ def answer(response: httpx.Response, attempts: int) -> Reply:
 class Attempts(Generic[T]):
     """The attempts of one ``Op``: after each, whether to send it again, and after how long."""
 
-    def __init__(self, op: Op[T], retries: int, backoff_s: float) -> None:
+    def __init__(self, op: Op[T], retries: int, backoff_s: float, max_backoff_s: float) -> None:
         self.op = op
         self.retries = retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self.sent = 0
 
     def wait_before_next(self, outcome: Outcome) -> float | None:
@@ -108,7 +109,7 @@ class Attempts(Generic[T]):
         self.sent += 1
         if self.sent > self.retries or not retryable(outcome):
             return None
-        return self.backoff_s * 2 ** (self.sent - 1)
+        return min(self.backoff_s * 2 ** (self.sent - 1), self.max_backoff_s)
 
     def result(self, outcome: Outcome) -> T:
         """The final outcome, read: the op's value, or the error that ended the call, raised."""
@@ -127,13 +128,17 @@ class ClientBase(Generic[HTTP]):
         base_url: str = "http://127.0.0.1:3000",
         *,
         timeout_s: float = 30.0,
-        retries: int = 3,
+        retries: int = 12,
         backoff_s: float = 0.2,
+        max_backoff_s: float = 2.0,
         http: HTTP | None = None,
         api_key: str | None = None,
     ) -> None:
         """``api_key``: sent as ``Authorization: Bearer`` on every call (a service with
-        LSTM_API_KEYS needs one); default: the LSTM_API_KEY environment variable, if set."""
+        LSTM_API_KEYS needs one); default: the LSTM_API_KEY environment variable, if set.
+        ``retries``: how many times a call is sent again (a lost answer, 502, 503), waiting
+        ``backoff_s`` doubling to at most ``max_backoff_s``: by default about 19 s in all, which
+        a server's restart fits in (3 retries, 1.4 s, gave up during one; an outside run)."""
         api_key = api_key or os.environ.get("LSTM_API_KEY") or None
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.http: HTTP = http or self.http_class(
@@ -143,9 +148,10 @@ class ClientBase(Generic[HTTP]):
             self.http.headers.update(auth)
         self.retries = retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
 
     def attempts(self, op: Op[T]) -> Attempts[T]:
-        return Attempts(op, self.retries, self.backoff_s)
+        return Attempts(op, self.retries, self.backoff_s, self.max_backoff_s)
 
 
 def rows(inputs: Rows) -> list[list[float]]:

@@ -636,6 +636,22 @@ def test_both_clients_give_up_after_their_retries_saying_how_many_times_they_sen
     assert down.raised == (httpx.ConnectError, "scripted") and len(down.sent) == 3
 
 
+def test_by_default_both_clients_wait_out_a_restart_backing_off_to_at_most_2_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three retries in 1.4 s gave up while the server restarted (8-14 s here; an outside test
+    run): twelve, doubling from 0.2 s to at most 2 s, wait about 19 s."""
+
+    def scenario(api: Any) -> Any:
+        return api.model()
+
+    answers: list[Scripted] = [httpx.ConnectError] * 12 + [(200, {"name": "m"})]
+    run = run_both(monkeypatch, answers, scenario, backoff_s=0.2)
+    assert run.returned == {"name": "m"}
+    assert run.slept[:5] == [0.2, 0.4, 0.8, 1.6, 2.0] and set(run.slept[4:]) == {2.0}
+    assert 15 <= sum(run.slept) <= 20
+
+
 @pytest.mark.parametrize(
     ("answer", "raised"),
     [
