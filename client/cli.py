@@ -340,10 +340,20 @@ def keys(args: argparse.Namespace) -> int:
         print(f"lstm-serve: {e}", file=sys.stderr)
         return 2
     # Written whole and renamed into place: a server re-reading it never sees half a line.
-    # Digests only: the file is not a secret.
+    # Digests only, but its mode is kept (a new file's is 0600, the umask's before; a file's
+    # own mode became the umask's too; and a missing folder was a traceback: an outside run).
     partial = args.file.with_name(args.file.name + ".new")
-    partial.write_text(text)
-    partial.replace(args.file)
+    try:
+        mode = args.file.stat().st_mode & 0o7777 if args.file.exists() else 0o600
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)  # O_CREAT's mode is masked by the umask
+            f.write(text)
+        partial.replace(args.file)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        print(f"lstm-serve: cannot write {args.file}: {e.strerror}", file=sys.stderr)
+        return 2
     print(key)
     print(
         f"lstm-serve: key {args.name!r} ({args.role}) added to {args.file}; this is the only time "

@@ -521,6 +521,15 @@ def test_the_cli_adds_a_key_once_and_prints_it_once(
     assert main(["keys", "add", "bob", "--file", str(path)]) == 0
     bob = capsys.readouterr().out.strip()
     assert ApiKeys(path).authenticate(f"Bearer {bob}").name == "bob" and len(ApiKeys(path)) == 3
+    # the file's mode kept (it became the umask's), a new file's 0600; no folder: one line, 2
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o640)
+    assert main(["keys", "add", "carol", "--file", str(path)]) == 0
+    assert path.stat().st_mode & 0o777 == 0o640
+    capsys.readouterr()
+    assert main(["keys", "add", "dan", "--file", str(tmp_path / "nowhere" / "keys")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err and "nowhere" in err, err
 
 
 def test_the_client_sends_its_key_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
