@@ -5,8 +5,9 @@ another origin gets no ``Access-Control-Allow-Origin``, so the browser keeps the
 With origins listed, a request whose ``Origin`` is one of them gets that origin back (never
 ``*`` with credentials), and a preflight (``OPTIONS`` with ``Access-Control-Request-Method``) is
 answered here, before any API key is asked for: browsers send a preflight without one. A
-preflight from an origin not listed answers 403 ``cors_origin_refused``. ``*`` allows every
-origin (a key is then the only guard).
+preflight from an origin not listed answers 403 ``cors_origin_refused``, with none listed too
+(it met the key gate's 401 or a 405 before; an outside test run). ``*`` allows every origin (a
+key is then the only guard).
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ class Cors:
         self.app = app
         self.any = "*" in origins
         self.origins = {o.lower().encode() for o in origins if o != "*"}
+        self.none = not self.any and not self.origins  # only preflights to refuse
 
     def _allowed(self, origin: bytes) -> bool:
         return self.any or origin.lower() in self.origins
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.none and scope["method"] != "OPTIONS"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", ()))

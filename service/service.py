@@ -895,9 +895,7 @@ def front(app: Any) -> Any:
         app = fast_routes(app)
     if api_keys is not None:
         app = ApiKeyGate(app, api_keys, refused=count_refused_step)
-    if cors_origin_list(settings.cors_origins):
-        app = Cors(app, cors_origin_list(settings.cors_origins))
-    return app
+    return Cors(app, cors_origin_list(settings.cors_origins))
 
 
 connections.install(

@@ -317,3 +317,20 @@ def test_an_unknown_model_tag_stops_the_start_saying_what_to_do() -> None:
     output = done.stdout + done.stderr
     assert f"no model 'no-such-model:v1' in the model store {os.environ['BENTOML_HOME']}" in output
     assert "python -m service.model_registry import" in output
+
+
+@pytest.mark.slow
+def test_a_preflight_with_no_origins_allowed_is_refused_403(server: str) -> None:
+    """With LSTM_CORS_ORIGINS empty (the default) a preflight met the route's 405 (or the key
+    gate's 401), not the documented 403 cors_origin_refused (an outside test run)."""
+    answer = httpx.options(
+        server + "/v1/sessions/step",
+        headers={"origin": "https://app.example", "access-control-request-method": "POST"},
+        timeout=10,
+    )
+    assert answer.status_code == 403 and answer.json()["error"]["code"] == "cors_origin_refused"
+    assert "access-control-allow-origin" not in answer.headers
+    plain = httpx.post(
+        server + "/v1/sessions/get", json={"session_id": "x"}, headers={"origin": "o"}, timeout=10
+    )
+    assert plain.status_code == 404 and "access-control-allow-origin" not in plain.headers
