@@ -50,7 +50,14 @@ class Backend(Protocol):
     async def ready(self) -> bool: ...
     async def current(self, session: Session) -> bool: ...
     async def restore(
-        self, session_id: str, state: SessionState, t: int, ttl_s: float | None
+        self,
+        session_id: str,
+        state: SessionState,
+        t: int,
+        ttl_s: float | None,
+        *,
+        created_at: float | None = None,
+        last_step: AppliedStep | None = None,
     ) -> Session: ...
 
 
@@ -102,11 +109,21 @@ class EmbeddedBackend:
         return True
 
     async def restore(
-        self, session_id: str, state: SessionState, t: int, ttl_s: float | None
+        self,
+        session_id: str,
+        state: SessionState,
+        t: int,
+        ttl_s: float | None,
+        *,
+        created_at: float | None = None,
+        last_step: AppliedStep | None = None,
     ) -> Session:
-        return await self._journalled(
-            self.store.restore(session_id, state, t=t, ttl_s=ttl_s), state
-        )
+        """A session holding ``state`` at ``t`` (an import; a migration, which keeps its
+        ``created_at`` and ``last_step``: journalled with it, they were set after the entry and
+        so lost by a crash before the next base; a review)."""
+        session = self.store.restore(session_id, state, t=t, ttl_s=ttl_s, created_at=created_at)
+        session.last_step = last_step
+        return await self._journalled(session, state)
 
 
 @contextlib.contextmanager
@@ -231,12 +248,22 @@ class RedisBackend:
         return await self.redis.ping()
 
     async def restore(
-        self, session_id: str, state: SessionState, t: int, ttl_s: float | None
+        self,
+        session_id: str,
+        state: SessionState,
+        t: int,
+        ttl_s: float | None,
+        *,
+        created_at: float | None = None,
+        last_step: AppliedStep | None = None,
     ) -> Session:
-        """A new session holding ``state`` at ``t``: created at 0, then moved to t atomically."""
+        """A new session holding ``state`` at ``t``: created at 0, then moved to t atomically
+        (``last_step`` with it; ``created_at`` is the create's: sessions do not migrate with
+        Redis, which is what keeps one)."""
         session = await self.create(session_id, ttl_s)
         blob = self._blob(session.id, t, state)
-        write = Write(session.id, session.epoch, 0, t, blob, b"", session.ttl_s)
+        record = b"" if last_step is None else encode_last_step(last_step)
+        write = Write(session.id, session.epoch, 0, t, blob, record, session.ttl_s)
         try:
             [(ok, _)] = await self.redis.commit([write])
         except ServiceError:
@@ -257,6 +284,7 @@ class RedisBackend:
             raise StaleSession(f"session {session.id!r} changed while it was imported")
         self.store.pool.write(session.slot, state)
         session.t = t
+        session.last_step = last_step
         return session
 
     async def _persist(self, commits: list[Commit]) -> list[BaseException | None]:

@@ -781,7 +781,11 @@ class StoreFiles:
             raise failure
         assert self.layout is not None
         raw = self._zero if state is None else self.layout.to_bytes(state)
-        error = await self._append(put_entry(session, raw))
+        entry = put_entry(session, raw)
+        record = session.step_record()
+        if record:  # a migrated session's last step: its retry is answered after a crash too
+            entry += step_entry(session.id, session.t, self.clock(), raw, record)
+        error = await self._append(entry)
         if error is not None:
             raise error
 

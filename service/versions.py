@@ -374,9 +374,14 @@ class Versions:
                     f"migration; session {session_id!r} stays where it was",
                     session_id=session_id,
                 )
-            moved = await target.backend.restore(session_id, replayed, session.t, session.ttl_s)
-            moved.created_at = session.created_at
-            moved.last_step = session.last_step  # a retry of the last step is answered again
+            moved = await target.backend.restore(
+                session_id,
+                replayed,
+                session.t,
+                session.ttl_s,
+                created_at=session.created_at,
+                last_step=session.last_step,  # a retry of the last step is answered again
+            )
             await source.backend.delete(session)
         self.events.sessions()
         return SessionView.of(moved, target.model)

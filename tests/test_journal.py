@@ -208,6 +208,37 @@ def test_inputs_at_the_value_ceiling_restore(tmp_path: Path, running: bool, stop
     assert all(same(after.state(sid), answered[sid]) for sid in answered)
 
 
+def test_a_session_migrated_in_keeps_its_last_step_and_creation_time_across_a_crash(
+    tmp_path: Path,
+) -> None:
+    """A migration set created_at and the last step after the session's entry was journalled:
+    a crash before the next base lost both, and the retry of the step before the move got
+    seq_conflict instead of its answer (a review). A stand-in for the move: another server's
+    session restored into this one as a migration restores it."""
+    path = tmp_path / "s.snapshot"
+    source, server = Server(tmp_path / "source.snapshot", "write"), Server(path, "write")
+
+    async def serve() -> dict[str, Any]:
+        await source.engine.create("m", None)
+        answer = await source.engine.step(step("m", VALUES[:3], 0))
+        moving = source.store.get("m")
+        state = source.store.pool.read(moving.slot)
+        await server.engine.backend.restore(
+            "m", state, 3, 60, created_at=12345.0, last_step=moving.last_step
+        )
+        return answer
+
+    answer = run(serve())
+    after = Server(path, "write")  # a crash: only the journal has it
+    moved = after.store.get("m")
+    assert moved.created_at == 12345.0 and moved.t == 3
+
+    async def retry() -> dict[str, Any]:
+        return await after.engine.step(step("m", VALUES[:3], 0))
+
+    assert run(retry())["outputs"] == answer["outputs"]
+
+
 @pytest.mark.parametrize("running", [False, True])
 def test_a_step_that_returned_its_gates_is_answered_again_with_them(
     tmp_path: Path, running: bool
