@@ -927,6 +927,8 @@ class StoreFiles:
         holds removed: older bases and journals, and the snapshot."""
         assert self.layout is not None
         with self._snapshot_lock:
+            if self._closed:  # a compaction run late, after the clean stop: its capture is
+                return  # older than the snapshot, which it would have removed (a review)
             path = self.snapshot.with_name(f"{self.snapshot.name}.base.{generation}")
             tmp = path.with_name(path.name + ".tmp")
             header = journal_header(self.model, self.layout, base=True)

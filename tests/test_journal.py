@@ -647,6 +647,27 @@ def test_a_clean_stop_leaves_the_snapshot_alone_and_refuses_later_steps(tmp_path
     assert Server(path, "fsync").store.get("z").t == 3
 
 
+def test_a_compaction_run_after_the_clean_stop_writes_nothing(tmp_path: Path) -> None:
+    """A compaction whose thread started only after close() wrote its older capture as a base
+    and removed the snapshot close() had just written: a restart went back to before the last
+    steps (a review; reached with the default executor busy at shutdown)."""
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write")
+
+    async def serve() -> Any:
+        await server.engine.create("late", None)
+        await server.engine.step(step("late", VALUES[:2], 0))
+        early = server.files._capture()  # what the compaction took, before the last step
+        await server.engine.step(step("late", VALUES[2:4], 2))
+        return early
+
+    early = run(serve())
+    server.files.close()
+    server.files._write_base(early, 99)  # its thread, late
+    assert path.exists() and not path.with_name(path.name + ".base.99").exists()
+    assert Server(path, "write").store.get("late").t == 4
+
+
 def test_off_writes_no_journal_and_the_snapshot_at_a_clean_stop_only(tmp_path: Path) -> None:
     path = tmp_path / "s.snapshot"
     server = Server(path, "off")
