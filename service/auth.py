@@ -55,7 +55,12 @@ WS_SUBPROTOCOL_PREFIX = "bearer."
 # Open with keys on: the probes, Prometheus, the documents (BentoML's Swagger page at /, which a
 # browser opens without a header, and its /docs.json) and the page's static files (the page then
 # asks for a key); nothing here reads or changes a session.
-OPEN_PATHS = frozenset({"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json"})
+# /schema.json: BentoML's client reads it before any call, and it is the API's shape as
+# /docs.json is; behind a key the client failed with "Failed to fetch schema", never the 401
+# (an outside test run).
+OPEN_PATHS = frozenset(
+    {"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"}
+)
 OPEN_PREFIXES = ("/ui", "/static_content/")
 ADMIN_PREFIX = "/v1/admin/"
 

@@ -242,8 +242,14 @@ def as_(key: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_with_keys_every_route_but_health_metrics_and_docs_needs_one(keyed: Any) -> None:
     url, keys, _, _ = keyed
-    for open_route in ("/livez", "/readyz", "/metrics", "/docs.json", "/ui/"):
+    for open_route in ("/livez", "/readyz", "/metrics", "/docs.json", "/schema.json", "/ui/"):
         assert httpx.get(url + open_route, timeout=10).status_code == 200, open_route
+    import bentoml
+
+    # BentoML's client reads /schema.json first: it failed there, never saying a key was missing
+    with bentoml.SyncHTTPClient(url) as anonymous, pytest.raises(Exception) as refused:
+        anonymous.model()
+    assert "api_key_missing" in str(refused.value) or "401" in str(refused.value), refused.value
     for route, body in [
         ("/v1/sessions/create", {}),
         ("/v1/sessions/step", {"session_id": "x", "inputs": [[0.1]]}),  # the fast path
