@@ -615,7 +615,7 @@ class StoreFiles:
         # nothing is answered on top of a journal whose last records may be gone.
         self._unsafe = False
         self._retiring: set[asyncio.Task[None]] = set()
-        self.rejected_as = ".rejected"  # the suffix the last files set aside were given
+        self.rejected: list[Path] = []  # the files the last refusal set aside, as renamed
 
     @property
     def journalled(self) -> bool:
@@ -656,8 +656,8 @@ class StoreFiles:
     ) -> Recovery | None:
         """The snapshot and the journals after it, into ``store``, all or nothing; None if there
         was neither. SnapshotRefused, with the files kept aside as ``….rejected``, if they
-        cannot be restored whole (another model's, a bad entry, no room; ``rejected_as`` says
-        the suffix). ``migrate``: the
+        cannot be restored whole (another model's, a bad entry, no room; ``rejected`` names
+        them). ``migrate``: the
         entries of a snapshot of another version (a restart with a new model), moved to this
         one, each by its window (those that cannot move are left out: it says which)."""
         self._bind(store)
@@ -743,9 +743,9 @@ class StoreFiles:
         while any(p.with_name(p.name + suffix).exists() for p in paths):
             n += 1
             suffix = f".rejected.{n}"
-        for path in paths:
-            path.replace(path.with_name(path.name + suffix))
-        self.rejected_as = suffix
+        self.rejected = [path.with_name(path.name + suffix) for path in paths]
+        for path, aside in zip(paths, self.rejected, strict=True):
+            path.replace(aside)
 
     # --- while serving -------------------------------------------------------------------------
 

@@ -717,12 +717,11 @@ class LSTMSessions:
             )
         except SnapshotRefused as e:
             log.error(
-                "snapshot %s and its journal not restored, none of it (%s); kept as %s%s",
+                "snapshot %s and its journal not restored, none of it (%s); kept as %s",
                 files.snapshot,
                 e,
-                files.snapshot.name,
-                files.rejected_as,
-            )
+                ", ".join(p.name for p in files.rejected),  # (named the snapshot's, whatever
+            )  # was there; an outside test run)
             done = None
         if done is not None:
             log.info(

@@ -425,6 +425,13 @@ def test_a_journal_of_another_model_is_refused_whole_and_kept(tmp_path: Path) ->
         Server(path, "write")
     assert journal.with_name(journal.name + ".rejected").read_bytes() == first
     assert journal.with_name(journal.name + ".rejected.1").exists()
+    # and the files are named as they were renamed (the log named the snapshot's, which was
+    # not there; an outside test run)
+    journal.write_bytes(first)
+    files = StoreFiles(path, "write", 1 << 20, model=MODEL, header_of=lambda s: {})
+    with pytest.raises(SnapshotRefused):
+        files.recover(server.store, server.engine.check_blob, now=time.time())
+    assert files.rejected == [journal.with_name(journal.name + ".rejected.2")]
 
 
 def test_a_write_that_fails_answers_503_and_changes_nothing(

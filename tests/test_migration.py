@@ -159,6 +159,27 @@ def test_a_session_with_no_window_cannot_migrate_and_stays_served() -> None:
     run(scenario())
 
 
+def test_a_session_whose_window_restarted_empty_is_told_so_not_blamed_on_the_setting() -> None:
+    """After a crash's recovery (the journal keeps no windows) the refusal said
+    LSTM_MIGRATION_WINDOW was 0 (an outside test run): it says how many more steps it needs."""
+
+    async def scenario() -> None:
+        v1, v2 = engine(model(8, 2, 0), "v1", 8), engine(model(4, 1, 5), "v2", 8)
+        versions = Versions(Version("m:v1", v1, "cpu"), loader=lambda tag: Version(tag, v2, "cpu"))
+        await versions.create("s", None)
+        await versions.step(step("s", VALUES[:3], seq=0))
+        session = v1.store.get("s")
+        state = dataclasses.replace(v1.store.pool.read(session.slot), window=None)
+        v1.store.pool.write(session.slot, state)  # as a restore from the journal leaves it
+        assert v1.store.pool.read(session.slot).window_rows() == 0
+        await versions.load("m:v2")
+        with pytest.raises(MigrationImpossible, match="kept 0 of its last 3 inputs") as refused:
+            await versions.migrate("s", "m:v2")
+        assert "LSTM_MIGRATION_WINDOW" not in str(refused.value)
+
+    run(scenario())
+
+
 def test_activate_migrates_on_next_step_or_now() -> None:
     async def scenario() -> None:
         v1, v2 = engine(model(8, 2, 0), "v1", 8), engine(model(4, 1, 5), "v2", 8)
