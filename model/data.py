@@ -108,6 +108,14 @@ def read_long_csv(
         missing = [c for c in values if c not in header]
         if missing or not values:
             raise ValueError(f"{path}: value columns {missing or values} not found in {header}")
+        # (both were accepted: a model of two features both the one column; an outside run)
+        if len(set(values)) < len(values):
+            raise ValueError(f"{path}: value columns {values} name a column twice")
+        if {id_col, time_col} & set(values):
+            raise ValueError(
+                f"{path}: value columns {values} include the series id or time column "
+                f"({id_col!r}, {time_col!r})"
+            )
         keyed: dict[str, list[tuple[TimeKey, str, list[float]]]] = defaultdict(list)
         seen: dict[tuple[str, TimeKey], int] = {}  # (series, time) -> its line
         first_kind: dict[str, tuple[int, int]] = {}  # series -> (its times' kind, first line)

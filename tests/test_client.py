@@ -306,7 +306,7 @@ def test_cli_stream_warns_when_the_csv_s_columns_are_not_the_model_s_features(
         (["m0,0,1.5", "m0,1,nan"], [], "in.csv:3: power is 'nan': values must be finite", 2),
         (["m0,0,-inf"], [], "in.csv:2: power is '-inf': values must be finite", 2),
         (["m0,0,1.5", "m1,0,1.0", "m0,0,2"], [], "in.csv:4: series 'm0' has time '0' again", 2),
-        (METER_ROWS, ["--value-cols", "power,power"], "the model takes 1", 2),
+        (METER_ROWS, ["--value-cols", "power,power"], "name a column twice", 2),
         (METER_ROWS, ["--chunk", "100000"], "over the service's limit of 512", 2),
         (METER_ROWS, ["--out", "/nonexistent/dir/out.csv"], "cannot write /nonexistent/dir", 2),
         # kept sessions are named after their series: this id is one the service refuses

@@ -285,6 +285,9 @@ def test_csv_times_are_ordered_as_instants_and_refused_when_they_cannot_be(
         path.write_text("series_id,time,kw\n" + body)
         with pytest.raises(ValueError, match=says):
             read_long_csv(path)
+    for columns, says in [(["kw", "kw"], "name a column twice"), (["time"], "or time column")]:
+        with pytest.raises(ValueError, match=says):
+            read_long_csv(path, value_cols=columns)
 
 
 def test_example_csv_trains_end_to_end(tmp_path: Path) -> None:
