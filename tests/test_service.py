@@ -642,3 +642,22 @@ def test_step_outcomes_due_on_a_loop_that_is_gone_are_written_on_the_next() -> N
 
     asyncio.run(later())
     assert counter.labels("applied")._value.get() == 3
+
+
+def test_a_step_many_sent_again_answers_each_item_as_a_step_sent_again(client: TestClient) -> None:
+    """What the README says of it: of two items of one session, the last is answered from its
+    replay record, the first seq_conflict with t (a session keeps its last step only)."""
+    create(client, "twice")
+    body = {
+        "items": [
+            {"session_id": "twice", "inputs": [[0.1]], "seq": 0},
+            {"session_id": "twice", "inputs": [[0.2]], "seq": 1},
+        ]
+    }
+    first = post(client, "/v1/sessions/step_many", body)[1]["results"]
+    again = post(client, "/v1/sessions/step_many", body)[1]["results"]
+    assert [r["ok"] for r in first] == [True, True]
+    assert not again[0]["ok"] and again[0]["error"]["code"] == "seq_conflict"
+    assert again[0]["error"]["t"] == 2
+    assert again[1] == first[1]
+    assert post(client, "/v1/sessions/get", {"session_id": "twice"})[1]["t"] == 2
