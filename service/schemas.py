@@ -74,10 +74,11 @@ class Request(BaseModel):
 
 class CreateSession(Request):
     session_id: SessionId | None = Field(None, description="client-chosen id; default: random")
+    # No le: the service's own limit (LSTM_MAX_SESSION_TTL_S, at most TTL_CEILING) refuses a
+    # longer one with that limit named; the schema's ceiling named ten years (an outside run).
     ttl_s: float | None = Field(
         None,
         ge=0.001,
-        le=TTL_CEILING,
         strict=True,
         allow_inf_nan=False,
         description="idle seconds before expiry; default and maximum are set by the service",
@@ -168,7 +169,7 @@ class ImportSession(Request):
         "same model version",
     )
     session_id: SessionId | None = Field(None, description="default: the exported session's id")
-    ttl_s: float | None = Field(None, ge=0.001, le=TTL_CEILING, strict=True, allow_inf_nan=False)
+    ttl_s: float | None = Field(None, ge=0.001, strict=True, allow_inf_nan=False)  # as create's
 
 
 class Predict(Request):

@@ -264,6 +264,7 @@ def test_bad_steps_are_refused_and_change_nothing(
         ("/v1/sessions/forecast", {"session_id": "victim", "horizon": 0}, 422, "invalid_request"),
         ("/v1/sessions/create", {"session_id": "victim"}, 409, "session_exists"),
         ("/v1/sessions/create", {"ttl_s": 10**7}, 422, "ttl_too_long"),
+        ("/v1/sessions/create", {"ttl_s": 1e308}, 422, "ttl_too_long"),
         ("/v1/sessions/create", {"ttl_s": -1}, 422, "invalid_request"),
         ("/v1/predict", {"inputs": [[0.0]] * 4097}, 422, "chunk_too_long"),
         ("/v1/predict", {"inputs": [[0.0], []]}, 422, "wrong_feature_count"),
@@ -277,6 +278,8 @@ def test_other_refusals(
         create(client, "victim")
     got_status, got = post(client, route, body)
     assert (got_status, got["error"]["code"]) == (status, code), got
+    if code == "ttl_too_long":  # this deployment's limit, however long (1e308 had none)
+        assert got["error"]["limit"] == 86_400.0, got
 
 
 def test_model_card(client: TestClient) -> None:
