@@ -9,8 +9,9 @@ definition, so no setting can allow what the wire schema refuses.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -235,4 +236,11 @@ def load_settings() -> Settings:
         for err in e.errors():
             name = "LSTM_" + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else ""
             lines.append(f"  {name or 'settings'}: {err['msg']}")
-        raise SystemExit("invalid service settings:\n" + "\n".join(lines)) from None
+        refuse_settings("invalid service settings:\n" + "\n".join(lines))
+
+
+def refuse_settings(message: str) -> NoReturn:
+    """Stop the start with ``message`` on standard error and exit status 2, as every other
+    refusal to start (a bad setting exited 1; an outside test run)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)

@@ -34,6 +34,7 @@ from model.checkpoint import AnyForecaster
 from model.graphed import GraphedLSTM, GraphUnavailable
 from model.native import NativeLSTM, NativeUnavailable, StackEngine, build_engine
 from service.auth import ApiKeys, KeyFileError
+from service.settings import refuse_settings
 
 RUNS_DIR = "lstm_servers"
 REFUSED = "refused"  # written by a worker that refused to start; read by its arbiter at exit
@@ -274,7 +275,7 @@ def load_api_keys(path: Path | None) -> ApiKeys | None:
     try:
         return ApiKeys(path)
     except KeyFileError as e:
-        raise SystemExit(f"invalid service settings:\n  {e}") from None
+        refuse_settings(f"invalid service settings:\n  {e}")
 
 
 def serving_host(argv: list[str]) -> str:
