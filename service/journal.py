@@ -53,6 +53,7 @@ of the machine. ``off``: no journal; the snapshot is written at a clean stop onl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -447,8 +448,21 @@ class JournalFile:
             if self.broken:  # it failed: a second fdatasync may report success for lost pages
                 raise OSError(f"an earlier fdatasync of {self.path} failed")
             target, fd = self.size, self._fd
+            job = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fd))
             try:
-                await asyncio.to_thread(os.fdatasync, fd)
+                await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # Its thread goes on with the descriptor: the lock is held until it ends, and
+                # its failure still marks the file (a cancelled waiter let go of the lock while
+                # it ran, and its error was lost; a review).
+                while not job.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(job)
+                if job.exception() is not None:
+                    self.broken = True
+                else:
+                    self._synced = max(self._synced, target)
+                raise
             except OSError:
                 self.broken = True  # what the kernel held may be gone: trust nothing after
                 raise
@@ -797,10 +811,7 @@ class StoreFiles:
         if failure is not None:
             raise failure
         entry = step_entry(session.id, 0, self.clock(), self._zero, b"")
-        error = await self._append(entry, unapplied=True)
-        if error is not None:
-            raise error
-        apply()  # no await since the verdict: no compaction captured the pool in between
+        await self._append_then(entry, apply)
 
     async def deleted(self, session: Session, apply: Callable[[], None]) -> None:
         """A delete, journalled (in fsync mode on the disk), then ``apply``-ed; nothing is
@@ -808,7 +819,18 @@ class StoreFiles:
         failure = self._writable()
         if failure is not None:
             raise failure
-        error = await self._append(delete_entry(session.id), unapplied=True)
+        await self._append_then(delete_entry(session.id), apply)
+
+    async def _append_then(self, entry: bytes, apply: Callable[[], None]) -> None:
+        """Append ``entry``, then (no await since the verdict: no compaction captured the pool
+        in between) ``apply`` its change, or raise the error to answer. A caller cancelled while
+        it is synced has it in the journal all the same: applied then too (a delete left unapplied
+        kept serving a session whose later steps a crash's replay then dropped; a review)."""
+        try:
+            error = await self._append(entry, unapplied=True)
+        except asyncio.CancelledError:
+            apply()
+            raise
         if error is not None:
             raise error
         apply()
@@ -844,9 +866,10 @@ class StoreFiles:
             self._unapplied -= unapplied
         if not failed:
             return None
-        # Nothing of this entry is applied: the compaction that mends the journal may start now
-        # (it waited for the next write before, and with no traffic never came; a review).
-        self._maybe_compact()
+        # Nothing of this entry is applied: the compaction that mends the journal may start once
+        # the caller has undone what it did before it (a create: the session dropped); it
+        # waited for the next write before, and with no traffic never came (a review).
+        asyncio.get_running_loop().call_soon(self._maybe_compact)
         return StoreUnavailable("the session journal cannot be written (see the server log)")
 
     def _maybe_compact(self) -> None:
@@ -854,7 +877,7 @@ class StoreFiles:
         never while a round's group is appended and its states not yet in the pool (the capture
         would miss them while the journal holding them goes)."""
         file = self._file
-        if file is None or self._unapplied or self._compaction is not None:
+        if file is None or self._closed or self._unapplied or self._compaction is not None:
             return
         force = file.broken or self._unsafe
         if not force and file.size < max(self.max_bytes, self._base_bytes):

@@ -609,6 +609,61 @@ def test_a_step_on_an_id_whose_create_fails_finds_no_session_and_steps_no_slot(
     run(serve())
 
 
+def test_a_create_whose_fdatasync_fails_alone_is_not_in_the_base_that_mends_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mending compaction started inside the failed append captured the store with the
+    session still in it (dropped only after), so a crash brought back a create answered 503
+    (a review)."""
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+    sync = FailingSync()
+
+    async def serve() -> None:
+        await server.engine.create("a", None)
+        monkeypatch.setattr(os, "fdatasync", sync)
+        sync.armed = True
+        with pytest.raises(StoreUnavailable):
+            await server.engine.create("x", None)
+        await settled(server)
+
+    run(serve())
+    after = Server(path, "fsync")  # a crash
+    assert after.store.peek("x") is None and after.store.peek("a") is not None
+
+
+def test_a_delete_cancelled_while_it_is_synced_is_applied_as_journalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled (the request's deadline) while its fdatasync ran, a delete was in the journal
+    but not applied: the session kept being served, and a crash's replay dropped the steps
+    answered after it (a review)."""
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "fsync")
+    real, slow = os.fdatasync, {"on": False}
+
+    def fdatasync(fd: int) -> None:
+        if slow["on"]:
+            slow["on"] = False
+            time.sleep(0.3)
+        real(fd)
+
+    async def serve() -> None:
+        e = server.engine
+        await e.create("s", None)
+        await e.step(step("s", VALUES[:3], 0))
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        slow["on"] = True
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(e.delete("s"), 0.05)
+        assert e.store.peek("s") is None  # as the journal has it
+        with pytest.raises(SessionNotFound):
+            await e.step(step("s", VALUES[3:5], 3))
+
+    run(serve())
+    assert Server(path, "fsync").store.peek("s") is None
+
+
 @pytest.mark.parametrize("op", ["reset", "delete"])
 def test_a_reset_or_delete_whose_fdatasync_fails_is_not_applied(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str
