@@ -180,6 +180,30 @@ def test_a_session_whose_window_restarted_empty_is_told_so_not_blamed_on_the_set
     run(scenario())
 
 
+def test_a_move_whose_old_copy_cannot_be_deleted_leaves_one_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The old version's delete failing (its journal, say) left the session on both versions:
+    the clean stop wrote the id twice and the restart refused the whole snapshot (a review)."""
+    from service.errors import StoreUnavailable
+
+    async def scenario() -> None:
+        v1, v2 = engine(model(8, 2, 0), "v1", 8), engine(model(4, 1, 5), "v2", 8)
+        versions = Versions(Version("m:v1", v1, "cpu"), loader=lambda tag: Version(tag, v2, "cpu"))
+        await versions.create("s", None)
+        await versions.step(step("s", VALUES[:3], seq=0))
+        await versions.load("m:v2")
+
+        async def refused(session: Any) -> None:
+            raise StoreUnavailable("the session journal cannot be written")
+
+        monkeypatch.setattr(v1.backend, "delete", refused)
+        assert (await versions.migrate("s", "m:v2")).model == ("m", "v2")
+        assert v1.store.peek("s") is None and v2.store.get("s").t == 3
+
+    run(scenario())
+
+
 def test_activate_migrates_on_next_step_or_now() -> None:
     async def scenario() -> None:
         v1, v2 = engine(model(8, 2, 0), "v1", 8), engine(model(4, 1, 5), "v2", 8)
