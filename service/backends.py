@@ -208,18 +208,22 @@ class RedisBackend:
 
     async def create(self, session_id: str | None, ttl_s: float | None) -> Session:
         session = self.store.create(session_id, ttl_s)
-        session.epoch = secrets.token_hex(8)
         with being_made(self.store, session):
-            created = await self.redis.create(
-                session.id,
-                self._blob(session.id, 0, self.store.pool.zero_state()),
-                session.created_at,
-                session.ttl_s,
-                session.epoch,
-            )
-            if not created:
-                raise SessionExists(f"session {session.id!r} already exists", session_id=session.id)
+            await self._create_in_redis(session)
         return session
+
+    async def _create_in_redis(self, session: Session) -> None:
+        """The session just put in the store, created in Redis at t = 0 (under its own epoch)."""
+        session.epoch = secrets.token_hex(8)
+        created = await self.redis.create(
+            session.id,
+            self._blob(session.id, 0, self.store.pool.zero_state()),
+            session.created_at,
+            session.ttl_s,
+            session.epoch,
+        )
+        if not created:
+            raise SessionExists(f"session {session.id!r} already exists", session_id=session.id)
 
     async def delete(self, session: Session) -> None:
         await self.redis.delete(session.id)
@@ -259,32 +263,32 @@ class RedisBackend:
     ) -> Session:
         """A new session holding ``state`` at ``t``: created at 0, then moved to t atomically
         (``last_step`` with it; ``created_at`` is the create's: sessions do not migrate with
-        Redis, which is what keeps one)."""
-        session = await self.create(session_id, ttl_s)
-        blob = self._blob(session.id, t, state)
-        record = b"" if last_step is None else encode_last_step(last_step)
-        write = Write(session.id, session.epoch, 0, t, blob, record, session.ttl_s)
-        try:
-            [(ok, _)] = await self.redis.commit([write])
-        except ServiceError:
-            with contextlib.suppress(ServiceError):  # Redis may be down for this too
-                await self.delete(session)
-            self.store.drop(session)
-            raise
-        if ok == -2:  # Redis refused the write: the session it was created as goes too
-            with contextlib.suppress(ServiceError):
-                await self.delete(session)
-            self.store.drop(session)
-            raise StoreUnavailable(
-                f"the session store (Redis) refused the import of {session.id!r}; nothing was "
-                "created, retry"
-            )
-        if ok != 1:
-            self.store.drop(session)
-            raise StaleSession(f"session {session.id!r} changed while it was imported")
-        self.store.pool.write(session.slot, state)
-        session.t = t
-        session.last_step = last_step
+        Redis, which is what keeps one). Held throughout: a step on the id between the create
+        and the move stepped the zero state, and the import then failed (a review)."""
+        session = self.store.create(session_id, ttl_s)
+        with being_made(self.store, session):
+            await self._create_in_redis(session)
+            blob = self._blob(session.id, t, state)
+            record = b"" if last_step is None else encode_last_step(last_step)
+            write = Write(session.id, session.epoch, 0, t, blob, record, session.ttl_s)
+            try:
+                [(ok, _)] = await self.redis.commit([write])
+            except ServiceError:
+                with contextlib.suppress(ServiceError):  # Redis may be down for this too
+                    await self.redis.delete(session.id)
+                raise
+            if ok == -2:  # Redis refused the write: the session it was created as goes too
+                with contextlib.suppress(ServiceError):
+                    await self.redis.delete(session.id)
+                raise StoreUnavailable(
+                    f"the session store (Redis) refused the import of {session.id!r}; nothing "
+                    "was created, retry"
+                )
+            if ok != 1:
+                raise StaleSession(f"session {session.id!r} changed while it was imported")
+            self.store.pool.write(session.slot, state)
+            session.t = t
+            session.last_step = last_step
         return session
 
     async def _persist(self, commits: list[Commit]) -> list[BaseException | None]:
