@@ -164,14 +164,18 @@ def value_at(path: Path, line: int, row: dict[str, Any], column: str) -> float:
     return value
 
 
-def time_key(time: str) -> TimeKey | None:
+def time_key(time: str | None) -> TimeKey | None:
     """A time's place in its series (None: neither a number nor an ISO 8601 time): a number as
     itself, an ISO 8601 time as its instant (seconds; one without an offset as if it were UTC,
     comparable only to others without)."""
+    if time is None:  # a short row
+        return None
     try:
-        return (0, float(time))
+        number = float(time)
     except ValueError:
         pass
+    else:  # nan sorted nowhere and equalled nothing: the series' order was arbitrary (a review)
+        return (0, number) if math.isfinite(number) else None
     try:
         at = datetime.fromisoformat(time.strip())
     except ValueError:

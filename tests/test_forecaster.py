@@ -278,6 +278,8 @@ def test_csv_times_are_ordered_as_instants_and_refused_when_they_cannot_be(
         ),
         ("a,2026-01-01T00:00Z,0\na,2026-01-01T01:00,1\n", "after an ISO 8601 time with a UTC"),
         ("a,Jan 1,0\n", r"clocks.csv:2: time 'Jan 1' is neither a number nor an ISO 8601 time"),
+        ("a,0,0\na,nan,1\n", r"clocks.csv:3: time 'nan' is neither"),
+        ("a,inf,1\n", r"clocks.csv:2: time 'inf' is neither"),
         ("a,2026-01-01,0\na,2026-01-01,1\n", "has time '2026-01-01' again"),  # dates only
         ("a,0,\n", "clocks.csv:2: kw is no value"),
         ("a,0,2e15\n", r"clocks.csv:2: kw is '2e15': beyond ±1e\+15"),
