@@ -62,13 +62,16 @@ class Op(Generic[T]):
     def headers(self) -> dict[str, str]:
         # The session-aware proxy hashes on this header, so a session's calls reach the replica
         # that caches it; calls of no session carry none, nor those of an id no header can carry
-        # (not ASCII: httpx raised UnicodeEncodeError; the service answers it bad_session_id).
+        # (not printable ASCII: httpx raised UnicodeEncodeError or h11 LocalProtocolError; the
+        # service answers it bad_session_id).
         sid = self.session_id
-        return {"X-Session-Id": sid} if sid and sid.isascii() else {}
+        return {"X-Session-Id": sid} if sid and sid.isascii() and sid.isprintable() else {}
 
 
 def retryable(outcome: Outcome) -> bool:
     """Whether sending the same request again is safe and may get a better answer."""
+    if isinstance(outcome, httpx.LocalProtocolError):
+        return False  # this client's own request cannot be sent: sending it again is no better
     if isinstance(outcome, httpx.TransportError):
         return True
     if outcome.status_code in RETRY_STATUSES:
@@ -97,19 +100,20 @@ def answer(response: httpx.Response, attempts: int) -> Reply:
 class Attempts(Generic[T]):
     """The attempts of one ``Op``: after each, whether to send it again, and after how long."""
 
-    def __init__(self, op: Op[T], retries: int, backoff_s: float, max_backoff_s: float) -> None:
+    def __init__(self, op: Op[T], policy: RetryPolicy) -> None:
         self.op = op
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.policy = policy
         self.sent = 0
 
     def wait_before_next(self, outcome: Outcome) -> float | None:
         """Seconds to wait before sending again, or None: ``outcome`` is the call's result."""
         self.sent += 1
-        if self.sent > self.retries or not retryable(outcome):
+        p = self.policy
+        # A refused connection is a server not (yet) listening, a restart: nothing was sent.
+        limit = p.connect_retries if isinstance(outcome, httpx.ConnectError) else p.retries
+        if self.sent > limit or not retryable(outcome):
             return None
-        return min(self.backoff_s * 2 ** (self.sent - 1), self.max_backoff_s)
+        return min(p.backoff_s * 2 ** (self.sent - 1), p.max_backoff_s)
 
     def result(self, outcome: Outcome) -> T:
         """The final outcome, read: the op's value, or the error that ended the call, raised."""
@@ -128,7 +132,8 @@ class ClientBase(Generic[HTTP]):
         base_url: str = "http://127.0.0.1:3000",
         *,
         timeout_s: float = 30.0,
-        retries: int = 12,
+        retries: int = 3,
+        connect_retries: int = 12,
         backoff_s: float = 0.2,
         max_backoff_s: float = 2.0,
         http: HTTP | None = None,
@@ -136,9 +141,10 @@ class ClientBase(Generic[HTTP]):
     ) -> None:
         """``api_key``: sent as ``Authorization: Bearer`` on every call (a service with
         LSTM_API_KEYS needs one); default: the LSTM_API_KEY environment variable, if set.
-        ``retries``: how many times a call is sent again (a lost answer, 502, 503), waiting
-        ``backoff_s`` doubling to at most ``max_backoff_s``: by default about 19 s in all, which
-        a server's restart fits in (3 retries, 1.4 s, gave up during one; an outside run)."""
+        ``retries``: how many times a call is sent again (a lost answer, 502, 503);
+        ``connect_retries``: how many times a refused connection is (a server restarting:
+        3 retries, 1.4 s, gave up during one; an outside run); waiting ``backoff_s`` doubling to
+        at most ``max_backoff_s``: about 19 s of refused connections by default."""
         api_key = api_key or os.environ.get("LSTM_API_KEY") or None
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.http: HTTP = http or self.http_class(
@@ -146,12 +152,20 @@ class ClientBase(Generic[HTTP]):
         )
         if http is not None and auth:
             self.http.headers.update(auth)
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.policy = RetryPolicy(retries, connect_retries, backoff_s, max_backoff_s)
 
     def attempts(self, op: Op[T]) -> Attempts[T]:
-        return Attempts(op, self.retries, self.backoff_s, self.max_backoff_s)
+        return Attempts(op, self.policy)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a call is sent again, and how long to wait before each (ClientBase's)."""
+
+    retries: int
+    connect_retries: int
+    backoff_s: float
+    max_backoff_s: float
 
 
 def rows(inputs: Rows) -> list[list[float]]:

@@ -146,7 +146,10 @@ def stream_csv(args: argparse.Namespace) -> int:
     header = csv_header(args)
     try:
         # One retry: a service not running at --url is said at once, not after a restart's wait.
-        with LSTMClient(args.url, timeout_s=args.timeout, api_key=args.api_key, retries=1) as probe:
+        probing = LSTMClient(
+            args.url, timeout_s=args.timeout, api_key=args.api_key, retries=1, connect_retries=1
+        )
+        with probing as probe:
             card = probe.model()
     except APIError as e:
         if e.status in (401, 403):  # a setup error, not a server down (an outside test run)

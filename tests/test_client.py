@@ -632,15 +632,33 @@ def test_both_clients_give_up_after_their_retries_saying_how_many_times_they_sen
     run = run_both(monkeypatch, [error(503, "shutting_down")] * 3, scenario, retries=2)
     assert run.raised == (APIError, 503, "shutting_down", "scripted shutting_down", {}, 3)
     assert run.slept == [0.01, 0.02] and len(run.sent) == 3
-    down = run_both(monkeypatch, [httpx.ConnectError] * 3, scenario, retries=2)
+    down = run_both(monkeypatch, [httpx.ConnectError] * 3, scenario, connect_retries=2)
     assert down.raised == (httpx.ConnectError, "scripted") and len(down.sent) == 3
+
+
+def test_an_id_of_control_characters_is_refused_by_the_service_and_never_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An id with a newline still went out as a header: h11's LocalProtocolError, then retried
+    12 times (a review)."""
+
+    def scenario(api: Any) -> Any:
+        api.session("a\nb")
+
+    run = run_both(monkeypatch, [error(422, "bad_session_id")], scenario)
+    assert run.raised is not None and run.raised[:3] == (APIError, 422, "bad_session_id")
+    assert run.sent == [("/v1/sessions/create", None, {"session_id": "a\nb"})]
+    local = run_both(monkeypatch, [httpx.LocalProtocolError], lambda api: api.model())
+    assert local.raised is not None and local.raised[0] is httpx.LocalProtocolError
+    assert len(local.sent) == 1 and local.slept == []
 
 
 def test_by_default_both_clients_wait_out_a_restart_backing_off_to_at_most_2_s(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Three retries in 1.4 s gave up while the server restarted (8-14 s here; an outside test
-    run): twelve, doubling from 0.2 s to at most 2 s, wait about 19 s."""
+    run): twelve for a refused connection, doubling from 0.2 s to at most 2 s, wait about 19 s;
+    other failures (a timeout: each took the whole timeout) still three."""
 
     def scenario(api: Any) -> Any:
         return api.model()
@@ -650,6 +668,9 @@ def test_by_default_both_clients_wait_out_a_restart_backing_off_to_at_most_2_s(
     assert run.returned == {"name": "m"}
     assert run.slept[:5] == [0.2, 0.4, 0.8, 1.6, 2.0] and set(run.slept[4:]) == {2.0}
     assert 15 <= sum(run.slept) <= 20
+    timeouts: list[Scripted] = [httpx.ReadTimeout] * 4
+    late = run_both(monkeypatch, timeouts, scenario, backoff_s=0.2)
+    assert late.raised is not None and len(late.sent) == 4
 
 
 @pytest.mark.parametrize(
