@@ -229,21 +229,23 @@ def test_two_replicas_of_redis_step_one_session_exactly(engines: Factory) -> Non
     run(scenario())
 
 
+def engine_with(max_sessions: int, evict: bool = False) -> Engine:
+    """An engine on an embedded store of ``max_sessions`` slots (``evict``: when full)."""
+    pool = StatePool(2, 8, 1, max_sessions, "cpu")
+    store = SessionStore(pool, StoreLimits(max_sessions, 60, 60, evict, 10))
+    return Engine(
+        EmbeddedBackend(store),
+        MicroBatcher(tiny_model(), pool),
+        model=MODEL,
+        n_features=1,
+        limits=EngineLimits(16, 64, 8, 4),
+    )
+
+
 def test_a_snapshot_is_restored_whole_or_not_at_all(tmp_path: Path) -> None:
     # A later entry that failed (a lowered limit) left the earlier ones restored while the log
     # said "not restored" (issue "engine").
     from service.snapshot import SnapshotRefused, restore_sessions, save_sessions
-
-    model = tiny_model()
-
-    def engine_with(max_sessions: int) -> Engine:
-        pool = StatePool(2, 8, 1, max_sessions, "cpu")
-        store = SessionStore(pool, StoreLimits(max_sessions, 60, 60, False, 10))
-        sessions = EmbeddedBackend(store)
-        batcher = MicroBatcher(model, pool)
-        return Engine(
-            sessions, batcher, model=MODEL, n_features=1, limits=EngineLimits(16, 64, 8, 4)
-        )
 
     async def scenario() -> None:
         old = engine_with(8)
@@ -271,17 +273,6 @@ def test_sessions_a_restore_leaves_out_answer_why_not_404(tmp_path: Path) -> Non
     from service.errors import SessionEvicted, SessionExpired
     from service.snapshot import restore_sessions, save_sessions
 
-    def engine_with(max_sessions: int) -> Engine:
-        pool = StatePool(2, 8, 1, max_sessions, "cpu")
-        store = SessionStore(pool, StoreLimits(max_sessions, 60, 60, True, 10))
-        return Engine(
-            EmbeddedBackend(store),
-            MicroBatcher(tiny_model(), pool),
-            model=MODEL,
-            n_features=1,
-            limits=EngineLimits(16, 64, 8, 4),
-        )
-
     async def scenario() -> None:
         old = engine_with(8)
         await old.create("brief", 5)
@@ -290,7 +281,7 @@ def test_sessions_a_restore_leaves_out_answer_why_not_404(tmp_path: Path) -> Non
             await old.step(step(sid, VALUES[:1], seq=0))
         path = tmp_path / "s.snapshot"
         assert save_sessions(path, old.store, old.blob_header) == 3
-        later = engine_with(1)  # evicts when full: room for the newest only
+        later = engine_with(1, evict=True)  # evicts when full: room for the newest only
         done = restore_sessions(path, later.store, later.check_blob, now=time.time() + 10)
         assert (done.sessions, done.expired, done.evicted) == (1, 1, 1)
         assert (await later.get("new")).t == 1
@@ -349,25 +340,14 @@ def test_a_cancelled_step_many_still_counts_its_fast_lane(tmp_path: Path) -> Non
 def test_a_store_that_evicts_restores_the_newest_sessions_that_fit(tmp_path: Path) -> None:
     from service.snapshot import restore_sessions, save_sessions
 
-    def store_of(max_sessions: int, evict: bool) -> Engine:
-        pool = StatePool(2, 8, 1, max_sessions, "cpu")
-        store = SessionStore(pool, StoreLimits(max_sessions, 60, 60, evict, 10))
-        return Engine(
-            EmbeddedBackend(store),
-            MicroBatcher(tiny_model(), pool),
-            model=MODEL,
-            n_features=1,
-            limits=EngineLimits(16, 64, 8, 4),
-        )
-
     async def scenario() -> None:
-        old = store_of(8, False)
+        old = engine_with(8)
         for i in range(3):
             await old.create(f"e{i}", None)
             await asyncio.sleep(0.01)  # distinct activity times: e0 the oldest
         path = tmp_path / "s.snapshot"
         save_sessions(path, old.store, old.blob_header)
-        small = store_of(2, True)
+        small = engine_with(2, evict=True)
         done = restore_sessions(path, small.store, small.check_blob, now=time.time())
         assert (done.sessions, done.evicted) == (2, 1)
         assert {s.id for s in small.store.sessions()} == {"e1", "e2"}
