@@ -681,6 +681,12 @@ class StoreFiles:
         if not self.snapshot.exists() and not journals and not bases:
             return None
         recovery = Recovery(Restored(0, 0))
+        on_disk = journals + bases  # all set aside, if refused
+        if self._stopped_after(on_disk):
+            # A clean stop's snapshot, the removal of the files it holds cut short by a crash:
+            # it alone holds every version's sessions and their windows (the newest base won,
+            # and they were lost; a review). Those files go once the start writes its base.
+            journals, bases = [], []
         try:
             sessions: dict[str, Replayed] = {}
             since = 0
@@ -708,14 +714,22 @@ class StoreFiles:
             if migrate is not None and not bases and not journals:
                 entries = migrate(entries)
         except (BlobError, KeyError, TypeError, ValueError, UnicodeDecodeError, struct.error) as e:
-            self._reject(journals + bases)
+            self._reject(on_disk)
             raise SnapshotRefused(str(e)) from e
         try:
             recovery.restored = restore_entries(entries, store, check, now=now)
         except SnapshotRefused:
-            self._reject(journals + bases)
+            self._reject(on_disk)
             raise
         return recovery
+
+    def _stopped_after(self, files: list[tuple[int, Path]]) -> bool:
+        """Whether the snapshot was written after every one of ``files``: at a clean stop, once
+        the journal was closed (a base's compaction removes the snapshot, after its rename)."""
+        if not files or not self.snapshot.exists():
+            return False
+        written = self.snapshot.stat().st_mtime_ns
+        return all(path.stat().st_mtime_ns < written for _, path in files)
 
     def open(self, store: SessionStore) -> None:
         """Start serving from what ``store`` holds: with a journal, a new journal file and its

@@ -730,6 +730,38 @@ def test_a_compaction_run_after_the_clean_stop_writes_nothing(tmp_path: Path) ->
     assert Server(path, "write").store.get("late").t == 4
 
 
+def test_a_clean_stop_cut_short_before_its_files_went_restores_the_snapshot(
+    tmp_path: Path,
+) -> None:
+    """A crash between the clean stop's snapshot and the removal of the base and journals it
+    holds: the start took the newest base, losing what only the snapshot holds (the windows,
+    other versions' sessions; a review). The snapshot, written after them all, wins."""
+    import shutil
+
+    path = tmp_path / "s.snapshot"
+    server = Server(path, "write", window=8)
+
+    async def serve() -> None:
+        await server.engine.create("w", None)
+        await server.engine.step(step("w", VALUES[:5], 0))
+
+    run(serve())
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    files = [p for _, p in server.files.journals() + server.files.bases()]
+    for f in files:
+        shutil.copy2(f, kept / f.name)  # as they were, times included
+    server.files.close()
+    assert not any(f.exists() for f in files)
+    for f in files:
+        shutil.copy2(kept / f.name, f)  # the removal never happened
+    after = Server(path, "write", window=8)
+    session = after.store.get("w")
+    assert session.t == 5 and after.store.pool.read(session.slot).window_rows() == 5
+    assert same(after.state("w"), server.state("w"))
+    assert not path.exists() and len(after.files.bases()) == 1  # the old files gone
+
+
 def test_off_writes_no_journal_and_the_snapshot_at_a_clean_stop_only(tmp_path: Path) -> None:
     path = tmp_path / "s.snapshot"
     server = Server(path, "off")
