@@ -387,7 +387,10 @@ def test_redis_restarted_answers_503_while_down_and_loses_nothing(
         body = {"session_id": sid, "seq": 20, "inputs": values[20:21].tolist()}
         down = post(stack, "/v1/sessions/step", body)
         assert down.status_code == 503, down.text
-        assert down.json()["error"]["code"] == "store_unavailable"
+        # unavailable when the dead connection is refused at once; outcome unknown when the
+        # write went out on it and no answer came within LSTM_REDIS_TIMEOUT_S (the killed
+        # container's network answered nothing: seen once in CI). Either way: retry the seq.
+        assert down.json()["error"]["code"] in ("store_unavailable", "store_outcome_unknown")
         assert httpx.get(f"{stack.proxy}/readyz", timeout=10).status_code == 503
     finally:
         stack.run("start", redis)
